@@ -1,0 +1,1 @@
+"""Preference alignment of diffusion and flow-matching image and video generators."""

@@ -1,0 +1,1 @@
+"""Preference learning for robot policies and reward models in simulation."""

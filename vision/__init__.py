@@ -1,0 +1,1 @@
+"""Preference alignment of LLaVA-style vision-language models."""
