@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
+
+from mmalign.config import option
 
 
 @torch.no_grad()
@@ -46,3 +50,50 @@ def save_images(images: torch.Tensor, output: str | Path, prefix: str = "sample"
         paths.append(output / f"{prefix}_{i:04d}.png")
         Image.fromarray(tile).save(paths[-1])
     return paths
+
+
+@dataclass
+class Config:
+    """Settings of `mmalign diffusion sample`."""
+
+    model: str = option(None, "diffusers SD/SDXL folder, hub id, or single-file checkpoint")
+    prompts: str = option(None, "text file, one prompt per line")
+    output: Path = option(None, "folder for the images and grid.png")
+    lora: str | None = option(None, "folder or file of LoRA weights to load (e.g. a Diffusion-DPO run directory)")
+    num: int = option(4, "images per prompt")
+    seed: int = option(0, "image i of the run uses generator seed `seed + i`")
+    steps: int = option(25, "sampler steps")
+    guidance_scale: float = option(5.0, "classifier-free guidance scale")
+    batch_size: int = option(16, "images per pipeline call")
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "weight dtype of the pipeline")
+    cpu: bool = option(False, "sample on the CPU even when a GPU is present")
+
+    def __post_init__(self) -> None:
+        for name in ("model", "prompts", "output"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.num < 1 or self.batch_size < 1:
+            raise ValueError("num and batch_size must be at least 1")
+        self.output = Path(self.output)
+
+
+def run(config: Config) -> torch.Tensor:
+    """Sample `num` images per prompt, write them as PNG files plus grid.png; returns the images."""
+    from mmalign.trainer import DTYPES
+
+    from .dpo import read_prompts
+    from .models import load_pipeline
+
+    prompts = read_prompts(config.prompts)
+    device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
+    pipe = load_pipeline(config.model, dtype=DTYPES[config.mixed_precision]).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if config.lora:
+        pipe.load_lora_weights(config.lora)
+    expanded = [p for p in prompts for _ in range(config.num)]
+    images = generate(pipe, expanded, seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale,
+                      batch_size=config.batch_size)
+    save_images(images, config.output)
+    image_grid(images, columns=config.num, scale=max(1, 256 // images.shape[-1])).save(config.output / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {config.output}")
+    return images

@@ -1,0 +1,111 @@
+"""Pick-a-Pic v2 preference pairs: rows `caption, jpg_0, jpg_1, label_0`, images as bytes or file paths.
+
+label_0 = 1 means jpg_0 is preferred, 0 means jpg_1 is, 0.5 is a tie (dropped and counted). Image
+paths are resolved against the data file's folder. Every row is checked before training starts
+(`pickapic_schema`), and an image that fails to decode later still names its row.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmalign.data import DataError, Field, Schema, load_preferences
+
+LABELS = (0.0, 0.5, 1.0)
+
+
+def _data_root(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def open_image(value: Any, root: Path) -> Image.Image:
+    """A PIL image from PNG/JPEG bytes, a datasets Image dict ({'bytes', 'path'}), or a path relative to `root`."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, str):
+        path = Path(value) if Path(value).is_absolute() else root / value
+        if not path.is_file():
+            raise FileNotFoundError(f"image file {path} does not exist")
+        return Image.open(path)
+    raise TypeError(f"expected image bytes or a file path, got {type(value).__name__}")
+
+
+def pickapic_schema(root: Path) -> Schema:
+    """Pick-a-Pic rows whose images decode and whose label_0 is 0, 0.5 or 1."""
+    def image(value: Any, record: dict) -> str | None:
+        try:
+            open_image(value, root).verify()
+        except Exception as err:  # noqa: BLE001 - any decoding failure is reported with its row
+            return f"image cannot be read ({err})"
+        return None
+
+    def caption(value: Any, record: dict) -> str | None:
+        return None if isinstance(value, str) else f"expected text, got {type(value).__name__}"
+
+    def label(value: Any, record: dict) -> str | None:
+        return None if isinstance(value, (int, float)) and float(value) in LABELS else f"must be 0, 0.5 or 1, got {value!r}"
+
+    return Schema("Pick-a-Pic", (Field("caption", caption), Field("jpg_0", image), Field("jpg_1", image),
+                                 Field("label_0", label)))
+
+
+class PreferencePairs(torch.utils.data.Dataset):
+    """Non-tie Pick-a-Pic pairs as {'pixel_values': [2,3,R,R] winner first in [-1,1], 'caption', 'index'}."""
+
+    def __init__(self, path: str | Path, resolution: int, split: str = "train"):
+        self.source, self.root, self.resolution = str(path), _data_root(path), resolution
+        records = load_preferences(path, pickapic_schema(self.root), split)
+        labels = np.asarray(records["label_0"], dtype=np.float64)
+        self.rows = np.flatnonzero(labels != 0.5)
+        self.ties = int((labels == 0.5).sum())
+        self.records = records
+        self.winner_first = labels[self.rows] == 1.0
+        if len(self.rows) == 0:
+            raise DataError(f"{path}: all {len(records)} pairs are ties (label_0 = 0.5); nothing to learn from")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _pixels(self, value: Any, row: int, field: str) -> torch.Tensor:
+        try:
+            image = open_image(value, self.root).convert("RGB")
+        except Exception as err:  # noqa: BLE001
+            raise DataError(f"{self.source}: record {row}, field '{field}': image cannot be read ({err})") from err
+        return to_model_pixels(image, self.resolution)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = int(self.rows[i])
+        record = self.records[row]
+        first, second = self._pixels(record["jpg_0"], row, "jpg_0"), self._pixels(record["jpg_1"], row, "jpg_1")
+        pair = (first, second) if self.winner_first[i] else (second, first)
+        return {"pixel_values": torch.stack(pair), "caption": record["caption"], "index": row}
+
+
+def to_model_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the shorter side to `resolution`, centre-crop, scale to [-1, 1]; returns [3,R,R]."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    if scale != 1:
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                             Image.Resampling.BICUBIC)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+    return pixels.permute(2, 0, 1)
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack pairs: pixel_values [B,2,3,R,R], captions list, index [B]."""
+    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "caption": [it["caption"] for it in items],
+            "index": torch.tensor([it["index"] for it in items])}

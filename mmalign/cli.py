@@ -1,0 +1,56 @@
+"""The `mmalign` command: `mmalign <group> <command> [--config FILE.yaml] [--flags]`.
+
+Each command is a module with a `Config` dataclass and a `run(config)` function; the table below is
+the whole registry. Modules load only when their command runs, so `mmalign --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+
+from mmalign.config import parse_config
+from mmalign.trainer import NonFiniteLossError
+
+COMMANDS = {
+    "demo": ("mmalign.diffusion.demo", "Diffusion-DPO on the embedded tiny model; prints base vs aligned reward"),
+    "diffusion dpo": ("mmalign.diffusion.dpo", "Diffusion-DPO fine-tuning of an SD/SDXL pipeline on preference pairs"),
+    "diffusion sample": ("mmalign.diffusion.sample", "fixed-seed samples from a pipeline, optionally with a LoRA"),
+    "diffusion demo": ("mmalign.diffusion.demo", "same as `mmalign demo`"),
+}
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
+"""Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""
+
+
+def usage() -> str:
+    """The list of commands."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  mmalign {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "usage: mmalign <command> [--config FILE.yaml] [--flags]  (each command takes --help)\n\n" + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a command; user errors print one clear message and exit 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if name in COMMANDS and len(argv) >= words:
+            module = importlib.import_module(COMMANDS[name][0])
+            try:
+                config = parse_config(module.Config, argv[words:], prog=f"mmalign {name}",
+                                      description=(module.__doc__ or "").split("\n\n")[0])
+                module.run(config)
+            except USER_ERRORS as err:
+                if os.environ.get("MMALIGN_DEBUG"):
+                    traceback.print_exc()
+                print(f"mmalign {name}: error: {err}", file=sys.stderr)
+                return 1
+            return 0
+    print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    return 0 if not argv or argv[0] in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

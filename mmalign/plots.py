@@ -1,0 +1,29 @@
+"""Pictures of a run: metric curves as PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_metrics(history: list[dict[str, float]], keys: list[str], path: str | Path, title: str = "") -> Path | None:
+    """One panel per metric in `keys` against `step`; returns the path, or None when no key was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in row for row in history)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        rows = [row for row in history if key in row]
+        ax.plot([row["step"] for row in rows], [row[key] for row in rows], lw=1)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

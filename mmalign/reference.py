@@ -1,0 +1,119 @@
+"""The reference policy pi_ref that every log-ratio r = s_policy - s_ref is measured against.
+
+Three ways to get s_ref, all used as `reference.scores(score_fn, policy, batch)` under no_grad, where
+`score_fn(model, batch)` is the modality's scoring function:
+
+    AdapterDisabled   the policy itself with its peft/diffusers LoRA adapter switched off (no second copy)
+    FrozenCopy        a frozen deep copy taken before training, optionally cast to the training dtype and
+                      optionally kept on the CPU and streamed to the device (accelerate's cpu_offload)
+    CachedScores      scores precomputed once per record (`CachedScores.build`), looked up by batch["index"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ScoreFn = Callable[[nn.Module, Any], Any]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP/compile wrappers."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run `model` with its LoRA adapters off: peft PeftModel.disable_adapter() or diffusers/transformers disable_adapters()."""
+    model = _unwrap(model)
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    elif hasattr(model, "disable_adapters") and getattr(model, "_hf_peft_config_loaded", False):
+        model.disable_adapters()
+        try:
+            yield model
+        finally:
+            model.enable_adapters()
+    else:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter to disable; use a FrozenCopy reference")
+
+
+class AdapterDisabled:
+    """s_ref = the policy's score with its adapter disabled (the LoRA default)."""
+
+    @torch.no_grad()
+    def scores(self, score_fn: ScoreFn, policy: nn.Module, batch: Any) -> Any:
+        with adapters_disabled(policy) as base:
+            return score_fn(base, batch)
+
+
+class FrozenCopy:
+    """s_ref from a frozen deep copy of the policy, optionally cast to `dtype` and optionally CPU-offloaded."""
+
+    def __init__(self, policy: nn.Module, dtype: torch.dtype | None = None, offload: bool = False,
+                 device: torch.device | str | None = None):
+        policy = _unwrap(policy)
+        device = torch.device(device) if device is not None else next(policy.parameters()).device
+        self.model = copy.deepcopy(policy).requires_grad_(False).eval()
+        if dtype is not None:
+            self.model.to(dtype)
+        if offload and device.type != "cpu":
+            from accelerate import cpu_offload
+
+            self.model.to("cpu")
+            cpu_offload(self.model, execution_device=device)
+        else:
+            self.model.to(device)
+
+    @torch.no_grad()
+    def scores(self, score_fn: ScoreFn, policy: nn.Module, batch: Any) -> Any:
+        return score_fn(self.model, batch)
+
+
+class CachedScores:
+    """s_ref looked up per record: `table[batch['index']]`, from a table built once with `build`."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, reference: AdapterDisabled | FrozenCopy, score_fn: ScoreFn, policy: nn.Module,
+              batches: Any, size: int) -> "CachedScores":
+        """Score every batch (each carrying 'index') once with `reference`; the result is [size, ...] on the CPU."""
+        table: torch.Tensor | None = None
+        filled = torch.zeros(size, dtype=torch.bool)
+        for batch in batches:
+            scores = reference.scores(score_fn, policy, batch).detach().float().cpu()
+            if table is None:
+                table = torch.zeros((size, *scores.shape[1:]))
+            index = torch.as_tensor(batch["index"]).cpu()
+            table[index], filled[index] = scores, True
+        if table is None or not bool(filled.all()):
+            raise ValueError(f"the cache covers {int(filled.sum())} of {size} records; every record must be scored")
+        return cls(table)
+
+    def scores(self, score_fn: ScoreFn, policy: nn.Module, batch: Any) -> torch.Tensor:
+        index = torch.as_tensor(batch["index"]).cpu()
+        device = next(_unwrap(policy).parameters()).device
+        return self.table[index].to(device)
+
+    def save(self, path: str) -> None:
+        """Write the table as safetensors."""
+        from safetensors.torch import save_file
+
+        save_file({"scores": self.table.contiguous()}, path)
+
+    @classmethod
+    def load(cls, path: str) -> "CachedScores":
+        """Read a table written by `save`."""
+        from safetensors.torch import load_file
+
+        return cls(load_file(path)["scores"])

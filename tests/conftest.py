@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny random SD pipeline and Pick-a-Pic data from the synthetic world, saved once per session."""
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_pickapic(path, rows):
+    """Rows of caption/jpg_0/jpg_1/label_0 as a Parquet file."""
+    table = pa.table({
+        "caption": [r["caption"] for r in rows],
+        "jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
+        "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
+        "label_0": [float(r["label_0"]) for r in rows],
+    })
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A random-weight tiny StableDiffusionPipeline saved with save_pretrained (loaded back by the code under test)."""
+    from mmalign.diffusion.tiny import tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_pipeline(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pickapic(tmp_path_factory):
+    """24 Pick-a-Pic rows from the synthetic world (some ties), as Parquet."""
+    from mmalign.diffusion.world import preference_pairs
+
+    return write_pickapic(tmp_path_factory.mktemp("prefs") / "train.parquet", preference_pairs(24, seed=3))

@@ -1,0 +1,143 @@
+"""The shared training loop on a toy regression: exact resume, atomic checkpoints, NaN guard, logging."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mmalign import trainer as trainer_module
+from mmalign.trainer import EpochBatchSampler, NonFiniteLossError, TrainConfig, Trainer, checkpoints, lr_lambda
+
+
+class Points(torch.utils.data.Dataset):
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, generator=g)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.3
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def collate(items):
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def step_fn(model, batch, generator):
+    noise = torch.randn(batch["y"].shape, generator=generator, device=batch["y"].device) * 0.1
+    err = model(batch["x"]).squeeze(-1) - (batch["y"] + noise)
+    return err.pow(2).mean(), {"abs_err": err.abs().mean()}
+
+
+def fit(tmp_path, name="run", model=None, step=step_fn, **overrides):
+    settings = dict(output=tmp_path / name, max_steps=6, batch_size=4, learning_rate=0.05, checkpoint_every=2,
+                    report_to="none", seed=1)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = model or nn.Linear(3, 1)
+    trainer = Trainer(TrainConfig(**settings))
+    history = trainer.fit(model, Points(), collate, step)
+    return history, model
+
+
+def test_loss_decreases_and_metrics_jsonl_has_one_object_per_step(tmp_path):
+    history, _ = fit(tmp_path, max_steps=30, checkpoint_every=0)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == list(range(1, 31))
+    assert {"step", "loss", "lr", "abs_err", "grad_norm"} <= set(lines[0])
+    assert lines[-1]["loss"] < 0.2 * lines[0]["loss"]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_resume_continues_exactly(tmp_path):
+    full, full_model = fit(tmp_path, "full", max_steps=6)
+    fit(tmp_path, "split", max_steps=3, checkpoint_every=3)
+    resumed, resumed_model = fit(tmp_path, "split", max_steps=6, checkpoint_every=3, resume="latest")
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full[3:]], rel=0, abs=0)
+    torch.testing.assert_close(resumed_model.weight, full_model.weight, rtol=0, atol=0)
+    logged = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_gradient_accumulation_matches(tmp_path):
+    full, _ = fit(tmp_path, "full", max_steps=4, gradient_accumulation_steps=2, batch_size=2)
+    fit(tmp_path, "split", max_steps=2, gradient_accumulation_steps=2, batch_size=2)
+    resumed, _ = fit(tmp_path, "split", max_steps=4, gradient_accumulation_steps=2, batch_size=2, resume="latest")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]
+
+
+def test_interrupted_checkpoint_write_leaves_last_one_loadable(tmp_path, monkeypatch):
+    fit(tmp_path, max_steps=2, checkpoint_every=2)
+    original = trainer_module.Accelerator.save_state
+
+    def crash(self, output_dir=None, **kwargs):
+        original(self, output_dir, **kwargs)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(trainer_module.Accelerator, "save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path, max_steps=4, checkpoint_every=2, resume="latest")
+    monkeypatch.setattr(trainer_module.Accelerator, "save_state", original)
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    resumed, _ = fit(tmp_path, max_steps=4, checkpoint_every=2, resume="latest")
+    assert [r["step"] for r in resumed] == [3, 4]
+
+
+def test_keeps_last_k_checkpoints(tmp_path):
+    fit(tmp_path, max_steps=8, checkpoint_every=2, keep_checkpoints=2)
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-6", "checkpoint-8"]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
+    def explodes(model, batch, generator):
+        loss, metrics = step_fn(model, batch, generator)
+        return (loss * float("nan") if explodes.calls >= 5 else loss), metrics
+
+    explodes.calls = 0
+
+    def counting(model, batch, generator):
+        out = explodes(model, batch, generator)
+        explodes.calls += 1
+        return out
+
+    with pytest.raises(NonFiniteLossError, match=r"optimizer step 6.*checkpoint-4"):
+        fit(tmp_path, max_steps=10, checkpoint_every=2, step=counting)
+    assert [p.name for p in checkpoints(tmp_path / "run")][-1] == "checkpoint-4"
+
+
+def test_refuses_to_overwrite_an_existing_run(tmp_path):
+    fit(tmp_path, max_steps=2)
+    with pytest.raises(FileExistsError, match="--resume latest"):
+        fit(tmp_path, max_steps=2)
+
+
+def test_sampler_shards_one_permutation_across_processes():
+    shards = [EpochBatchSampler(10, 2, 2, rank, seed=5) for rank in (0, 1)]
+    first = [next(iter(s)) for s in shards]
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(5 * 100_003)).tolist()
+    assert first == [order[0:2], order[2:4]]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        EpochBatchSampler(3, 2, 2, 0, seed=0)
+
+
+def test_lr_schedules():
+    assert [lr_lambda("constant_with_warmup", 4, 10)(s) for s in (0, 2, 4, 9)] == [0, 0.5, 1, 1]
+    assert lr_lambda("linear", 0, 10)(5) == 0.5
+    assert lr_lambda("cosine", 0, 10)(10) == pytest.approx(0.0)
+    assert lr_lambda("cosine", 0, 10)(5) == pytest.approx(0.5)
+    assert lr_lambda("constant", 4, 10)(0) == 1.0
+    assert math.isclose(lr_lambda("constant_with_warmup", 0, 10)(0), 1.0)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="max_steps must be at least 1"):
+        TrainConfig(output="x", max_steps=0)
+    with pytest.raises(ValueError, match="output"):
+        TrainConfig()
