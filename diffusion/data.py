@@ -109,3 +109,18 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
             "caption": [it["caption"] for it in items],
             "index": torch.tensor([it["index"] for it in items])}
+
+
+def write_pickapic(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write rows of caption/jpg_0/jpg_1 (bytes)/label_0 as a Pick-a-Pic Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "caption": [r["caption"] for r in rows],
+        "jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
+        "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
+        "label_0": [float(r["label_0"]) for r in rows],
+    })
+    pq.write_table(table, str(path))
+    return Path(path)

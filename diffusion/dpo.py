@@ -93,6 +93,23 @@ class Parts:
     resolution: int
 
 
+def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float, kind: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses [B] and metrics from errors [2B] ordered [w; l]: scores s = -0.5*e, log-ratio s - s_ref."""
+    model_w, model_l = model_err.chunk(2)
+    ref_w, ref_l = ref_err.detach().chunk(2)
+    chosen, rejected = -0.5 * (model_w - ref_w), -0.5 * (model_l - ref_l)
+    losses = preference_loss(chosen, rejected, kind=kind, beta=beta, label_smoothing=label_smoothing)
+    inside = beta * (chosen - rejected).detach()
+    metrics = {
+        "implicit_acc": ((inside > 0).float() + 0.5 * (inside == 0).float()).mean(),
+        "model_mse": model_err.detach().mean(), "ref_mse": ref_err.detach().mean(),
+        "model_diff": (model_w - model_l).detach().mean(), "ref_diff": (ref_w - ref_l).mean(),
+        "reward_margin": inside.mean(),
+    }
+    return losses, metrics
+
+
 def dpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> tuple[torch.Tensor, dict]:
     """One Diffusion-DPO micro-step on a batch of pairs [B,2,3,R,R] (winner first)."""
     c, pipe, scheduler = parts.config, parts.pipe, parts.noise_scheduler
@@ -119,17 +136,7 @@ def dpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: Par
 
     model_err = errors(unet, batch)
     ref_err = parts.reference.scores(errors, unet, batch)
-    model_w, model_l = model_err.chunk(2)
-    ref_w, ref_l = ref_err.chunk(2)
-    chosen, rejected = -0.5 * (model_w - ref_w), -0.5 * (model_l - ref_l)
-    losses = preference_loss(chosen, rejected, kind=c.loss, beta=c.beta, label_smoothing=c.label_smoothing)
-    inside = c.beta * (chosen - rejected).detach()
-    metrics = {
-        "implicit_acc": ((inside > 0).float() + 0.5 * (inside == 0).float()).mean(),
-        "model_mse": model_err.detach().mean(), "ref_mse": ref_err.mean(),
-        "model_diff": (model_w - model_l).detach().mean(), "ref_diff": (ref_w - ref_l).mean(),
-        "reward_margin": inside.mean(),
-    }
+    losses, metrics = dpo_loss(model_err, ref_err, beta=c.beta, kind=c.loss, label_smoothing=c.label_smoothing)
     return losses.mean(), metrics
 
 

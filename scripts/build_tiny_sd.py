@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
 from mmalign.diffusion import world
+from mmalign.diffusion.data import write_pickapic
 from mmalign.diffusion.sample import generate, image_grid
 from mmalign.diffusion.tiny import tiny_pipeline
 
@@ -108,18 +107,6 @@ def train_unet(pipe, pool, steps: int, batch: int, lr: float, drop_prob: float =
     unet.eval()
 
 
-def write_pairs(path: Path, n: int, seed: int) -> None:
-    """Pick-a-Pic rows labelled by the placement reward, as Parquet with PNG bytes."""
-    rows = world.preference_pairs(n, seed)
-    table = pa.table({
-        "caption": [r["caption"] for r in rows],
-        "jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
-        "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
-        "label_0": [r["label_0"] for r in rows],
-    })
-    pq.write_table(table, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
@@ -145,8 +132,8 @@ def main() -> None:
     pipe.save_pretrained(args.output / "tiny-sd", safe_serialization=True)
     prefs = args.output / "tiny-sd-prefs"
     prefs.mkdir(exist_ok=True)
-    write_pairs(prefs / "train.parquet", args.pairs, seed=args.seed + 1)
-    write_pairs(prefs / "test.parquet", max(args.pairs // 4, 1), seed=args.seed + 2)
+    write_pickapic(world.preference_pairs(args.pairs, seed=args.seed + 1), prefs / "train.parquet")
+    write_pickapic(world.preference_pairs(max(args.pairs // 4, 1), seed=args.seed + 2), prefs / "test.parquet")
     (args.output / "tiny-sd-prompts.txt").write_text("\n".join(world.CAPTIONS) + "\n")
 
     prompts = [c for c in world.CAPTIONS for _ in range(8)]

@@ -2,24 +2,10 @@
 
 import os
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def write_pickapic(path, rows):
-    """Rows of caption/jpg_0/jpg_1/label_0 as a Parquet file."""
-    table = pa.table({
-        "caption": [r["caption"] for r in rows],
-        "jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
-        "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
-        "label_0": [float(r["label_0"]) for r in rows],
-    })
-    pq.write_table(table, path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +21,7 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pickapic(tmp_path_factory):
     """24 Pick-a-Pic rows from the synthetic world (some ties), as Parquet."""
+    from mmalign.diffusion.data import write_pickapic
     from mmalign.diffusion.world import preference_pairs
 
-    return write_pickapic(tmp_path_factory.mktemp("prefs") / "train.parquet", preference_pairs(24, seed=3))
+    return write_pickapic(preference_pairs(24, seed=3), tmp_path_factory.mktemp("prefs") / "train.parquet")

@@ -1,0 +1,152 @@
+"""Diffusion-DPO: the loss against the official formula, shared noise and timestep, one policy and one reference
+forward per step, ln 2 at step 0, LoRA and full fine-tune outputs loaded back through diffusers, exact resume."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+
+from mmalign.diffusion import dpo
+from mmalign.diffusion.data import PreferencePairs, collate_pairs
+from mmalign.diffusion.sample import generate
+from mmalign.reference import FrozenCopy
+from mmalign.trainer import Trainer, step_generator
+
+CAPTIONS = ["a red circle", "a blue square"]
+
+
+def config(tiny_sd, pickapic, tmp_path, **overrides):
+    settings = dict(model=str(tiny_sd), data=str(pickapic), output=tmp_path / "run", max_steps=2, batch_size=2,
+                    num_samples=0, report_to="none", checkpoint_every=0)
+    settings.update(overrides)
+    return dpo.Config(**settings)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_equals_the_official_formula():
+    """diffusers examples/research_projects/diffusion_dpo/train_diffusion_dpo.py, written out on fixed tensors."""
+    torch.manual_seed(0)
+    pred, ref_pred, target = torch.randn(3, 8, 4, 5, 5)
+    model_losses = (pred - target).pow(2).mean(dim=[1, 2, 3])
+    ref_losses = (ref_pred - target).pow(2).mean(dim=[1, 2, 3])
+    model_w, model_l = model_losses.chunk(2)
+    ref_w, ref_l = ref_losses.chunk(2)
+    beta = 5000.0
+    inside = -0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))
+    official = -F.logsigmoid(inside).mean()
+    implicit_acc = (inside > 0).float().mean()
+
+    losses, stats = dpo.dpo_loss(model_losses, ref_losses, beta=beta)
+    torch.testing.assert_close(losses.mean(), official)
+    torch.testing.assert_close(stats["implicit_acc"], implicit_acc)
+    torch.testing.assert_close(stats["reward_margin"], inside.mean())
+    # diffusers' form: -beta' * (...) with beta' = beta / 2 is the same objective
+    torch.testing.assert_close(-F.logsigmoid(-2500.0 * ((model_w - model_l) - (ref_w - ref_l))).mean(), official)
+
+
+def test_one_step_shares_noise_and_timestep_and_runs_two_forwards(tiny_sd, pickapic, tmp_path, monkeypatch):
+    cfg = config(tiny_sd, pickapic, tmp_path, prompt_dropout=0.0)
+    trainer = Trainer(cfg)
+    pipe, parts = dpo.prepare(cfg, trainer)
+    pairs = PreferencePairs(cfg.data, resolution=parts.resolution)
+    batch = collate_pairs([pairs[0], pairs[1], pairs[2]])
+    calls, noises = [], []
+    forward = type(pipe.unet).forward
+
+    def recording_forward(self, sample, timestep, *args, **kwargs):
+        calls.append((sample.shape[0], torch.is_grad_enabled(), timestep.clone(), self._hf_peft_config_loaded and
+                      not any(m.disable_adapters for m in self.modules() if hasattr(m, "disable_adapters")
+                              and isinstance(m.disable_adapters, bool))))
+        return forward(self, sample, timestep, *args, **kwargs)
+
+    add_noise = parts.noise_scheduler.add_noise
+    monkeypatch.setattr(type(pipe.unet), "forward", recording_forward)
+    monkeypatch.setattr(parts.noise_scheduler, "add_noise", lambda x, n, t: noises.append(n) or add_noise(x, n, t))
+    loss, stats = dpo.dpo_step(pipe.unet, batch, step_generator(0, 0, 0, torch.device("cpu")), parts)
+
+    assert [(c[0], c[1]) for c in calls] == [(6, True), (6, False)]
+    assert calls[0][3] and not calls[1][3], "policy forward with the LoRA on, reference with it off"
+    for timesteps in (calls[0][2], calls[1][2]):
+        torch.testing.assert_close(timesteps[:3], timesteps[3:])
+    torch.testing.assert_close(noises[0][:3], noises[0][3:])
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # zero-initialised LoRA: policy == reference
+    assert stats["implicit_acc"].item() == 0.5
+
+
+def test_lora_run_starts_at_ln2_and_round_trips_through_diffusers(tiny_sd, pickapic, tmp_path):
+    cfg = config(tiny_sd, pickapic, tmp_path, max_steps=3, learning_rate=1e-2, lora_rank=4)
+    dpo.run(cfg)
+    log = metrics(cfg.output)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and log[0]["implicit_acc"] == 0.5
+    assert {"implicit_acc", "model_mse", "ref_mse", "reward_margin", "lr"} <= set(log[0])
+    assert log[-1]["model_mse"] != log[-1]["ref_mse"]
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    base.set_progress_bar_config(disable=True)
+    before = generate(base, CAPTIONS, seed=7, steps=4)
+    base.load_lora_weights(cfg.output)
+    after = generate(base, CAPTIONS, seed=7, steps=4)
+    assert (after - before).abs().max() > 1e-3, "the trained LoRA changes the images"
+
+    # the same LoRA applied in-process by peft, without the diffusers file round trip
+    trained = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    trained.set_progress_bar_config(disable=True)
+    from mmalign.diffusion.models import add_lora
+    from safetensors.torch import load_file
+
+    add_lora(trained.unet, rank=4)
+    state = load_file(str(cfg.output / "pytorch_lora_weights.safetensors"))
+    from peft.utils import set_peft_model_state_dict
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    set_peft_model_state_dict(trained.unet, convert_unet_state_dict_to_peft(
+        {k.removeprefix("unet."): v for k, v in state.items()}))
+    torch.testing.assert_close(generate(trained, CAPTIONS, seed=7, steps=4), after, rtol=0, atol=1e-5)
+
+
+def test_full_fine_tune_keeps_a_frozen_reference_and_saves_a_pipeline(tiny_sd, pickapic, tmp_path):
+    cfg = config(tiny_sd, pickapic, tmp_path, full=True, max_steps=2, learning_rate=1e-3)
+    trainer = Trainer(cfg)
+    pipe, parts = dpo.prepare(cfg, trainer)
+    assert isinstance(parts.reference, FrozenCopy)
+    assert all(p.requires_grad for p in pipe.unet.parameters())
+    assert not any(p.requires_grad for p in parts.reference.model.parameters())
+
+    cfg2 = config(tiny_sd, pickapic, tmp_path, full=True, max_steps=2, learning_rate=1e-3, output=tmp_path / "full")
+    dpo.run(cfg2)
+    saved = StableDiffusionPipeline.from_pretrained(cfg2.output)
+    original = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    changed = [n for (n, a), b in zip(saved.unet.named_parameters(), original.unet.parameters()) if not torch.equal(a, b)]
+    assert changed, "the saved UNet is the trained one"
+    for a, b in zip(saved.vae.parameters(), original.vae.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_equals_uninterrupted(tiny_sd, pickapic, tmp_path):
+    full = config(tiny_sd, pickapic, tmp_path, output=tmp_path / "full", max_steps=4, learning_rate=1e-3)
+    dpo.run(full)
+    part = config(tiny_sd, pickapic, tmp_path, output=tmp_path / "part", max_steps=2, learning_rate=1e-3)
+    dpo.run(part)
+    dpo.run(config(tiny_sd, pickapic, tmp_path, output=tmp_path / "part", max_steps=4, learning_rate=1e-3,
+                   resume="latest"))
+    assert [r["loss"] for r in metrics(tmp_path / "part")] == [r["loss"] for r in metrics(tmp_path / "full")]
+
+
+def test_v_prediction_target(tiny_sd, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from mmalign.diffusion.scoring import training_target
+
+    scheduler = DDPMScheduler(prediction_type="v_prediction")
+    x0, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(training_target(scheduler, x0, noise, t), abar.sqrt() * noise - (1 - abar).sqrt() * x0)
+    assert training_target(DDPMScheduler(), x0, noise, t) is noise
+    with pytest.raises(ValueError, match="sample"):
+        training_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
