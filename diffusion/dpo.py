@@ -166,6 +166,13 @@ def _sample_grid(trainer: Trainer, pipe, prompts: list[str], config: Config, nam
     image_grid(images, columns=config.num_samples, scale=max(1, 256 // images.shape[-1])).save(config.output / name)
 
 
+def _place(module, device, dtype) -> None:
+    """Move to the device; cast only when the dtype differs (diffusers warns on every cast)."""
+    module.to(device)
+    if module.dtype != dtype:
+        module.to(dtype)
+
+
 def prepare(config: Config, trainer: Trainer) -> tuple[Any, Parts]:
     """Load the pipeline, freeze and cast its parts, attach the LoRA or frozen reference."""
     from diffusers import DDPMScheduler
@@ -177,14 +184,14 @@ def prepare(config: Config, trainer: Trainer) -> tuple[Any, Parts]:
     for name in ("vae", "text_encoder", "text_encoder_2"):
         part = getattr(pipe, name, None)
         if part is not None:
-            part.requires_grad_(False).to(device, dtype=dtype if part.dtype != dtype else None)
+            _place(part.requires_grad_(False), device, dtype)
     unet = pipe.unet
     if config.full:
         unet.requires_grad_(True).to(device)
         reference = FrozenCopy(unet, dtype=dtype if config.reference_in_training_dtype else None,
                                offload=config.offload_reference, device=device)
     else:
-        unet.to(device, dtype=dtype if unet.dtype != dtype else None)
+        _place(unet, device, dtype)
         add_lora(unet, config.lora_rank, config.lora_alpha)
         reference = AdapterDisabled()
     if config.gradient_checkpointing:

@@ -30,40 +30,54 @@ def clip_tokenizer(model_max_length: int = 16):
         return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length)
 
 
-def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon", text_dim: int = 32) -> dict:
-    """Randomly initialised UNet, VAE (4x4x... latents at half resolution), CLIP text encoder, tokenizer, DDIM scheduler."""
+def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon", text_dim: int = 32,
+                    xl: bool = False) -> dict:
+    """Randomly initialised UNet, VAE (latents at half resolution), CLIP text encoder(s), tokenizer(s), DDIM scheduler.
+
+    With xl=True the parts are SDXL's: a second text encoder with projection, the UNet conditioned on both
+    encoders' states (concatenated) plus pooled text and size ids ("text_time" added embedding).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
+    text_config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=text_dim,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
+    )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
     )
+    xl_unet = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=6 * 8 + text_dim) if xl else {}
     unet = UNet2DConditionModel(
         sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=text_dim, attention_head_dim=8,
+        block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=text_dim * (2 if xl else 1),
+        attention_head_dim=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), **xl_unet,
     )
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    parts = {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text_config), "tokenizer": tokenizer,
+             "scheduler": scheduler}
+    if xl:
+        parts.update(text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=tokenizer)
+    return parts
 
 
-def tiny_pipeline(**kwargs):
-    """A StableDiffusionPipeline made of `tiny_components(**kwargs)`, no safety checker."""
-    from diffusers import StableDiffusionPipeline
+def tiny_pipeline(xl: bool = False, **kwargs):
+    """A StableDiffusionPipeline (or, with xl=True, StableDiffusionXLPipeline) of `tiny_components`, no safety checker."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionPipeline(**tiny_components(**kwargs), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    parts = tiny_components(xl=xl, **kwargs)
+    if xl:
+        return StableDiffusionXLPipeline(**parts)
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -223,7 +223,11 @@ class Trainer:
         step = 0
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
-            step = json.loads((self.resume_from / TRAINER_STATE).read_text())["step"]
+            state = json.loads((self.resume_from / TRAINER_STATE).read_text())
+            step = state["step"]
+            if state.get("num_processes", acc.num_processes) != acc.num_processes:
+                acc.print(f"warning: {self.resume_from} was written by {state['num_processes']} processes, this run has "
+                          f"{acc.num_processes}; training continues, but not in the same data order")
             acc.print(f"resumed from {self.resume_from} at step {step}")
         self._trim_metrics(step)
         if c.report_to == "tensorboard":
@@ -313,7 +317,7 @@ class Trainer:
         if self.is_main:
             state = tmp / TRAINER_STATE
             with open(state, "w") as f:
-                json.dump({"step": step, "seed": self.config.seed}, f)
+                json.dump({"step": step, "seed": self.config.seed, "num_processes": acc.num_processes}, f)
                 f.flush()
                 os.fsync(f.fileno())
             if final.exists():

@@ -150,3 +150,20 @@ def test_v_prediction_target(tiny_sd, tmp_path):
     assert training_target(DDPMScheduler(), x0, noise, t) is noise
     with pytest.raises(ValueError, match="sample"):
         training_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
+
+
+@pytest.mark.parametrize("variant", ["sdxl", "v_prediction"])
+def test_sdxl_and_v_prediction_models_train(variant, pickapic, tmp_path):
+    from mmalign.diffusion.tiny import tiny_pipeline
+
+    model = tmp_path / variant
+    tiny_pipeline(xl=variant == "sdxl", prediction_type="v_prediction" if variant == "v_prediction" else "epsilon"
+                  ).save_pretrained(model)
+    cfg = config(model, pickapic, tmp_path, max_steps=2, learning_rate=1e-3)
+    dpo.run(cfg)
+    log = metrics(cfg.output)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[1]["loss"] != log[0]["loss"]
+    pipe = dpo.load_pipeline(model)
+    assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if variant == "sdxl" else "StableDiffusionPipeline")
+    pipe.load_lora_weights(cfg.output)

@@ -1,0 +1,26 @@
+"""Two-process data-parallel training on the CPU through `accelerate launch`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_run(tiny_sd, pickapic, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "mmalign", "diffusion", "dpo", "--model", str(tiny_sd), "--data", str(pickapic),
+               "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2", "--cpu",
+               "--num-samples", "0", "--report-to", "none", "--learning-rate", "1e-3"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    state = json.loads((run / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
+    assert (run / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
