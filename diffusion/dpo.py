@@ -33,7 +33,7 @@ from mmalign.reference import AdapterDisabled, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
 from .data import PreferencePairs, collate_pairs
-from .models import add_lora, enable_xformers, load_pipeline, save_full, save_lora
+from .models import LORA_TARGETS, add_lora, enable_xformers, load_pipeline, save_full, save_lora
 from .sample import generate, image_grid
 from .scoring import denoising_error, encode_prompts, training_target
 
@@ -49,6 +49,8 @@ class Config(TrainConfig):
     split: str = option("train", "split to read from a dataset folder or hub id")
     lora_rank: int = option(8, "LoRA rank of the UNet attention projections")
     lora_alpha: int | None = option(None, "LoRA alpha (default: the rank)")
+    lora_targets: list[str] = option(list(LORA_TARGETS), "UNet module names the LoRA adapts (diffusers' default: "
+                                     "attention projections; add conv1 conv2 to adapt the ResNet convolutions)")
     full: bool = option(False, "fine-tune the whole UNet against a frozen copy instead of a LoRA")
     beta: float = option(5000.0, "KL strength in the -0.5*beta form (paper: 5000 for SD 1.5 and SDXL)")
     loss: LossKind = option("sigmoid", "preference objective applied to the -0.5*error scores")
@@ -192,7 +194,7 @@ def prepare(config: Config, trainer: Trainer) -> tuple[Any, Parts]:
                                offload=config.offload_reference, device=device)
     else:
         _place(unet, device, dtype)
-        add_lora(unet, config.lora_rank, config.lora_alpha)
+        add_lora(unet, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
         reference = AdapterDisabled()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -50,13 +50,13 @@ def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
     return cls.from_pretrained(str(model), **kwargs)
 
 
-def add_lora(unet, rank: int, alpha: int | None = None) -> None:
-    """Attach a peft LoRA (attention projections) to the UNet; only its weights train, kept in float32."""
+def add_lora(unet, rank: int, alpha: int | None = None, targets: tuple[str, ...] = LORA_TARGETS) -> None:
+    """Attach a peft LoRA to the UNet's `targets` (default: attention projections); only it trains, in float32."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                target_modules=list(LORA_TARGETS)))
+                                target_modules=list(targets)))
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()

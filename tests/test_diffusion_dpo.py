@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from mmalign.diffusion import dpo
 from mmalign.diffusion.data import PreferencePairs, collate_pairs
@@ -60,9 +61,8 @@ def test_one_step_shares_noise_and_timestep_and_runs_two_forwards(tiny_sd, picka
     forward = type(pipe.unet).forward
 
     def recording_forward(self, sample, timestep, *args, **kwargs):
-        calls.append((sample.shape[0], torch.is_grad_enabled(), timestep.clone(), self._hf_peft_config_loaded and
-                      not any(m.disable_adapters for m in self.modules() if hasattr(m, "disable_adapters")
-                              and isinstance(m.disable_adapters, bool))))
+        lora_on = any(not m.disable_adapters for m in self.modules() if isinstance(m, BaseTunerLayer))
+        calls.append((sample.shape[0], torch.is_grad_enabled(), timestep.clone(), lora_on))
         return forward(self, sample, timestep, *args, **kwargs)
 
     add_noise = parts.noise_scheduler.add_noise
@@ -167,3 +167,17 @@ def test_sdxl_and_v_prediction_models_train(variant, pickapic, tmp_path):
     pipe = dpo.load_pipeline(model)
     assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if variant == "sdxl" else "StableDiffusionPipeline")
     pipe.load_lora_weights(cfg.output)
+
+
+def test_bf16_mixed_precision_keeps_lora_weights_in_float32(tiny_sd, pickapic, tmp_path):
+    cfg = config(tiny_sd, pickapic, tmp_path, mixed_precision="bf16", max_steps=2, learning_rate=1e-3)
+    trainer = Trainer(cfg)
+    pipe, parts = dpo.prepare(cfg, trainer)
+    dtypes = {n: p.dtype for n, p in pipe.unet.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora" not in n} == {torch.bfloat16}
+    assert pipe.vae.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    dpo.run(config(tiny_sd, pickapic, tmp_path, mixed_precision="bf16", max_steps=2, learning_rate=1e-3,
+                   output=tmp_path / "bf16"))
+    log = metrics(tmp_path / "bf16")
+    assert all(math.isfinite(r["loss"]) for r in log) and log[0]["implicit_acc"] == 0.5
