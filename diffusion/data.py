@@ -89,6 +89,24 @@ class PreferencePairs(torch.utils.data.Dataset):
         pair = (first, second) if self.winner_first[i] else (second, first)
         return {"pixel_values": torch.stack(pair), "caption": record["caption"], "index": row}
 
+    def caption(self, i: int) -> str:
+        """The caption of pair i, without decoding its images."""
+        return self.records[int(self.rows[i])]["caption"]
+
+
+class CachedLatents(torch.utils.data.Dataset):
+    """Pairs as VAE posterior statistics {'latent_mean', 'latent_std': [2,C,h,w] winner first, 'caption', 'index'}."""
+
+    def __init__(self, pairs: PreferencePairs, mean: torch.Tensor, std: torch.Tensor):
+        self.pairs, self.mean, self.std = pairs, mean, std
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"latent_mean": self.mean[i], "latent_std": self.std[i], "caption": self.pairs.caption(i),
+                "index": int(self.pairs.rows[i])}
+
 
 def to_model_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the shorter side to `resolution`, centre-crop, scale to [-1, 1]; returns [3,R,R]."""
@@ -105,10 +123,13 @@ def to_model_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack pairs: pixel_values [B,2,3,R,R], captions list, index [B]."""
-    return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
-            "caption": [it["caption"] for it in items],
-            "index": torch.tensor([it["index"] for it in items])}
+    """Stack a batch: tensors along a new first axis ([B,2,...]), captions as a list, indices as a tensor [B]."""
+    batch: dict[str, Any] = {}
+    for key, first in items[0].items():
+        values = [it[key] for it in items]
+        batch[key] = torch.stack(values) if torch.is_tensor(first) else values if isinstance(first, str) \
+            else torch.tensor(values)
+    return batch
 
 
 def write_pickapic(rows: list[dict[str, Any]], path: str | Path) -> Path:

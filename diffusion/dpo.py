@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
 
 from mmalign.config import option
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss
@@ -32,7 +34,7 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import AdapterDisabled, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
-from .data import PreferencePairs, collate_pairs
+from .data import CachedLatents, PreferencePairs, collate_pairs
 from .models import LORA_TARGETS, add_lora, enable_xformers, load_pipeline, save_full, save_lora
 from .sample import generate, image_grid
 from .scoring import denoising_error, encode_prompts, training_target
@@ -60,6 +62,9 @@ class Config(TrainConfig):
     random_flip: bool = option(False, "flip each pair horizontally at random (off: flips change layouts)")
     reference_in_training_dtype: bool = option(True, "--full: keep the frozen reference in the mixed-precision dtype")
     offload_reference: bool = option(False, "--full: keep the frozen reference on the CPU, streamed per forward")
+    cache_latents: bool = option(False, "encode every image once before training and reuse its VAE posterior "
+                                        "(saves the VAE each step; costs RAM: small datasets, many epochs)")
+    channels_last: bool = option(True, "channels-last memory format for the UNet (faster convolutions)")
     gradient_checkpointing: bool = option(False, "trade compute for memory in the UNet")
     xformers: bool = option(False, "xformers attention (GPU and the [gpu] extra); default PyTorch SDPA")
     sample_prompts: str | None = option(None, "text file of prompts for the before/after grids (default: from data)")
@@ -82,6 +87,8 @@ class Config(TrainConfig):
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
         if not self.full and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be at least 1 (or pass --full), got {self.lora_rank}")
+        if self.cache_latents and self.random_flip:
+            raise ValueError("cache_latents and random_flip exclude each other: a flip must happen before encoding")
 
 
 @dataclass
@@ -93,6 +100,7 @@ class Parts:
     reference: Any
     config: Config
     resolution: int
+    vae_dtype: torch.dtype
 
 
 def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float, kind: str = "sigmoid",
@@ -112,26 +120,49 @@ def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float, kind: 
     return losses, metrics
 
 
+@torch.no_grad()
+def encode_pairs(vae, pixels: torch.Tensor, dtype: torch.dtype, flip_generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std of pairs [B,2,3,R,R] as [2B,...] ordered [w; l]; a flip generator flips pairs at random."""
+    if flip_generator is not None:
+        flip = torch.rand(pixels.shape[0], generator=flip_generator, device=pixels.device) < 0.5
+        pixels = torch.where(flip[:, None, None, None, None], pixels.flip(-1), pixels)
+    posterior = vae.encode(torch.cat([pixels[:, 0], pixels[:, 1]]).to(dtype)).latent_dist
+    return posterior.mean, posterior.std
+
+
+def cache_pair_latents(vae, pairs: PreferencePairs, dtype: torch.dtype, device, batch_size: int = 32) -> CachedLatents:
+    """Encode every pair once: the dataset of posterior statistics the step samples latents from."""
+    means, stds = [], []
+    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, collate_fn=collate_pairs)
+    for batch in tqdm(loader, desc="cache latents", leave=False):
+        mean, std = encode_pairs(vae, batch["pixel_values"].to(device), dtype)
+        means.append(torch.stack(mean.chunk(2), dim=1).cpu())
+        stds.append(torch.stack(std.chunk(2), dim=1).cpu())
+    return CachedLatents(pairs, torch.cat(means), torch.cat(stds))
+
+
 def dpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> tuple[torch.Tensor, dict]:
     """One Diffusion-DPO micro-step on a batch of pairs [B,2,3,R,R] (winner first)."""
     c, pipe, scheduler = parts.config, parts.pipe, parts.noise_scheduler
-    pixels = batch["pixel_values"]
-    n, device = pixels.shape[0], pixels.device
-    if c.random_flip:
-        flip = torch.rand(n, generator=generator, device=device) < 0.5
-        pixels = torch.where(flip[:, None, None, None, None], pixels.flip(-1), pixels)
-    pixels = torch.cat([pixels[:, 0], pixels[:, 1]])  # [w; l]
-    with torch.no_grad():
-        posterior = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) * pipe.vae.config.scaling_factor
+    if "latent_mean" in batch:
+        mean, std = (torch.cat([x[:, 0], x[:, 1]]) for x in (batch["latent_mean"], batch["latent_std"]))  # [w; l]
+    else:
+        mean, std = encode_pairs(pipe.vae, batch["pixel_values"], parts.vae_dtype,
+                                 generator if c.random_flip else None)
+    n, device = mean.shape[0] // 2, mean.device
+    latents = (mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype))
+    latents = latents * pipe.vae.config.scaling_factor
     noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype).repeat(2, 1, 1, 1)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
     timesteps = timesteps.repeat(2)
     noisy = scheduler.add_noise(latents, noise, timesteps)
+    if c.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
     target = training_target(scheduler, latents, noise, timesteps)
     dropped = torch.rand(n, generator=generator, device=device) < c.prompt_dropout
     prompts = ["" if d else p for d, p in zip(dropped.tolist(), batch["caption"])]
-    condition = encode_prompts(pipe, prompts, parts.resolution).repeat(2)
+    condition = encode_prompts(pipe, prompts, parts.resolution, device).repeat(2)
 
     def errors(model, _batch):
         return denoising_error(model, noisy, timesteps, condition, target)
@@ -188,20 +219,22 @@ def prepare(config: Config, trainer: Trainer) -> tuple[Any, Parts]:
         if part is not None:
             _place(part.requires_grad_(False), device, dtype)
     unet = pipe.unet
+    _place(unet, device, torch.float32 if config.full else dtype)
+    if config.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if config.xformers:
+        enable_xformers(unet)
     if config.full:
-        unet.requires_grad_(True).to(device)
+        unet.requires_grad_(True)
         reference = FrozenCopy(unet, dtype=dtype if config.reference_in_training_dtype else None,
                                offload=config.offload_reference, device=device)
     else:
-        _place(unet, device, dtype)
         add_lora(unet, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
         reference = AdapterDisabled()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if config.xformers:
-        enable_xformers(unet)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return pipe, Parts(pipe, noise_scheduler, reference, config, resolution)
+    return pipe, Parts(pipe, noise_scheduler, reference, config, resolution, vae_dtype=dtype)
 
 
 def run(config: Config) -> list[dict[str, float]]:
@@ -210,8 +243,9 @@ def run(config: Config) -> list[dict[str, float]]:
     pipe, parts = prepare(config, trainer)
     pairs = PreferencePairs(config.data, resolution=parts.resolution, split=config.split)
     trainer.accelerator.print(f"{len(pairs)} preference pairs from {config.data} ({pairs.ties} ties dropped)")
+    dataset = cache_pair_latents(pipe.vae, pairs, parts.vae_dtype, trainer.device) if config.cache_latents else pairs
     prompts = read_prompts(config.sample_prompts) if config.sample_prompts else \
-        list(dict.fromkeys(pairs.records["caption"]))[:4]
+        list(dict.fromkeys(pairs.caption(i) for i in range(min(len(pairs), 64))))[:4]
     if trainer.resume_from is None:
         _sample_grid(trainer, pipe, prompts, config, "samples_before.png")
 
@@ -222,7 +256,7 @@ def run(config: Config) -> list[dict[str, float]]:
             save_lora(type(pipe), unet, output)
 
     step = functools.partial(dpo_step, parts=parts)
-    history = trainer.fit(pipe.unet, pairs, collate_pairs, step, save_model=save)
+    history = trainer.fit(pipe.unet, dataset, collate_pairs, step, save_model=save)
     _sample_grid(trainer, pipe, prompts, config, "samples_after.png")
     if trainer.is_main:
         plot_metrics(history, ["loss", "implicit_acc", "reward_margin", "model_mse", "lr"], config.output / "curves.png",

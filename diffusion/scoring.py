@@ -28,9 +28,8 @@ class Condition:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], resolution: int) -> Condition:
+def encode_prompts(pipe, prompts: list[str], resolution: int, device: torch.device) -> Condition:
     """Text conditioning from the pipeline's own `encode_prompt` (SD: CLIP states; SDXL: both encoders + pooled)."""
-    device = pipe.unet.device
     if hasattr(pipe, "text_encoder_2"):
         states, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
@@ -140,6 +141,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        AcceleratorState._reset_state()  # a process may train several runs (Python API, tests) with other precisions
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with="tensorboard" if config.report_to == "tensorboard" else None, project_dir=str(config.output),

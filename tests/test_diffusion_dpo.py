@@ -181,3 +181,19 @@ def test_bf16_mixed_precision_keeps_lora_weights_in_float32(tiny_sd, pickapic, t
                    output=tmp_path / "bf16"))
     log = metrics(tmp_path / "bf16")
     assert all(math.isfinite(r["loss"]) for r in log) and log[0]["implicit_acc"] == 0.5
+
+
+def test_cached_latents_give_the_same_step_as_encoding_each_time(tiny_sd, pickapic, tmp_path):
+    cfg = config(tiny_sd, pickapic, tmp_path)
+    trainer = Trainer(cfg)
+    pipe, parts = dpo.prepare(cfg, trainer)
+    pairs = PreferencePairs(cfg.data, resolution=parts.resolution)
+    cached = dpo.cache_pair_latents(pipe.vae, pairs, torch.float32, "cpu", batch_size=5)
+    assert len(cached) == len(pairs)
+    items = [0, 3, 4]
+    fresh = dpo.dpo_step(pipe.unet, collate_pairs([pairs[i] for i in items]), step_generator(0, 9, 0, "cpu"), parts)
+    reused = dpo.dpo_step(pipe.unet, collate_pairs([cached[i] for i in items]), step_generator(0, 9, 0, "cpu"), parts)
+    torch.testing.assert_close(reused[1]["model_mse"], fresh[1]["model_mse"])
+    torch.testing.assert_close(reused[0], fresh[0])
+    with pytest.raises(ValueError, match="exclude each other"):
+        config(tiny_sd, pickapic, tmp_path, cache_latents=True, random_flip=True)
