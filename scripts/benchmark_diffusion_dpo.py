@@ -95,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", action="store_true", help="turn it on in both")
     p.add_argument("--full", action="store_true",
                    help="full fine-tune; diffusers' script is LoRA-only, so only ours runs and the peer is n/a")
+    p.add_argument("--ours-extra", default="", help="extra flags for ours only, e.g. '--cache-latents'")
     p.add_argument("--steps", type=int, nargs=2, default=[10, 110], metavar=("N1", "N2"),
                    help="the two run lengths; N2 - N1 steps should take well over the start-up jitter (default 10 110)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions of each (trainer, N) run (default 3)")
@@ -170,7 +171,7 @@ def ours_cmd(args, model: Path, data_file: Path, output: Path, steps: int, resol
     cmd += ["--full"] if args.full else ["--lora-rank", str(args.rank)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
-    return cmd
+    return cmd + shlex.split(args.ours_extra)
 
 
 def peer_cmd(args, model: Path, data_dir: Path, output: Path, steps: int, resolution: int, tracker: str,
@@ -270,7 +271,8 @@ def summarise(runs: list[Run], n1: int, n2: int, repeats: int, tools: list[str])
 
 def table(args, summary: dict, resolution: int, command: str, pairs: int, ties: int, self_rss: float) -> str:
     n1, n2 = args.steps
-    mode = "full fine-tune" if args.full else f"LoRA rank {args.rank}"
+    mode = ("full fine-tune" if args.full else f"LoRA rank {args.rank}") + \
+        (f", ours with `{args.ours_extra}`" if args.ours_extra else "")
     peer = f"diffusers `train_diffusion_dpo.py`{' @ ' + args.peer_rev if args.peer_rev else ''}"
     lines = [
         f"Diffusion-DPO, {mode}, batch {args.batch_size} pairs, {resolution}px, precision {args.mixed_precision}, "
