@@ -30,19 +30,30 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """Run `model` with its LoRA adapters off: peft PeftModel.disable_adapter() or diffusers/transformers disable_adapters()."""
+    """Run `model` with its LoRA adapters off: peft's PeftModel.disable_adapter(), or, for diffusers/transformers
+    models with an adapter, each peft tuner layer's `_disable_adapters` flag flipped and restored.
+
+    Flipping the flag is what peft's own disable/enable does, minus switching `requires_grad` on every adapter
+    weight twice per step, which costs more than the flip itself and is moot under no_grad.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     model = _unwrap(model)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
-    elif hasattr(model, "disable_adapters") and getattr(model, "_hf_peft_config_loaded", False):
-        model.disable_adapters()
-        try:
-            yield model
-        finally:
-            model.enable_adapters()
-    else:
+        return
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
         raise ValueError(f"{type(model).__name__} has no LoRA adapter to disable; use a FrozenCopy reference")
+    states = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield model
+    finally:
+        for layer, state in zip(layers, states):
+            layer._disable_adapters = state
 
 
 class AdapterDisabled:
