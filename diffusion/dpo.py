@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -37,7 +37,7 @@ from mmalign.trainer import TrainConfig, Trainer
 from .data import CachedLatents, PreferencePairs, collate_pairs
 from .models import LORA_TARGETS, add_lora, enable_xformers, load_pipeline, save_full, save_lora
 from .sample import generate, image_grid
-from .scoring import denoising_error, encode_prompts, training_target
+from .scoring import Condition, denoising_error, encode_prompts, training_target
 
 LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 
@@ -142,35 +142,51 @@ def cache_pair_latents(vae, pairs: PreferencePairs, dtype: torch.dtype, device, 
     return CachedLatents(pairs, torch.cat(means), torch.cat(stds))
 
 
-def dpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> tuple[torch.Tensor, dict]:
-    """One Diffusion-DPO micro-step on a batch of pairs [B,2,3,R,R] (winner first)."""
-    c, pipe, scheduler = parts.config, parts.pipe, parts.noise_scheduler
+def pair_latents(batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> torch.Tensor:
+    """Scaled VAE latents x0 of the batch's pairs, [2B,C,h,w] ordered [w; l], sampled from their posteriors."""
     if "latent_mean" in batch:
-        mean, std = (torch.cat([x[:, 0], x[:, 1]]) for x in (batch["latent_mean"], batch["latent_std"]))  # [w; l]
+        mean, std = (torch.cat([x[:, 0], x[:, 1]]) for x in (batch["latent_mean"], batch["latent_std"]))
     else:
-        mean, std = encode_pairs(pipe.vae, batch["pixel_values"], parts.vae_dtype,
-                                 generator if c.random_flip else None)
-    n, device = mean.shape[0] // 2, mean.device
-    latents = (mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype))
-    latents = latents * pipe.vae.config.scaling_factor
-    noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype).repeat(2, 1, 1, 1)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
-    timesteps = timesteps.repeat(2)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if c.channels_last:
-        noisy = noisy.contiguous(memory_format=torch.channels_last)
-    target = training_target(scheduler, latents, noise, timesteps)
-    dropped = torch.rand(n, generator=generator, device=device) < c.prompt_dropout
+        mean, std = encode_pairs(parts.pipe.vae, batch["pixel_values"], parts.vae_dtype,
+                                 generator if parts.config.random_flip else None)
+    x0 = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return x0 * parts.pipe.vae.config.scaling_factor
+
+
+def pair_condition(batch: dict[str, Any], generator: torch.Generator, parts: Parts, device) -> Condition:
+    """Text conditioning for [w; l], with `prompt_dropout` of the pairs' prompts replaced by the empty prompt."""
+    dropped = torch.rand(len(batch["caption"]), generator=generator, device=device) < parts.config.prompt_dropout
     prompts = ["" if d else p for d, p in zip(dropped.tolist(), batch["caption"])]
-    condition = encode_prompts(pipe, prompts, parts.resolution, device).repeat(2)
+    return encode_prompts(parts.pipe, prompts, parts.resolution, device).repeat(2)
+
+
+def pair_loss(unet, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition,
+              target: torch.Tensor, parts: Parts) -> tuple[torch.Tensor, dict]:
+    """The preference loss at given noisy latents: one policy forward with gradients, one reference forward without."""
+    if parts.config.channels_last:
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
 
     def errors(model, _batch):
         return denoising_error(model, noisy, timesteps, condition, target)
 
-    model_err = errors(unet, batch)
-    ref_err = parts.reference.scores(errors, unet, batch)
-    losses, metrics = dpo_loss(model_err, ref_err, beta=c.beta, kind=c.loss, label_smoothing=c.label_smoothing)
+    c = parts.config
+    losses, metrics = dpo_loss(errors(unet, batch), parts.reference.scores(errors, unet, batch), beta=c.beta,
+                               kind=c.loss, label_smoothing=c.label_smoothing)
     return losses.mean(), metrics
+
+
+def dpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> tuple[torch.Tensor, dict]:
+    """One Diffusion-DPO micro-step: winner and loser share one noise and one timestep per pair."""
+    scheduler = parts.noise_scheduler
+    latents = pair_latents(batch, generator, parts)
+    n, device = latents.shape[0] // 2, latents.device
+    noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype).repeat(2, 1, 1, 1)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
+    timesteps = timesteps.repeat(2)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = training_target(scheduler, latents, noise, timesteps)
+    condition = pair_condition(batch, generator, parts, device)
+    return pair_loss(unet, batch, noisy, timesteps, condition, target, parts)
 
 
 def native_resolution(pipe) -> int:
@@ -237,8 +253,11 @@ def prepare(config: Config, trainer: Trainer) -> tuple[Any, Parts]:
     return pipe, Parts(pipe, noise_scheduler, reference, config, resolution, vae_dtype=dtype)
 
 
-def run(config: Config) -> list[dict[str, float]]:
-    """Train, then write the LoRA (or full pipeline), before/after grids and metric curves into config.output."""
+StepFactory = Callable[[Parts], Callable[[Any, dict, torch.Generator], "tuple[torch.Tensor, dict]"]]
+
+
+def train(config: Config, make_step: StepFactory, title: str) -> list[dict[str, float]]:
+    """Train with the step `make_step(parts)`, then write the LoRA (or full pipeline), grids and curves."""
     trainer = Trainer(config)
     pipe, parts = prepare(config, trainer)
     pairs = PreferencePairs(config.data, resolution=parts.resolution, split=config.split)
@@ -255,10 +274,14 @@ def run(config: Config) -> list[dict[str, float]]:
         else:
             save_lora(type(pipe), unet, output)
 
-    step = functools.partial(dpo_step, parts=parts)
-    history = trainer.fit(pipe.unet, dataset, collate_pairs, step, save_model=save)
+    history = trainer.fit(pipe.unet, dataset, collate_pairs, make_step(parts), save_model=save)
     _sample_grid(trainer, pipe, prompts, config, "samples_after.png")
     if trainer.is_main:
         plot_metrics(history, ["loss", "implicit_acc", "reward_margin", "model_mse", "lr"], config.output / "curves.png",
-                     title="Diffusion-DPO")
+                     title=title)
     return history
+
+
+def run(config: Config) -> list[dict[str, float]]:
+    """`mmalign diffusion dpo`: Diffusion-DPO training into config.output."""
+    return train(config, lambda parts: functools.partial(dpo_step, parts=parts), "Diffusion-DPO")

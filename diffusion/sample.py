@@ -17,14 +17,13 @@ from mmalign.config import option
 def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance_scale: float = 5.0,
              batch_size: int = 64, **pipe_kwargs) -> torch.Tensor:
     """Images [N,3,H,W] in [0,1]; sample i uses generator seed `seed + i`, so any batch split gives the same images."""
-    device = pipe.unet.device if hasattr(pipe, "unet") else pipe.device
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
                    output_type="pt", **pipe_kwargs)
-        images.append(out.images.float().to(device).cpu())
+        images.append(out.images.float().cpu())
     return torch.cat(images).clamp(0, 1)
 
 
@@ -77,19 +76,25 @@ class Config:
         self.output = Path(self.output)
 
 
-def run(config: Config) -> torch.Tensor:
-    """Sample `num` images per prompt, write them as PNG files plus grid.png; returns the images."""
+def load(config: Config):
+    """The pipeline of `config.model` on the GPU when there is one (or the CPU), with `config.lora` loaded."""
     from mmalign.trainer import DTYPES
 
-    from .dpo import read_prompts
     from .models import load_pipeline
 
-    prompts = read_prompts(config.prompts)
     device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
     pipe = load_pipeline(config.model, dtype=DTYPES[config.mixed_precision]).to(device)
     pipe.set_progress_bar_config(disable=True)
     if config.lora:
         pipe.load_lora_weights(config.lora)
+    return pipe
+
+
+def write(pipe, config: Config) -> torch.Tensor:
+    """Sample `num` images per prompt of `config.prompts`, write them as PNG files plus grid.png; returns them."""
+    from .dpo import read_prompts
+
+    prompts = read_prompts(config.prompts)
     expanded = [p for p in prompts for _ in range(config.num)]
     images = generate(pipe, expanded, seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale,
                       batch_size=config.batch_size)
@@ -97,3 +102,8 @@ def run(config: Config) -> torch.Tensor:
     image_grid(images, columns=config.num, scale=max(1, 256 // images.shape[-1])).save(config.output / "grid.png")
     print(f"wrote {len(images)} images and grid.png to {config.output}")
     return images
+
+
+def run(config: Config) -> torch.Tensor:
+    """`mmalign diffusion sample`: fixed-seed images of each prompt."""
+    return write(load(config), config)

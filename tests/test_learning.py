@@ -4,17 +4,12 @@ Pairs prefer the object on the left. After training, the implicit preference acc
 the held-out placement reward of fixed-seed samples is higher than the base model's.
 """
 
-from pathlib import Path
-
 import pytest
-import torch
 
-from mmalign.diffusion import dpo, world
+from mmalign.diffusion import world
 from mmalign.diffusion.evaluate import evaluate_reward
 from mmalign.diffusion.models import load_pipeline
 from mmalign.stats import mean_ci
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def placement(images, prompts):
@@ -22,11 +17,8 @@ def placement(images, prompts):
 
 
 @pytest.mark.slow
-def test_diffusion_dpo_raises_implicit_accuracy_and_held_out_reward(tmp_path):
-    cfg = dpo.Config(model=str(ASSETS / "tiny-sd"), data=str(ASSETS / "tiny-sd-prefs" / "train.parquet"),
-                     output=tmp_path / "run", full=True, beta=5000, learning_rate=1e-4, warmup_steps=10,
-                     max_steps=300, batch_size=16, num_samples=0, report_to="none", checkpoint_every=0)
-    history = dpo.run(cfg)
+def test_diffusion_dpo_raises_implicit_accuracy_and_held_out_reward(aligned_tiny_sd):
+    cfg, history = aligned_tiny_sd
     first, last = (sum(r["implicit_acc"] for r in rows) / len(rows) for rows in (history[:50], history[-50:]))
     assert last > 0.65 and last > first + 0.1, (first, last)
 
