@@ -39,13 +39,13 @@ def open_image(value: Any, root: Path) -> Image.Image:
     raise TypeError(f"expected image bytes or a file path, got {type(value).__name__}")
 
 
-def pickapic_schema(root: Path) -> Schema:
-    """Pick-a-Pic rows whose images decode and whose label_0 is 0, 0.5 or 1."""
-    def image(value: Any, record: dict) -> str | None:
+def pickapic_schema(fields: tuple[str, str], check_media) -> Schema:
+    """Pick-a-Pic rows: a caption, two media fields that pass `check_media(value)`, label_0 in {0, 0.5, 1}."""
+    def media(value: Any, record: dict) -> str | None:
         try:
-            open_image(value, root).verify()
+            check_media(value)
         except Exception as err:  # noqa: BLE001 - any decoding failure is reported with its row
-            return f"image cannot be read ({err})"
+            return f"cannot be read ({err})"
         return None
 
     def caption(value: Any, record: dict) -> str | None:
@@ -54,16 +54,22 @@ def pickapic_schema(root: Path) -> Schema:
     def label(value: Any, record: dict) -> str | None:
         return None if isinstance(value, (int, float)) and float(value) in LABELS else f"must be 0, 0.5 or 1, got {value!r}"
 
-    return Schema("Pick-a-Pic", (Field("caption", caption), Field("jpg_0", image), Field("jpg_1", image),
+    return Schema("Pick-a-Pic", (Field("caption", caption), *(Field(name, media) for name in fields),
                                  Field("label_0", label)))
 
 
 class PreferencePairs(torch.utils.data.Dataset):
-    """Non-tie Pick-a-Pic pairs as {'pixel_values': [2,3,R,R] winner first in [-1,1], 'caption', 'index'}."""
+    """Non-tie Pick-a-Pic pairs as {'pixel_values': [2,3,R,R] winner first in [-1,1], 'caption', 'index'}.
+
+    Subclasses change the media: `fields` names the two columns, `check` validates one value up front,
+    `load` turns one value into model pixels.
+    """
+
+    fields = ("jpg_0", "jpg_1")
 
     def __init__(self, path: str | Path, resolution: int, split: str = "train"):
         self.source, self.root, self.resolution = str(path), _data_root(path), resolution
-        records = load_preferences(path, pickapic_schema(self.root), split)
+        records = load_preferences(path, pickapic_schema(self.fields, self.check), split)
         labels = np.asarray(records["label_0"], dtype=np.float64)
         self.rows = np.flatnonzero(labels != 0.5)
         self.ties = int((labels == 0.5).sum())
@@ -75,17 +81,24 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def check(self, value: Any) -> None:
+        """Raise if the image cannot be read (PIL's verify: headers and checksums, no full decode)."""
+        open_image(value, self.root).verify()
+
+    def load(self, value: Any) -> torch.Tensor:
+        """Model pixels [3,R,R] in [-1, 1]."""
+        return to_model_pixels(open_image(value, self.root).convert("RGB"), self.resolution)
+
     def _pixels(self, value: Any, row: int, field: str) -> torch.Tensor:
         try:
-            image = open_image(value, self.root).convert("RGB")
+            return self.load(value)
         except Exception as err:  # noqa: BLE001
-            raise DataError(f"{self.source}: record {row}, field '{field}': image cannot be read ({err})") from err
-        return to_model_pixels(image, self.resolution)
+            raise DataError(f"{self.source}: record {row}, field '{field}': cannot be read ({err})") from err
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = int(self.rows[i])
         record = self.records[row]
-        first, second = self._pixels(record["jpg_0"], row, "jpg_0"), self._pixels(record["jpg_1"], row, "jpg_1")
+        first, second = (self._pixels(record[name], row, name) for name in self.fields)
         pair = (first, second) if self.winner_first[i] else (second, first)
         return {"pixel_values": torch.stack(pair), "caption": record["caption"], "index": row}
 

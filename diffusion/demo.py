@@ -23,7 +23,7 @@ from mmalign.stats import mean_ci
 
 from . import dpo, world
 from .evaluate import evaluate_reward
-from .models import load_pipeline
+from .models import load_lora, load_pipeline
 from .sample import image_grid
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -75,7 +75,7 @@ def run(config: Config) -> dict:
     aligned_pipe = load_pipeline(config.output if config.full else config.model)
     aligned_pipe.set_progress_bar_config(disable=True)
     if not config.full:
-        aligned_pipe.load_lora_weights(config.output)
+        load_lora(aligned_pipe, config.output)
     aligned, aligned_rewards, aligned_images = evaluate_reward(aligned_pipe, prompts, _reward, **kwargs)
 
     captions = [p for p in prompts for _ in range(config.eval_per_prompt)]

@@ -35,9 +35,11 @@ from mmalign.reference import AdapterDisabled, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
 from .data import CachedLatents, PreferencePairs, collate_pairs
-from .models import LORA_TARGETS, add_lora, enable_xformers, load_pipeline, save_full, save_lora
+from .flow import flow_noising
+from .models import (LORA_TARGETS, add_lora, denoiser_of, enable_xformers, load_pipeline, save_full,
+                     save_lora)
 from .sample import generate, image_grid
-from .scoring import Condition, denoising_error, encode_prompts, training_target
+from .scoring import Condition, denoising_error, encode_prompts, is_flow, training_target
 
 LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 
@@ -60,6 +62,8 @@ class Config(TrainConfig):
     prompt_dropout: float = option(0.2, "share of prompts replaced by the empty prompt")
     resolution: int | None = option(None, "training resolution (default: the model's native size)")
     random_flip: bool = option(False, "flip each pair horizontally at random (off: flips change layouts)")
+    timestep_sampling: Literal["uniform", "logit_normal"] = option(
+        "uniform", "flow models: how the training sigma is drawn (SD3 uses logit_normal)")
     reference_in_training_dtype: bool = option(True, "--full: keep the frozen reference in the mixed-precision dtype")
     offload_reference: bool = option(False, "--full: keep the frozen reference on the CPU, streamed per forward")
     cache_latents: bool = option(False, "encode every image once before training and reuse its VAE posterior "
@@ -104,11 +108,17 @@ class Parts:
 
 
 def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float, kind: str = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses [B] and metrics from errors [2B] ordered [w; l]: scores s = -0.5*e, log-ratio s - s_ref."""
+             label_smoothing: float = 0.0, loser_sign: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses [B] and metrics from errors [2B] ordered [w; l]: scores s = -0.5*e, log-ratio s - s_ref.
+
+    `loser_sign` (+1/-1 per pair, SePPO's flipper) multiplies the loser's log-ratio: -1 turns the loser into a
+    second winner."""
     model_w, model_l = model_err.chunk(2)
     ref_w, ref_l = ref_err.detach().chunk(2)
     chosen, rejected = -0.5 * (model_w - ref_w), -0.5 * (model_l - ref_l)
+    if loser_sign is not None:
+        rejected = loser_sign * rejected
     losses = preference_loss(chosen, rejected, kind=kind, beta=beta, label_smoothing=label_smoothing)
     inside = beta * (chosen - rejected).detach()
     metrics = {
@@ -117,18 +127,29 @@ def dpo_loss(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float, kind: 
         "model_diff": (model_w - model_l).detach().mean(), "ref_diff": (ref_w - ref_l).mean(),
         "reward_margin": inside.mean(),
     }
+    if loser_sign is not None:
+        metrics["flip_rate"] = (loser_sign < 0).float().mean()
     return losses, metrics
 
 
 @torch.no_grad()
+def encode(vae, pixels: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior mean and std: images [N,3,R,R] -> [N,C,h,w]; videos [N,F,3,R,R] -> [N,C,F,h,w], frame by frame."""
+    posterior = vae.encode(pixels.flatten(0, pixels.dim() - 4).to(dtype)).latent_dist
+    if pixels.dim() == 4:
+        return posterior.mean, posterior.std
+    frames = pixels.shape[1]
+    return tuple(x.unflatten(0, (-1, frames)).transpose(1, 2) for x in (posterior.mean, posterior.std))
+
+
 def encode_pairs(vae, pixels: torch.Tensor, dtype: torch.dtype, flip_generator: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior mean and std of pairs [B,2,3,R,R] as [2B,...] ordered [w; l]; a flip generator flips pairs at random."""
+    """`encode` of pairs [B,2,...] as [2B,...] ordered [w; l]; a flip generator flips each pair (all its frames)
+    horizontally at random first."""
     if flip_generator is not None:
         flip = torch.rand(pixels.shape[0], generator=flip_generator, device=pixels.device) < 0.5
-        pixels = torch.where(flip[:, None, None, None, None], pixels.flip(-1), pixels)
-    posterior = vae.encode(torch.cat([pixels[:, 0], pixels[:, 1]]).to(dtype)).latent_dist
-    return posterior.mean, posterior.std
+        pixels = torch.where(flip.view(-1, *[1] * (pixels.dim() - 1)), pixels.flip(-1), pixels)
+    return encode(vae, torch.cat([pixels[:, 0], pixels[:, 1]]), dtype)
 
 
 def cache_pair_latents(vae, pairs: PreferencePairs, dtype: torch.dtype, device, batch_size: int = 32) -> CachedLatents:
@@ -142,15 +163,21 @@ def cache_pair_latents(vae, pairs: PreferencePairs, dtype: torch.dtype, device, 
     return CachedLatents(pairs, torch.cat(means), torch.cat(stds))
 
 
+def to_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, parts: Parts) -> torch.Tensor:
+    """Training latents x0 = (z - shift) * scale with z drawn from the VAE posterior N(mean, std^2)."""
+    z = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    vae = parts.pipe.vae.config
+    return (z - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
+
+
 def pair_latents(batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> torch.Tensor:
-    """Scaled VAE latents x0 of the batch's pairs, [2B,C,h,w] ordered [w; l], sampled from their posteriors."""
+    """Training latents of the batch's pairs, [2B,...] ordered [w; l], from cached or freshly encoded posteriors."""
     if "latent_mean" in batch:
         mean, std = (torch.cat([x[:, 0], x[:, 1]]) for x in (batch["latent_mean"], batch["latent_std"]))
     else:
         mean, std = encode_pairs(parts.pipe.vae, batch["pixel_values"], parts.vae_dtype,
                                  generator if parts.config.random_flip else None)
-    x0 = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return x0 * parts.pipe.vae.config.scaling_factor
+    return to_latents(mean, std, generator, parts)
 
 
 def pair_condition(batch: dict[str, Any], generator: torch.Generator, parts: Parts, device) -> Condition:
@@ -160,38 +187,49 @@ def pair_condition(batch: dict[str, Any], generator: torch.Generator, parts: Par
     return encode_prompts(parts.pipe, prompts, parts.resolution, device).repeat(2)
 
 
-def pair_loss(unet, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition,
-              target: torch.Tensor, parts: Parts) -> tuple[torch.Tensor, dict]:
-    """The preference loss at given noisy latents: one policy forward with gradients, one reference forward without."""
-    if parts.config.channels_last:
+def pair_loss(model, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition,
+              target: torch.Tensor, parts: Parts, loser_sign: Callable | None = None) -> tuple[torch.Tensor, dict]:
+    """The preference loss at given noisy latents: one policy forward with gradients, one reference forward without.
+    `loser_sign(model_err, ref_err)` optionally gives each pair's loser sign (see `dpo_loss`)."""
+    if parts.config.channels_last and noisy.dim() == 4:
         noisy = noisy.contiguous(memory_format=torch.channels_last)
 
-    def errors(model, _batch):
-        return denoising_error(model, noisy, timesteps, condition, target)
+    def errors(m, _batch):
+        return denoising_error(m, noisy, timesteps, condition, target)
 
     c = parts.config
-    losses, metrics = dpo_loss(errors(unet, batch), parts.reference.scores(errors, unet, batch), beta=c.beta,
-                               kind=c.loss, label_smoothing=c.label_smoothing)
+    model_err, ref_err = errors(model, batch), parts.reference.scores(errors, model, batch)
+    sign = loser_sign(model_err.detach(), ref_err) if loser_sign is not None else None
+    losses, metrics = dpo_loss(model_err, ref_err, beta=c.beta, kind=c.loss, label_smoothing=c.label_smoothing,
+                               loser_sign=sign)
     return losses.mean(), metrics
 
 
-def dpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> tuple[torch.Tensor, dict]:
-    """One Diffusion-DPO micro-step: winner and loser share one noise and one timestep per pair."""
-    scheduler = parts.noise_scheduler
-    latents = pair_latents(batch, generator, parts)
+def pair_noising(scheduler, latents: torch.Tensor, generator: torch.Generator, sampling: str = "uniform"
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, timesteps, target) for pairs [2B] ordered [w; l]: each pair shares one noise and one timestep."""
+    if is_flow(scheduler):
+        return flow_noising(scheduler, latents, generator, sampling)
     n, device = latents.shape[0] // 2, latents.device
-    noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype).repeat(2, 1, 1, 1)
+    noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype)
+    noise = noise.repeat(2, *[1] * (latents.dim() - 1))
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
     timesteps = timesteps.repeat(2)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(scheduler, latents, noise, timesteps)
-    condition = pair_condition(batch, generator, parts, device)
-    return pair_loss(unet, batch, noisy, timesteps, condition, target, parts)
+    return noisy, timesteps, training_target(scheduler, latents, noise, timesteps)
+
+
+def dpo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> tuple[torch.Tensor, dict]:
+    """One Diffusion-DPO micro-step: winner and loser share one noise and one timestep per pair."""
+    latents = pair_latents(batch, generator, parts)
+    noisy, timesteps, target = pair_noising(parts.noise_scheduler, latents, generator, parts.config.timestep_sampling)
+    condition = pair_condition(batch, generator, parts, latents.device)
+    return pair_loss(model, batch, noisy, timesteps, condition, target, parts)
 
 
 def native_resolution(pipe) -> int:
-    """The pixel size the UNet was built for: sample_size x VAE scale factor."""
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    """The pixel size the denoiser was built for: sample_size x VAE scale factor."""
+    return denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -209,10 +247,14 @@ def _sample_grid(trainer: Trainer, pipe, prompts: list[str], config: Config, nam
     if config.num_samples < 1 or not trainer.is_main:
         return
     expanded = [p for p in prompts for _ in range(config.num_samples)]
+    frames = {"num_frames": config.num_frames} if hasattr(config, "num_frames") else {}
     with trainer.accelerator.autocast():
         images = generate(pipe, expanded, seed=config.seed, steps=config.sample_steps,
-                          guidance_scale=config.guidance_scale)
-    image_grid(images, columns=config.num_samples, scale=max(1, 256 // images.shape[-1])).save(config.output / name)
+                          guidance_scale=config.guidance_scale, **frames)
+    columns = config.num_samples
+    if images.dim() == 5:  # videos [N,F,3,H,W]: one row of frames per video
+        columns, images = images.shape[1], images.flatten(0, 1)
+    image_grid(images, columns=columns, scale=max(1, 256 // images.shape[-1])).save(config.output / name)
 
 
 def _place(module, device, dtype) -> None:
@@ -222,45 +264,54 @@ def _place(module, device, dtype) -> None:
         module.to(dtype)
 
 
-def prepare(config: Config, trainer: Trainer) -> tuple[Any, Parts]:
-    """Load the pipeline, freeze and cast its parts, attach the LoRA or frozen reference."""
+def prepare(config: Config, trainer: Trainer, reference_factory: Callable | None = None) -> tuple[Any, Parts]:
+    """Load the pipeline, freeze and cast its parts, attach the LoRA and the reference (a frozen copy for --full, the
+    adapter switched off for LoRA, or `reference_factory(denoiser)`) to its denoiser."""
     from diffusers import DDPMScheduler
 
     pipe = load_pipeline(config.model)
     pipe.set_progress_bar_config(disable=True)
     resolution = config.resolution or native_resolution(pipe)
     dtype, device = trainer.weight_dtype, trainer.device
-    for name in ("vae", "text_encoder", "text_encoder_2"):
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         part = getattr(pipe, name, None)
         if part is not None:
             _place(part.requires_grad_(False), device, dtype)
-    unet = pipe.unet
-    _place(unet, device, torch.float32 if config.full else dtype)
-    if config.channels_last:
-        unet.to(memory_format=torch.channels_last)
+    model = denoiser_of(pipe)
+    _place(model, device, torch.float32 if config.full else dtype)
+    if config.channels_last and type(model).__name__ == "UNet2DConditionModel":
+        model.to(memory_format=torch.channels_last)
     if config.xformers:
-        enable_xformers(unet)
+        enable_xformers(model)
     if config.full:
-        unet.requires_grad_(True)
-        reference = FrozenCopy(unet, dtype=dtype if config.reference_in_training_dtype else None,
-                               offload=config.offload_reference, device=device)
+        model.requires_grad_(True)
     else:
-        add_lora(unet, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
+        add_lora(model, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
+    reference_dtype = dtype if config.reference_in_training_dtype else None
+    if reference_factory is not None:
+        reference = reference_factory(model, reference_dtype)
+    elif config.full:
+        reference = FrozenCopy(model, dtype=reference_dtype, offload=config.offload_reference, device=device)
+    else:
         reference = AdapterDisabled()
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        model.enable_gradient_checkpointing()
+    scheduler = pipe.scheduler
+    noise_scheduler = type(scheduler).from_config(scheduler.config) if is_flow(scheduler) else \
+        DDPMScheduler.from_config(scheduler.config)
     return pipe, Parts(pipe, noise_scheduler, reference, config, resolution, vae_dtype=dtype)
 
 
 StepFactory = Callable[[Parts], Callable[[Any, dict, torch.Generator], "tuple[torch.Tensor, dict]"]]
 
 
-def train(config: Config, make_step: StepFactory, title: str) -> list[dict[str, float]]:
-    """Train with the step `make_step(parts)`, then write the LoRA (or full pipeline), grids and curves."""
+def train(config: Config, make_step: StepFactory, title: str, pairs_class=PreferencePairs,
+          reference_factory: Callable | None = None, curves: tuple[str, ...] = ()) -> list[dict[str, float]]:
+    """Train with the step `make_step(parts)` on `pairs_class(config.data, resolution, split)` (and the reference of
+    `reference_factory`, see `prepare`), then write the LoRA (or full pipeline), grids and curves."""
     trainer = Trainer(config)
-    pipe, parts = prepare(config, trainer)
-    pairs = PreferencePairs(config.data, resolution=parts.resolution, split=config.split)
+    pipe, parts = prepare(config, trainer, reference_factory)
+    pairs = pairs_class(config.data, resolution=parts.resolution, split=config.split)
     trainer.accelerator.print(f"{len(pairs)} preference pairs from {config.data} ({pairs.ties} ties dropped)")
     dataset = cache_pair_latents(pipe.vae, pairs, parts.vae_dtype, trainer.device) if config.cache_latents else pairs
     prompts = read_prompts(config.sample_prompts) if config.sample_prompts else \
@@ -268,17 +319,19 @@ def train(config: Config, make_step: StepFactory, title: str) -> list[dict[str, 
     if trainer.resume_from is None:
         _sample_grid(trainer, pipe, prompts, config, "samples_before.png")
 
-    def save(unet, output: Path) -> None:
+    def save(model, output: Path) -> None:
         if config.full:
-            save_full(config.model, unet, output)
+            save_full(config.model, model, output)
         else:
-            save_lora(type(pipe), unet, output)
+            save_lora(pipe, model, output)
 
-    history = trainer.fit(pipe.unet, dataset, collate_pairs, make_step(parts), save_model=save)
+    stateful = tuple(x for x in (parts.reference,) if hasattr(x, "state_dict"))
+    history = trainer.fit(denoiser_of(pipe), dataset, collate_pairs, make_step(parts), save_model=save,
+                          stateful=stateful)
     _sample_grid(trainer, pipe, prompts, config, "samples_after.png")
     if trainer.is_main:
-        plot_metrics(history, ["loss", "implicit_acc", "reward_margin", "model_mse", "lr"], config.output / "curves.png",
-                     title=title)
+        plot_metrics(history, ["loss", "implicit_acc", "reward_margin", "model_mse", *curves, "lr"],
+                     config.output / "curves.png", title=title)
     return history
 
 

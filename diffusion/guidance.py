@@ -25,15 +25,7 @@ from mmalign.config import option
 from mmalign.reference import adapters_disabled
 
 from . import sample
-
-
-def denoiser_of(pipe):
-    """The pipeline's noise/velocity predictor: `unet` (SD, SDXL) or `transformer` (SD3, flow models)."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            return module
-    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer to guide")
+from .models import denoiser_of
 
 
 def _mix(base: Any, tuned: Any, weight: float) -> Any:

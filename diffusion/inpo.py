@@ -26,7 +26,7 @@ import torch
 from mmalign.config import option
 
 from . import dpo
-from .scoring import training_target
+from .scoring import predict, training_target
 
 
 @dataclass
@@ -53,8 +53,7 @@ def ddim_invert(unet, x0: torch.Tensor, t: int, condition, inverse, generator: t
     stride = inverse.config.num_train_timesteps // inverse.num_inference_steps
     x = x0
     for s in inverse.timesteps[inverse.timesteps < t].tolist():
-        prediction = unet(x, torch.full((x.shape[0],), s, device=x.device), condition.encoder_hidden_states,
-                          added_cond_kwargs=condition.added_cond_kwargs).sample
+        prediction = predict(unet, x, torch.full((x.shape[0],), s, device=x.device), condition)
         x = inverse.step(prediction.to(x.dtype), s, x).prev_sample
         upper = min(s + stride, len(abar) - 1)
         variance = (1 - abar[s]) / (1 - abar[upper]) * (1 - abar[upper] / abar[s])

@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion / SDXL pipelines, attaching a LoRA to the UNet, and saving what was trained."""
+"""Loading SD / SDXL / SD3 pipelines, finding their denoiser, attaching a LoRA, and saving what was trained."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "TextToVideoSDPipeline")
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 def pipeline_class(model: str | Path):
-    """The diffusers pipeline class named by a model folder/hub id's model_index.json (SD or SDXL only)."""
+    """The diffusers pipeline class named by a model folder/hub id's model_index.json (SD, SDXL, SD3, text-to-video)."""
     import diffusers
 
     if Path(model).is_file():
@@ -27,7 +27,7 @@ def pipeline_class(model: str | Path):
 
 
 def _single_file_class(path: Path):
-    """SD or SDXL for a single .safetensors/.ckpt checkpoint, from diffusers' own checkpoint inference."""
+    """SD, SDXL or SD3 for a single .safetensors/.ckpt checkpoint, from diffusers' own checkpoint inference."""
     import diffusers
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
 
@@ -36,45 +36,96 @@ def _single_file_class(path: Path):
         return diffusers.StableDiffusionXLPipeline
     if kind.startswith("v1") or kind.startswith("v2"):
         return diffusers.StableDiffusionPipeline
-    raise ValueError(f"--model {path}: checkpoint type {kind!r} is not supported here; supported: SD 1.x/2.x, SDXL base")
+    if kind.startswith("sd3"):
+        return diffusers.StableDiffusion3Pipeline
+    raise ValueError(f"--model {path}: checkpoint type {kind!r} is not supported here; "
+                     "supported: SD 1.x/2.x, SDXL base, SD3")
 
 
 def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
-    """An SD/SDXL pipeline from a local folder, a hub id, or a single-file checkpoint, without a safety checker."""
+    """A supported pipeline from a local folder, a hub id, or a single-file checkpoint, without a safety checker."""
     cls = pipeline_class(model)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if cls.__name__ == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     if Path(model).is_file():
         return cls.from_single_file(str(model), **kwargs)
+    if cls.__name__ == "StableDiffusion3Pipeline":  # SD3 may be saved without its optional T5 encoder
+        index = cls.load_config(str(model))
+        kwargs.update({name: None for name in ("text_encoder_3", "tokenizer_3") if index.get(name, [None])[0] is None})
     return cls.from_pretrained(str(model), **kwargs)
 
 
-def add_lora(unet, rank: int, alpha: int | None = None, targets: tuple[str, ...] = LORA_TARGETS) -> None:
-    """Attach a peft LoRA to the UNet's `targets` (default: attention projections); only it trains, in float32."""
-    from peft import LoraConfig
+def denoiser_name(pipe) -> str:
+    """The attribute holding the pipeline's noise/velocity predictor: "unet" (SD, SDXL) or "transformer" (SD3)."""
+    for name in ("unet", "transformer"):
+        if getattr(pipe, name, None) is not None:
+            return name
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
 
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                                target_modules=list(targets)))
-    for param in unet.parameters():
+
+def denoiser_of(pipe):
+    """The pipeline's noise/velocity predictor."""
+    return getattr(pipe, denoiser_name(pipe))
+
+
+def add_lora(model, rank: int, alpha: int | None = None, targets: tuple[str, ...] = LORA_TARGETS) -> None:
+    """Attach a peft LoRA to the denoiser's `targets` (default: attention projections); only it trains, in float32.
+
+    Denoisers with diffusers' adapter support get `add_adapter`; others (UNet3DConditionModel) peft's injection."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets))
+    if hasattr(model, "add_adapter"):
+        model.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, model)
+        model.lora_config = config
+    for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
 
 
-def save_lora(pipe_class, unet, output: Path) -> None:
-    """Write pytorch_lora_weights.safetensors so that `pipe.load_lora_weights(output)` loads it."""
+def save_lora(pipe, model, output: Path) -> None:
+    """Write the LoRA where `load_lora(pipe, output)` finds it: diffusers' pytorch_lora_weights.safetensors (which
+    `pipe.load_lora_weights` also reads) or, for denoisers without diffusers' LoRA loader, peft's adapter files."""
+    from safetensors.torch import save_file
+
+    if not hasattr(model, "load_lora_adapter"):
+        model.lora_config.save_pretrained(str(output))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if "lora_" in k},
+                  str(Path(output) / "adapter_model.safetensors"))
+        return
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    pipe_class.save_lora_weights(save_directory=str(output), unet_lora_layers=layers, safe_serialization=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    type(pipe).save_lora_weights(save_directory=str(output), safe_serialization=True,
+                                 **{f"{denoiser_name(pipe)}_lora_layers": layers})
 
 
-def save_full(model: str | Path, unet, output: Path) -> None:
-    """Write the whole pipeline with the trained UNet; the frozen parts are re-read from `model` in their own precision."""
-    pipe = load_pipeline(model)
-    pipe.unet = unet.to(pipe.vae.dtype)
+def load_lora(pipe, path: str | Path) -> None:
+    """Load a LoRA written by `save_lora` (or any diffusers LoRA) into the pipeline's denoiser."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        pipe.load_lora_weights(str(path))
+        return
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors.torch import load_file
+
+    model = denoiser_of(pipe)
+    inject_adapter_in_model(LoraConfig.from_pretrained(str(path)), model)
+    missing = model.load_state_dict(load_file(str(path / "adapter_model.safetensors")), strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"{path}: LoRA weights do not match {type(model).__name__} "
+                         f"(unexpected {missing.unexpected_keys[:3]})")
+
+
+def save_full(model_path: str | Path, model, output: Path) -> None:
+    """Write the whole pipeline with the trained denoiser; the frozen parts are re-read in their own precision."""
+    pipe = load_pipeline(model_path)
+    setattr(pipe, denoiser_name(pipe), model.to(pipe.vae.dtype))
     pipe.save_pretrained(str(output), safe_serialization=True)
 
 

@@ -16,14 +16,15 @@ from mmalign.config import option
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance_scale: float = 5.0,
              batch_size: int = 64, **pipe_kwargs) -> torch.Tensor:
-    """Images [N,3,H,W] in [0,1]; sample i uses generator seed `seed + i`, so any batch split gives the same images."""
+    """Images [N,3,H,W] (videos [N,F,3,H,W]) in [0,1]; sample i uses generator seed `seed + i`, so any batch split
+    gives the same images."""
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
         out = pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
                    output_type="pt", **pipe_kwargs)
-        images.append(out.images.float().cpu())
+        images.append((out.frames if hasattr(out, "frames") else out.images).float().cpu())
     return torch.cat(images).clamp(0, 1)
 
 
@@ -80,13 +81,13 @@ def load(config: Config):
     """The pipeline of `config.model` on the GPU when there is one (or the CPU), with `config.lora` loaded."""
     from mmalign.trainer import DTYPES
 
-    from .models import load_pipeline
+    from .models import load_lora, load_pipeline
 
     device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
     pipe = load_pipeline(config.model, dtype=DTYPES[config.mixed_precision]).to(device)
     pipe.set_progress_bar_config(disable=True)
     if config.lora:
-        pipe.load_lora_weights(config.lora)
+        load_lora(pipe, config.lora)
     return pipe
 
 

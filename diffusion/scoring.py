@@ -2,7 +2,8 @@
 
 A diffusion model's log-likelihood of x0 is bounded by -E_t,eps[w(t) ||target - model(x_t, t)||^2];
 Diffusion-DPO uses one (t, eps) draw of that bound as the sample's score. The target follows the
-scheduler's `prediction_type`: eps for "epsilon", v = sqrt(abar) eps - sqrt(1-abar) x0 for "v_prediction".
+noise scheduler: eps for "epsilon", v = sqrt(abar) eps - sqrt(1-abar) x0 for "v_prediction", and the
+velocity eps - x0 for flow matching (x_t = (1 - sigma) x0 + sigma eps, SD3's FlowMatchEulerDiscreteScheduler).
 """
 
 from __future__ import annotations
@@ -14,34 +15,50 @@ import torch
 
 @dataclass
 class Condition:
-    """UNet conditioning for a batch: text states, plus SDXL's pooled text embeds and size ids."""
+    """A batch's conditioning as the denoiser's keyword arguments, and the name of its noisy-input argument."""
 
-    encoder_hidden_states: torch.Tensor
-    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+    kwargs: dict[str, object]
+    sample_key: str = "sample"
 
     def repeat(self, times: int) -> "Condition":
         """The same conditions for `times` stacked copies of the batch ([c, c, ...])."""
-        added = None if self.added_cond_kwargs is None else {
-            k: v.repeat(times, *[1] * (v.dim() - 1)) for k, v in self.added_cond_kwargs.items()}
-        states = self.encoder_hidden_states
-        return Condition(states.repeat(times, *[1] * (states.dim() - 1)), added)
+        def rep(value):
+            if torch.is_tensor(value):
+                return value.repeat(times, *[1] * (value.dim() - 1))
+            if isinstance(value, dict):
+                return {k: rep(v) for k, v in value.items()}
+            return value
+        return Condition(rep(self.kwargs), self.sample_key)
+
+
+def is_flow(scheduler) -> bool:
+    """Whether the noise scheduler is a flow-matching one (velocity target, sigma-interpolated latents)."""
+    return "FlowMatch" in type(scheduler).__name__
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], resolution: int, device: torch.device) -> Condition:
-    """Text conditioning from the pipeline's own `encode_prompt` (SD: CLIP states; SDXL: both encoders + pooled)."""
+    """Text conditioning from the pipeline's own `encode_prompt`: SD (CLIP states), SDXL (+ pooled, size ids), SD3."""
+    name = type(pipe).__name__
+    if name.startswith("StableDiffusion3"):
+        states, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                  num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, "hidden_states")
     if hasattr(pipe, "text_encoder_2"):
         states, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         size_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device)
         time_ids = size_ids.to(states.dtype).repeat(len(prompts), 1)
-        return Condition(states, {"text_embeds": pooled, "time_ids": time_ids})
+        return Condition({"encoder_hidden_states": states,
+                          "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}})
     states, _ = pipe.encode_prompt(prompts, device, 1, False)
-    return Condition(states)
+    return Condition({"encoder_hidden_states": states})
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the model is trained to predict at (x_t, t): eps, or v for v-prediction schedulers."""
+    """What the model is trained to predict at (x_t, t): eps, v for v-prediction, eps - x0 for flow matching."""
+    if is_flow(scheduler):
+        return noise - latents
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -50,9 +67,12 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported; use epsilon or v_prediction")
 
 
-def denoising_error(unet, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition,
+def predict(model, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
+    """The denoiser's prediction at (x_t, t) under `condition`, for UNets and transformers alike."""
+    return model(**{condition.sample_key: noisy, "timestep": timesteps}, **condition.kwargs).sample
+
+
+def denoising_error(model, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition,
                     target: torch.Tensor) -> torch.Tensor:
     """e = mean over (C,H,W) of (model(x_t, t, c) - target)^2, one value per sample, in float32."""
-    pred = unet(noisy, timesteps, condition.encoder_hidden_states,
-                added_cond_kwargs=condition.added_cond_kwargs).sample
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (predict(model, noisy, timesteps, condition).float() - target.float()).pow(2).flatten(1).mean(dim=1)

@@ -31,15 +31,20 @@ def clip_tokenizer(model_max_length: int = 16):
 
 
 def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon", text_dim: int = 32,
-                    xl: bool = False) -> dict:
-    """Randomly initialised UNet, VAE (latents at half resolution), CLIP text encoder(s), tokenizer(s), DDIM scheduler.
+                    kind: str = "sd") -> dict:
+    """Randomly initialised parts of a tiny pipeline of `kind` sd, sdxl, sd3 or video; latents at half resolution.
 
-    With xl=True the parts are SDXL's: a second text encoder with projection, the UNet conditioned on both
-    encoders' states (concatenated) plus pooled text and size ids ("text_time" added embedding).
+    sd: UNet, VAE, CLIP text encoder, DDIM scheduler. sdxl: a second text encoder with projection, the UNet
+    conditioned on both encoders' states plus pooled text and size ids. sd3: an SD3 transformer (joint
+    attention, pooled projections) on two CLIP encoders without T5, a flow-matching Euler scheduler.
+    video: a UNet3DConditionModel (text-to-video) with the image VAE applied per frame.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           UNet2DConditionModel, UNet3DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    if kind not in ("sd", "sdxl", "sd3", "video"):
+        raise ValueError(f"kind must be sd, sdxl, sd3 or video, got {kind!r}")
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     text_config = CLIPTextConfig(
@@ -51,33 +56,51 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
         in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), shift_factor=0.1 if kind == "sd3" else None,
     )
-    xl_unet = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
-                   projection_class_embeddings_input_dim=6 * 8 + text_dim) if xl else {}
-    unet = UNet2DConditionModel(
-        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64, 64), norm_num_groups=16, cross_attention_dim=text_dim * (2 if xl else 1),
-        attention_head_dim=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), **xl_unet,
-    )
+    if kind == "sd3":
+        transformer = SD3Transformer2DModel(
+            sample_size=image_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=2 * text_dim,
+            caption_projection_dim=32, pooled_projection_dim=2 * text_dim)
+        return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+                "text_encoder": CLIPTextModelWithProjection(text_config), "tokenizer": tokenizer,
+                "text_encoder_2": CLIPTextModelWithProjection(text_config), "tokenizer_2": tokenizer,
+                "text_encoder_3": None, "tokenizer_3": None}
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
     )
+    if kind == "video":
+        unet = UNet3DConditionModel(
+            sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), norm_num_groups=16, cross_attention_dim=text_dim, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+        return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text_config), "tokenizer": tokenizer,
+                "scheduler": scheduler}
+    xl_unet = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=6 * 8 + text_dim) if kind == "sdxl" else {}
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 64), norm_num_groups=16,
+        cross_attention_dim=text_dim * (2 if kind == "sdxl" else 1), attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), **xl_unet,
+    )
     parts = {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text_config), "tokenizer": tokenizer,
              "scheduler": scheduler}
-    if xl:
+    if kind == "sdxl":
         parts.update(text_encoder_2=CLIPTextModelWithProjection(text_config), tokenizer_2=tokenizer)
     return parts
 
 
-def tiny_pipeline(xl: bool = False, **kwargs):
-    """A StableDiffusionPipeline (or, with xl=True, StableDiffusionXLPipeline) of `tiny_components`, no safety checker."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def tiny_pipeline(kind: str = "sd", **kwargs):
+    """A tiny StableDiffusion(XL/3)Pipeline or TextToVideoSDPipeline made of `tiny_components`."""
+    import diffusers
 
-    parts = tiny_components(xl=xl, **kwargs)
-    if xl:
-        return StableDiffusionXLPipeline(**parts)
-    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    parts = tiny_components(kind=kind, **kwargs)
+    if kind == "sd":
+        return diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                                 requires_safety_checker=False)
+    classes = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "video": "TextToVideoSDPipeline"}
+    return getattr(diffusers, classes[kind])(**parts)

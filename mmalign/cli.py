@@ -17,7 +17,10 @@ from mmalign.trainer import NonFiniteLossError
 COMMANDS = {
     "demo": ("mmalign.diffusion.demo", "Diffusion-DPO on the embedded tiny model; prints base vs aligned reward"),
     "diffusion dpo": ("mmalign.diffusion.dpo", "Diffusion-DPO fine-tuning of an SD/SDXL pipeline on preference pairs"),
+    "diffusion flow-dpo": ("mmalign.diffusion.flow_dpo", "Flow-DPO: Diffusion-DPO on an SD3-style flow-matching model"),
     "diffusion inpo": ("mmalign.diffusion.inpo", "InPO: Diffusion-DPO on latents from DDIM inversion (fewer steps)"),
+    "diffusion video-dpo": ("mmalign.diffusion.video", "Diffusion-DPO of a text-to-video model on video pairs"),
+    "diffusion seppo": ("mmalign.diffusion.seppo", "SePPO: preference optimisation from winning images alone"),
     "diffusion sample": ("mmalign.diffusion.sample", "fixed-seed samples from a pipeline, optionally with a LoRA"),
     "diffusion rlg": ("mmalign.diffusion.guidance", "samples with Reinforcement Learning Guidance (base/tuned mix)"),
     "diffusion demo": ("mmalign.diffusion.demo", "same as `mmalign demo`"),

@@ -128,3 +128,56 @@ class CachedScores:
         from safetensors.torch import load_file
 
         return cls(load_file(path)["scores"])
+
+
+class Snapshots:
+    """s_ref from an earlier state of the policy: a frozen copy loaded with one of the last `keep` snapshots of the
+    trainable parameters, one taken every `every` calls of `tick` (SePPO's reference selection, Algorithm 1).
+
+    `tick(policy)` counts a training micro-step and records a snapshot when due (the initial policy is the
+    first); `select(generator)` loads a snapshot chosen uniformly at random ("uniform") or the newest
+    ("latest") into the reference model. Pool and counter are training state (`state_dict`), so a resumed
+    run continues with them.
+    """
+
+    def __init__(self, policy: nn.Module, keep: int = 7, every: int = 30, selection: str = "uniform",
+                 dtype: torch.dtype | None = None):
+        if selection not in ("uniform", "latest"):
+            raise ValueError(f"selection must be uniform or latest, got {selection!r}")
+        if keep < 1 or every < 1:
+            raise ValueError(f"keep and every must be at least 1, got {keep} and {every}")
+        self.keep, self.every, self.selection = keep, every, selection
+        self.model = FrozenCopy(policy, dtype=dtype).model
+        self.pool: list[dict[str, torch.Tensor]] = []
+        self.ticks = 0
+
+    def tick(self, policy: nn.Module) -> None:
+        """Count one micro-step; record the policy's trainable parameters first and then every `every` ticks."""
+        if self.ticks % self.every == 0:
+            self.record(policy)
+        self.ticks += 1
+
+    def record(self, policy: nn.Module) -> None:
+        """Add the policy's trainable parameters (on the CPU) to the pool, dropping the oldest beyond `keep`."""
+        state = {n: p.detach().to("cpu", copy=True) for n, p in _unwrap(policy).named_parameters() if p.requires_grad}
+        self.pool = (self.pool + [state])[-self.keep:]
+
+    def select(self, generator: torch.Generator | None = None) -> int:
+        """Load a snapshot into the reference model; returns its index in the pool (0 = oldest kept)."""
+        if self.selection == "latest":
+            index = len(self.pool) - 1
+        else:
+            device = generator.device if generator is not None else "cpu"
+            index = int(torch.randint(len(self.pool), (1,), generator=generator, device=device))
+        self.model.load_state_dict(self.pool[index], strict=False)
+        return index
+
+    @torch.no_grad()
+    def scores(self, score_fn: ScoreFn, policy: nn.Module, batch: Any) -> Any:
+        return score_fn(self.model, batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool, "ticks": self.ticks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool, self.ticks = state["pool"], state["ticks"]

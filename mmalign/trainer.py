@@ -141,6 +141,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
+        set_seed(config.seed)  # the model set-up that follows (e.g. a LoRA's random init) is part of the run
         AcceleratorState._reset_state()  # a process may train several runs (Python API, tests) with other precisions
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -209,8 +210,11 @@ class Trainer:
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     def fit(self, model: nn.Module, dataset: Any, collate: Callable, step_fn: StepFn,
-            save_model: Callable[[nn.Module, Path], None] | None = None) -> list[dict[str, float]]:
-        """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics."""
+            save_model: Callable[[nn.Module, Path], None] | None = None, stateful: tuple = ()) -> list[dict[str, float]]:
+        """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics.
+
+        `stateful` objects (with state_dict/load_state_dict) are saved in every checkpoint and restored on resume.
+        """
         c, acc = self.config, self.accelerator
         set_seed(c.seed)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -220,7 +224,8 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c.lr_scheduler, c.warmup_steps, c.max_steps))
         self._register_trainable_state(model)
         model, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(schedule)
+        for obj in (schedule, *stateful):
+            acc.register_for_checkpointing(obj)
 
         step = 0
         if self.resume_from is not None:

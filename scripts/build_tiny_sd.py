@@ -6,13 +6,16 @@ Writes, under --output (default `assets/`):
                        world's placement reward (object on the left is preferred)
   tiny-sd-prompts.txt  the held-out evaluation prompts
   tiny-sd-base.png     a grid of the base model's samples, one row per caption
+  tiny-sd3/            with --kind sd3: the same world learnt by an SD3-architecture flow-matching model
 
-The VAE is trained first (reconstruction + a small KL term), then the UNet on its latents with the
-epsilon objective, 10% empty captions (for classifier-free guidance) and an EMA of its weights. The
-CLIP text encoder stays at its random initialisation, frozen, as SD's text encoder is frozen.
+The VAE is trained first (reconstruction + a small KL term), then the denoiser on its latents (the
+UNet with the epsilon objective, or the SD3 transformer with the flow-matching velocity objective),
+10% empty captions (for classifier-free guidance) and an EMA of its weights. The CLIP text encoders
+stay at their random initialisation, frozen, as SD's text encoders are frozen.
 
     python scripts/build_tiny_sd.py                      # about 25 minutes on 2 CPU cores
-    python scripts/build_tiny_sd.py --vae-steps 5 --unet-steps 5 --pairs 8 --output /tmp/x   # smoke run
+    python scripts/build_tiny_sd.py --kind sd3 --vae-from assets/tiny-sd   # the SD3 twin, reusing the VAE
+    python scripts/build_tiny_sd.py --vae-steps 5 --denoiser-steps 5 --pairs 8 --output /tmp/x   # smoke run
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ from diffusers.training_utils import EMAModel
 
 from mmalign.diffusion import world
 from mmalign.diffusion.data import write_pickapic
+from mmalign.diffusion.flow import flow_interpolate, sample_u
+from mmalign.diffusion.models import denoiser_of, load_pipeline
 from mmalign.diffusion.sample import generate, image_grid
+from mmalign.diffusion.scoring import Condition, encode_prompts, is_flow, predict, training_target
 from mmalign.diffusion.tiny import tiny_pipeline
 
 
@@ -58,7 +64,7 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float, kl_weight: float = 1e
 
 @torch.no_grad()
 def encode_pool(pipe, rng, n: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Captions and the VAE posterior (mean, std) of n random scenes, to sample latents from during UNet training."""
+    """Captions and the VAE posterior (mean, std) of n random scenes, to sample latents from during denoiser training."""
     captions, means, stds = [], [], []
     for start in range(0, n, 256):
         caps, images = scene_batch(rng, min(256, n - start))
@@ -69,51 +75,50 @@ def encode_pool(pipe, rng, n: int) -> tuple[list[str], torch.Tensor, torch.Tenso
     return captions, torch.cat(means), torch.cat(stds)
 
 
-@torch.no_grad()
-def caption_embeddings(pipe, captions: list[str]) -> torch.Tensor:
-    """Last hidden states of the frozen text encoder for each caption."""
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
-
-
-def train_unet(pipe, pool, steps: int, batch: int, lr: float, drop_prob: float = 0.1) -> None:
-    """Epsilon-prediction denoising on pooled latents, 10% empty captions, EMA weights copied in at the end."""
+def train_denoiser(pipe, pool, steps: int, batch: int, lr: float, drop_prob: float = 0.1) -> None:
+    """Denoising on pooled latents (epsilon for SD, velocity with logit-normal sigmas for SD3), 10% empty captions,
+    EMA weights copied in at the end."""
     captions, means, stds = pool
     vocabulary = list(world.CAPTIONS) + [""]
-    table = caption_embeddings(pipe, vocabulary)
+    table = encode_prompts(pipe, vocabulary, world.IMAGE_SIZE, torch.device("cpu")).kwargs
     index = torch.tensor([vocabulary.index(c) for c in captions])
-    unet, scheduler = pipe.unet, pipe.scheduler
-    scale = pipe.vae.config.scaling_factor
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    model, scheduler = denoiser_of(pipe), pipe.scheduler
+    vae = pipe.vae.config
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     schedule = get_cosine_schedule_with_warmup(optimizer, 200, max(steps, 1))
-    ema = EMAModel(unet.parameters(), decay=0.999)
-    unet.train()
+    ema = EMAModel(model.parameters(), decay=0.999)
+    model.train()
     for step in range(steps):
         pick = torch.randint(len(captions), (batch,))
-        latents = (means[pick] + stds[pick] * torch.randn_like(means[pick])) * scale
+        latents = (means[pick] + stds[pick] * torch.randn_like(means[pick]) - (vae.shift_factor or 0.0)) * vae.scaling_factor
         noise = torch.randn_like(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        if is_flow(scheduler):
+            noisy, t, target = flow_interpolate(scheduler, latents, noise, sample_u(batch, None, "cpu", "logit_normal"))
+        else:
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+            noisy, target = scheduler.add_noise(latents, noise, t), training_target(scheduler, latents, noise, t)
         rows = torch.where(torch.rand(batch) < drop_prob, len(vocabulary) - 1, index[pick])
-        pred = unet(scheduler.add_noise(latents, noise, t), t, table[rows]).sample
-        loss = F.mse_loss(pred, noise)
+        condition = Condition({k: v[rows] for k, v in table.items()}, "hidden_states" if is_flow(scheduler) else "sample")
+        loss = F.mse_loss(predict(model, noisy, t, condition), target)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step(), schedule.step(), optimizer.zero_grad()
-        ema.step(unet.parameters())
+        ema.step(model.parameters())
         if step % 200 == 0 or step == steps - 1:
-            print(f"unet step {step} loss {loss.item():.5f}", flush=True)
-    ema.copy_to(unet.parameters())
-    unet.eval()
+            print(f"denoiser step {step} loss {loss.item():.5f}", flush=True)
+    ema.copy_to(model.parameters())
+    model.eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
+    parser.add_argument("--kind", choices=["sd", "sd3"], default="sd", help="UNet + DDIM, or SD3 transformer + flow")
+    parser.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this pipeline folder")
     parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=8000)
+    parser.add_argument("--denoiser-steps", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--pool", type=int, default=20000, help="scenes encoded once for UNet training")
+    parser.add_argument("--pool", type=int, default=20000, help="scenes encoded once for denoiser training")
     parser.add_argument("--pairs", type=int, default=2000, help="training preference pairs (test gets a quarter)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -121,24 +126,30 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start = time.time()
-    pipe = tiny_pipeline(seed=args.seed)
-    train_vae(pipe.vae, rng, args.vae_steps, args.batch, lr=1e-3)
+    pipe = tiny_pipeline(kind=args.kind, seed=args.seed)
+    name = "tiny-sd" if args.kind == "sd" else "tiny-sd3"
+    if args.vae_from:
+        pipe.vae.load_state_dict(load_pipeline(args.vae_from).vae.state_dict())
+    else:
+        train_vae(pipe.vae, rng, args.vae_steps, args.batch, lr=1e-3)
     pool = encode_pool(pipe, rng, args.pool)
-    pipe.vae.register_to_config(scaling_factor=float(1.0 / pool[1].std()))
-    print(f"latent scaling factor {pipe.vae.config.scaling_factor:.4f}", flush=True)
-    train_unet(pipe, pool, args.unet_steps, args.batch, lr=1e-3)
+    shift = float(pool[1].mean()) if args.kind == "sd3" else None  # SD3 convention: z -> (z - shift) * scale
+    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=float(1.0 / (pool[1] - (shift or 0.0)).std()))
+    print(f"latent shift {shift}, scaling factor {pipe.vae.config.scaling_factor:.4f}", flush=True)
+    train_denoiser(pipe, pool, args.denoiser_steps, args.batch, lr=1e-3)
 
     args.output.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(args.output / "tiny-sd", safe_serialization=True)
-    prefs = args.output / "tiny-sd-prefs"
-    prefs.mkdir(exist_ok=True)
-    write_pickapic(world.preference_pairs(args.pairs, seed=args.seed + 1), prefs / "train.parquet")
-    write_pickapic(world.preference_pairs(max(args.pairs // 4, 1), seed=args.seed + 2), prefs / "test.parquet")
-    (args.output / "tiny-sd-prompts.txt").write_text("\n".join(world.CAPTIONS) + "\n")
+    pipe.save_pretrained(args.output / name, safe_serialization=True)
+    if args.kind == "sd":
+        prefs = args.output / "tiny-sd-prefs"
+        prefs.mkdir(exist_ok=True)
+        write_pickapic(world.preference_pairs(args.pairs, seed=args.seed + 1), prefs / "train.parquet")
+        write_pickapic(world.preference_pairs(max(args.pairs // 4, 1), seed=args.seed + 2), prefs / "test.parquet")
+        (args.output / "tiny-sd-prompts.txt").write_text("\n".join(world.CAPTIONS) + "\n")
 
     prompts = [c for c in world.CAPTIONS for _ in range(8)]
     images = generate(pipe, prompts, seed=1000)
-    image_grid(images, columns=8, scale=2).save(args.output / "tiny-sd-base.png")
+    image_grid(images, columns=8, scale=2).save(args.output / f"{name}-base.png")
     print(f"base placement reward {world.placement_reward(images).mean():.3f}, "
           f"colour match {world.colour_match(images, prompts).mean():.3f}, {time.time() - start:.0f}s", flush=True)
 

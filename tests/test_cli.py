@@ -23,7 +23,7 @@ def test_bad_data_names_the_record_and_trains_nothing(tiny_sd, tmp_path, capsys)
     code, err = run_cli(capsys, "diffusion", "dpo", "--model", tiny_sd, "--data", data, "--output", tmp_path / "run",
                         "--max-steps", 1, "--report-to", "none")
     assert code == 1
-    assert "bad.parquet" in err and "record 2, field 'jpg_0': image cannot be read" in err
+    assert "bad.parquet" in err and "record 2, field 'jpg_0': cannot be read" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -96,11 +96,11 @@ def test_pickapic_bad_rows_name_row_and_field(tmp_path):
     path = write_pickapic(good, tmp_path / "bad.parquet")
     with pytest.raises(DataError) as err:
         PreferencePairs(path, resolution=32)
-    assert "record 1, field 'jpg_1': image cannot be read" in str(err.value)
+    assert "record 1, field 'jpg_1': cannot be read" in str(err.value)
     assert "record 2, field 'label_0': must be 0, 0.5 or 1" in str(err.value)
     missing = write_jsonl(tmp_path / "m.jsonl", [{"caption": "c", "jpg_0": "gone.png",
                                                   "jpg_1": "gone.png", "label_0": 1}])
-    with pytest.raises(DataError, match=r"record 0, field 'jpg_0': image cannot be read \(image file .*gone.png does not exist"):
+    with pytest.raises(DataError, match=r"record 0, field 'jpg_0': cannot be read \(image file .*gone.png does not exist"):
         PreferencePairs(missing, resolution=32)
 
 

@@ -152,20 +152,24 @@ def test_v_prediction_target(tiny_sd, tmp_path):
         training_target(DDPMScheduler(prediction_type="sample"), x0, noise, t)
 
 
-@pytest.mark.parametrize("variant", ["sdxl", "v_prediction"])
-def test_sdxl_and_v_prediction_models_train(variant, pickapic, tmp_path):
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "v_prediction": "StableDiffusionPipeline",
+             "sd3": "StableDiffusion3Pipeline"}
+
+
+@pytest.mark.parametrize("variant", list(PIPELINES))
+def test_sdxl_v_prediction_and_sd3_models_train(variant, pickapic, tmp_path):
     from mmalign.diffusion.tiny import tiny_pipeline
 
     model = tmp_path / variant
-    tiny_pipeline(xl=variant == "sdxl", prediction_type="v_prediction" if variant == "v_prediction" else "epsilon"
-                  ).save_pretrained(model)
+    tiny_pipeline(kind="sd" if variant == "v_prediction" else variant,
+                  prediction_type="v_prediction" if variant == "v_prediction" else "epsilon").save_pretrained(model)
     cfg = config(model, pickapic, tmp_path, max_steps=2, learning_rate=1e-3)
     dpo.run(cfg)
     log = metrics(cfg.output)
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert log[1]["loss"] != log[0]["loss"]
     pipe = dpo.load_pipeline(model)
-    assert type(pipe).__name__ == ("StableDiffusionXLPipeline" if variant == "sdxl" else "StableDiffusionPipeline")
+    assert type(pipe).__name__ == PIPELINES[variant]
     pipe.load_lora_weights(cfg.output)
 
 

@@ -32,7 +32,7 @@ def random_lora(tiny_sd, tmp_path_factory):
             if "lora_B" in name:
                 param.normal_(0, 0.2)
     out = tmp_path_factory.mktemp("lora")
-    save_lora(type(pipe), pipe.unet, out)
+    save_lora(pipe, pipe.unet, out)
     return out
 
 

@@ -21,7 +21,8 @@ class ConstantEps(torch.nn.Module):
         super().__init__()
         self.eps, self.seen = eps, []
 
-    def forward(self, x, t, states, added_cond_kwargs=None):
+    def forward(self, sample, timestep, **condition):
+        x, t = sample, timestep
         self.seen.append(int(t[0]))
         return SimpleNamespace(sample=self.eps.expand_as(x))
 
@@ -39,7 +40,7 @@ def test_ddim_inversion_by_hand():
     abar = inverse.alphas_cumprod
     x0, eps = torch.randn(2, 4, 3, 3), torch.randn(1, 4, 3, 3)
     unet = ConstantEps(eps)
-    cond = Condition(torch.zeros(2, 1, 8))
+    cond = Condition({"encoder_hidden_states": torch.zeros(2, 1, 8)})
     gen = torch.Generator().manual_seed(0)
     out = inpo.ddim_invert(unet, x0, 250, cond, inverse, gen, eta=0.1)
     assert unet.seen == [1, 101, 201]  # every grid point below t = 250
