@@ -7,12 +7,14 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from mmalign.cli import main
-from mmalign.diffusion import flow_dpo
+from mmalign.diffusion import dpo, flow_dpo
+from mmalign.diffusion.data import PreferencePairs, collate_pairs
 from mmalign.diffusion.flow import flow_noising
 from mmalign.diffusion.guidance import reinforcement_guidance
 from mmalign.diffusion.models import add_lora, load_pipeline, save_lora
 from mmalign.diffusion.sample import generate
 from mmalign.diffusion.tiny import tiny_pipeline
+from mmalign.trainer import Trainer, step_generator
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +45,36 @@ def test_flow_dpo_refuses_a_diffusion_model(tiny_sd, pickapic, tmp_path, capsys)
     assert code == 1 and "not a flow-matching one" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_flow_dpo_learns_the_training_preferences(tiny_sd3, pickapic, tmp_path):
-    cfg = flow_dpo.Config(model=str(tiny_sd3), data=str(pickapic), output=tmp_path / "run", full=True,
-                          learning_rate=1e-3, beta=5000, max_steps=40, batch_size=8, num_samples=0,
-                          report_to="none", checkpoint_every=0, prompt_dropout=0.0)
-    history = flow_dpo.run(cfg)
-    first, last = (sum(r["implicit_acc"] for r in rows) / len(rows) for rows in (history[:10], history[-10:]))
-    assert last > 0.8 and last > first + 0.2, (first, last)
-    assert history[-1]["loss"] < history[0]["loss"]
+def test_flow_dpo_moves_the_right_way_on_a_fixed_batch(tiny_sd3, pickapic, tmp_path):
+    """With the noise draw held fixed, optimising the Flow-DPO loss drives the implicit accuracy to 1."""
+    cfg = flow_dpo.Config(model=str(tiny_sd3), data=str(pickapic), output=tmp_path / "run", full=True, beta=500,
+                          max_steps=1, batch_size=4, num_samples=0, report_to="none", prompt_dropout=0.0)
+    trainer = Trainer(cfg)
+    pipe, parts = dpo.prepare(cfg, trainer)
+    pairs = PreferencePairs(cfg.data, resolution=parts.resolution)
+    batch = collate_pairs([pairs[i] for i in range(4)])
+    step = flow_dpo.make_step(parts)
+    optimizer = torch.optim.Adam([p for p in pipe.transformer.parameters() if p.requires_grad], lr=1e-4)
+    losses, accuracy = [], []
+    for _ in range(20):
+        loss, stats = step(pipe.transformer, batch, step_generator(0, 0, 0, "cpu"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        accuracy.append(stats["implicit_acc"].item())
+    assert losses[0] == pytest.approx(0.6931, abs=1e-4)
+    assert losses[-1] < 0.5 * losses[0] and accuracy[-1] == 1.0, (losses, accuracy)
+
+
+def test_flow_dpo_cli_run_saves_an_sd3_lora(tiny_sd3, pickapic, tmp_path):
+    cfg = flow_dpo.Config(model=str(tiny_sd3), data=str(pickapic), output=tmp_path / "run", max_steps=2,
+                          batch_size=2, num_samples=1, sample_steps=2, report_to="none", learning_rate=1e-3)
+    flow_dpo.run(cfg)
     assert json.loads((cfg.output / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
-    assert type(load_pipeline(cfg.output)).__name__ == "StableDiffusion3Pipeline"
+    assert (cfg.output / "samples_after.png").is_file()
+    pipe = load_pipeline(tiny_sd3)
+    pipe.load_lora_weights(cfg.output)
 
 
 def test_rlg_on_sd3_weight_zero_and_one(tiny_sd3, tmp_path):
