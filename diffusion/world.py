@@ -103,3 +103,8 @@ def colour_match(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
     nearest = torch.cdist(mean_colour, palette).argmin(dim=1)
     wanted = torch.tensor([list(COLOURS).index(_parse(c)[0]) for c in captions], device=images.device)
     return ((nearest == wanted) & (mask.sum(dim=(1, 2)) > 0)).to(images.dtype)
+
+
+def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The world's reward callable, `reward(images [B,3,H,W] in [0,1], prompts) -> [B]`: placement_reward."""
+    return placement_reward(images)

@@ -1,0 +1,260 @@
+"""AC-Flow (arXiv 2510.18072): actor-critic fine-tuning of a flow-matching model from a reward, with a critic on
+intermediate states and Wasserstein-2 regularisation to the reference.
+
+The paper's exact equations are not public; the choices made here, following its three parts and its
+special case ORW-CFM-W2 (markerthu/orw-cfm), are:
+
+1. Samples and reward. Each step the current actor samples K images per prompt (Euler, no gradients);
+   a reward callable `reward(images [N,3,H,W] in [0,1], prompts) -> [N]` scores them.
+2. Reward shaping: per-prompt standardisation r~ = (r - mean_K r) / (std_K r + 1e-6), so the learning
+   signal has the same scale for every prompt and every stage of training.
+3. Critic: V(x_t, sigma, c), a small network on the intermediate state x_t = (1 - sigma) x0 + sigma eps of
+   the sample x0, its noise level and the pooled prompt embedding, regressed on r~ (MSE).
+4. Advantage and warm-up: A = r~ - V(x_t, sigma, c) after `critic_warmup` steps (before that the critic
+   only learns and A = r~), clipped to [-clip, clip] (Flow-GRPO clips at 5).
+5. Actor: the critic-weighted flow-matching loss on its own samples, w = exp(beta * A) / mean_batch(...),
+   L_actor = mean(w * ||v_theta(x_t) - (eps - x0)||^2) + alpha * mean ||v_theta(x_t) - v_ref(x_t)||^2, the
+   second term bounding the W2 distance to the reference (ORW-CFM-W2: beta 0.5, alpha 1).
+Loss = L_actor + critic_weight * L_critic. Logged: reward (raw mean), critic_loss, advantage (mean |A|),
+weight_max, w2 and diversity (mean pairwise pixel distance among a prompt's K samples).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmalign.config import option
+from mmalign.plots import plot_metrics
+from mmalign.reference import AdapterDisabled, FrozenCopy
+from mmalign.trainer import TrainConfig, Trainer
+
+from . import dpo
+from .flow import flow_interpolate, sample_u
+from .models import LORA_TARGETS, add_lora, denoiser_of, load_pipeline, save_full, save_lora
+from .scoring import encode_prompts, is_flow, predict
+
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+
+@dataclass
+class Config(TrainConfig):
+    """AC-Flow settings (plus the training loop's); batch_size counts prompts per step."""
+
+    model: str = option(None, "a flow-matching pipeline (SD3-style): folder, hub id or single file")
+    prompts: str = option(None, "text file of training prompts, one per line")
+    reward: str = option("mmalign.diffusion.world:reward", "reward callable as module:function, "
+                                                            "called as reward(images, prompts) -> [N]")
+    samples_per_prompt: int = option(4, "K images sampled per prompt each step")
+    sample_steps: int = option(10, "Euler steps of the actor's samples")
+    guidance_scale: float = option(5.0, "classifier-free guidance of the samples")
+    beta: float = option(0.5, "advantage temperature of the weights exp(beta * A)")
+    advantage_clip: float = option(5.0, "advantages are clipped to [-clip, clip]")
+    alpha: float = option(1.0, "weight of the W2 regulariser ||v_theta - v_ref||^2")
+    critic_warmup: int = option(20, "optimizer steps during which only the critic learns to weight (A = r~)")
+    critic_weight: float = option(1.0, "weight of the critic's regression loss")
+    critic_width: int = option(64, "channels of the critic network")
+    lora_rank: int = option(8, "LoRA rank of the actor")
+    full: bool = option(False, "fine-tune the whole actor against a frozen copy instead of a LoRA")
+    num_samples: int = option(4, "images per prompt in the before/after grids (0: none)")
+    learning_rate: float = option(1e-4, "peak learning rate of actor and critic")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("model", "prompts"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be at least 2 (rewards are standardised per prompt)")
+        if self.sample_steps < 1 or self.critic_warmup < 0 or self.advantage_clip <= 0:
+            raise ValueError("sample_steps >= 1, critic_warmup >= 0 and advantage_clip > 0 are required")
+
+
+def load_reward(spec: str) -> RewardFn:
+    """The callable named `module:function`."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"--reward {spec}: cannot import it as module:function ({err})") from None
+    if not callable(fn):
+        raise ValueError(f"--reward {spec}: {name} is not callable")
+    return fn
+
+
+class Critic(nn.Module):
+    """V(x_t, sigma, c): a small conv net on the intermediate latent, with sigma and the pooled prompt embedding."""
+
+    def __init__(self, latent_channels: int, prompt_dim: int, width: int = 64):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(width + prompt_dim + 16, width), nn.SiLU(), nn.Linear(width, 1))
+
+    def forward(self, latents: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        freqs = torch.exp(torch.arange(8, device=latents.device, dtype=latents.dtype) * -math.log(1000) / 8)
+        angle = sigma.to(latents.dtype)[:, None] * 1000 * freqs
+        time = torch.cat([angle.sin(), angle.cos()], dim=1)
+        return self.head(torch.cat([self.features(latents), prompt.to(latents.dtype), time], dim=1)).squeeze(1)
+
+
+class ActorCritic(nn.Module):
+    """The trained modules together (the actor is the pipeline's denoiser); one forward gives velocity and value."""
+
+    def __init__(self, actor: nn.Module, critic: Critic):
+        super().__init__()
+        self.actor, self.critic = actor, critic
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition) -> tuple[torch.Tensor, torch.Tensor]:
+        velocity = predict(self.actor, noisy, timesteps, condition)
+        return velocity, self.critic(noisy, timesteps / 1000, condition.kwargs["pooled_projections"])
+
+
+class StepCount:
+    """Optimizer steps seen, kept in checkpoints so a resumed run knows whether the critic warm-up is over."""
+
+    def __init__(self) -> None:
+        self.micro_steps = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"micro_steps": self.micro_steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.micro_steps = state["micro_steps"]
+
+
+def shape_rewards(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-prompt standardisation of rewards [B*K] (K consecutive samples per prompt): (r - mean) / (std + 1e-6)."""
+    grouped = rewards.view(-1, k)
+    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)).flatten()
+
+
+def diversity(images: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean pairwise L2 distance between the K images of each prompt (images [B*K,3,H,W]), averaged over prompts."""
+    flat = images.flatten(1).view(-1, k, images[0].numel())
+    distances = torch.cdist(flat, flat)
+    return distances.sum(dim=(1, 2)).mean() / (k * (k - 1))
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], config: Config, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The actor's samples as training latents x0 and as images in [0, 1]."""
+    latents = pipe(prompt=prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale,
+                   generator=generator, output_type="latent").images
+    vae = pipe.vae
+    z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+    images = (vae.decode(z.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+    return latents, images
+
+
+def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *, pipe, noise_scheduler, reference,
+                reward_fn: RewardFn, config: Config, count: StepCount) -> tuple[torch.Tensor, dict]:
+    """One AC-Flow micro-step: sample, score, shape, critic regression, critic-weighted flow matching + W2."""
+    k = config.samples_per_prompt
+    prompts = [p for p in batch["prompt"] for _ in range(k)]
+    x0, images = sample(pipe, prompts, config, generator)
+    rewards = reward_fn(images, prompts).float().to(x0.device)
+    if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
+        raise ValueError(f"--reward {config.reward} returned {tuple(rewards.shape)} values"
+                         f"{'' if torch.isfinite(rewards).all() else ' with NaN or inf'}; expected {len(prompts)} "
+                         "finite numbers, one per image")
+    shaped = shape_rewards(rewards, k)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noisy, timesteps, target = flow_interpolate(noise_scheduler, x0, noise, sample_u(len(prompts), generator, x0.device))
+    condition = encode_prompts(pipe, prompts, dpo.native_resolution(pipe), x0.device)
+    velocity, value = container(noisy, timesteps, condition)
+    reference_velocity = reference.scores(lambda m, _: predict(m.actor, noisy, timesteps, condition), container, batch)
+    warm = count.micro_steps < config.critic_warmup * config.gradient_accumulation_steps
+    count.micro_steps += 1
+    advantage = (shaped if warm else shaped - value.detach()).clamp(-config.advantage_clip, config.advantage_clip)
+    weights = torch.exp(config.beta * advantage)
+    weights = weights / weights.mean()
+    fm = (weights * (velocity.float() - target.float()).pow(2).flatten(1).mean(1)).mean()
+    w2 = (velocity.float() - reference_velocity.float()).pow(2).mean()
+    critic_loss = F.mse_loss(value.float(), shaped)
+    loss = fm + config.alpha * w2 + config.critic_weight * critic_loss
+    return loss, {"reward": rewards.mean(), "critic_loss": critic_loss.detach(), "advantage": advantage.abs().mean(),
+                  "weight_max": weights.max(), "w2": w2.detach(), "flow_matching": fm.detach(),
+                  "diversity": diversity(images, k), "critic_warmup": torch.tensor(float(warm))}
+
+
+class Prompts(torch.utils.data.Dataset):
+    """Training prompts as {'prompt': text}."""
+
+    def __init__(self, path: str | Path):
+        self.prompts = dpo.read_prompts(path)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict[str, str]:
+        return {"prompt": self.prompts[i]}
+
+
+def collate_prompts(items: list[dict[str, str]]) -> dict[str, list[str]]:
+    return {"prompt": [it["prompt"] for it in items]}
+
+
+def run(config: Config) -> list[dict[str, float]]:
+    """`mmalign diffusion acflow`: AC-Flow training into config.output (actor LoRA or pipeline, critic.safetensors)."""
+    from safetensors.torch import save_file
+
+    reward_fn = load_reward(config.reward)
+    trainer = Trainer(config)
+    pipe = load_pipeline(config.model)
+    pipe.set_progress_bar_config(disable=True)
+    if not is_flow(pipe.scheduler):
+        raise ValueError(f"--model {config.model}: AC-Flow needs a flow-matching pipeline (SD3-style), "
+                         f"this one has {type(pipe.scheduler).__name__}")
+    noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    dtype, device = trainer.weight_dtype, trainer.device
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        part = getattr(pipe, name, None)
+        if part is not None:
+            part.requires_grad_(False).to(device, dtype)
+    actor = denoiser_of(pipe).to(device)
+    if not config.full:
+        actor.to(dtype)
+        add_lora(actor, config.lora_rank, targets=LORA_TARGETS)
+    pooled = encode_prompts(pipe, [""], 0, device).kwargs["pooled_projections"].shape[-1]
+    container = ActorCritic(actor, Critic(actor.config.in_channels, pooled, config.critic_width).to(device))
+    reference = FrozenCopy(container, dtype=dtype) if config.full else AdapterDisabled()
+    prompts = Prompts(config.prompts)
+    grid_prompts = prompts.prompts[:4]
+    count = StepCount()
+
+    def grid(name: str) -> None:
+        if config.num_samples and trainer.is_main:
+            from .sample import generate, image_grid
+
+            images = generate(pipe, [p for p in grid_prompts for _ in range(config.num_samples)], seed=config.seed,
+                              steps=config.sample_steps, guidance_scale=config.guidance_scale)
+            image_grid(images, columns=config.num_samples, scale=max(1, 256 // images.shape[-1])).save(
+                config.output / name)
+
+    def save(model, output: Path) -> None:
+        (save_full(config.model, model.actor, output) if config.full else save_lora(pipe, model.actor, output))
+        save_file({k: v.contiguous() for k, v in model.critic.state_dict().items()}, str(output / "critic.safetensors"))
+
+    if trainer.resume_from is None:
+        grid("samples_before.png")
+
+    def step(model, batch, generator):
+        return acflow_step(model, batch, generator, pipe=pipe, noise_scheduler=noise_scheduler, reference=reference,
+                           reward_fn=reward_fn, config=config, count=count)
+
+    history = trainer.fit(container, prompts, collate_prompts, step, save_model=save, stateful=(count,))
+    grid("samples_after.png")
+    if trainer.is_main:
+        plot_metrics(history, ["reward", "diversity", "critic_loss", "advantage", "w2", "loss"],
+                     config.output / "curves.png", title="AC-Flow")
+    return history
