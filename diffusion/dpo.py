@@ -1,4 +1,4 @@
-"""Diffusion-DPO (Wallace et al. 2023): preference fine-tuning of a Stable Diffusion / SDXL UNet.
+"""Diffusion-DPO (Wallace et al. 2023): preference fine-tuning of a Stable Diffusion (1.x, 2.x, XL, 3) denoiser.
 
 Winner w and loser l share ONE noise eps and ONE timestep t. With per-sample denoising errors
 e = mean_(C,H,W) (model(x_t, t, c) - target)^2 of the policy (e_w, e_l) and the reference (e'_w, e'_l):
@@ -9,8 +9,9 @@ This is the core DPO objective with the score s(x) = -0.5 * e(x) (the constant T
 bound is absorbed into beta), so any `mmalign.objectives` kind applies (`--loss`). beta = 5000 is
 the paper's value for SD 1.5 and SDXL in this -0.5*beta form; diffusers' example script writes
 -beta * (...) with beta = 2500, the same objective. One concatenated policy forward over [w; l] with
-gradients, one no-grad reference forward per step: the UNet with its LoRA disabled (no second UNet)
-or, with --full, a frozen copy. 20% of prompts are replaced by "" (the paper's default), which
+gradients, one no-grad reference forward per step: the denoiser with its LoRA disabled (no second
+copy) or, with --full, a frozen copy. The target follows the scheduler (eps, v, or the flow velocity
+eps - x0 for SD3-style flow models, see `flow`). 20% of prompts are replaced by "" (the paper's default), which
 keeps the unconditional branch used by classifier-free guidance aligned too.
 
 Logged per step: loss, implicit_acc (share of pairs with beta*(r_w - r_l) > 0, ties count 1/2),
@@ -48,14 +49,14 @@ LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 class Config(TrainConfig):
     """Diffusion-DPO settings (plus the shared training-loop settings)."""
 
-    model: str = option(None, "diffusers SD/SDXL folder, hub id, or single-file checkpoint")
+    model: str = option(None, "diffusers SD/SDXL/SD3 folder, hub id, or single-file checkpoint")
     data: str = option(None, "Pick-a-Pic style preference data: .parquet/.jsonl file, folder, or hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
-    lora_rank: int = option(8, "LoRA rank of the UNet attention projections")
+    lora_rank: int = option(8, "LoRA rank of the denoiser's attention projections")
     lora_alpha: int | None = option(None, "LoRA alpha (default: the rank)")
-    lora_targets: list[str] = option(list(LORA_TARGETS), "UNet module names the LoRA adapts (diffusers' default: "
+    lora_targets: list[str] = option(list(LORA_TARGETS), "module names the LoRA adapts (diffusers' default: "
                                      "attention projections; add conv1 conv2 to adapt the ResNet convolutions)")
-    full: bool = option(False, "fine-tune the whole UNet against a frozen copy instead of a LoRA")
+    full: bool = option(False, "fine-tune the whole denoiser against a frozen copy instead of a LoRA")
     beta: float = option(5000.0, "KL strength in the -0.5*beta form (paper: 5000 for SD 1.5 and SDXL)")
     loss: LossKind = option("sigmoid", "preference objective applied to the -0.5*error scores")
     label_smoothing: float = option(0.0, "label smoothing for the robust/conservative/exo_pair objectives")
@@ -69,7 +70,7 @@ class Config(TrainConfig):
     cache_latents: bool = option(False, "encode every image once before training and reuse its VAE posterior "
                                         "(saves the VAE each step; costs RAM: small datasets, many epochs)")
     channels_last: bool = option(True, "channels-last memory format for the UNet (faster convolutions)")
-    gradient_checkpointing: bool = option(False, "trade compute for memory in the UNet")
+    gradient_checkpointing: bool = option(False, "trade compute for memory in the denoiser")
     xformers: bool = option(False, "xformers attention (GPU and the [gpu] extra); default PyTorch SDPA")
     sample_prompts: str | None = option(None, "text file of prompts for the before/after grids (default: from data)")
     num_samples: int = option(4, "images per prompt in the before/after grids (0: no grids)")
@@ -97,7 +98,7 @@ class Config(TrainConfig):
 
 @dataclass
 class Parts:
-    """What the step needs besides the policy UNet."""
+    """What the step needs besides the policy denoiser."""
 
     pipe: Any
     noise_scheduler: Any
