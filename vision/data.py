@@ -1,0 +1,222 @@
+"""TRL-compatible vision preference rows in and out, tokenised so that image tokens are never truncated.
+
+A row is TRL's: `prompt`, `chosen`, `rejected` (plain text, or conversations of {'role', 'content'}
+messages) and `images` (a list of images: PIL images, {'bytes'/'path'} dicts as `datasets` stores
+them, or file paths relative to the data file). A plain prompt holds one `<image>` placeholder per
+image; a conversational prompt gets the image parts put in front of its first user message's text
+when its content is a plain string (as TRL does). An optional `retrieved_images` list (rDPO's v',
+one per image) is carried along for the visual term.
+
+Tokenisation follows TRL's vision collator: prompt through the processor (image placeholders expanded)
+and completions through the tokenizer, all without added special tokens (the chat template adds
+them). A row longer than `max_length` loses completion tokens from the end; a row whose image tokens
+or whole completion would be cut is an error naming the row.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from PIL import Image
+
+from mmalign.data import TRL_ROW, DataError, Field, Schema, load_preferences
+
+IMAGE_FIELDS = ("images", "retrieved_images")
+
+
+def _image_entries(value: Any, record: dict) -> str | None:
+    """None, or a list of PIL images, {'bytes'/'path'} dicts or path strings."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return f"expected a list of images, got {type(value).__name__}"
+    for image in value:
+        if not (isinstance(image, (Image.Image, str)) or (isinstance(image, dict) and (image.get("bytes") or image.get("path")))):
+            return f"holds a {type(image).__name__}, not an image, a {{'bytes'/'path'}} dict or a file path"
+    return None
+
+
+def _placeholders_match(record: dict) -> list[tuple[str, str]]:
+    """A plain prompt names each image once with <image>; rDPO's retrieved images pair one to one with images."""
+    images = record.get("images") or []
+    problems = []
+    if isinstance(record.get("prompt"), str) and record["prompt"].count("<image>") != len(images):
+        problems.append(("prompt", f"has {record['prompt'].count('<image>')} <image> placeholder(s) for "
+                                   f"{len(images)} image(s)"))
+    retrieved = record.get("retrieved_images")
+    if retrieved is not None and len(retrieved) != len(images):
+        problems.append(("retrieved_images", f"has {len(retrieved)} image(s) for {len(images)} image(s)"))
+    return problems
+
+
+VISION_ROW = Schema("TRL vision preference row", (
+    *[f for f in TRL_ROW.fields if f.name != "images"], Field("images", _image_entries),
+    Field("retrieved_images", _image_entries, required=False)), (_placeholders_match,))
+
+
+def open_image(value: Any, root: Path | None = None) -> Image.Image:
+    """An RGB PIL image from a PIL image, a {'bytes'/'path'} dict or a path (relative to `root`)."""
+    if isinstance(value, dict):
+        value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else value["path"]
+    if isinstance(value, str):
+        path = Path(value)
+        value = Image.open(path if path.is_absolute() or root is None else root / path)
+    return value.convert("RGB")
+
+
+def is_conversational(record: dict) -> bool:
+    """TRL's rule: the prompt is a list of messages."""
+    return isinstance(record["prompt"], list)
+
+
+def with_image_parts(messages: list[dict], images: int) -> list[dict]:
+    """The messages with `images` {'type': 'image'} parts before the text of the first user message, when its
+    content is a plain string (messages already holding image parts are returned as they are)."""
+    out = [dict(m) for m in messages]
+    for message in out:
+        if message["role"] == "user":
+            if isinstance(message["content"], str):
+                message["content"] = [{"type": "image"}] * images + [{"type": "text", "text": message["content"]}]
+            break
+    return out
+
+
+def _as_parts(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+            for m in messages]
+
+
+def render(record: dict, processor) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) as text: plain rows as they are, conversations through the chat template, each
+    completion being the templated prompt+completion minus the templated prompt."""
+    if not is_conversational(record):
+        return record["prompt"], record["chosen"], record["rejected"]
+    prompt = _as_parts(with_image_parts(record["prompt"], len(record.get("images") or [])))
+    prompt_text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    completions = []
+    for key in ("chosen", "rejected"):
+        full = processor.apply_chat_template(prompt + _as_parts(record[key]), tokenize=False)
+        if not full.startswith(prompt_text):
+            raise DataError(f"the chat template renders the prompt differently with the '{key}' reply appended")
+        completions.append(full[len(prompt_text):])
+    return prompt_text, *completions
+
+
+class VisionPairs(torch.utils.data.Dataset):
+    """Validated TRL rows, each item tokenised: prompt ids (image tokens expanded), chosen/rejected ids, pixels."""
+
+    def __init__(self, records: datasets.Dataset, processor, max_length: int | None = None, source: str = "data",
+                 root: Path | None = None, retrieved: bool = False):
+        self.records, self.processor, self.max_length = records, processor, max_length
+        self.source, self.root, self.retrieved = source, root, retrieved
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        if retrieved and "retrieved_images" not in records.column_names:
+            raise DataError(f"{source}: the retrieved-image visual term needs a 'retrieved_images' field (rDPO's v')")
+
+    @classmethod
+    def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
+             retrieved: bool = False) -> "VisionPairs":
+        """Load and validate every row of `path` up front (see `mmalign.data.load_preferences`)."""
+        records = load_preferences(path, VISION_ROW, split)
+        root = Path(path).parent if Path(path).is_file() else Path(path)
+        return cls(records, processor, max_length, str(path), root, retrieved)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _pixels(self, images: list, index: int) -> torch.Tensor | None:
+        if not images:
+            return None
+        try:
+            opened = [open_image(image, self.root) for image in images]
+        except (OSError, KeyError) as err:
+            raise DataError(f"{self.source}: record {index}, field 'images': cannot be read ({err})") from None
+        return self.processor.image_processor(opened, return_tensors="pt")["pixel_values"]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        prompt, chosen, rejected = render(record, self.processor)
+        images = [open_image(image, self.root) for image in record.get("images") or []] if record.get("images") else None
+        try:
+            prompt_ids = self.processor(images=images, text=prompt, add_special_tokens=False)["input_ids"][0]
+        except (ValueError, OSError) as err:
+            raise DataError(f"{self.source}: record {index}, field 'prompt': {err}") from None
+        tok = self.processor.tokenizer
+        item = {"index": index, "prompt_ids": list(prompt_ids), "pixel_values": self._pixels(record.get("images"), index)}
+        for key, text in (("chosen", chosen), ("rejected", rejected)):
+            item[f"{key}_ids"] = self._truncate(list(prompt_ids), tok(text, add_special_tokens=False)["input_ids"], index, key)
+        if self.retrieved:
+            item["retrieved_pixel_values"] = self._pixels(record["retrieved_images"], index)
+        return item
+
+    def _truncate(self, prompt_ids: list[int], completion: list[int], index: int, key: str) -> list[int]:
+        """The completion cut to fit max_length after the prompt; an error naming the row if image tokens or the whole
+        completion would be cut."""
+        if not completion:
+            raise DataError(f"{self.source}: record {index}, field '{key}': tokenises to no tokens")
+        if self.max_length is None or len(prompt_ids) + len(completion) <= self.max_length:
+            return completion
+        image_positions = [i for i, t in enumerate(prompt_ids) if t == self.image_token_id]
+        if image_positions and image_positions[-1] >= self.max_length:
+            raise DataError(f"{self.source}: record {index}: max_length {self.max_length} would cut image tokens (the "
+                            f"prompt has {len(prompt_ids)} tokens, its last image token at position "
+                            f"{image_positions[-1]}); raise --max-length or shorten the prompt")
+        room = self.max_length - len(prompt_ids)
+        if room < 1:
+            raise DataError(f"{self.source}: record {index}: the prompt has {len(prompt_ids)} tokens, leaving no room "
+                            f"for the '{key}' completion within max_length {self.max_length}")
+        return completion[:room]
+
+
+def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) -> dict[str, torch.Tensor]:
+    """Batch of B pairs as R = 2B rows [prompt+chosen; prompt+rejected], plus with `visual` B rows of prompt+chosen
+    shown the other images v', right-padded.
+
+    The pairs' images are stacked once in `pixel_values`; `image_order` lists, row by row, which image each row's
+    image tokens take (v' rows take index N + i, i.e. images appended after the N real ones: the retrieved images,
+    kept in `retrieved_pixel_values`, or corrupted ones made in the step), so chosen and rejected share one encoding.
+    `completion_mask` marks completion tokens; `completion_lengths` is [B, k] per pair and row kind."""
+    sequences = [(item["prompt_ids"], item[f"{kind}_ids"]) for kind in ("chosen", "rejected") for item in items]
+    counts = [0 if item["pixel_values"] is None else item["pixel_values"].shape[0] for item in items]
+    starts = torch.tensor([0, *counts]).cumsum(0).tolist()
+    own = [list(range(starts[i], starts[i + 1])) for i in range(len(items))]
+    order = own + own
+    if visual:
+        sequences += [(item["prompt_ids"], item["chosen_ids"]) for item in items]
+        order += [[i + starts[-1] for i in ids] for ids in own]
+    length = max(len(p) + len(c) for p, c in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    completion_mask = torch.zeros_like(input_ids)
+    for row, (prompt, completion) in enumerate(sequences):
+        n = len(prompt) + len(completion)
+        input_ids[row, :n] = torch.tensor(prompt + completion)
+        attention_mask[row, :n] = 1
+        completion_mask[row, len(prompt):n] = 1
+    batch = {"index": torch.tensor([item["index"] for item in items]), "input_ids": input_ids,
+             "attention_mask": attention_mask, "completion_mask": completion_mask,
+             "completion_lengths": completion_mask.sum(1).view(-1, len(items)).T.contiguous(),
+             "image_order": torch.tensor([i for ids in order for i in ids], dtype=torch.long)}
+    pixels = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+    if "retrieved_pixel_values" in items[0]:
+        batch["retrieved_pixel_values"] = torch.cat([item["retrieved_pixel_values"] for item in items])
+    return batch
+
+
+def write_rows(rows: list[dict], path: str | Path) -> Path:
+    """Write TRL rows (PIL images in 'images'/'retrieved_images') as Parquet with `datasets` Image features."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = datasets.Dataset.from_list(rows)
+    features = records.features.copy()
+    for name in IMAGE_FIELDS:
+        if name in features:
+            features[name] = datasets.Sequence(datasets.Image())
+    records.cast(features).to_parquet(str(path))
+    return path
