@@ -26,6 +26,7 @@ COMMANDS = {
     "diffusion rlg": ("mmalign.diffusion.guidance", "samples with Reinforcement Learning Guidance (base/tuned mix)"),
     "diffusion demo": ("mmalign.diffusion.demo", "same as `mmalign demo`"),
     "vision dpo": ("mmalign.vision.dpo", "DPO-family fine-tuning of a LLaVA-style model on TRL rows with images"),
+    "vision bdhs": ("mmalign.vision.builders.bdhs", "BDHS pairs: rejected = the model's answer with the image masked"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
 """Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""

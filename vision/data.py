@@ -90,15 +90,24 @@ def _as_parts(messages: list[dict]) -> list[dict]:
             for m in messages]
 
 
-def render(record: dict, processor) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) as text: plain rows as they are, conversations through the chat template, each
+def render_prompt(record: dict, processor) -> str:
+    """The prompt as text: a plain prompt as it is, a conversation through the chat template with the generation
+    prompt (image parts added as TRL does)."""
+    if not is_conversational(record):
+        return record["prompt"]
+    prompt = _as_parts(with_image_parts(record["prompt"], len(record.get("images") or [])))
+    return processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def render(record: dict, processor, keys: tuple[str, ...] = ("chosen", "rejected")) -> tuple[str, ...]:
+    """(prompt, *completions) as text: plain rows as they are, conversations through the chat template, each
     completion being the templated prompt+completion minus the templated prompt."""
     if not is_conversational(record):
-        return record["prompt"], record["chosen"], record["rejected"]
+        return record["prompt"], *(record[key] for key in keys)
     prompt = _as_parts(with_image_parts(record["prompt"], len(record.get("images") or [])))
-    prompt_text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    prompt_text = render_prompt(record, processor)
     completions = []
-    for key in ("chosen", "rejected"):
+    for key in keys:
         full = processor.apply_chat_template(prompt + _as_parts(record[key]), tokenize=False)
         if not full.startswith(prompt_text):
             raise DataError(f"the chat template renders the prompt differently with the '{key}' reply appended")
