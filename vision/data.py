@@ -137,29 +137,25 @@ class VisionPairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _pixels(self, images: list, index: int) -> torch.Tensor | None:
-        if not images:
-            return None
+    def _encode(self, text: str, images: list | None, index: int, field: str) -> tuple[list[int], torch.Tensor | None]:
+        """(prompt ids with image tokens expanded, pixel values [n_images,3,H,W] or None) from one processor call."""
         try:
-            opened = [open_image(image, self.root) for image in images]
-        except (OSError, KeyError) as err:
-            raise DataError(f"{self.source}: record {index}, field 'images': cannot be read ({err})") from None
-        return self.processor.image_processor(opened, return_tensors="pt")["pixel_values"]
+            opened = [open_image(image, self.root) for image in images] if images else None
+            out = self.processor(images=opened, text=text, add_special_tokens=False, return_tensors="pt")
+        except (OSError, KeyError, ValueError) as err:
+            raise DataError(f"{self.source}: record {index}, field '{field}': {err}") from None
+        return out["input_ids"][0].tolist(), out.get("pixel_values")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         prompt, chosen, rejected = render(record, self.processor)
-        images = [open_image(image, self.root) for image in record.get("images") or []] if record.get("images") else None
-        try:
-            prompt_ids = self.processor(images=images, text=prompt, add_special_tokens=False)["input_ids"][0]
-        except (ValueError, OSError) as err:
-            raise DataError(f"{self.source}: record {index}, field 'prompt': {err}") from None
+        prompt_ids, pixels = self._encode(prompt, record.get("images"), index, "images")
         tok = self.processor.tokenizer
-        item = {"index": index, "prompt_ids": list(prompt_ids), "pixel_values": self._pixels(record.get("images"), index)}
+        item = {"index": index, "prompt_ids": prompt_ids, "pixel_values": pixels}
         for key, text in (("chosen", chosen), ("rejected", rejected)):
-            item[f"{key}_ids"] = self._truncate(list(prompt_ids), tok(text, add_special_tokens=False)["input_ids"], index, key)
+            item[f"{key}_ids"] = self._truncate(prompt_ids, tok(text, add_special_tokens=False)["input_ids"], index, key)
         if self.retrieved:
-            item["retrieved_pixel_values"] = self._pixels(record["retrieved_images"], index)
+            item["retrieved_pixel_values"] = self._encode(prompt, record["retrieved_images"], index, "retrieved_images")[1]
         return item
 
     def _truncate(self, prompt_ids: list[int], completion: list[int], index: int, key: str) -> list[int]:

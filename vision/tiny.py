@@ -45,15 +45,17 @@ def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = 8):
                           num_additional_image_tokens=1)
 
 
-def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8, hidden: int = 64, layers: int = 2):
+def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8, vision_hidden: int = 32, hidden: int = 64,
+               layers: int = 2):
     """(model, processor): a randomly initialised tiny LlavaForConditionalGeneration and its processor."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     processor = tiny_processor(image_size, patch_size)
     tok = processor.tokenizer
-    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
+                              intermediate_size=2 * vision_hidden, num_hidden_layers=layers, num_attention_heads=4,
+                              projection_dim=vision_hidden)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
