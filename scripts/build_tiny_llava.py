@@ -1,10 +1,11 @@
 """Build the embedded tiny LLaVA (`assets/tiny-llava`): a tiny LlavaForConditionalGeneration pretrained briefly on the
 synthetic visual QA world, so that it answers, but hallucinates on a share of held-out questions.
 
-    python scripts/build_tiny_llava.py --output assets/tiny-llava --steps 600
+    python scripts/build_tiny_llava.py --output assets/tiny-llava
 
-Next-token cross-entropy on the answer tokens only (' red </s>') given the image and question; AdamW, batch 32,
-fresh scenes every step. A few minutes on two CPU cores; prints held-out accuracy with its 95% CI.
+Next-token cross-entropy on the answer tokens only (' red </s>') given the image and question; AdamW (lr 1e-3,
+50 warm-up steps), batch 64, 2500 steps, fresh scenes every step. About six minutes on one CPU core; prints the
+held-out accuracy with its 95% CI (0.58 [0.54, 0.62] on 500 questions for the shipped model).
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def answer_batch(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("assets/tiny-llava"))
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
