@@ -6,13 +6,17 @@ import torch
 
 from mmalign.stats import mean_ci
 
-from .world import prompt_text
+from .world import COLOURS, COUNTS, SHAPES, prompt_text
+
+CHOICES = (tuple(COLOURS), (*SHAPES, "nothing"), COUNTS)
+"""The answer words of each question kind: a 'choice' answer is the most likely word of the right kind."""
 
 
 @torch.no_grad()
-def greedy_answers(model, processor, rows: list[dict], batch_size: int = 64) -> list[str]:
+def greedy_answers(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False) -> list[str]:
     """The first word each row's answer would start with under greedy decoding: argmax of the next-token logits after
-    the prompt '<image> question : Q answer :' (the world's answers are one word)."""
+    the prompt '<image> question : Q answer :' (the world's answers are one word); with `choice`, the argmax over
+    the words of the true answer's kind only (multiple choice)."""
     tok, answers = processor.tokenizer, []
     model.eval()
     for start in range(0, len(rows), batch_size):
@@ -21,11 +25,17 @@ def greedy_answers(model, processor, rows: list[dict], batch_size: int = 64) -> 
                            add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         device = next(model.parameters()).device
         logits = model(**{k: v.to(device) for k, v in inputs.items()}, logits_to_keep=1).logits[:, -1]
+        if choice:
+            allowed = torch.full_like(logits, float("-inf"))
+            for i, row in enumerate(chunk):
+                words = next(kind for kind in CHOICES if row["answer"] in kind)
+                allowed[i, tok.convert_tokens_to_ids(list(words))] = 0.0
+            logits = logits + allowed
         answers += tok.convert_ids_to_tokens(logits.argmax(-1).tolist())
     return answers
 
 
-def qa_accuracy(model, processor, rows: list[dict], batch_size: int = 64) -> dict[str, float]:
-    """Share of rows answered right, as mean and 95% CI over rows (`mmalign.stats.mean_ci`)."""
-    answers = greedy_answers(model, processor, rows, batch_size)
+def qa_accuracy(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False) -> dict[str, float]:
+    """Share of rows answered right (open, or multiple choice with `choice`), as mean and 95% CI over rows."""
+    answers = greedy_answers(model, processor, rows, batch_size, choice)
     return mean_ci([float(a == r["answer"]) for a, r in zip(answers, rows)])
