@@ -62,3 +62,54 @@ def test_bdhs_command_writes_rows_and_a_report(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"] == "BDHS" and report["rows"] == 6 and report["examples"]
     assert len(VisionPairs.load(tmp_path / "out" / "train.parquet", processor)) == report["pairs"]
+
+
+def test_mia_dpo_composers_lay_out_the_images():
+    from PIL import Image
+
+    from mmalign.vision.builders import mia_dpo
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+    images = [Image.new("RGB", (32, 32), c) for c in colours]
+    row = mia_dpo.compose_sequence(images[:3], 1, "what colour is it ?")
+    assert row["prompt"].count("<image>") == 3 and "in image2 ," in row["prompt"] and len(row["images"]) == 3
+    grid = mia_dpo.compose_grid(images, 3, "what colour is it ?")["images"][0]
+    assert grid.size == (64, 64) and grid.getpixel((48, 48)) == colours[3] and grid.getpixel((48, 16)) == colours[1]
+    assert mia_dpo.compose_grid(images[:3], 0, "q")["images"][0].size == (96, 32)
+    inset = mia_dpo.compose_pic_in_pic(images[0], images[2], "q")["images"][0]
+    assert inset.getpixel((16, 16)) == colours[0] and inset.getpixel((1, 1)) == colours[2]  # 70% red inset on blue
+    with pytest.raises(ValueError, match="grid layout takes 2, 3, 4, 6, 9"):
+        mia_dpo.compose_grid(images[:1] * 5, 0, "q")
+
+
+def test_mia_dpo_attention_ratio_and_target_tokens_by_hand():
+    from mmalign.vision.builders import mia_dpo
+
+    attn = torch.zeros(2, 1, 6)  # 2 heads, one answer query, keys: 2 text + 2 image A + 2 image B
+    attn[0, 0] = torch.tensor([0.2, 0.0, 0.3, 0.1, 0.2, 0.2])
+    attn[1, 0] = torch.tensor([0.0, 0.2, 0.1, 0.1, 0.4, 0.2])
+    image = torch.tensor([False, False, True, True, True, True])
+    target = torch.tensor([False, False, True, True, False, False])
+    # heads averaged: image A gets (0.4 + 0.2) / 2 = 0.3, image B (0.4 + 0.6) / 2 = 0.5
+    assert mia_dpo.attention_ratio(attn, target, image) == pytest.approx(0.3 / 0.8)
+
+    ids = torch.tensor([9] + [4] * 16 + [9])  # one 4x4 patch grid holding a 2x2 collage
+    keys = mia_dpo.target_keys(ids, 4, {"layout": "grid", "count": 4, "target": 1})
+    patches = keys[1:17].view(4, 4)
+    assert patches[:2, 2:].all() and patches.sum() == 4  # cell 2 (top right) = rows 0-1, columns 2-3
+    seq = mia_dpo.target_keys(torch.tensor([4] * 6), 4, {"layout": "sequence", "count": 3, "target": 2})
+    assert seq.tolist() == [False] * 4 + [True] * 2
+    assert mia_dpo.is_rejected("red", "blue", 0.45, "grid", 4, 0.9) and not mia_dpo.is_rejected("red", "blue", 0.45, "grid", 6, 0.9)
+    assert not mia_dpo.is_rejected("blue", "blue", 0.1, "sequence", 2, 0.9)
+
+
+def test_mia_dpo_builds_trl_rows_from_the_model(tmp_path):
+    from mmalign.vision.builders import mia_dpo
+    from mmalign.vision.world import qa_rows
+
+    model, processor = tiny_llava(seed=0)
+    rows, report = mia_dpo.build_rows(model, processor, qa_rows(12, seed=0), "sequence", 2)
+    assert report["composed"] == 6 and report["pairs"] == len(rows) <= report["wrong"]
+    if rows:
+        pairs = VisionPairs.load(write_rows(rows, tmp_path / "m.parquet"), processor)
+        assert pairs[0]["pixel_values"].shape[0] == 2
