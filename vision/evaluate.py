@@ -39,3 +39,21 @@ def qa_accuracy(model, processor, rows: list[dict], batch_size: int = 64, choice
     """Share of rows answered right (open, or multiple choice with `choice`), as mean and 95% CI over rows."""
     answers = greedy_answers(model, processor, rows, batch_size, choice)
     return mean_ci([float(a == r["answer"]) for a, r in zip(answers, rows)])
+
+
+@torch.no_grad()
+def preference_accuracy(model, pairs, batch_size: int = 64) -> dict[str, float]:
+    """Share of held-out pairs (a `VisionPairs`) whose chosen answer the model scores above the rejected one,
+    s(y_w | v, x) > s(y_l | v, x), as mean and 95% CI; 1 - it is the rate of preferring the hallucination."""
+    from .data import collate_pairs
+    from .scoring import sequence_scores
+
+    model.eval()
+    pad = pairs.processor.tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    wins = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate_pairs([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))], pad)
+        scores = sequence_scores(model, {k: v.to(device) for k, v in batch.items()})
+        wins += (scores[:, 0] > scores[:, 1]).float().tolist()
+    return mean_ci(wins)
