@@ -1,4 +1,5 @@
-"""Vision data builders on tiny inputs: BDHS masking, sentences, similarity, guided rejected responses, rows out."""
+"""Vision data builders on tiny inputs: BDHS masking and resampling, MIA-DPO layouts and attention ratio, rDPO retrieval
+and masking; every builder writes rows the trainer reads."""
 
 import json
 
@@ -113,3 +114,30 @@ def test_mia_dpo_builds_trl_rows_from_the_model(tmp_path):
     if rows:
         pairs = VisionPairs.load(write_rows(rows, tmp_path / "m.parquet"), processor)
         assert pairs[0]["pixel_values"].shape[0] == 2
+
+
+def test_rdpo_retrieval_returns_the_nearest_other_image():
+    from mmalign.vision.builders.rdpo import RetrievalIndex
+
+    pool = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    index = RetrievalIndex(pool)
+    assert index.nearest(pool, k=1, exclude=torch.arange(4))[:, 0].tolist() == [1, 0, 1, 2]
+    assert index.nearest(torch.tensor([[0.1, 1.0]]), k=2).tolist() == [[2, 1]]
+
+
+def test_rdpo_masks_only_vocabulary_words_and_keeps_v_prime(tmp_path):
+    from mmalign.vision.builders import rdpo
+    from mmalign.vision.world import COLOURS, SHAPES
+
+    model, processor = tiny_llava(seed=0)
+    rows = [{k: r[k] for k in ("prompt", "chosen", "images")} for r in preference_rows(6, seed=0)]
+    rows[0]["chosen"] = " the red circle is there </s>"
+    vocabulary = {*COLOURS, *SHAPES}
+    filled = rdpo.fill_masked(model, processor, rows[0]["prompt"], rows[1]["images"][0], rows[0]["chosen"], vocabulary)
+    kept = [(a, b) for a, b in zip(rows[0]["chosen"].split(" "), filled.split(" ")) if a not in vocabulary]
+    assert len(filled.split(" ")) == len(rows[0]["chosen"].split(" ")) and all(a == b for a, b in kept)
+    built, report = rdpo.build_rows(model, processor, rows, vocabulary)
+    assert report["pairs"] == len(built) and all(len(r["retrieved_images"]) == 1 for r in built)
+    if built:
+        pairs = VisionPairs.load(write_rows(built, tmp_path / "r.parquet"), processor, retrieved=True)
+        assert pairs[0]["retrieved_pixel_values"].shape == pairs[0]["pixel_values"].shape
