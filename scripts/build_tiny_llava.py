@@ -40,15 +40,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-objects", type=int, default=3)
+    parser.add_argument("--prior", type=float, default=0.0, help="share of training scenes in their shapes' usual colours")
     args = parser.parse_args()
 
     model, processor = tiny_llava(seed=args.seed)
-    held_out = qa_rows(500, seed=10_000)
+    held_out = qa_rows(500, seed=10_000, max_objects=args.max_objects)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
     for step in range(args.steps):
         model.train()
-        loss = model(**answer_batch(processor, qa_rows(args.batch_size, seed=args.seed * 1_000_003 + step))).loss
+        rows = qa_rows(args.batch_size, seed=args.seed * 1_000_003 + step, max_objects=args.max_objects, prior=args.prior)
+        loss = model(**answer_batch(processor, rows)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -29,8 +29,9 @@ def test_bdhs_then_dpo_learns_its_pairs_and_keeps_qa_accuracy(tmp_path):
                         output=tmp_path / "run", full=True, max_steps=256, batch_size=16, learning_rate=3e-4, beta=0.5,
                         anchor_weight=1.0, visual_term="corrupted", report_to="none", checkpoint_every=0)
     history = dpo.run(config)
-    late = history[-32:]
-    assert sum(h["implicit_acc"] for h in late) / len(late) > 0.8  # the policy now prefers truth over hallucination
-    assert sum(h["visual_loss"] for h in late) / len(late) < 0.6  # and the true image over a corrupted one
+    late = {key: sum(h[key] for h in history[-64:]) / 64 for key in ("implicit_acc", "reward_margin", "visual_loss")}
+    assert late["implicit_acc"] > 0.6 and late["reward_margin"] > 0  # truth over hallucination, on unseen pairs
+    assert late["visual_loss"] < 0.5  # the chosen answer is likelier under the true image than a corrupted one
     after = qa_accuracy(AutoModelForImageTextToText.from_pretrained(config.output), processor, held_out)
-    assert after["ci_high"] > before["mean"]  # held-out QA accuracy is not lost (measured: 0.58 -> 0.60)
+    # held-out QA accuracy is kept, not clearly improved (measured: 0.58 -> 0.60, see BENCHMARKS.md)
+    assert after["ci_high"] > before["mean"]

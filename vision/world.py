@@ -40,12 +40,19 @@ def render(objects: list[tuple[str, str, int]], size: int = IMAGE_SIZE) -> Image
     return canvas.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def random_objects(rng: np.random.Generator) -> list[tuple[str, str, int]]:
-    """1-3 objects with distinct shapes and colours in distinct cells."""
-    n = int(rng.integers(1, 4))
+PRIOR = {"square": "red", "circle": "blue", "triangle": "green"}
+"""The usual colour of each shape in a biased world (`qa_rows(prior=p)`): a language prior a model can learn."""
+
+
+def random_objects(rng: np.random.Generator, max_objects: int = 3, prior: float = 0.0) -> list[tuple[str, str, int]]:
+    """1 to `max_objects` objects with distinct shapes and colours in distinct cells; with probability `prior` a scene's
+    objects take their shapes' usual colours (PRIOR)."""
+    n = int(rng.integers(1, max_objects + 1))
     colours = rng.choice(list(COLOURS), n, replace=False)
     shapes = rng.choice(SHAPES, n, replace=False)
     cells = rng.choice(len(CELLS), n, replace=False)
+    if prior > 0 and rng.random() < prior:
+        colours = [PRIOR[str(s)] for s in shapes]
     return [(str(c), str(s), int(k)) for c, s, k in zip(colours, shapes, cells)]
 
 
@@ -64,12 +71,12 @@ def question(objects: list[tuple[str, str, int]], rng: np.random.Generator) -> t
     return f"what is in the {CELLS[cell]} ?", found[0] if found else "nothing"
 
 
-def qa_rows(n: int, seed: int) -> list[dict]:
-    """n single-image QA rows {'image', 'objects', 'question', 'answer'} from the world."""
+def qa_rows(n: int, seed: int, max_objects: int = 3, prior: float = 0.0) -> list[dict]:
+    """n single-image QA rows {'image', 'objects', 'question', 'answer'} from the world (see `random_objects`)."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
-        objects = random_objects(rng)
+        objects = random_objects(rng, max_objects, prior)
         q, a = question(objects, rng)
         rows.append({"image": render(objects), "objects": objects, "question": q, "answer": a})
     return rows
