@@ -125,6 +125,9 @@ def test_visual_and_anchor_terms_by_hand(tmp_path):
     assert loss.item() == pytest.approx(dpo_part + 0.7 * visual + 0.3 * anchor, rel=1e-6)
     assert metrics["visual_loss"].item() == pytest.approx(visual) and metrics["anchor_loss"].item() == pytest.approx(anchor)
     assert metrics["dpo_loss"].item() == pytest.approx(dpo_part)
+    cfg.dpo_weight = 0.0  # mDPO's image-conditioned terms alone
+    loss, _ = dpo.vision_dpo_loss(policy, ref, torch.ones(1, 3), cfg)
+    assert loss.item() == pytest.approx(0.7 * visual + 0.3 * anchor, rel=1e-6)
 
 
 def test_corrupted_images_are_small_crops_drawn_from_the_generator():
@@ -177,5 +180,7 @@ def test_config_rejects_bad_combinations(tmp_path):
         config(tmp_path, reference="cached", visual_term="corrupted")
     with pytest.raises(ValueError, match="reference frozen is for --full"):
         config(tmp_path, reference="frozen")
+    with pytest.raises(ValueError, match="nothing would be trained"):
+        config(tmp_path, dpo_weight=0)
     with pytest.raises(ValueError, match="beta must be positive"):
         config(tmp_path, beta=0)

@@ -68,6 +68,7 @@ class Config(TrainConfig):
                 "(auto: adapter for LoRA, frozen for --full)")
     visual_term: Literal["none", "retrieved", "corrupted"] = option(
         "none", "image-conditioned term: rDPO (v' = the row's retrieved_images) or mDPO (v' = a random crop of 1-20%)")
+    dpo_weight: float = option(1.0, "weight of the pairwise preference term (0: the image-conditioned terms only)")
     visual_weight: float = option(1.0, "weight of the visual term")
     anchor_weight: float = option(0.0, "weight of mDPO's anchor -log sigmoid(beta r_w) (mDPO: 1)")
     gradient_checkpointing: bool = option(False, "trade compute for memory in the language model")
@@ -85,8 +86,10 @@ class Config(TrainConfig):
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if not self.full and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be at least 1 (or pass --full), got {self.lora_rank}")
-        if self.visual_weight < 0 or self.anchor_weight < 0:
-            raise ValueError("visual_weight and anchor_weight must not be negative")
+        if min(self.dpo_weight, self.visual_weight, self.anchor_weight) < 0:
+            raise ValueError("dpo_weight, visual_weight and anchor_weight must not be negative")
+        if self.dpo_weight == 0 and self.visual_term == "none" and self.anchor_weight == 0:
+            raise ValueError("with dpo_weight 0, a visual term or an anchor is needed: nothing would be trained")
         if self.reference == "adapter" and self.full:
             raise ValueError("--reference adapter needs a LoRA; --full trains the weights themselves (use frozen)")
         if self.reference == "frozen" and not self.full:
@@ -108,7 +111,7 @@ class Parts:
 
 def vision_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor, config: Config
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair loss [B] = preference_loss(r_w, r_l) + w_v (-log s(beta (r_w - r'_w))) + w_a (-log s(beta r_w)) from
+    """Per-pair loss [B] = w_d preference_loss(r_w, r_l) + w_v (-log s(beta (r_w - r'_w))) + w_a (-log s(beta r_w)) from
     scores [B, k] (columns chosen, rejected[, chosen under v']) and completion lengths [B, k]; plus metrics."""
     logratio = policy - ref.detach().to(policy.dtype)
     chosen, rejected = logratio[:, 0], logratio[:, 1]
@@ -121,7 +124,7 @@ def vision_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tens
                "reward_margin": inside.mean(), "chosen_reward": config.beta * logratio[:, 0].detach().mean(),
                "rejected_reward": config.beta * logratio[:, 1].detach().mean(),
                "logps_chosen": policy[:, 0].detach().mean(), "logps_rejected": policy[:, 1].detach().mean()}
-    loss = dpo
+    loss = config.dpo_weight * dpo
     if config.visual_term != "none":
         visual = -F.logsigmoid(config.beta * (logratio[:, 0] - logratio[:, 2]))
         loss = loss + config.visual_weight * visual
