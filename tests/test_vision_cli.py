@@ -86,3 +86,21 @@ def test_bad_rows_stop_before_training(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.parquet" in err and "record 3, field 'prompt': has 1 <image> placeholder(s) for 0 image(s)" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [[], ["--full", "--reference", "cached"]])
+def test_two_process_cpu_ddp_run(tiny_dir, rows_file, tmp_path, mode):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmalign", "vision",
+               "dpo", "--model", str(tiny_dir), "--data", str(rows_file), "--output", str(tmp_path / "run"),
+               "--max-steps", "2", "--batch-size", "2", "--cpu", "--report-to", "none", *mode]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(metrics(tmp_path / "run")) == 2
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()

@@ -13,13 +13,16 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from mmalign.reference import _unwrap
+
 
 def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
-    """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call."""
+    """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call (on the
+    model inside a DDP wrapper, which does not forward methods)."""
     if "pixel_values" not in batch:
         return None
     kwargs = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
-    out = model.get_image_features(pixel_values=batch["pixel_values"], **kwargs)
+    out = _unwrap(model).get_image_features(pixel_values=batch["pixel_values"], **kwargs)
     return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 
