@@ -27,6 +27,8 @@ COMMANDS = {
     "diffusion demo": ("mmalign.diffusion.demo", "same as `mmalign demo`"),
     "vision dpo": ("mmalign.vision.dpo", "DPO-family fine-tuning of a LLaVA-style model on TRL rows with images"),
     "vision bdhs": ("mmalign.vision.builders.bdhs", "BDHS pairs: rejected = the model's answer with the image masked"),
+    "vision mia-dpo": ("mmalign.vision.builders.mia_dpo", "MIA-DPO pairs: multi-image prompts, attention-selected rejects"),
+    "vision rdpo": ("mmalign.vision.builders.rdpo", "rDPO pairs: words refilled given a retrieved image, kept as v'"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
 """Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""

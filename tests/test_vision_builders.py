@@ -141,3 +141,25 @@ def test_rdpo_masks_only_vocabulary_words_and_keeps_v_prime(tmp_path):
     if built:
         pairs = VisionPairs.load(write_rows(built, tmp_path / "r.parquet"), processor, retrieved=True)
         assert pairs[0]["retrieved_pixel_values"].shape == pairs[0]["pixel_values"].shape
+
+
+@pytest.mark.parametrize("command", ["mia-dpo", "rdpo"])
+def test_builder_commands_write_rows_the_trainer_reads(command, tmp_path):
+    from pathlib import Path
+
+    from mmalign.vision.world import qa_rows
+
+    assets = Path(__file__).resolve().parents[1] / "assets" / "tiny-llava"
+    qa = qa_rows(12, seed=3)
+    if command == "mia-dpo":
+        rows, flags = [{"question": r["question"], "answer": r["answer"], "images": [r["image"]]} for r in qa], []
+    else:
+        rows = [{"prompt": f"<image> question : {r['question']} answer :", "chosen": f" {r['answer']} </s>",
+                 "images": [r["image"]]} for r in qa]
+        flags = ["--vocabulary", "red", "green", "blue", "yellow", "circle", "square", "triangle", "nothing"]
+    data = write_rows(rows, tmp_path / "src.parquet")
+    assert main(["vision", command, "--model", str(assets), "--data", str(data), "--output", str(tmp_path / "out"),
+                 *flags]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    pairs = VisionPairs.load(tmp_path / "out" / "train.parquet", tiny_llava()[1], retrieved=command == "rdpo")
+    assert len(pairs) == report["pairs"] > 0 and pairs[0]["rejected_ids"]

@@ -15,9 +15,20 @@ noise is added here.)
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from mmalign.config import option
+from mmalign.data import Field, Schema, load_preferences, text
+
+from .. import models
+from ..data import _image_entries, open_image, write_rows
 
 THRESHOLDS = {
     "sequence": {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
@@ -29,16 +40,22 @@ GRID_SHAPES = {2: (1, 2), 3: (1, 3), 4: (2, 2), 6: (2, 3), 9: (3, 3)}
 ORDINALS = ("first", "second", "third", "fourth", "fifth")
 
 
-def compose_sequence(images: list[Image.Image], target: int, question: str) -> dict:
+TEMPLATE = "{images} question : {question} answer :"
+"""The prompt of a composed row (the embedded model's); `{images}` holds the <image> placeholders, `{question}` the
+question naming the target. For LLaVA 1.5: 'USER: {images}\n{question} ASSISTANT:'."""
+
+
+def compose_sequence(images: list[Image.Image], target: int, question: str, template: str = TEMPLATE) -> dict:
     """A row with every image in order, each after its label, and the question about image `target` (0-based)."""
     if not 2 <= len(images) <= 5:
         raise ValueError(f"the sequence layout takes 2-5 images, got {len(images)}")
     labels = " ".join(f"image{i + 1} : <image>" for i in range(len(images)))
-    return {"prompt": f"{labels} question : in image{target + 1} , {question} answer :", "images": list(images),
-            "layout": "sequence", "target": target, "count": len(images)}
+    return {"prompt": template.format(images=labels, question=f"in image{target + 1} , {question}"),
+            "images": list(images), "layout": "sequence", "target": target, "count": len(images)}
 
 
-def compose_grid(images: list[Image.Image], target: int, question: str, cell: int | None = None) -> dict:
+def compose_grid(images: list[Image.Image], target: int, question: str, cell: int | None = None,
+                 template: str = TEMPLATE) -> dict:
     """A row with one collage of the images in a labelled grid (2, 3, 4, 6 or 9 cells) and the question about cell
     `target` (0-based). Each cell is `cell` px (default: the first image's width); its number is drawn in its corner."""
     if len(images) not in GRID_SHAPES:
@@ -51,36 +68,38 @@ def compose_grid(images: list[Image.Image], target: int, question: str, cell: in
         x, y = (i % cols) * size, (i // cols) * size
         collage.paste(image.convert("RGB").resize((size, size)), (x, y))
         draw.text((x + 1, y), str(i + 1), fill=(0, 0, 0))
-    return {"prompt": f"<image> question : in picture {target + 1} , {question} answer :", "images": [collage],
-            "layout": "grid", "target": target, "count": len(images)}
+    return {"prompt": template.format(images="<image>", question=f"in picture {target + 1} , {question}"),
+            "images": [collage], "layout": "grid", "target": target, "count": len(images)}
 
 
-def compose_pic_in_pic(target_image: Image.Image, background: Image.Image, question: str, scale: float = 0.7) -> dict:
+def compose_pic_in_pic(target_image: Image.Image, background: Image.Image, question: str, scale: float = 0.7,
+                       template: str = TEMPLATE) -> dict:
     """A row with the target image pasted at `scale` of the background's size in its centre; the question asks about
     the inset."""
     canvas = background.convert("RGB").copy()
     w, h = round(canvas.width * scale), round(canvas.height * scale)
     canvas.paste(target_image.convert("RGB").resize((w, h)), ((canvas.width - w) // 2, (canvas.height - h) // 2))
-    return {"prompt": f"<image> question : in the inset picture , {question} answer :", "images": [canvas],
-            "layout": "pic_in_pic", "target": 0, "count": 2}
+    return {"prompt": template.format(images="<image>", question=f"in the inset picture , {question}"),
+            "images": [canvas], "layout": "pic_in_pic", "target": 0, "count": 2}
 
 
-def compose(rows: list[dict], layout: str, count: int, rng: np.random.Generator) -> dict:
+def compose(rows: list[dict], layout: str, count: int, rng: np.random.Generator, template: str = TEMPLATE,
+            eos: str = "</s>") -> dict:
     """Compose `count` single-image QA rows {'image', 'question', 'answer'} into one row asking about a random one;
-    its 'chosen' is that row's answer."""
+    its 'chosen' is that row's answer followed by `eos`."""
     target = int(rng.integers(count))
     images = [r["image"] for r in rows[:count]]
     question = rows[target]["question"]
     if layout == "sequence":
-        row = compose_sequence(images, target, question)
+        row = compose_sequence(images, target, question, template)
     elif layout == "grid":
-        row = compose_grid(images, target, question)
+        row = compose_grid(images, target, question, template=template)
     elif layout == "pic_in_pic":
-        row = compose_pic_in_pic(images[0], images[1], rows[0]["question"])
+        row = compose_pic_in_pic(images[0], images[1], rows[0]["question"], template=template)
         target = 0
     else:
         raise ValueError(f"unknown layout {layout!r}; choose sequence, grid or pic_in_pic")
-    return {**row, "chosen": f" {rows[target]['answer']} </s>"}
+    return {**row, "chosen": f" {rows[target]['answer']} {eos}"}
 
 
 def attention_ratio(attentions: torch.Tensor, target_keys: torch.Tensor, image_keys: torch.Tensor) -> float:
@@ -135,7 +154,7 @@ def is_rejected(answer: str, truth: str, ratio: float, layout: str, count: int, 
 
 
 def build_rows(model, processor, qa: list[dict], layout: str, count: int, seed: int = 0,
-               max_confidence: float = 1.0) -> tuple[list[dict], dict]:
+               max_confidence: float = 1.0, template: str = TEMPLATE) -> tuple[list[dict], dict]:
     """(TRL rows, report): compose groups of `count` QA rows, keep those the model answers wrong while looking away
     from the target (`is_rejected`), chosen = the truth, rejected = the model's answer."""
     rng = np.random.default_rng(seed)
@@ -143,12 +162,13 @@ def build_rows(model, processor, qa: list[dict], layout: str, count: int, seed: 
         model.set_attn_implementation("eager")  # attention weights are needed
     built, wrong, examples = [], 0, []
     for start in range(0, len(qa) - count + 1, count):
-        row = compose(qa[start:start + count], layout, count, rng)
+        row = compose(qa[start:start + count], layout, count, rng, template, processor.tokenizer.eos_token)
         truth = row["chosen"].split()[0]
         answer, confidence, ratio = answer_and_ratio(model, processor, row)
         wrong += answer != truth
         if is_rejected(answer, truth, ratio, layout, count, confidence, max_confidence):
-            built.append({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": f" {answer} </s>",
+            built.append({"prompt": row["prompt"], "chosen": row["chosen"],
+                          "rejected": f" {answer} {processor.tokenizer.eos_token}",
                           "images": row["images"]})
             if len(examples) < 5:
                 examples.append({"prompt": row["prompt"], "chosen": truth, "rejected": answer, "ratio": ratio})
@@ -157,3 +177,46 @@ def build_rows(model, processor, qa: list[dict], layout: str, count: int, seed: 
               "pairs": len(built), "acceptance_rate": len(built) / max(1, groups),
               "threshold": THRESHOLDS[layout][count], "examples": examples}
     return built, report
+
+
+@dataclass
+class Config:
+    """MIA-DPO data-building settings."""
+
+    model: str = option(None, "the LLaVA-style model whose wrong multi-image answers become the rejected responses")
+    data: str = option(None, "single-image QA rows: question, answer, images (one image each)")
+    output: Path = option(None, "folder for train.parquet and report.json")
+    split: str = option("train", "split to read from a dataset folder or hub id")
+    layout: Literal["sequence", "grid", "pic_in_pic"] = option("sequence", "how the images are composed")
+    count: int = option(2, "images per composed prompt (sequence 2-5; grid 2, 3, 4, 6, 9; pic-in-pic 2)")
+    template: str = option(TEMPLATE, "prompt template with {images} and {question}")
+    max_confidence: float = option(1.0, "keep only wrong answers with a probability under this")
+    seed: int = option(0, "seed of the targets")
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.data or self.output is None:
+            raise ValueError("--model, --data and --output are required")
+        if self.count not in THRESHOLDS[self.layout]:
+            raise ValueError(f"the {self.layout} layout takes {', '.join(map(str, THRESHOLDS[self.layout]))} images, "
+                             f"not {self.count}")
+        self.output = Path(self.output)
+
+
+QA_ROW = Schema("single-image QA row (question, answer, images)",
+                (Field("question", text), Field("answer", text), Field("images", _image_entries)))
+
+
+def run(config: Config) -> dict:
+    """`mmalign vision mia-dpo`: compose, answer, select; write train.parquet and report.json."""
+    model, processor = models.load(config.model)
+    records = load_preferences(config.data, QA_ROW, config.split)
+    root = Path(config.data).parent if Path(config.data).is_file() else Path(config.data)
+    qa = [{"image": open_image(r["images"][0], root), "question": r["question"], "answer": r["answer"]} for r in records]
+    rows, report = build_rows(model.eval(), processor, qa, config.layout, config.count, config.seed,
+                              config.max_confidence, config.template)
+    if not rows:
+        raise ValueError(f"{config.data}: no composed prompt was answered wrong with low attention to its target")
+    write_rows(rows, config.output / "train.parquet")
+    (config.output / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
+    return report

@@ -12,11 +12,19 @@ The paper finds object/attribute words with a tagger; none ships here offline, s
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .bdhs import bow_cosine
+from mmalign.config import option
+from mmalign.data import load_preferences
+
+from .. import models
+from ..data import open_image, write_rows
+from .bdhs import SOURCE_ROW, bow_cosine
 
 
 class RetrievalIndex:
@@ -78,3 +86,40 @@ def build_rows(model, processor, rows: list[dict], vocabulary: set[str],
     report = {"method": "rDPO", "rows": len(rows), "pairs": len(built), "acceptance_rate": len(built) / max(1, len(rows)),
               "threshold": threshold, "examples": examples}
     return built, report
+
+
+@dataclass
+class Config:
+    """rDPO data-building settings."""
+
+    model: str = option(None, "the LLaVA-style model that fills the masked words given the retrieved image")
+    data: str = option(None, "rows with prompt, chosen (the reference response) and images (one image each)")
+    output: Path = option(None, "folder for train.parquet (with retrieved_images) and report.json")
+    vocabulary: list[str] = option([], "the object/attribute words to mask (default: the embedded world's)")
+    split: str = option("train", "split to read from a dataset folder or hub id")
+    threshold: float = option(0.95, "keep a pair when the rejected response's similarity to the chosen is under this")
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.data or self.output is None:
+            raise ValueError("--model, --data and --output are required")
+        self.output = Path(self.output)
+
+
+def run(config: Config) -> dict:
+    """`mmalign vision rdpo`: retrieve v', refill the masked words, keep dissimilar rejects; write rows and a report."""
+    from ..world import COLOURS, COUNTS, SHAPES
+
+    model, processor = models.load(config.model)
+    records = load_preferences(config.data, SOURCE_ROW, config.split)
+    root = Path(config.data).parent if Path(config.data).is_file() else Path(config.data)
+    rows = [{**r, "images": [open_image(image, root) for image in r["images"]]} for r in records]
+    if any(len(r["images"]) != 1 for r in rows):
+        raise ValueError(f"{config.data}: rDPO rows hold exactly one image each")
+    vocabulary = set(config.vocabulary) or {*COLOURS, *SHAPES, *COUNTS}
+    built, report = build_rows(model.eval(), processor, rows, vocabulary, threshold=config.threshold)
+    if not built:
+        raise ValueError(f"{config.data}: no rejected response differed enough from its chosen one")
+    write_rows(built, config.output / "train.parquet")
+    (config.output / "report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
+    return report
