@@ -104,3 +104,12 @@ def test_two_process_cpu_ddp_run(tiny_dir, rows_file, tmp_path, mode):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(metrics(tmp_path / "run")) == 2
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
+
+
+@pytest.mark.parametrize("objective", ["tdpo", "rrpo"])
+def test_token_level_objectives_train_from_the_command_line(tiny_dir, rows_file, tmp_path, objective):
+    out = tmp_path / objective
+    assert train(tiny_dir, rows_file, out, "--max-steps", 2, "--token-objective", objective) == 0
+    logged = metrics(out)
+    assert logged[0]["dpo_loss"] == pytest.approx(0.6931, abs=1e-3) and logged[0]["kl_chosen"] == pytest.approx(0, abs=1e-6)
+    assert logged[1]["kl_chosen"] > 0

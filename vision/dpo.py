@@ -16,8 +16,10 @@ them frozen) the same features serve the reference too. Reference: the adapter d
 frozen copy (--full), or scores precomputed once per row (`--reference cached`, written to
 reference_scores.safetensors and reused on resume).
 
+`--token-objective tdpo|rrpo` puts a token-level objective (`token_level`: TDPO2, RRPO) in place of `--loss`.
+
 Logged per step: loss, dpo_loss, visual_loss, anchor_loss, implicit_acc, reward_margin, chosen_reward,
-rejected_reward, logps_chosen, logps_rejected, lr.
+rejected_reward, logps_chosen, logps_rejected (with a token-level objective also kl_chosen), lr.
 """
 
 from __future__ import annotations
@@ -37,9 +39,9 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import AdapterDisabled, CachedScores, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
-from . import models
+from . import models, token_level
 from .data import VisionPairs, collate_pairs
-from .scoring import image_features, sequence_scores
+from .scoring import image_features, sequence_scores, token_log_probs
 
 LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 CACHE_FILE = "reference_scores.safetensors"
@@ -66,6 +68,10 @@ class Config(TrainConfig):
     reference: Literal["auto", "adapter", "frozen", "cached"] = option(
         "auto", "reference scores: adapter disabled (LoRA), frozen copy (--full), or precomputed once per row "
                 "(auto: adapter for LoRA, frozen for --full)")
+    token_objective: Literal["none", "tdpo", "rrpo"] = option(
+        "none", "token-level objective in place of --loss: TDPO2 (sequence KL term) or RRPO (differing sub-sequences "
+                "plus token-wise KL on the chosen response); needs a live reference (not cached)")
+    token_alpha: float | None = option(None, "alpha of the token-level objective (default: TDPO 0.5, RRPO 0.01)")
     visual_term: Literal["none", "retrieved", "corrupted"] = option(
         "none", "image-conditioned term: rDPO (v' = the row's retrieved_images) or mDPO (v' = a random crop of 1-20%)")
     dpo_weight: float = option(1.0, "weight of the pairwise preference term (0: the image-conditioned terms only)")
@@ -96,6 +102,11 @@ class Config(TrainConfig):
             raise ValueError("--reference frozen is for --full; a LoRA's reference is the model with its adapter off")
         if self.reference == "cached" and self.visual_term == "corrupted":
             raise ValueError("--reference cached needs fixed images; the corrupted visual term draws new crops each step")
+        if self.token_objective != "none" and (self.reference == "cached" or self.loss != "sigmoid"):
+            raise ValueError("--token-objective needs the reference's token distributions (not --reference cached) and "
+                             "replaces --loss (leave it at sigmoid)")
+        if self.token_alpha is None:
+            self.token_alpha = {"tdpo": 0.5, "rrpo": 0.01}.get(self.token_objective, 0.0)
         if self.train_vision and not self.full:
             raise ValueError("--train-vision applies to --full (the LoRA adapts the language model only)")
 
@@ -109,15 +120,17 @@ class Parts:
     share_features: bool
 
 
-def vision_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor, config: Config
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def vision_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor, config: Config,
+                    pairwise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair loss [B] = w_d preference_loss(r_w, r_l) + w_v (-log s(beta (r_w - r'_w))) + w_a (-log s(beta r_w)) from
-    scores [B, k] (columns chosen, rejected[, chosen under v']) and completion lengths [B, k]; plus metrics."""
+    scores [B, k] (columns chosen, rejected[, chosen under v']) and completion lengths [B, k]; plus metrics. A given
+    `pairwise` [B] (a token-level objective) takes the place of preference_loss."""
     logratio = policy - ref.detach().to(policy.dtype)
     chosen, rejected = logratio[:, 0], logratio[:, 1]
     if config.loss == "ipo":  # TRL's IPO: per-token averages
         chosen, rejected = chosen / lengths[:, 0].clamp(min=1), rejected / lengths[:, 1].clamp(min=1)
-    dpo = preference_loss(chosen, rejected, kind=config.loss, beta=config.beta, label_smoothing=config.label_smoothing)
+    dpo = pairwise if pairwise is not None else preference_loss(
+        chosen, rejected, kind=config.loss, beta=config.beta, label_smoothing=config.label_smoothing)
     inside = config.beta * (logratio[:, 0] - logratio[:, 1]).detach()
     metrics = {"dpo_loss": dpo.detach().mean(),
                "implicit_acc": ((inside > 0).float() + 0.5 * (inside == 0).float()).mean(),
@@ -169,10 +182,34 @@ def dpo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: Pa
     if parts.share_features:
         with torch.no_grad():
             features = image_features(model, batch)
+    if parts.config.token_objective != "none":
+        return token_step(model, batch, features, parts)
     score = functools.partial(_scores, features=features)
     policy = score(model, batch)
     ref = parts.reference.scores(score, model, batch)
     losses, metrics = vision_dpo_loss(policy, ref, batch["completion_lengths"], parts.config)
+    return losses.mean(), metrics
+
+
+def token_step(model, batch: dict[str, Any], features, parts: Parts) -> tuple[torch.Tensor, dict]:
+    """The micro-step with a token-level objective (TDPO2 or RRPO, see `token_level`) in place of --loss."""
+    c, pairs = parts.config, batch["index"].shape[0]
+    score = functools.partial(token_log_probs, features=features)
+    logps, mask, log_dist = score(model, batch)
+    ref_logps, _, ref_log_dist = parts.reference.scores(score, model, batch)
+    ratio = (logps - ref_logps) * mask
+    kl = token_level.token_kl(ref_log_dist, log_dist) * mask
+    rows = lambda x: x.sum(1).view(-1, pairs).T  # noqa: E731 - [R, T] -> [B, k]
+    if c.token_objective == "tdpo":
+        pairwise = token_level.tdpo_loss(rows(ratio)[:, 0], rows(ratio)[:, 1], rows(kl)[:, 0], rows(kl)[:, 1],
+                                         c.beta, c.token_alpha)
+    else:
+        diff = token_level.differing_tokens(batch["input_ids"][:, -logps.shape[1]:], mask, pairs)
+        pairwise = token_level.rrpo_loss(rows(ratio * diff)[:, 0], rows(ratio * diff)[:, 1], rows(kl)[:, 0], c.beta,
+                                         c.token_alpha)
+    losses, metrics = vision_dpo_loss(rows(logps * mask), rows(ref_logps * mask), batch["completion_lengths"], c,
+                                      pairwise=pairwise)
+    metrics["kl_chosen"] = rows(kl)[:, 0].detach().mean()
     return losses.mean(), metrics
 
 

@@ -26,9 +26,10 @@ def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
     return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 
-def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen, rejected,
-    chosen under the other images); `features` from `image_features` are reused when given."""
+def token_log_probs(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(y_t | y_<t, images, prompt) [R, T], completion mask [R, T], log-distributions [R, T, V]) over the T
+    positions from the shortest prompt on, for all R rows in one forward; `features` are reused when given."""
     if features is None:
         features = image_features(model, batch)
     encoded = None
@@ -41,6 +42,12 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], mm_encoder_outputs=encoded,
                    logits_to_keep=keep, use_cache=False).logits
     targets, target_mask = input_ids[:, -keep + 1:], mask[:, -keep + 1:]
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    rows = (logps * target_mask).sum(1)
-    return rows.view(-1, batch["index"].shape[0]).T
+    log_dist = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1), target_mask, log_dist
+
+
+def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen, rejected,
+    chosen under the other images); `features` from `image_features` are reused when given."""
+    logps, mask, _ = token_log_probs(model, batch, features)
+    return (logps * mask).sum(1).view(-1, batch["index"].shape[0]).T
