@@ -37,7 +37,6 @@ THRESHOLDS = {
 }
 """Attention-ratio thresholds of the paper, by layout and number of images (or cells)."""
 GRID_SHAPES = {2: (1, 2), 3: (1, 3), 4: (2, 2), 6: (2, 3), 9: (3, 3)}
-ORDINALS = ("first", "second", "third", "fourth", "fifth")
 
 
 TEMPLATE = "{images} question : {question} answer :"
