@@ -184,7 +184,8 @@ def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) ->
     The pairs' images are stacked once in `pixel_values`; `image_order` lists, row by row, which image each row's
     image tokens take (v' rows take index N + i, i.e. images appended after the N real ones: the retrieved images,
     kept in `retrieved_pixel_values`, or corrupted ones made in the step), so chosen and rejected share one encoding.
-    `completion_mask` marks completion tokens; `completion_lengths` is [B, k] per pair and row kind."""
+    `completion_mask` marks completion tokens; `completion_lengths` is [B, k] per pair and row kind; `image_counts`
+    [B] the images of each pair."""
     sequences = [(item["prompt_ids"], item[f"{kind}_ids"]) for kind in ("chosen", "rejected") for item in items]
     counts = [0 if item["pixel_values"] is None else item["pixel_values"].shape[0] for item in items]
     starts = torch.tensor([0, *counts]).cumsum(0).tolist()
@@ -205,7 +206,8 @@ def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) ->
     batch = {"index": torch.tensor([item["index"] for item in items]), "input_ids": input_ids,
              "attention_mask": attention_mask, "completion_mask": completion_mask,
              "completion_lengths": completion_mask.sum(1).view(-1, len(items)).T.contiguous(),
-             "image_order": torch.tensor([i for ids in order for i in ids], dtype=torch.long)}
+             "image_order": torch.tensor([i for ids in order for i in ids], dtype=torch.long),
+             "image_counts": torch.tensor(counts)}
     pixels = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)

@@ -16,6 +16,7 @@ them frozen) the same features serve the reference too. Reference: the adapter d
 frozen copy (--full), or scores precomputed once per row (`--reference cached`, written to
 reference_scores.safetensors and reused on resume).
 
+`--online-bdhs` replaces the rejected responses every step by BDHS samples of the current policy (`online`).
 `--token-objective tdpo|rrpo` puts a token-level objective (`token_level`: TDPO2, RRPO) in place of `--loss`.
 
 Logged per step: loss, dpo_loss, visual_loss, anchor_loss, implicit_acc, reward_margin, chosen_reward,
@@ -39,7 +40,7 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import AdapterDisabled, CachedScores, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
-from . import models, token_level
+from . import models, online, token_level
 from .data import VisionPairs, collate_pairs
 from .scoring import image_features, sequence_scores, token_log_probs
 
@@ -77,6 +78,11 @@ class Config(TrainConfig):
     dpo_weight: float = option(1.0, "weight of the pairwise preference term (0: the image-conditioned terms only)")
     visual_weight: float = option(1.0, "weight of the visual term")
     anchor_weight: float = option(0.0, "weight of mDPO's anchor -log sigmoid(beta r_w) (mDPO: 1)")
+    online_bdhs: bool = option(False, "replace each rejected response, every step, by a BDHS sample of the current "
+                                      "policy (image tokens mostly masked, continuing the chosen answer from a random "
+                                      "cut point); the data's rejected responses are then not used")
+    bdhs_keep_prob: float = option(0.01, "online BDHS: probability that an image token stays visible")
+    bdhs_max_new_tokens: int = option(32, "online BDHS: longest sampled continuation")
     gradient_checkpointing: bool = option(False, "trade compute for memory in the language model")
     learning_rate: float = option(1e-5, "peak learning rate")
 
@@ -102,6 +108,9 @@ class Config(TrainConfig):
             raise ValueError("--reference frozen is for --full; a LoRA's reference is the model with its adapter off")
         if self.reference == "cached" and self.visual_term == "corrupted":
             raise ValueError("--reference cached needs fixed images; the corrupted visual term draws new crops each step")
+        if self.online_bdhs and self.reference == "cached":
+            raise ValueError("--online-bdhs samples new rejected responses every step; their reference scores cannot "
+                             "be cached")
         if self.token_objective != "none" and (self.reference == "cached" or self.loss != "sigmoid"):
             raise ValueError("--token-objective needs the reference's token distributions (not --reference cached) and "
                              "replaces --loss (leave it at sigmoid)")
@@ -118,6 +127,7 @@ class Parts:
     reference: Any
     config: Config
     share_features: bool
+    processor: Any = None
 
 
 def vision_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tensor, config: Config,
@@ -177,7 +187,11 @@ def with_visual_images(batch: dict[str, Any], generator: torch.Generator, config
 
 def dpo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> tuple[torch.Tensor, dict]:
     """One micro-step: policy scores with gradients and reference scores without, from one image encoding."""
-    batch = with_visual_images(batch, generator, parts.config)
+    c = parts.config
+    if c.online_bdhs:
+        batch = online.online_rejected(model, batch, generator, parts.processor, c.bdhs_keep_prob,
+                                       c.bdhs_max_new_tokens, c.max_length)
+    batch = with_visual_images(batch, generator, c)
     features = None
     if parts.share_features:
         with torch.no_grad():
@@ -237,7 +251,7 @@ def prepare(config: Config, trainer: Trainer):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     reference = FrozenCopy(model, dtype=trainer.weight_dtype, device=trainer.device) if config.full else AdapterDisabled()
-    return model, processor, Parts(reference, config, share_features=models.vision_is_frozen(model))
+    return model, processor, Parts(reference, config, models.vision_is_frozen(model), processor)
 
 
 def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: Trainer) -> CachedScores:
