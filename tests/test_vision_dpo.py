@@ -168,10 +168,10 @@ def test_cached_reference_equals_adapter_reference(tmp_path):
                 p.normal_()  # a trained adapter: policy and reference now differ
     pairs = VisionPairs.load(write_rows(preference_rows(5, seed=0), tmp_path / "r.parquet"), processor)
     collate = lambda items: collate_pairs(items, 0)  # noqa: E731
-    cache = CachedScores.build(AdapterDisabled(), dpo._scores, model, torch.utils.data.DataLoader(pairs, 2, collate_fn=collate), 5)
+    cache = CachedScores.build(AdapterDisabled(), sequence_scores, model, torch.utils.data.DataLoader(pairs, 2, collate_fn=collate), 5)
     batch = collate([pairs[i] for i in (4, 1)])
-    live = AdapterDisabled().scores(dpo._scores, model, batch)
-    torch.testing.assert_close(cache.scores(dpo._scores, model, batch), live, rtol=1e-5, atol=1e-5)
+    live = AdapterDisabled().scores(sequence_scores, model, batch)
+    torch.testing.assert_close(cache.scores(sequence_scores, model, batch), live, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(sequence_scores(model, batch).detach(), live)
 
 

@@ -196,12 +196,12 @@ def dpo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: Pa
     if parts.share_features:
         with torch.no_grad():
             features = image_features(model, batch)
-    if parts.config.token_objective != "none":
+    if c.token_objective != "none":
         return token_step(model, batch, features, parts)
-    score = functools.partial(_scores, features=features)
+    score = functools.partial(sequence_scores, features=features)
     policy = score(model, batch)
     ref = parts.reference.scores(score, model, batch)
-    losses, metrics = vision_dpo_loss(policy, ref, batch["completion_lengths"], parts.config)
+    losses, metrics = vision_dpo_loss(policy, ref, batch["completion_lengths"], c)
     return losses.mean(), metrics
 
 
@@ -225,10 +225,6 @@ def token_step(model, batch: dict[str, Any], features, parts: Parts) -> tuple[to
                                       pairwise=pairwise)
     metrics["kl_chosen"] = rows(kl)[:, 0].detach().mean()
     return losses.mean(), metrics
-
-
-def _scores(model, batch, features=None):
-    return sequence_scores(model, batch, features)
 
 
 def collate_for(processor, config: Config):
@@ -267,7 +263,7 @@ def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: 
             yield with_visual_images(batch, None, parts.config)
 
     with trainer.accelerator.autocast():
-        cache = CachedScores.build(parts.reference, _scores, model, batches(), len(pairs))
+        cache = CachedScores.build(parts.reference, sequence_scores, model, batches(), len(pairs))
     if trainer.is_main:
         cache.save(str(path))
     return cache
