@@ -143,12 +143,21 @@ def test_truncation_that_would_cut_image_tokens_names_the_row(tiny, tmp_path):
     rows = preference_rows(3, seed=0)
     rows[1]["prompt"] = "describe the image . " * 3 + rows[1]["prompt"]  # image tokens at positions 12-27
     rows[2]["prompt"] = rows[2]["prompt"] + " describe the image ." * 3  # image tokens first, 38 tokens in all
-    pairs = VisionPairs.load(write_rows(rows, tmp_path / "r.parquet"), processor, max_length=27)
+    path = write_rows(rows, tmp_path / "r.parquet")
+    with pytest.raises(DataError) as err:  # every row checked before anything trains
+        VisionPairs.load(path, processor, max_length=27)
+    assert "r.parquet: 2 row(s) do not fit max_length 27" in str(err.value)
+    assert "record 1: max_length 27 would cut image tokens (the prompt has 38 tokens, its last image token at " \
+           "position 27)" in str(err.value)
+    assert "record 2: the prompt has 38 tokens, leaving no room for the 'chosen' completion" in str(err.value)
+    # the same rules hold item by item (models whose image token count varies are only checked there)
+    pairs = VisionPairs(datasets.Dataset.from_parquet(str(path)), processor, max_length=27, source="r.parquet")
     assert len(pairs[0]["chosen_ids"]) == 1  # completions are cut to fit: 26 prompt tokens + 1
     with pytest.raises(DataError, match=r"r.parquet: record 1: max_length 27 would cut image tokens .*position 27"):
         pairs[1]
     with pytest.raises(DataError, match=r"r.parquet: record 2: the prompt has 38 tokens, leaving no room"):
         pairs[2]
+    assert len(VisionPairs.load(path, processor, max_length=38 + 2)) == 3
 
 
 def test_bad_rows_are_named_before_training(tiny, tmp_path):

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from mmalign.data import TRL_ROW, DataError, Field, Schema, load_preferences
+from mmalign.data import MAX_REPORTED, TRL_ROW, DataError, Field, Schema, load_preferences
 
 IMAGE_FIELDS = ("images", "retrieved_images")
 
@@ -129,10 +130,13 @@ class VisionPairs(torch.utils.data.Dataset):
     @classmethod
     def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
              retrieved: bool = False) -> "VisionPairs":
-        """Load and validate every row of `path` up front (see `mmalign.data.load_preferences`)."""
+        """Load and validate every row of `path` up front (fields, see `mmalign.data.load_preferences`, then lengths,
+        see `check_lengths`)."""
         records = load_preferences(path, VISION_ROW, split)
         root = Path(path).parent if Path(path).is_file() else Path(path)
-        return cls(records, processor, max_length, str(path), root, retrieved)
+        pairs = cls(records, processor, max_length, str(path), root, retrieved)
+        pairs.check_lengths()
+        return pairs
 
     def __len__(self) -> int:
         return len(self.records)
@@ -163,18 +167,60 @@ class VisionPairs(torch.utils.data.Dataset):
         completion would be cut."""
         if not completion:
             raise DataError(f"{self.source}: record {index}, field '{key}': tokenises to no tokens")
-        if self.max_length is None or len(prompt_ids) + len(completion) <= self.max_length:
-            return completion
         image_positions = [i for i, t in enumerate(prompt_ids) if t == self.image_token_id]
-        if image_positions and image_positions[-1] >= self.max_length:
-            raise DataError(f"{self.source}: record {index}: max_length {self.max_length} would cut image tokens (the "
-                            f"prompt has {len(prompt_ids)} tokens, its last image token at position "
-                            f"{image_positions[-1]}); raise --max-length or shorten the prompt")
-        room = self.max_length - len(prompt_ids)
-        if room < 1:
-            raise DataError(f"{self.source}: record {index}: the prompt has {len(prompt_ids)} tokens, leaving no room "
-                            f"for the '{key}' completion within max_length {self.max_length}")
-        return completion[:room]
+        problem = length_problem(len(prompt_ids), image_positions[-1] if image_positions else None, len(completion),
+                                 self.max_length, key)
+        if problem:
+            raise DataError(f"{self.source}: record {index}: {problem}")
+        return completion if self.max_length is None else completion[:self.max_length - len(prompt_ids)]
+
+    def check_lengths(self) -> None:
+        """Check every row against max_length before training, from its text alone: each image placeholder counts as
+        the number of image tokens the first image expanded to (exact for fixed-resolution models like LLaVA 1.5).
+        Raises a DataError listing every row that would lose image tokens or a whole completion."""
+        if self.max_length is None or len(self) == 0:
+            return
+        tok = self.processor.tokenizer
+        text = self.records.remove_columns([c for c in IMAGE_FIELDS if c in self.records.column_names]).to_list()
+        counts = (pc.list_value_length(self.records.data.column("images")).fill_null(0).to_pylist()
+                  if "images" in self.records.column_names else [0] * len(self))
+        per_image = 1
+        with_image = next((i for i, n in enumerate(counts) if n), None)
+        if with_image is not None:
+            first = self.records[with_image]
+            ids = self._encode(render(first, self.processor)[0], first["images"], with_image, "images")[0]
+            per_image = ids.count(self.image_token_id) // counts[with_image]
+        problems = []
+        for index, (record, n) in enumerate(zip(text, counts)):
+            prompt, *completions = render({**record, "images": [None] * n}, self.processor)
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            images = [i for i, t in enumerate(ids) if t == self.image_token_id]
+            length = len(ids) + len(images) * (per_image - 1)
+            last = images[-1] + len(images) * (per_image - 1) if images else None
+            for key, completion in zip(("chosen", "rejected"), completions):
+                problem = length_problem(length, last, len(tok(completion, add_special_tokens=False)["input_ids"]),
+                                         self.max_length, key)
+                if problem:
+                    problems.append(f"  record {index}: {problem}")
+                    break
+        if problems:
+            more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
+            raise DataError(f"{self.source}: {len(problems)} row(s) do not fit max_length {self.max_length}; nothing "
+                            "was trained\n" + "\n".join(problems[:MAX_REPORTED]) + more)
+
+
+def length_problem(prompt_length: int, last_image_position: int | None, completion_length: int,
+                   max_length: int | None, key: str) -> str | None:
+    """Why a row cannot be cut to max_length (image tokens or the whole completion would go), or None."""
+    if max_length is None or prompt_length + completion_length <= max_length:
+        return None
+    if last_image_position is not None and last_image_position >= max_length:
+        return (f"max_length {max_length} would cut image tokens (the prompt has {prompt_length} tokens, its last "
+                f"image token at position {last_image_position}); raise --max-length or shorten the prompt")
+    if prompt_length >= max_length:
+        return (f"the prompt has {prompt_length} tokens, leaving no room for the '{key}' completion within max_length "
+                f"{max_length}")
+    return None
 
 
 def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) -> dict[str, torch.Tensor]:
