@@ -46,6 +46,10 @@ def test_guided_generation_keeps_the_chosen_head_and_resamples_similar_answers(t
         mp.setattr(bdhs, "complete", copy)
         built, report = bdhs.build_rows(model, processor, sources[:1], config)
     assert built == [] and report["dropped_too_similar"] == 1 and report["samples_drawn"] == 3
+    with pytest.MonkeyPatch.context() as mp:  # an empty completion (EOS at once) is drawn again too
+        mp.setattr(bdhs, "complete", lambda *args, **kw: "")
+        built, report = bdhs.build_rows(model, processor, [{**sources[0], "chosen": " red"}], config)
+    assert built == [] and report["samples_drawn"] == 3
     # written rows are TRL rows the trainer reads back
     pairs = VisionPairs.load(write_rows(bdhs.build_rows(model, processor, sources, config)[0] or rows,
                                         tmp_path / "p.parquet"), processor)

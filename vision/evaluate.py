@@ -24,7 +24,9 @@ def greedy_answers(model, processor, rows: list[dict], batch_size: int = 64, cho
         inputs = processor(images=[r["image"] for r in chunk], text=[prompt_text(r["question"]) for r in chunk],
                            add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         device = next(model.parameters()).device
-        logits = model(**{k: v.to(device) for k, v in inputs.items()}, logits_to_keep=1).logits[:, -1]
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
+        logits = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1]
         if choice:
             allowed = torch.full_like(logits, float("-inf"))
             for i, row in enumerate(chunk):

@@ -4,8 +4,9 @@ mostly removed, so they carry the hallucinations its language prior makes.
 For each row (prompt, chosen = the reference response, images): every image token stays visible with probability
 `keep_prob` (0.01: about 1% visible, the attention mask zeroes the rest); each sentence of the chosen response is cut
 at a random word and the model completes it (guided generation, sampled, up to the sentence's end), given the
-prompt and the chosen sentences before it. A rejected response whose similarity to the chosen one is >= `threshold`
-(0.97) is resampled, up to `max_resamples` (5) times; a row that never differs enough is dropped and counted.
+prompt and the chosen sentences before it. A rejected response that is empty or whose similarity to the chosen one
+is >= `threshold` (0.97) is resampled, up to `max_resamples` (5) times; a row that never differs enough is dropped
+and counted.
 
 Similarity: the paper uses a sentence-embedding model; none ships here offline, so the default is the cosine of
 bag-of-words counts (`bow_cosine`), and any `similarity(a, b) -> float` can be passed to `build_rows`.
@@ -129,7 +130,8 @@ def build_rows(model, processor, rows: list[dict], config: Config, similarity: C
         for _ in range(config.max_resamples + 1):
             draws += 1
             rejected = guided_rejected(model, processor, prompt, chosen_text, images, config, generator)
-            if similarity(rejected, chosen_text) < config.threshold:
+            if rejected.replace(processor.tokenizer.eos_token, "").strip() and \
+                    similarity(rejected, chosen_text) < config.threshold:
                 break
         else:
             dropped += 1
