@@ -113,3 +113,10 @@ def test_token_level_objectives_train_from_the_command_line(tiny_dir, rows_file,
     logged = metrics(out)
     assert logged[0]["dpo_loss"] == pytest.approx(0.6931, abs=1e-3) and logged[0]["kl_chosen"] == pytest.approx(0, abs=1e-6)
     assert logged[1]["kl_chosen"] > 0
+
+
+@pytest.mark.parametrize("command", ["dpo", "bdhs", "mia-dpo", "rdpo"])
+def test_every_vision_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["vision", command, "--help"])
+    assert done.value.code == 0 and "--model" in capsys.readouterr().out

@@ -74,7 +74,8 @@ class Config(TrainConfig):
                 "plus token-wise KL on the chosen response); needs a live reference (not cached)")
     token_alpha: float | None = option(None, "alpha of the token-level objective (default: TDPO 0.5, RRPO 0.01)")
     visual_term: Literal["none", "retrieved", "corrupted"] = option(
-        "none", "image-conditioned term: rDPO (v' = the row's retrieved_images) or mDPO (v' = a random crop of 1-20%)")
+        "none", "image-conditioned term: rDPO (v' = the row's retrieved_images) or mDPO (v' = a random crop of "
+                "0.01-0.2 of the area)")
     dpo_weight: float = option(1.0, "weight of the pairwise preference term (0: the image-conditioned terms only)")
     visual_weight: float = option(1.0, "weight of the visual term")
     anchor_weight: float = option(0.0, "weight of mDPO's anchor -log sigmoid(beta r_w) (mDPO: 1)")

@@ -14,6 +14,8 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32):
     """(model, processor) from a folder or hub id: AutoModelForImageTextToText and AutoProcessor."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if not Path(model).exists() and str(model).startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"--model {model}: no such folder")
     try:
         processor = AutoProcessor.from_pretrained(str(model))
         loaded = AutoModelForImageTextToText.from_pretrained(str(model), dtype=dtype)
