@@ -3,7 +3,8 @@
 Each trainer runs in its own process (this script with --child) on the same model folder (a random-weight
 LLaVA of the chosen size, or --model), the same TRL rows from the embedded world, batch size, LoRA
 (rank 8 on the language model's q/k/v/o projections; the reference is the adapter switched off in both),
-beta, learning rate and fp32. Seconds per step is (t(last step) - t(step W)) / (N - W), from per-step
+beta, learning rate, fp32 and gradient checkpointing (off in both unless --gradient-checkpointing; TRL's own
+default is on, which trades its time for memory). Seconds per step is (t(last step) - t(step W)) / (N - W), from per-step
 timestamps taken inside each trainer (our step function, a TRL callback), so start-up and the first W
 warm-up steps cancel. Peak memory is the child's maximum resident set size. Repetitions alternate the order;
 the ratio is the median of per-repetition ratios ours/TRL.
@@ -54,7 +55,7 @@ def child_ours(args) -> list[float]:
     dpo.dpo_step = timed
     dpo.run(dpo.Config(model=args.model, data=args.data, output=Path(args.output), max_steps=args.steps,
                        batch_size=args.batch_size, learning_rate=1e-5, beta=0.1, lora_rank=8, report_to="none",
-                       checkpoint_every=0, cpu=True))
+                       checkpoint_every=0, cpu=True, gradient_checkpointing=args.gradient_checkpointing))
     return stamps
 
 
@@ -76,7 +77,8 @@ def child_trl(args) -> list[float]:
     processor = AutoProcessor.from_pretrained(args.model)
     config = DPOConfig(output_dir=args.output, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                        learning_rate=1e-5, beta=0.1, report_to=[], save_strategy="no", logging_steps=10**6,
-                       use_cpu=True, bf16=False, max_length=None, lr_scheduler_type="constant", dataloader_num_workers=0)
+                       use_cpu=True, bf16=False, max_length=None, lr_scheduler_type="constant", dataloader_num_workers=0,
+                       gradient_checkpointing=args.gradient_checkpointing)
     lora = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})")
     trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_parquet(args.data),
                          processing_class=processor, peft_config=lora, callbacks=[Stamp()])
@@ -104,6 +106,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="in both trainers")
     p.add_argument("--child", choices=("ours", "trl"))
     p.add_argument("--data")
     p.add_argument("--output")
@@ -118,7 +121,8 @@ def main() -> None:
             for tool in (("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")):
                 out = subprocess.run([sys.executable, __file__, "--child", tool, "--model", str(model), "--data", str(data),
                                       "--output", f"{tmp}/{tool}-{repeat}", "--steps", str(args.steps), "--warmup",
-                                      str(args.warmup), "--batch-size", str(args.batch_size)],
+                                      str(args.warmup), "--batch-size", str(args.batch_size),
+                                      *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])],
                                      capture_output=True, text=True)
                 if out.returncode:
                     sys.exit(f"{tool} failed:\n{out.stderr[-3000:]}")
@@ -129,7 +133,8 @@ def main() -> None:
                       "max_rss_mib": statistics.median(r["max_rss_mib"] for r in runs)} for tool, runs in results.items()}
     summary["time_ratio_ours_over_trl"] = statistics.median(ratios)
     summary["rss_ratio_ours_over_trl"] = summary["ours"]["max_rss_mib"] / summary["trl"]["max_rss_mib"]
-    print(json.dumps({"size": args.size, "batch_size": args.batch_size, **summary}, indent=1))
+    print(json.dumps({"size": args.size, "batch_size": args.batch_size,
+                      "gradient_checkpointing": args.gradient_checkpointing, **summary}, indent=1))
 
 
 if __name__ == "__main__":
