@@ -10,8 +10,8 @@ Two image-conditioned terms can be added, each weighted and logged on its own:
                                                                   corrupted by RandomResizedCrop(scale 0.01-0.2)
     anchor  -log sigmoid(beta * r(y_w | v))                       mDPO's anchor on the chosen reward
 
-All rows go through one language-model forward and each image is encoded once per step and shared by
-its rows; when the vision tower and projector do not train (LoRA on the language model, or --full with
+Each image is encoded once per step and shared by its rows, and each prompt runs once per pair with the
+chosen and rejected completions on its key/value cache (`scoring`); when the vision tower and projector do not train (LoRA on the language model, or --full with
 them frozen) the same features serve the reference too. Reference: the adapter disabled (LoRA), a
 frozen copy (--full), or scores precomputed once per row (`--reference cached`, written to
 reference_scores.safetensors and reused on resume).
