@@ -11,8 +11,9 @@ Two image-conditioned terms can be added, each weighted and logged on its own:
     anchor  -log sigmoid(beta * r(y_w | v))                       mDPO's anchor on the chosen reward
 
 Each image is encoded once per step and shared by its rows, and each prompt runs once per pair with the
-chosen and rejected completions on its key/value cache (`scoring`); when the vision tower and projector do not train (LoRA on the language model, or --full with
-them frozen) the same features serve the reference too. Reference: the adapter disabled (LoRA), a
+chosen and rejected completions on its key/value cache (`scoring`); when the vision tower and projector do
+not train (LoRA on the language model, or --full with them frozen) the same features serve the reference
+too. Reference: the adapter disabled (LoRA), a
 frozen copy (--full), or scores precomputed once per row (`--reference cached`, written to
 reference_scores.safetensors and reused on resume).
 
