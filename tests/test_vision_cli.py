@@ -120,3 +120,10 @@ def test_every_vision_command_prints_its_help(command, capsys):
     with pytest.raises(SystemExit) as done:
         main(["vision", command, "--help"])
     assert done.value.code == 0 and "--model" in capsys.readouterr().out
+
+
+def test_gradient_checkpointing_gives_the_same_run(tiny_dir, rows_file, tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "gc"
+    assert train(tiny_dir, rows_file, plain, "--max-steps", 3) == 0
+    assert train(tiny_dir, rows_file, checkpointed, "--max-steps", 3, "--gradient-checkpointing") == 0
+    assert [m["loss"] for m in metrics(checkpointed)] == pytest.approx([m["loss"] for m in metrics(plain)], rel=1e-5)

@@ -13,9 +13,8 @@ Two image-conditioned terms can be added, each weighted and logged on its own:
 Each image is encoded once per step and shared by its rows, and each prompt runs once per pair with the
 chosen and rejected completions on its key/value cache (`scoring`); when the vision tower and projector do
 not train (LoRA on the language model, or --full with them frozen) the same features serve the reference
-too. Reference: the adapter disabled (LoRA), a
-frozen copy (--full), or scores precomputed once per row (`--reference cached`, written to
-reference_scores.safetensors and reused on resume).
+too. Reference: the adapter disabled (LoRA), a frozen copy (--full), or scores precomputed once per row
+(`--reference cached`, written to reference_scores.safetensors and reused on resume).
 
 `--online-bdhs` replaces the rejected responses every step by BDHS samples of the current policy (`online`).
 `--token-objective tdpo|rrpo` puts a token-level objective (`token_level`: TDPO2, RRPO) in place of `--loss`.

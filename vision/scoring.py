@@ -54,9 +54,13 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     Rows that share a prompt and images (chosen and rejected) share its forward: each distinct prompt runs once,
     left-padded, keeping its key/value cache, and every row's completion runs on a copy of its prompt's cache
     (positions continue from the prompt's own length), so the prompt's tokens, images included, are computed once
-    per pair instead of twice, gradients flowing through the shared cache."""
+    per pair instead of twice, gradients flowing through the shared cache. Under gradient checkpointing (which
+    cannot recompute a shared cache) the rows run whole, as in `token_log_probs`."""
     if features is None:
         features = image_features(model, batch)
+    if model.training and getattr(_unwrap(model), "is_gradient_checkpointing", False):
+        logps, mask, _ = token_log_probs(model, batch, features)
+        return (logps * mask).sum(1).view(-1, batch["index"].shape[0]).T
     input_ids, mask = batch["input_ids"], batch["completion_mask"]
     rows, pairs = input_ids.shape[0], batch["index"].shape[0]
     starts = mask.float().argmax(1)  # each row's prompt length
