@@ -94,6 +94,7 @@ def split_pairs(config: Config, resolution: int) -> tuple[Any, Any]:
 def run(config: Config) -> dict[str, Any]:
     """Evaluate, train, evaluate again; writes the scorer, eval.json and curves.png into config.output."""
     trainer = Trainer(config)
+    torch.manual_seed(config.seed)  # new parameters (a model from scratch, a fresh head) start the same every run
     scorer = config.load_scorer(device=trainer.device)
     select_trainable(scorer, config.tune)
     train_pairs, held_pairs = split_pairs(config, scorer.image_size)

@@ -176,3 +176,10 @@ def test_bradley_terry_step_matches_the_core_objective_on_stored_pairs(saved, pi
     assert metrics["pair_acc"] == pytest.approx(pair_metrics(first, second, label)["accuracy"], abs=1e-6)
     loss.backward()
     assert scorer.clip.visual.conv1.weight.grad is not None and scorer.clip.token_embedding.weight.grad is None
+
+
+def test_placement_agreement_of_pairs(pickapic, tmp_path):
+    pairs = PreferencePairs(pickapic, resolution=32)
+    assert world.placement_agreement(pairs) == 1.0  # the world's pairs are labelled by placement
+    rows = [{**r, "label_0": 1.0 - r["label_0"]} for r in world.preference_pairs(24, seed=3) if r["label_0"] != 0.5]
+    assert world.placement_agreement(PreferencePairs(write_pickapic(rows, tmp_path / "flipped.parquet"), 32)) == 0.0
