@@ -50,6 +50,19 @@ def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
     return cls.from_pretrained(str(model), **kwargs)
 
 
+def sampling_pipeline(model: str | Path, lora: str | None = None, mixed_precision: str = "no", cpu: bool = False):
+    """A pipeline ready to sample: on the GPU unless `cpu` (or none is present), weights in the dtype of
+    `mixed_precision` (no/fp16/bf16), progress bars off, an optional LoRA loaded."""
+    from mmalign.trainer import DTYPES
+
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    pipe = load_pipeline(model, dtype=DTYPES[mixed_precision]).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if lora:
+        pipe.load_lora_weights(lora)
+    return pipe
+
+
 def add_lora(unet, rank: int, alpha: int | None = None, targets: tuple[str, ...] = LORA_TARGETS) -> None:
     """Attach a peft LoRA to the UNet's `targets` (default: attention projections); only it trains, in float32."""
     from peft import LoraConfig

@@ -23,11 +23,10 @@ from typing import Literal
 import torch
 
 from mmalign.config import option
-from mmalign.trainer import DTYPES
 
 from .data import write_pickapic
 from .dpo import read_prompts
-from .models import load_pipeline
+from .models import sampling_pipeline
 from .rewards import ScorerOptions
 from .sample import generate, image_grid, to_pil
 from .world import png_bytes
@@ -91,12 +90,8 @@ class Config(ScorerOptions):
 def run(config: Config) -> dict:
     """Sample, score and pair every prompt; write pairs.parquet, report.json and ranked.png; returns the report."""
     prompts = read_prompts(config.prompts)
-    device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
-    pipe = load_pipeline(config.model, dtype=DTYPES[config.mixed_precision]).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if config.lora:
-        pipe.load_lora_weights(config.lora)
-    scorer = config.load_scorer(config.mixed_precision, device)
+    pipe = sampling_pipeline(config.model, config.lora, config.mixed_precision, config.cpu)
+    scorer = config.load_scorer(config.mixed_precision, pipe.device)
     n = config.num_per_prompt
     chunk = max(1, config.batch_size // n)
     rows, shown, all_scores = [], [], []

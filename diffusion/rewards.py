@@ -21,6 +21,7 @@ layout (open_clip_config.json, open_clip_model.safetensors) plus scorer.json and
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -167,9 +168,11 @@ def _flatten_frames(images: torch.Tensor | list[Image.Image]) -> tuple[torch.Ten
     if not isinstance(images, torch.Tensor) or images.dim() not in (4, 5) or images.shape[-3] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"images must be a tensor [B,3,H,W] (or video frames [B,T,3,H,W]); got {shape}")
-    if not images.is_floating_point() or not bool(torch.isfinite(images).all()):
-        raise ValueError("images must be finite floating-point values in [0, 1]")
-    low, high = images.min().item(), images.max().item()
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floating-point values in [0, 1], got {images.dtype}")
+    low, high = (value.item() for value in torch.aminmax(images.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("images hold NaN or infinite values")
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(f"images must lie in [0, 1]; these span [{low:.3f}, {high:.3f}] (for [-1, 1] pixels pass (x + 1) / 2)")
     frames = images.shape[1] if images.dim() == 5 else 1

@@ -83,17 +83,11 @@ class Config:
 
 def run(config: Config) -> torch.Tensor:
     """Sample `num` images per prompt, write them as PNG files plus grid.png; returns the images."""
-    from mmalign.trainer import DTYPES
-
     from .dpo import read_prompts
-    from .models import load_pipeline
+    from .models import sampling_pipeline
 
     prompts = read_prompts(config.prompts)
-    device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
-    pipe = load_pipeline(config.model, dtype=DTYPES[config.mixed_precision]).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if config.lora:
-        pipe.load_lora_weights(config.lora)
+    pipe = sampling_pipeline(config.model, config.lora, config.mixed_precision, config.cpu)
     expanded = [p for p in prompts for _ in range(config.num)]
     images = generate(pipe, expanded, seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale,
                       batch_size=config.batch_size)

@@ -6,6 +6,7 @@ The direct path is what a user of open_clip writes: the model's own eval transfo
 under no_grad on the same inputs, in alternating order; the ratio is the median of per-repetition ratios.
 
     python scripts/benchmark_rewards.py --arch ViT-B-32 --batch 32 --repeats 7
+    python scripts/benchmark_rewards.py --arch tiny --batch 64 --size 32 --repeats 21 --pairs-repeats 0
     python scripts/benchmark_rewards.py --pairs-only
 """
 
@@ -77,13 +78,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of the input images (resized by the transform)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--pairs-only", action="store_true")
-    parser.add_argument("--pairs-repeats", type=int, default=4, help="copies of the 12 captions for the pairs run")
+    parser.add_argument("--pairs-repeats", type=int, default=4, help="copies of the 12 captions for the pairs run "
+                                                                       "(0: no pairs run)")
     args = parser.parse_args()
     results = {"torch_threads": torch.get_num_threads()}
     if not args.pairs_only:
         results["score"] = [score_overhead(args.arch, args.batch, args.size, args.repeats, distinct)
                             for distinct in (True, False)]
-    results["pairs"] = pairs_throughput(args.pairs_repeats, 8)
+    if args.pairs_repeats > 0:
+        results["pairs"] = pairs_throughput(args.pairs_repeats, 8)
     print(json.dumps(results, indent=2))
 
 

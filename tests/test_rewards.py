@@ -97,6 +97,8 @@ def test_bad_input_gets_clear_errors(saved, tmp_path):
         scorer.score(images)
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         scorer.score(images * 2 - 1, PROMPTS[:2])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        scorer.score(torch.full((2, 3, 32, 32), float("nan")), PROMPTS[:2])
     with pytest.raises(ValueError, match=r"tensor \[B,3,H,W\]"):
         scorer.score(torch.rand(2, 1, 32, 32), PROMPTS[:2])
 
