@@ -25,6 +25,10 @@ COMMANDS = {
     "diffusion sample": ("mmalign.diffusion.sample", "fixed-seed samples from a pipeline, optionally with a LoRA"),
     "diffusion rlg": ("mmalign.diffusion.guidance", "samples with Reinforcement Learning Guidance (base/tuned mix)"),
     "diffusion demo": ("mmalign.diffusion.demo", "same as `mmalign demo`"),
+    "reward train": ("mmalign.diffusion.reward_train", "fine-tune an open_clip reward model on preference pairs"),
+    "reward score": ("mmalign.diffusion.reward_score", "score images with a reward model, or check it against pairs"),
+    "reward relabel": ("mmalign.diffusion.relabel", "rewrite a Pick-a-Pic dataset's labels with a reward model"),
+    "reward pairs": ("mmalign.diffusion.reward_pairs", "sample, rank and pair images into a Pick-a-Pic dataset"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
 """Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""
