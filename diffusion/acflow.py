@@ -50,8 +50,8 @@ class Config(TrainConfig):
 
     model: str = option(None, "a flow-matching pipeline (SD3-style): folder, hub id or single file")
     prompts: str = option(None, "text file of training prompts, one per line")
-    reward: str = option("mmalign.diffusion.world:reward", "reward callable as module:function, "
-                                                            "called as reward(images, prompts) -> [N]")
+    reward: str | RewardFn = option("mmalign.diffusion.world:reward", "reward callable as module:function (or, "
+                                    "from Python, the callable), called as reward(images, prompts) -> [N]")
     samples_per_prompt: int = option(4, "K images sampled per prompt each step")
     sample_steps: int = option(10, "Euler steps of the actor's samples")
     guidance_scale: float = option(5.0, "classifier-free guidance of the samples")
@@ -208,7 +208,7 @@ def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion acflow`: AC-Flow training into config.output (actor LoRA or pipeline, critic.safetensors)."""
     from safetensors.torch import save_file
 
-    reward_fn = load_reward(config.reward)
+    reward_fn = config.reward if callable(config.reward) else load_reward(config.reward)
     trainer = Trainer(config)
     pipe = load_pipeline(config.model)
     pipe.set_progress_bar_config(disable=True)

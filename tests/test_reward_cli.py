@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from mmalign.cli import main
-from mmalign.diffusion.data import PreferencePairs, write_pickapic
+from mmalign.diffusion.data import PreferencePairs
 from mmalign.diffusion.relabel import ai_feedback_labels
 from mmalign.diffusion.rewards import load_scorer, save_scorer
-from mmalign.diffusion.world import png_bytes, preference_pairs, render
+from mmalign.diffusion.world import render
 
 ARCH = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
 

@@ -9,13 +9,9 @@ A smaller version of scripts/ai_feedback_world.py.
 from pathlib import Path
 
 import pytest
-import torch
 
 from mmalign.diffusion import dpo, reward_pairs, reward_train, world
 from mmalign.diffusion.data import PreferencePairs
-from mmalign.diffusion.evaluate import evaluate_reward
-from mmalign.diffusion.models import load_pipeline
-from mmalign.stats import mean_ci
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -39,7 +35,7 @@ def test_reward_model_learns_the_held_out_preference(trained):
 
 
 @pytest.mark.slow
-def test_ai_feedback_pairs_align_the_generator(trained, tmp_path):
+def test_ai_feedback_pairs_align_the_generator(trained, tmp_path, embedded):
     scorer, _ = trained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(list(world.CAPTIONS) * 2) + "\n")
@@ -50,18 +46,7 @@ def test_ai_feedback_pairs_align_the_generator(trained, tmp_path):
     assert world.placement_agreement(PreferencePairs(tmp_path / "pairs", resolution=32)) > 0.9, \
         "the scorer's AI labels agree with the world's own preference"
 
-    config = dpo.Config(model=str(ASSETS / "tiny-sd"), data=str(tmp_path / "pairs"), output=tmp_path / "dpo", full=True,
-                        beta=5000, learning_rate=1e-4, warmup_steps=10, max_steps=150, batch_size=8, num_samples=0,
-                        report_to="none", checkpoint_every=0)
+    config = embedded.config(dpo, tmp_path / "dpo", data=str(tmp_path / "pairs"), max_steps=150, batch_size=8)
     dpo.run(config)
-
-    def placement(images, prompts):
-        return world.placement_reward(images)
-
-    rewards = []
-    for folder in (ASSETS / "tiny-sd", config.output):
-        pipe = load_pipeline(folder)
-        pipe.set_progress_bar_config(disable=True)
-        rewards.append(evaluate_reward(pipe, list(world.CAPTIONS), placement, per_prompt=4, seed=2000, steps=20)[1])
-    gain = mean_ci(rewards[1] - rewards[0])
+    gain, _ = embedded.gain(config, seed=2000)
     assert gain["ci_low"] > 0, gain
