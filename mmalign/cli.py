@@ -19,6 +19,9 @@ COMMANDS = {
     "diffusion dpo": ("mmalign.diffusion.dpo", "Diffusion-DPO fine-tuning of an SD/SDXL pipeline on preference pairs"),
     "diffusion sample": ("mmalign.diffusion.sample", "fixed-seed samples from a pipeline, optionally with a LoRA"),
     "diffusion demo": ("mmalign.diffusion.demo", "same as `mmalign demo`"),
+    "robotics collect": ("mmalign.robotics.collect", "Meta-World rollouts (noisy scripted expert, random, learned)"),
+    "robotics label": ("mmalign.robotics.label", "segment pairs labelled by a B-Pref scripted teacher"),
+    "robotics reward": ("mmalign.robotics.reward", "reward model (MLP, ensemble, PEARL RRL) from segment preferences"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
 """Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""

@@ -1,8 +1,10 @@
 """Roll policies out in a vectorised Meta-World environment: scripted experts with action noise, random, learned.
 
-A policy maps a batch of observations [n, D] to actions [n, A]. Every episode starts from the
-initial state given for it and runs the environment's full `max_episode_steps` (success does not end
-it); episodes run in lockstep, `num_envs` at a time.
+A policy maps a batch of observations [n, D] to actions [n, A]; one with a `reset(episodes)` method
+is told which episodes (indices into the rollout's list) the next batch plays, so that it can hold
+per-episode settings. Every episode starts from the initial state given for it and runs the
+environment's full `max_episode_steps` (success does not end it); episodes run in lockstep,
+`num_envs` at a time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ Policy = Callable[[np.ndarray], np.ndarray]
 
 
 class NoisyExpert:
-    """a = clip(expert(o) + sigma_i * N(0, I), -1, 1), sigma_i the noise of environment i (scalar or [n])."""
+    """a = clip(expert(o) + sigma_e * N(0, I), -1, 1), sigma_e the noise of episode e (one value, or one per episode)."""
 
     def __init__(self, task: str, noise: float | np.ndarray = 0.0, seed: int = 0):
         self.expert = scripted_expert(task)
@@ -27,10 +29,16 @@ class NoisyExpert:
         if (self.noise < 0).any():
             raise ValueError(f"action noise must not be negative, got {noise}")
         self.rng = np.random.default_rng(seed)
+        self.sigma = self.noise if self.noise.ndim == 0 else None
+
+    def reset(self, episodes: np.ndarray) -> None:
+        """Take the noise of the episodes the next batch plays."""
+        if self.noise.ndim:
+            self.sigma = self.noise[episodes]
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         clean = np.stack([self.expert.get_action(o) for o in obs])
-        noise = np.broadcast_to(self.noise, (len(obs),))[:, None] * self.rng.standard_normal(clean.shape)
+        noise = np.broadcast_to(self.sigma, (len(obs),))[:, None] * self.rng.standard_normal(clean.shape)
         return np.clip(clean + noise, -1.0, 1.0)
 
 
@@ -48,8 +56,8 @@ def rollout(env: gym.vector.VectorEnv, policy: Policy, initial_states: Sequence[
             info: dict[str, np.ndarray] | None = None, progress: Callable[[int], None] | None = None) -> Trajectories:
     """One episode per entry of `initial_states`; `info` adds per-episode columns; returns Trajectories.
 
-    `policy` may hold per-environment settings (NoisyExpert's noise array): it is called on whole
-    batches of `env.num_envs` observations; a short last batch is padded and its extra episodes dropped.
+    The policy is called on whole batches of `env.num_envs` observations; a short last batch is
+    padded with repeats and its extra episodes dropped.
     """
     initial_states = np.asarray(initial_states, dtype=np.int64)
     n_env = env.num_envs
@@ -58,6 +66,8 @@ def rollout(env: gym.vector.VectorEnv, policy: Policy, initial_states: Sequence[
     for begin in range(0, len(initial_states), n_env):
         states = initial_states[begin:begin + n_env]
         padded = np.resize(states, n_env)
+        if hasattr(policy, "reset"):
+            policy.reset(np.resize(np.arange(begin, begin + len(states)), n_env))
         obs, reset_info = env.reset(seed=[int(s) for s in padded])
         record = {"observations": [], "actions": [], "rewards": [], "successes": []}
         frames = [reset_info["frame"]] if "frame" in reset_info else []
