@@ -22,6 +22,8 @@ COMMANDS = {
     "robotics collect": ("mmalign.robotics.collect", "Meta-World rollouts (noisy scripted expert, random, learned)"),
     "robotics label": ("mmalign.robotics.label", "segment pairs labelled by a B-Pref scripted teacher"),
     "robotics reward": ("mmalign.robotics.reward", "reward model (MLP, ensemble, PEARL RRL) from segment preferences"),
+    "robotics pearl": ("mmalign.robotics.pearl", "PEARL: transfer preferences across tasks (GW), then RRL on the target"),
+    "robotics grape": ("mmalign.robotics.grape", "GRAPE: behaviour cloning, then ranked rollouts and TPO rounds"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
 """Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""
