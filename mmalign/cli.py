@@ -23,6 +23,7 @@ COMMANDS = {
     "robotics label": ("mmalign.robotics.label", "segment pairs labelled by a B-Pref scripted teacher"),
     "robotics reward": ("mmalign.robotics.reward", "reward model (MLP, ensemble, PEARL RRL) from segment preferences"),
     "robotics pearl": ("mmalign.robotics.pearl", "PEARL: transfer preferences across tasks (GW), then RRL on the target"),
+    "robotics rapl": ("mmalign.robotics.rapl", "RAPL: align a visual encoder on preference triplets; OT reward"),
     "robotics grape": ("mmalign.robotics.grape", "GRAPE: behaviour cloning, then ranked rollouts and TPO rounds"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)

@@ -135,7 +135,7 @@ class Config(TrainConfig):
     num_envs: int = option(10, "vectorised environments for rollouts")
     max_steps: int = option(200, "TPO optimizer steps per round")
     batch_size: int = option(16, "trajectory pairs per TPO step")
-    learning_rate: float = option(1e-4, "TPO learning rate")
+    learning_rate: float = option(3e-5, "TPO learning rate")
     checkpoint_every: int = option(0, "checkpoint every N TPO steps (0: at the end of each round only)")
 
     def __post_init__(self) -> None:
