@@ -1,5 +1,6 @@
 """GRAPE: the TPO loss against the core sigmoid, the ranking score and stage costs by hand, and TPO on rollouts."""
 
+import json
 import math
 
 import numpy as np
@@ -80,3 +81,18 @@ def test_stage_costs_by_hand():
         stages("assembly-v3")
     with pytest.raises(ValueError, match="unknown Meta-World task"):
         grape.Config(task="drawer-opne-v3", output="x")
+
+
+@pytest.mark.slow
+def test_grape_rounds_raise_the_policy_likelihood_of_the_chosen_trajectories(tmp_path):
+    config = grape.Config(task="reach-v3", output=tmp_path / "run", demo_episodes=4, bc_steps=150, bc_batch_size=64, hidden=32,
+                          layers=1, max_episode_steps=40, rounds=1, states=8, samples_per_state=4, max_steps=40,
+                          batch_size=8, learning_rate=1e-3, eval_episodes=4, num_envs=4, report_to="none")
+    report = grape.run(config)
+    assert [c["step"] for c in report["curve"]] == [0, 1] and report["rounds"][0]["pairs"] > 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-3), "policy == reference at the first step"
+    late = metrics[-10:]
+    assert np.mean([m["loss"] for m in late]) < math.log(2) - 0.05
+    assert np.mean([m["reward_margin"] for m in late]) > 0 and np.mean([m["implicit_acc"] for m in late]) > 0.7
+    assert (tmp_path / "run" / "success.png").is_file() and (tmp_path / "run" / "policy.safetensors").is_file()
