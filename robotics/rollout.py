@@ -61,7 +61,7 @@ def rollout(env: gym.vector.VectorEnv, policy: Policy, initial_states: Sequence[
     """
     initial_states = np.asarray(initial_states, dtype=np.int64)
     n_env = env.num_envs
-    horizon = env.get_attr("spec")[0].max_episode_steps
+    horizon = env.get_attr("_max_episode_steps")[0]  # TimeLimit's; an env spec does not pickle to async workers
     chunks = []
     for begin in range(0, len(initial_states), n_env):
         states = initial_states[begin:begin + n_env]

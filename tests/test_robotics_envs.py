@@ -48,6 +48,14 @@ def test_vectorised_rollout_matches_single_env_and_noise_lowers_return():
     vec.close()
 
 
+@pytest.mark.slow
+def test_async_vector_env_gives_the_sync_rollout():
+    sync = rollout(envs.make_vector_env(TASK, 2, max_episode_steps=20), NoisyExpert(TASK, 0.0), [0, 1], TASK)
+    vec = envs.make_vector_env(TASK, 2, max_episode_steps=20, mode="async")
+    np.testing.assert_allclose(rollout(vec, NoisyExpert(TASK, 0.0), [0, 1], TASK).rewards, sync.rewards, rtol=1e-5)
+    vec.close()
+
+
 def test_noise_must_not_be_negative():
     with pytest.raises(ValueError, match="noise must not be negative"):
         NoisyExpert(TASK, -0.1)
