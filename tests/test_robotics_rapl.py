@@ -138,3 +138,17 @@ def test_torchvision_and_timm_backbones_give_their_feature_size():
         assert features == 512 and backbone.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 512)
     encoder = VisualEncoder(backbone.requires_grad_(False), features).train()
     assert encoder.head.training and not encoder.backbone.training, "a frozen backbone keeps its BatchNorm statistics"
+
+
+def test_commands_report_bad_files_by_name_field_and_trajectory(tmp_path, capsys):
+    good = synthetic_file(tmp_path / "good.npz", 4, seed=0)
+    with np.load(good) as data:
+        arrays = dict(data)
+    arrays["rewards"][1, 3] = np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    assert main(["robotics", "rapl", "--data", str(tmp_path / "nan.npz"), "--eval-data", good,
+                 "--output", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "nan.npz" in err and "field 'rewards'" in err and "trajectory 1 step 3" in err
+    assert main(["robotics", "grape", "--task", "drawer-opne-v3", "--output", str(tmp_path / "g")]) == 1
+    assert "unknown Meta-World task 'drawer-opne-v3'" in capsys.readouterr().err
