@@ -90,6 +90,7 @@ def reward_pairs_per_second(out: Path, members: int, gaussian: bool, steps: int)
 
 
 def main() -> None:
+    """Print the three tables (markdown)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/robotics-bench"))
     parser.add_argument("--task", default="button-press-v3")

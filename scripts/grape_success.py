@@ -18,6 +18,7 @@ from mmalign.robotics import grape
 
 
 def main() -> None:
+    """Success before and after GRAPE per task and seed, then the mean gain per task in points."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/grape-bench"))
     parser.add_argument("--tasks", nargs="+", default=["drawer-open-v3", "plate-slide-v3"])

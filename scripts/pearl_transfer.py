@@ -29,6 +29,7 @@ NOISE = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
 
 
 def episodes(task: str, seed: int, out: Path, count: int) -> Trajectories:
+    """`count` noisy-expert episodes of `task` (collected once into `out`, then read back)."""
     path = out / f"{task}-{seed}.npz"
     if not path.exists():
         collect.run(collect.Config(task=task, output=path, episodes=count, noise=NOISE, max_episode_steps=100,
@@ -37,6 +38,7 @@ def episodes(task: str, seed: int, out: Path, count: int) -> Trajectories:
 
 
 def main() -> None:
+    """Accuracy mean ± std over seeds per task pair and variant (segment features, entropic or exact GW)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/pearl-bench"))
     parser.add_argument("--seeds", type=int, default=3)
