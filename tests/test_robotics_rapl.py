@@ -152,3 +152,4 @@ def test_commands_report_bad_files_by_name_field_and_trajectory(tmp_path, capsys
     assert "nan.npz" in err and "field 'rewards'" in err and "trajectory 1 step 3" in err
     assert main(["robotics", "grape", "--task", "drawer-opne-v3", "--output", str(tmp_path / "g")]) == 1
     assert "unknown Meta-World task 'drawer-opne-v3'" in capsys.readouterr().err
+
