@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=16)
     parser.add_argument("--horizon", type=int, default=150)
     parser.add_argument("--sizes", nargs="+", type=int, default=[200, 1000])
-    parser.add_argument("--loop-pairs", type=int, default=20000)
+    parser.add_argument("--loop-pairs", type=int, default=5000)
     parser.add_argument("--reward-steps", type=int, default=300)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
