@@ -29,6 +29,12 @@ COMMANDS = {
     "reward score": ("mmalign.diffusion.reward_score", "score images with a reward model, or check it against pairs"),
     "reward relabel": ("mmalign.diffusion.relabel", "rewrite a Pick-a-Pic dataset's labels with a reward model"),
     "reward pairs": ("mmalign.diffusion.reward_pairs", "sample, rank and pair images into a Pick-a-Pic dataset"),
+    "robotics collect": ("mmalign.robotics.collect", "Meta-World rollouts (noisy scripted expert, random, learned)"),
+    "robotics label": ("mmalign.robotics.label", "segment pairs labelled by a B-Pref scripted teacher"),
+    "robotics reward": ("mmalign.robotics.reward", "reward model (MLP, ensemble, PEARL RRL) from segment preferences"),
+    "robotics pearl": ("mmalign.robotics.pearl", "PEARL: transfer preferences across tasks (GW), then RRL on the target"),
+    "robotics rapl": ("mmalign.robotics.rapl", "RAPL: align a visual encoder on preference triplets; OT reward"),
+    "robotics grape": ("mmalign.robotics.grape", "GRAPE: behaviour cloning, then ranked rollouts and TPO rounds"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
 """Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""

@@ -64,3 +64,15 @@ def aligned_tiny_sd(tmp_path_factory, embedded):
 
     cfg = embedded.config(dpo, tmp_path_factory.mktemp("aligned") / "run")
     return cfg, dpo.run(cfg)
+
+
+@pytest.fixture(scope="session")
+def button_press(tmp_path_factory):
+    """Noisy-expert button-press-v3 rollouts (60 steps): 40 training and 20 held-out episodes, as trajectory files."""
+    from mmalign.robotics import collect
+
+    root = tmp_path_factory.mktemp("button-press")
+    common = dict(task="button-press-v3", noise=[0.0, 0.5, 1.0, 2.0, 3.0], max_episode_steps=60, num_envs=4)
+    collect.run(collect.Config(output=root / "train.npz", episodes=40, seed=0, **common))
+    collect.run(collect.Config(output=root / "eval.npz", episodes=20, seed=1, first_state=40, **common))
+    return root
