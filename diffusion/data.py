@@ -8,15 +8,15 @@ paths are resolved against the data file's folder. Every row is checked before t
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from mmalign.data import DataError, Field, Schema, load_preferences
+from mmalign.files import write_atomically
 
 LABELS = (0.0, 0.5, 1.0)
 PICKAPIC_FIELDS = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -173,12 +173,3 @@ def write_pickapic(rows: list[dict[str, Any]], path: str | Path) -> Path:
         **{k: [r[k] for r in rows] for k in extra},
     })
     return write_atomically(path, lambda tmp: pq.write_table(table, str(tmp)))
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
-    """Call write(temporary path) beside `path`, then rename it to `path`: a reader sees the old file or the whole new one."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}")
-    write(tmp)
-    os.replace(tmp, path)
-    return path

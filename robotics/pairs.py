@@ -12,8 +12,6 @@ Loading validates every record with the core's `validate` (errors name the file,
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 
 from mmalign.data import PAIR, Field, Schema, load_preferences
+from mmalign.files import write_atomically
 
 from .teachers import Teacher
 from .trajectories import Trajectories
@@ -65,15 +64,7 @@ class Pairs:
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = ({"prompt": self.task, "chosen": int(c), "rejected": int(r), "label": float(p), "teacher": self.teacher}
                 for c, r, p in zip(self.chosen, self.rejected, self.label))
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
     @classmethod
     def load(cls, path: str | Path, segments: Trajectories) -> "Pairs":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mmalign.data import DataError
+from mmalign.files import write_atomically
 
 from .envs import check_task
 
@@ -146,17 +146,13 @@ class Trajectories:
             arrays["frames"] = self.frames
         arrays.update({f"info.{k}": v for k, v in self.info.items()})
         arrays["meta"] = np.array(json.dumps({**self.meta, "task": self.task}))
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as f:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+
+        return write_atomically(path, write)
 
     @classmethod
     def load(cls, path: str | Path) -> "Trajectories":
