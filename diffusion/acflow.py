@@ -15,8 +15,12 @@ special case ORW-CFM-W2 (markerthu/orw-cfm), are:
 5. Actor: the critic-weighted flow-matching loss on its own samples, w = exp(beta * A) / mean_batch(...),
    L_actor = mean(w * ||v_theta(x_t) - (eps - x0)||^2) + alpha * mean ||v_theta(x_t) - v_ref(x_t)||^2, the
    second term bounding the W2 distance to the reference (ORW-CFM-W2: beta 0.5, alpha 1).
-Loss = L_actor + critic_weight * L_critic. Logged: reward (raw mean), critic_loss, advantage (mean |A|),
-weight_max, w2 and diversity (mean pairwise pixel distance among a prompt's K samples).
+Loss = L_actor + critic_weight * L_critic. The samples are drawn without classifier-free guidance by default
+(guidance_scale 1): the flow-matching term assumes they come from the actor's own conditional distribution,
+and guided samples also distil the guidance into the actor, a drift unrelated to the reward (on the tiny
+SD3 test model, guidance 5 moved a brightness reward the wrong way, ten times more than the reward moved it).
+Logged: reward (raw mean), critic_loss, advantage (mean |A|), weight_max, w2 and diversity (mean pairwise
+pixel distance among a prompt's K samples).
 """
 
 from __future__ import annotations
@@ -50,11 +54,12 @@ class Config(TrainConfig):
 
     model: str = option(None, "a flow-matching pipeline (SD3-style): folder, hub id or single file")
     prompts: str = option(None, "text file of training prompts, one per line")
-    reward: str = option("mmalign.diffusion.world:reward", "reward callable as module:function, "
-                                                            "called as reward(images, prompts) -> [N]")
+    reward: str | RewardFn = option("mmalign.diffusion.world:reward", "reward callable as module:function, a reward-"
+                                    "model folder (`mmalign reward train`), or from Python the callable itself; "
+                                    "called as reward(images, prompts) -> [N]")
     samples_per_prompt: int = option(4, "K images sampled per prompt each step")
     sample_steps: int = option(10, "Euler steps of the actor's samples")
-    guidance_scale: float = option(5.0, "classifier-free guidance of the samples")
+    guidance_scale: float = option(1.0, "classifier-free guidance of the samples (1: none; see the module docstring)")
     beta: float = option(0.5, "advantage temperature of the weights exp(beta * A)")
     advantage_clip: float = option(5.0, "advantages are clipped to [-clip, clip]")
     alpha: float = option(1.0, "weight of the W2 regulariser ||v_theta - v_ref||^2")
@@ -78,7 +83,11 @@ class Config(TrainConfig):
 
 
 def load_reward(spec: str) -> RewardFn:
-    """The callable named `module:function`."""
+    """The callable named `module:function`, or the `score` of a reward-model folder (`mmalign reward train`)."""
+    if Path(spec).is_dir():
+        from .rewards import load_scorer
+
+        return load_scorer(spec).requires_grad_(False).score
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
@@ -208,8 +217,10 @@ def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion acflow`: AC-Flow training into config.output (actor LoRA or pipeline, critic.safetensors)."""
     from safetensors.torch import save_file
 
-    reward_fn = load_reward(config.reward)
+    reward_fn = config.reward if callable(config.reward) else load_reward(config.reward)
     trainer = Trainer(config)
+    if isinstance(getattr(reward_fn, "__self__", None), nn.Module):  # a reward model scores where training runs
+        reward_fn.__self__.to(trainer.device)
     pipe = load_pipeline(config.model)
     pipe.set_progress_bar_config(disable=True)
     if not is_flow(pipe.scheduler):

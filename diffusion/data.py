@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 
 from mmalign.data import DataError, Field, Schema, load_preferences
+from mmalign.files import write_atomically
 
 LABELS = (0.0, 0.5, 1.0)
+PICKAPIC_FIELDS = ("caption", "jpg_0", "jpg_1", "label_0")
 
 
 def _data_root(path: str | Path) -> Path:
@@ -25,18 +27,23 @@ def _data_root(path: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def open_image(value: Any, root: Path) -> Image.Image:
-    """A PIL image from PNG/JPEG bytes, a datasets Image dict ({'bytes', 'path'}), or a path relative to `root`."""
+def image_bytes(value: Any, root: Path) -> bytes:
+    """The encoded bytes of an image given as bytes, a datasets Image dict ({'bytes', 'path'}), or a path relative to `root`."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value))
+        return bytes(value)
     if isinstance(value, str):
         path = Path(value) if Path(value).is_absolute() else root / value
         if not path.is_file():
             raise FileNotFoundError(f"image file {path} does not exist")
-        return Image.open(path)
+        return path.read_bytes()
     raise TypeError(f"expected image bytes or a file path, got {type(value).__name__}")
+
+
+def open_image(value: Any, root: Path) -> Image.Image:
+    """A PIL image from PNG/JPEG bytes, a datasets Image dict ({'bytes', 'path'}), or a path relative to `root`."""
+    return Image.open(io.BytesIO(image_bytes(value, root)))
 
 
 def pickapic_schema(fields: tuple[str, str], check_media) -> Schema:
@@ -61,22 +68,25 @@ def pickapic_schema(fields: tuple[str, str], check_media) -> Schema:
 class PreferencePairs(torch.utils.data.Dataset):
     """Non-tie Pick-a-Pic pairs as {'pixel_values': [2,3,R,R] winner first in [-1,1], 'caption', 'index'}.
 
+    With as_stored=True every pair is kept, ties too, in its stored order (jpg_0 first), and each item
+    also carries 'label_0' (P(jpg_0 preferred): 1, 0 or 0.5): what a reward model trains and is judged on.
     Subclasses change the media: `fields` names the two columns, `check` validates one value up front,
     `load` turns one value into model pixels.
     """
 
     fields = ("jpg_0", "jpg_1")
 
-    def __init__(self, path: str | Path, resolution: int, split: str = "train"):
+    def __init__(self, path: str | Path, resolution: int, split: str = "train", as_stored: bool = False):
         self.source, self.root, self.resolution = str(path), _data_root(path), resolution
         records = load_preferences(path, pickapic_schema(self.fields, self.check), split)
-        labels = np.asarray(records["label_0"], dtype=np.float64)
-        self.rows = np.flatnonzero(labels != 0.5)
-        self.ties = int((labels == 0.5).sum())
-        self.records = records
-        self.winner_first = labels[self.rows] == 1.0
-        if len(self.rows) == 0:
+        self.labels = np.asarray(records["label_0"], dtype=np.float64)
+        self.ties = int((self.labels == 0.5).sum())
+        if self.ties == len(records):
             raise DataError(f"{path}: all {len(records)} pairs are ties (label_0 = 0.5); nothing to learn from")
+        self.as_stored = as_stored
+        self.rows = np.arange(len(records)) if as_stored else np.flatnonzero(self.labels != 0.5)
+        self.records = records
+        self.winner_first = as_stored | (self.labels[self.rows] == 1.0)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -100,7 +110,10 @@ class PreferencePairs(torch.utils.data.Dataset):
         record = self.records[row]
         first, second = (self._pixels(record[name], row, name) for name in self.fields)
         pair = (first, second) if self.winner_first[i] else (second, first)
-        return {"pixel_values": torch.stack(pair), "caption": record["caption"], "index": row}
+        item = {"pixel_values": torch.stack(pair), "caption": record["caption"], "index": row}
+        if self.as_stored:
+            item["label_0"] = torch.tensor(self.labels[row], dtype=torch.float32)
+        return item
 
     def caption(self, i: int) -> str:
         """The caption of pair i, without decoding its images."""
@@ -146,15 +159,17 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_pickapic(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Write rows of caption/jpg_0/jpg_1 (bytes)/label_0 as a Pick-a-Pic Parquet file."""
+    """Write rows of caption/jpg_0/jpg_1 (bytes)/label_0, plus any further fields all rows share, as a Pick-a-Pic
+    Parquet file; written to a temporary file first and renamed, so a reader never sees half a file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    extra = [k for k in rows[0] if k not in PICKAPIC_FIELDS] if rows else []
     table = pa.table({
         "caption": [r["caption"] for r in rows],
         "jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
         "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
         "label_0": [float(r["label_0"]) for r in rows],
+        **{k: [r[k] for r in rows] for k in extra},
     })
-    pq.write_table(table, str(path))
-    return Path(path)
+    return write_atomically(path, lambda tmp: pq.write_table(table, str(tmp)))

@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from mmalign.config import option
 from mmalign.stats import mean_ci
 
@@ -56,10 +54,6 @@ class Config(dpo.Config):
         super().__post_init__()
 
 
-def _reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return world.placement_reward(images)
-
-
 def run(config: Config) -> dict:
     """Evaluate the base model, train, evaluate the aligned model; print and save the comparison."""
     start = time.time()
@@ -68,7 +62,7 @@ def run(config: Config) -> dict:
                   guidance_scale=config.guidance_scale)
     base_pipe = load_pipeline(config.model)
     base_pipe.set_progress_bar_config(disable=True)
-    base, base_rewards, base_images = evaluate_reward(base_pipe, prompts, _reward, **kwargs)
+    base, base_rewards, base_images = evaluate_reward(base_pipe, prompts, world.reward, **kwargs)
 
     dpo.run(config)
 
@@ -76,7 +70,7 @@ def run(config: Config) -> dict:
     aligned_pipe.set_progress_bar_config(disable=True)
     if not config.full:
         load_lora(aligned_pipe, config.output)
-    aligned, aligned_rewards, aligned_images = evaluate_reward(aligned_pipe, prompts, _reward, **kwargs)
+    aligned, aligned_rewards, aligned_images = evaluate_reward(aligned_pipe, prompts, world.reward, **kwargs)
 
     captions = [p for p in prompts for _ in range(config.eval_per_prompt)]
     result = {

@@ -22,3 +22,12 @@ def evaluate_reward(pipe, prompts: list[str], reward_fn: RewardFn, per_prompt: i
     if not torch.isfinite(rewards).all():
         raise ValueError("the reward function returned NaN or infinite values")
     return mean_ci(rewards), rewards, images
+
+
+def paired_gain(base, tuned, prompts: list[str], reward_fn: RewardFn, **sampling) -> tuple[dict[str, float], torch.Tensor]:
+    """Mean and 95% CI of r(tuned sample) - r(base sample) over the same seeds and prompts; also the tuned images.
+
+    `sampling` goes to `evaluate_reward` (per_prompt, seed, steps, guidance_scale)."""
+    _, base_rewards, _ = evaluate_reward(base, prompts, reward_fn, **sampling)
+    _, tuned_rewards, images = evaluate_reward(tuned, prompts, reward_fn, **sampling)
+    return mean_ci(tuned_rewards - base_rewards), images

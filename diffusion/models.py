@@ -64,6 +64,19 @@ def denoiser_name(pipe) -> str:
     raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
 
 
+def sampling_pipeline(model: str | Path, lora: str | None = None, mixed_precision: str = "no", cpu: bool = False):
+    """A pipeline ready to sample: on the GPU unless `cpu` (or none is present), weights in the dtype of
+    `mixed_precision` (no/fp16/bf16), progress bars off, an optional LoRA loaded."""
+    from mmalign.trainer import DTYPES
+
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    pipe = load_pipeline(model, dtype=DTYPES[mixed_precision]).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if lora:
+        load_lora(pipe, lora)
+    return pipe
+
+
 def denoiser_of(pipe):
     """The pipeline's noise/velocity predictor."""
     return getattr(pipe, denoiser_name(pipe))

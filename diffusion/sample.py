@@ -28,15 +28,20 @@ def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 20, guidance_
     return torch.cat(images).clamp(0, 1)
 
 
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images [N,3,H,W] in [0,1] as 8-bit RGB PIL images."""
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(tile) for tile in pixels]
+
+
 def image_grid(images: torch.Tensor, columns: int | None = None, scale: int = 1) -> Image.Image:
     """Tile images [N,3,H,W] in [0,1] into one PIL image, `columns` wide (default: square)."""
     n, _, h, w = images.shape
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
     grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i, tile in enumerate(pixels):
-        grid.paste(Image.fromarray(tile), ((i % columns) * w, (i // columns) * h))
+    for i, tile in enumerate(to_pil(images)):
+        grid.paste(tile, ((i % columns) * w, (i // columns) * h))
     return grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST) if scale > 1 else grid
 
 
@@ -45,10 +50,9 @@ def save_images(images: torch.Tensor, output: str | Path, prefix: str = "sample"
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = []
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i, tile in enumerate(pixels):
+    for i, tile in enumerate(to_pil(images)):
         paths.append(output / f"{prefix}_{i:04d}.png")
-        Image.fromarray(tile).save(paths[-1])
+        tile.save(paths[-1])
     return paths
 
 
@@ -79,16 +83,9 @@ class Config:
 
 def load(config: Config):
     """The pipeline of `config.model` on the GPU when there is one (or the CPU), with `config.lora` loaded."""
-    from mmalign.trainer import DTYPES
+    from .models import sampling_pipeline
 
-    from .models import load_lora, load_pipeline
-
-    device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
-    pipe = load_pipeline(config.model, dtype=DTYPES[config.mixed_precision]).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    if config.lora:
-        load_lora(pipe, config.lora)
-    return pipe
+    return sampling_pipeline(config.model, config.lora, config.mixed_precision, config.cpu)
 
 
 def write(pipe, config: Config) -> torch.Tensor:

@@ -42,6 +42,7 @@ class Config(dpo.Config):
     snapshot_every: int = option(30, "optimizer steps between snapshots")
     reference_selection: Literal["uniform", "latest"] = option("uniform", "how the step's reference snapshot is chosen")
     reference_steps: int = option(20, "sampler steps for the reference's own sample x_ref")
+    adaptive_flipper: bool = option(True, "AAF; off: x_ref is always the loser (the paper's ablation)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +78,11 @@ def adaptive_flipper(model_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Te
     return torch.where(ref_err.chunk(2)[0] < model_err.chunk(2)[0], -1.0, 1.0)
 
 
+def always_loser(model_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Tensor:
+    """+1 for every pair: x_ref is always the loser (SePPO without AAF)."""
+    return torch.ones_like(model_err.chunk(2)[0])
+
+
 def seppo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: dpo.Parts) -> tuple[torch.Tensor, dict]:
     """One SePPO micro-step on a batch of winners [B,1,3,R,R]: x_ref from the chosen snapshot takes the loser slot."""
     reference = parts.reference
@@ -89,7 +95,7 @@ def seppo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: 
                                                 parts.config.timestep_sampling)
     condition = dpo.pair_condition(batch, generator, parts, latents.device)
     loss, metrics = dpo.pair_loss(model, batch, noisy, timesteps, condition, target, parts,
-                                  loser_sign=adaptive_flipper)
+                                  loser_sign=adaptive_flipper if parts.config.adaptive_flipper else always_loser)
     return loss, {**metrics, "reference_index": torch.tensor(float(index))}
 
 

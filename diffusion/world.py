@@ -60,6 +60,12 @@ def placement_reward(images: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, 1.0 - centroid / (images.shape[-1] - 1), torch.zeros_like(mass))
 
 
+def placement_agreement(pairs) -> float:
+    """Share of pairs (items {'pixel_values': [2,3,H,W] in [-1, 1], winner first}) whose winner placement_reward prefers."""
+    agree = [bool(placement_reward((pairs[i]["pixel_values"] + 1) / 2).diff() < 0) for i in range(len(pairs))]
+    return sum(agree) / len(agree)
+
+
 def preference_pairs(n: int, seed: int, tie_margin: float = 0.03) -> list[dict]:
     """`n` Pick-a-Pic rows (caption, jpg_0, jpg_1 as PNG bytes, label_0) labelled by placement_reward; close calls are ties."""
     rng = np.random.default_rng(seed)

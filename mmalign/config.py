@@ -123,9 +123,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _plain(value: Any) -> Any:
+    """Paths as strings, callables (given from Python) as `module:name`."""
+    if isinstance(value, Path):
+        return str(value)
+    return f"{value.__module__}:{value.__qualname__}" if callable(value) else value
+
+
 def to_dict(config: Any) -> dict[str, Any]:
-    """A YAML-friendly dict of the config (paths as strings)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
+    """A YAML-friendly dict of the config (paths as strings, callables as module:name)."""
+    return {k: _plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
 def save_config(config: Any, path: str | Path) -> None:

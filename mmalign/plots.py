@@ -1,4 +1,4 @@
-"""Pictures of a run: metric curves as PNG."""
+"""Pictures of a run: metric curves and scatter plots as PNG."""
 
 from __future__ import annotations
 
@@ -23,6 +23,25 @@ def plot_metrics(history: list[dict[str, float]], keys: list[str], path: str | P
         ax.set_xlabel("step")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_scatter(x, y, path: str | Path, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """A scatter plot of y against x (e.g. a learned reward against the true return)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.scatter(x, y, s=6, alpha=0.6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

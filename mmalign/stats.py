@@ -16,3 +16,20 @@ def mean_ci(values: torch.Tensor | list[float]) -> dict[str, float]:
         raise ValueError(f"a confidence interval needs at least 2 values, got {x.numel()}")
     mean, half = x.mean().item(), Z95 * x.std(unbiased=True).item() / math.sqrt(x.numel())
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": int(x.numel())}
+
+
+def expected_calibration_error(probs: torch.Tensor | list[float], outcomes: torch.Tensor | list[float],
+                               bins: int = 10) -> float:
+    """ECE = sum_b (n_b / n) * |mean(p in b) - mean(y in b)| over `bins` equal-width bins of predicted P(event) p.
+
+    outcomes y are 1 (the event happened), 0, or a soft frequency such as 0.5 for a tie.
+    """
+    p = torch.as_tensor(probs, dtype=torch.float64).flatten()
+    y = torch.as_tensor(outcomes, dtype=torch.float64).flatten()
+    if p.shape != y.shape or p.numel() == 0:
+        raise ValueError(f"need as many outcomes as probabilities (at least one); got {p.numel()} and {y.numel()}")
+    if bool(((p < 0) | (p > 1)).any()) or bool(((y < 0) | (y > 1)).any()):
+        raise ValueError("probabilities and outcomes must lie in [0, 1]")
+    which = (p * bins).long().clamp_max(bins - 1)
+    gap = torch.bincount(which, weights=p, minlength=bins) - torch.bincount(which, weights=y, minlength=bins)
+    return float(gap.abs().sum() / p.numel())

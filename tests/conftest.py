@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random SD pipeline and Pick-a-Pic data from the synthetic world, saved once per session."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -27,16 +28,51 @@ def pickapic(tmp_path_factory):
     return write_pickapic(preference_pairs(24, seed=3), tmp_path_factory.mktemp("prefs") / "train.parquet")
 
 
-@pytest.fixture(scope="session")
-def aligned_tiny_sd(tmp_path_factory):
-    """The embedded tiny model after 300 full Diffusion-DPO steps (the demo's settings): (config, history)."""
-    from pathlib import Path
-
-    from mmalign.diffusion import dpo
+class Embedded:
+    """The embedded tiny model with the demo's full fine-tune settings, and the held-out placement gain of a run."""
 
     assets = Path(__file__).resolve().parents[1] / "assets"
-    cfg = dpo.Config(model=str(assets / "tiny-sd"), data=str(assets / "tiny-sd-prefs" / "train.parquet"),
-                     output=tmp_path_factory.mktemp("aligned") / "run", full=True, beta=5000, learning_rate=1e-4,
-                     warmup_steps=10, max_steps=300, batch_size=16, num_samples=0, report_to="none",
-                     checkpoint_every=0)
+
+    def config(self, method, output, **overrides):
+        """`method.Config` on assets/tiny-sd and its pairs: full fine-tune, beta 5000, lr 1e-4, 10 warm-up steps."""
+        settings = dict(model=str(self.assets / "tiny-sd"), data=str(self.assets / "tiny-sd-prefs" / "train.parquet"),
+                        output=output, full=True, beta=5000, learning_rate=1e-4, warmup_steps=10, max_steps=300,
+                        batch_size=16, num_samples=0, report_to="none", checkpoint_every=0)
+        return method.Config(**{**settings, **overrides})
+
+    def gain(self, config, seed: int, per_prompt: int = 4):
+        """Paired held-out placement gain of config.output over config.model on the 12 captions: (mean/CI, images)."""
+        from mmalign.diffusion import world
+        from mmalign.diffusion.evaluate import paired_gain
+        from mmalign.diffusion.models import load_pipeline
+
+        base, tuned = (load_pipeline(path) for path in (config.model, config.output))
+        for pipe in (base, tuned):
+            pipe.set_progress_bar_config(disable=True)
+        return paired_gain(base, tuned, list(world.CAPTIONS), world.reward, per_prompt=per_prompt, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    return Embedded()
+
+
+@pytest.fixture(scope="session")
+def aligned_tiny_sd(tmp_path_factory, embedded):
+    """The embedded tiny model after 300 full Diffusion-DPO steps (the demo's settings): (config, history)."""
+    from mmalign.diffusion import dpo
+
+    cfg = embedded.config(dpo, tmp_path_factory.mktemp("aligned") / "run")
     return cfg, dpo.run(cfg)
+
+
+@pytest.fixture(scope="session")
+def button_press(tmp_path_factory):
+    """Noisy-expert button-press-v3 rollouts (60 steps): 40 training and 20 held-out episodes, as trajectory files."""
+    from mmalign.robotics import collect
+
+    root = tmp_path_factory.mktemp("button-press")
+    common = dict(task="button-press-v3", noise=[0.0, 0.5, 1.0, 2.0, 3.0], max_episode_steps=60, num_envs=4)
+    collect.run(collect.Config(output=root / "train.npz", episodes=40, seed=0, **common))
+    collect.run(collect.Config(output=root / "eval.npz", episodes=20, seed=1, first_state=40, **common))
+    return root

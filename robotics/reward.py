@@ -1,0 +1,156 @@
+"""Train a reward model on segment preferences: `mmalign robotics reward --data LABELLED_FOLDER --output RUN`.
+
+The model is an MLP r(s, a), an ensemble of them (`--members K`, independent initialisations on the
+same batches, prediction = the members' mean), or PEARL's Gaussian reward (`--gaussian`, trained with
+RRL, see `rrl.py`). A non-Gaussian model is trained with the core Bradley-Terry objective on the
+segment returns R = sum_t r(s_t, a_t): -(p log s(R_w - R_l) + (1-p) log s(R_l - R_w)), p = P(w preferred)
+from the pair record (1 for a hard label, 0.5 for "equal", anything between for a soft label).
+
+The held-out evaluation (`--eval-data`, a trajectory file) fragments those trajectories into segments
+of the training length, labels random pairs of them with the oracle teacher, and reports the pair
+accuracy and the Spearman correlation of predicted and true return over segments and over whole
+trajectories. The run folder gets reward_model.safetensors/.json, eval.json, metrics.jsonl,
+curves.png and reward_vs_return.png.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from mmalign.config import option
+from mmalign.objectives import bradley_terry_loss
+from mmalign.plots import plot_metrics, plot_scatter
+from mmalign.trainer import TrainConfig, Trainer
+
+from .pairs import PairDataset, Pairs, label_pairs
+from .reward_models import RewardArch, RewardModel, pair_accuracy, spearman
+from .rrl import rrl_loss
+from .teachers import teacher
+from .trajectories import Trajectories
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Reward-model settings (plus the shared training-loop settings); `pearl` uses them too."""
+
+    hidden: int = option(256, "width of each hidden layer")
+    layers: int = option(3, "hidden layers per member")
+    members: int = option(1, "ensemble members")
+    gaussian: bool = option(False, "Gaussian reward trained with PEARL's RRL instead of plain Bradley-Terry")
+    rrl_weight: float = option(0.1, "RRL: weight of the variance regulariser")
+    prior_std: float = option(1.0, "RRL: the prior standard deviation sigma0 of each step's reward")
+    eval_data: str | None = option(None, "held-out trajectory file (.npz) for pair accuracy and Spearman")
+    eval_pairs: int = option(2000, "oracle-labelled held-out segment pairs for the accuracy")
+    max_steps: int = option(2000, "optimizer steps")
+    batch_size: int = option(64, "pairs per step")
+    learning_rate: float = option(3e-4, "Adam learning rate")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    checkpoint_every: int = option(0, "checkpoint every N steps (0: at the end only)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.members < 1:
+            raise ValueError(f"members must be at least 1, got {self.members}")
+        if self.prior_std <= 0 or self.rrl_weight < 0:
+            raise ValueError("prior_std must be positive and rrl_weight not negative")
+
+
+@dataclass
+class Config(RewardConfig):
+    """Settings of `mmalign robotics reward`."""
+
+    data: str = option(None, "folder written by `mmalign robotics label` (segments.npz and pairs.jsonl)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data:
+            raise ValueError("--data (a folder with segments.npz and pairs.jsonl) is required")
+
+
+def reward_step(model: RewardModel, batch: dict[str, torch.Tensor], generator: torch.Generator,
+                config: RewardConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Bradley-Terry (or RRL) loss of a batch of pairs, averaged over pairs and ensemble members."""
+    mean_w, log_std_w = model(batch["obs_w"], batch["act_w"])
+    mean_l, log_std_l = model(batch["obs_l"], batch["act_l"])
+    label = batch["label"]
+    if model.arch.gaussian:
+        noise_w = torch.randn(mean_w.shape, generator=generator, device=mean_w.device)
+        noise_l = torch.randn(mean_l.shape, generator=generator, device=mean_l.device)
+        losses = rrl_loss(mean_w, log_std_w, mean_l, log_std_l, noise_w, noise_l, label,
+                          prior_std=config.prior_std, weight=config.rrl_weight)
+    else:
+        losses = bradley_terry_loss(mean_w.sum(-1), mean_l.sum(-1), label)
+    margin = (mean_w.mean(0).sum(-1) - mean_l.mean(0).sum(-1)).detach()
+    strict = label != 0.5
+    metrics = {"pair_acc": ((margin > 0) == (label > 0.5))[strict].float().mean() if strict.any() else margin * 0}
+    if log_std_w is not None:
+        metrics["sigma"] = log_std_w.detach().exp().mean()
+    return losses.mean(), metrics
+
+
+def train_reward_model(config: RewardConfig, segments: Trajectories, pairs: Pairs,
+                       trainer: Trainer | None = None) -> tuple[RewardModel, list[dict[str, float]]]:
+    """Fit a reward model to `pairs` over `segments` with the shared trainer; saves it into config.output."""
+    trainer = trainer or Trainer(config)
+    torch.manual_seed(config.seed)
+    arch = RewardArch(segments.observations.shape[-1], segments.actions.shape[-1], config.hidden, config.layers,
+                      config.members, config.gaussian)
+    model = RewardModel(arch)
+    model.normalize.fit(np.concatenate([segments.observations, segments.actions], axis=-1))
+    model.to(trainer.device)
+    history = trainer.fit(model, PairDataset(segments, pairs), default_collate,
+                          lambda m, b, g: reward_step(m, b, g, config), save_model=lambda m, out: m.save(out))
+    return model.eval(), history
+
+
+def evaluate(model: RewardModel, held_out: Trajectories, segment_length: int, num_pairs: int,
+             seed: int = 0) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Held-out pair accuracy (oracle labels) and Spearman over segments and trajectories; returns (report, R_hat, R)."""
+    segments = held_out.fragment(segment_length, max(num_pairs, len(held_out)), seed=seed)
+    pairs = label_pairs(segments, num_pairs, teacher("oracle"), seed=seed)
+    predicted, true = model.returns(segments), segments.returns()
+    report = {"pair_accuracy": pair_accuracy(predicted, pairs), "spearman_segments": spearman(predicted, true),
+              "spearman_trajectories": spearman(model.returns(held_out), held_out.returns()),
+              "held_out_trajectories": len(held_out), "held_out_pairs": len(pairs)}
+    return report, predicted, true
+
+
+def load_labelled(folder: str | Path) -> tuple[Trajectories, Pairs]:
+    """The segments and pairs that `mmalign robotics label` wrote into `folder`."""
+    folder = Path(folder)
+    segments = Trajectories.load(folder / "segments.npz")
+    return segments, Pairs.load(folder / "pairs.jsonl", segments)
+
+
+def report_reward_model(config: RewardConfig, model: RewardModel, segment_length: int,
+                        history: list[dict[str, float]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate on config.eval_data (when given), write eval.json and the pictures; returns the report."""
+    report: dict[str, Any] = dict(extra or {})
+    if config.eval_data:
+        scores, predicted, true = evaluate(model.cpu(), Trajectories.load(config.eval_data), segment_length,
+                                           config.eval_pairs, seed=config.seed + 1)
+        report.update(scores)
+        plot_scatter(true, predicted, config.output / "reward_vs_return.png", "true return", "predicted return",
+                     f"held-out segments, Spearman {scores['spearman_segments']:.2f}")
+    plot_metrics(history, ["loss", "pair_acc", "sigma"], config.output / "curves.png")
+    (config.output / "eval.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Train on the labelled folder, evaluate on the held-out trajectories, write the run folder."""
+    segments, pairs = load_labelled(config.data)
+    trainer = Trainer(config)
+    trainer.accelerator.print(f"{len(pairs)} pairs over {len(segments)} {segments.task} segments of "
+                              f"{segments.horizon} steps (teacher: {pairs.teacher or 'unknown'})")
+    model, history = train_reward_model(config, segments, pairs, trainer)
+    report = report_reward_model(config, model, segments.horizon, history, {"train_pairs": len(pairs)})
+    trainer.accelerator.print(json.dumps(report, indent=1))
+    return report

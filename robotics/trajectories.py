@@ -1,0 +1,199 @@
+"""A set of equal-length trajectories of one task, on disk as one `.npz` file, and fragments of them.
+
+Arrays (N trajectories of T steps):
+
+    observations [N, T, D] float32   the observation each action was taken in
+    actions      [N, T, A] float32
+    rewards      [N, T]    float32   Meta-World's dense reward (the true reward of every evaluation)
+    successes    [N, T]    bool      Meta-World's success flag after each step
+    frames       [N, F, H, W, 3] uint8, optional: rendered every `frame_every` steps (F = ceil(T / frame_every))
+    info.<key>   [N]       per-trajectory columns: initial_state, noise, policy, source, start, ...
+
+plus a JSON header (`meta`: task, frame_every, anything the producer records). Loading checks every
+array before anything uses it; problems name the file, the field and the trajectory. Saving writes
+a temporary file next to the target and renames it, so an interrupted write leaves the old file whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmalign.data import DataError
+from mmalign.files import write_atomically
+
+from .envs import check_task
+
+REQUIRED = ("observations", "actions", "rewards", "successes")
+
+
+@dataclass
+class Trajectories:
+    """N equal-length trajectories of `task` (see the module docstring for the fields)."""
+
+    task: str
+    observations: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    successes: np.ndarray
+    frames: np.ndarray | None = None
+    info: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = "trajectories"
+
+    def __post_init__(self) -> None:
+        self.observations = np.asarray(self.observations, dtype=np.float32)
+        self.actions = np.asarray(self.actions, dtype=np.float32)
+        self.rewards = np.asarray(self.rewards, dtype=np.float32)
+        self.successes = np.asarray(self.successes, dtype=bool)
+        self.info = {k: np.asarray(v) for k, v in self.info.items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise DataError naming the source, field and trajectory of the first problems found."""
+        try:
+            check_task(self.task)
+        except ValueError as err:
+            raise DataError(f"{self.source}: field 'task': {err}") from None
+        problems = []
+        if self.observations.ndim != 3:
+            problems.append(("observations", f"expected [N, T, D], got shape {self.observations.shape}"))
+        if self.actions.ndim != 3:
+            problems.append(("actions", f"expected [N, T, A], got shape {self.actions.shape}"))
+        if problems:
+            raise _error(self.source, problems)
+        n, t = self.observations.shape[:2]
+        expected = {"actions": (n, t), "rewards": (n, t), "successes": (n, t)}
+        for name, lead in expected.items():
+            shape = getattr(self, name).shape
+            if shape[:2] != lead or (name != "actions" and len(shape) != 2):
+                problems.append((name, f"shape {shape} does not match observations {self.observations.shape} "
+                                       f"(expected {'[N, T, A]' if name == 'actions' else '[N, T]'} with N={n}, T={t})"))
+        if self.frames is not None:
+            every = int(self.meta.get("frame_every", 1))
+            want = (n, -(-t // every))
+            if self.frames.ndim != 5 or self.frames.shape[:2] != want or self.frames.shape[-1] != 3:
+                problems.append(("frames", f"expected [N, F, H, W, 3] with N={n}, F={want[1]} (T={t}, frame_every="
+                                           f"{every}), got shape {self.frames.shape}"))
+        for key, column in self.info.items():
+            if column.shape[:1] != (n,):
+                problems.append((f"info.{key}", f"expected {n} entries (one per trajectory), got shape {column.shape}"))
+        for name in ("observations", "actions", "rewards"):
+            array = getattr(self, name)
+            if array.shape[:1] == (n,) and not np.isfinite(array).all():
+                bad = np.argwhere(~np.isfinite(array.reshape(array.shape[0], array.shape[1], -1)))[:3]
+                where = ", ".join(f"trajectory {i} step {s}" for i, s, _ in bad)
+                problems.append((name, f"{(~np.isfinite(array)).sum()} NaN or infinite value(s), first at {where}"))
+        if problems:
+            raise _error(self.source, problems)
+
+    def __len__(self) -> int:
+        return self.observations.shape[0]
+
+    @property
+    def horizon(self) -> int:
+        """T, the number of steps of every trajectory."""
+        return self.observations.shape[1]
+
+    def returns(self) -> np.ndarray:
+        """The true return sum_t r_t of each trajectory [N]."""
+        return self.rewards.sum(axis=1)
+
+    def success(self) -> np.ndarray:
+        """Whether each trajectory succeeded at any step [N]."""
+        return self.successes.any(axis=1)
+
+    def select(self, indices) -> "Trajectories":
+        """The trajectories at `indices`, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return Trajectories(self.task, self.observations[indices], self.actions[indices], self.rewards[indices],
+                            self.successes[indices], None if self.frames is None else self.frames[indices],
+                            {k: v[indices] for k, v in self.info.items()}, dict(self.meta), self.source)
+
+    def fragment(self, length: int, num: int, seed: int = 0) -> "Trajectories":
+        """`num` segments of `length` steps, each from a random trajectory at a random start (info: source, start).
+
+        Frames are not carried into segments; segments keep their trajectory's other info columns.
+        """
+        if not 1 <= length <= self.horizon:
+            raise ValueError(f"segment length must be between 1 and the horizon {self.horizon}, got {length}")
+        if num < 1:
+            raise ValueError(f"the number of segments must be at least 1, got {num}")
+        rng = np.random.default_rng(seed)
+        source = rng.integers(len(self), size=num)
+        start = rng.integers(self.horizon - length + 1, size=num)
+        steps = start[:, None] + np.arange(length)
+        rows = source[:, None]
+        info = {k: v[source] for k, v in self.info.items() if k not in ("source", "start")}
+        return Trajectories(self.task, self.observations[rows, steps], self.actions[rows, steps],
+                            self.rewards[rows, steps], self.successes[rows, steps], None,
+                            {**info, "source": source, "start": start},
+                            {**self.meta, "segment_length": length, "frame_every": 1}, self.source)
+
+    def save(self, path: str | Path) -> Path:
+        """Write all arrays and the header to one .npz file, atomically (temporary file, then rename)."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise ValueError(f"{path}: trajectory files end in .npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {name: getattr(self, name) for name in REQUIRED}
+        if self.frames is not None:
+            arrays["frames"] = self.frames
+        arrays.update({f"info.{k}": v for k, v in self.info.items()})
+        arrays["meta"] = np.array(json.dumps({**self.meta, "task": self.task}))
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return write_atomically(path, write)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trajectories":
+        """Read and validate a file written by `save` (errors name the file and field)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"trajectory file {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: not a readable .npz trajectory file ({err})") from None
+        missing = [k for k in (*REQUIRED, "meta") if k not in arrays]
+        if missing:
+            raise DataError(f"{path}: missing field(s) {', '.join(missing)}; it has {', '.join(sorted(arrays))}")
+        try:
+            meta = json.loads(str(arrays.pop("meta")))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: field 'meta' is not JSON ({err})") from None
+        if not isinstance(meta, dict) or "task" not in meta:
+            raise DataError(f"{path}: field 'meta' must be a JSON object with a 'task'")
+        info = {k[len("info."):]: arrays.pop(k) for k in list(arrays) if k.startswith("info.")}
+        return cls(meta.pop("task"), *(arrays[k] for k in REQUIRED), arrays.get("frames"), info, meta, str(path))
+
+
+def concatenate(parts: list[Trajectories]) -> Trajectories:
+    """One set from several of the same task and horizon (frames kept only when every part has them)."""
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    first = parts[0]
+    for part in parts[1:]:
+        if part.task != first.task or part.observations.shape[1:] != first.observations.shape[1:]:
+            raise DataError(f"{part.source}: cannot join {part.task} trajectories of shape {part.observations.shape} "
+                            f"to {first.task} trajectories of shape {first.observations.shape}")
+    keys = set.intersection(*(set(p.info) for p in parts))
+    frames = None if any(p.frames is None for p in parts) else np.concatenate([p.frames for p in parts])
+    return Trajectories(first.task, *(np.concatenate([getattr(p, k) for p in parts]) for k in REQUIRED), frames,
+                        {k: np.concatenate([p.info[k] for p in parts]) for k in sorted(keys)}, dict(first.meta),
+                        first.source)
+
+
+def _error(source: str, problems: list[tuple[str, str]]) -> DataError:
+    lines = "\n".join(f"  field '{name}': {problem}" for name, problem in problems)
+    return DataError(f"{source}: {len(problems)} problem(s) in the trajectories\n{lines}")

@@ -1,0 +1,74 @@
+"""Transferred-label accuracy of PEARL's CPA on Meta-World task pairs (the numbers in BENCHMARKS.md).
+
+For every task: noisy scripted-expert episodes (noise std cycling through 0, 0.5, 1, 1.5, 2, 3, 4;
+100 steps), cut into random segments. Source segments get oracle labels on random pairs; the
+transfer labels every target pair; accuracy = share of target pairs whose transferred preference
+agrees with the true target returns. Repeated over seeds (new episodes, segments and pairs).
+
+    python scripts/pearl_transfer.py --out /tmp/pearl-bench --seeds 3               # best of 5 GW solves
+    python scripts/pearl_transfer.py --out /tmp/pearl-bench --seeds 3 --restarts 1  # one solve
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmalign.robotics import collect, pearl
+from mmalign.robotics.pairs import label_pairs
+from mmalign.robotics.teachers import teacher
+from mmalign.robotics.trajectories import Trajectories
+
+PAIRS = [("button-press-v3", "button-press-topdown-v3"), ("button-press-topdown-v3", "button-press-v3"),
+         ("button-press-v3", "button-press-wall-v3"), ("button-press-topdown-v3", "button-press-topdown-wall-v3"),
+         ("push-v3", "button-press-v3"), ("window-open-v3", "window-close-v3"), ("drawer-open-v3", "drawer-close-v3")]
+NOISE = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
+
+
+def episodes(task: str, seed: int, out: Path, count: int) -> Trajectories:
+    """`count` noisy-expert episodes of `task` (collected once into `out`, then read back)."""
+    path = out / f"{task}-{seed}.npz"
+    if not path.exists():
+        collect.run(collect.Config(task=task, output=path, episodes=count, noise=NOISE, max_episode_steps=100,
+                                   num_envs=7, seed=seed, first_state=seed * 7))
+    return Trajectories.load(path)
+
+
+def main() -> None:
+    """Accuracy mean ± std over seeds per task pair and variant (segment features, entropic or exact GW)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/pearl-bench"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--episodes", type=int, default=140)
+    parser.add_argument("--segments", type=int, default=500)
+    parser.add_argument("--segment-length", type=int, default=50)
+    parser.add_argument("--source-pairs", type=int, default=20000)
+    parser.add_argument("--restarts", type=int, default=5)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    variants = [("hand", True), ("hand", False), ("full", True), ("full", False)]
+    print("| source -> target | " + " | ".join(f"{f}, {'entropic' if e else 'exact'}" for f, e in variants) + " |")
+    print("|---|" + "---:|" * len(variants))
+    for source_task, target_task in PAIRS:
+        scores = {v: [] for v in variants}
+        for seed in range(args.seeds):
+            source = episodes(source_task, seed, args.out, args.episodes).fragment(args.segment_length, args.segments,
+                                                                                    seed=seed)
+            target = episodes(target_task, seed + 100, args.out, args.episodes).fragment(
+                args.segment_length, args.segments, seed=seed + 100)
+            pairs = label_pairs(source, args.source_pairs, teacher("oracle"), seed=seed)
+            for features, entropic in variants:
+                start = time.perf_counter()
+                _, z_target = pearl.align(source, pairs, target, features, entropic, restarts=args.restarts, seed=seed)
+                scores[(features, entropic)].append(pearl.label_accuracy(z_target, target.returns()))
+                print(f"  {source_task} -> {target_task} seed {seed} {features} entropic={entropic}: "
+                      f"{scores[(features, entropic)][-1]:.3f} ({time.perf_counter() - start:.1f} s)", flush=True)
+        cells = [f"{np.mean(scores[v]):.3f} ± {np.std(scores[v]):.3f}" for v in variants]
+        print(f"| {source_task} -> {target_task} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""GRAPE: the TPO loss against the core sigmoid, the ranking score and stage costs by hand, and TPO on rollouts."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmalign.reference import FrozenCopy
+from mmalign.robotics import grape
+from mmalign.robotics.policies import GaussianPolicy, PolicyArch
+from mmalign.robotics.stages import external_reward, stage_costs, stages
+
+
+def test_tpo_loss_is_the_core_sigmoid_on_summed_log_ratios():
+    g = torch.Generator().manual_seed(0)
+    pw, rw, pl, rl = (torch.randn(3, 8, generator=g) for _ in range(4))
+    expected = -F.logsigmoid(0.1 * ((pw - rw).sum(-1) - (pl - rl).sum(-1)))
+    torch.testing.assert_close(grape.tpo_loss(pw, rw, pl, rl, beta=0.1), expected)
+
+
+def test_tpo_step_scores_the_same_random_window_of_both_trajectories():
+    torch.manual_seed(0)
+    policy = GaussianPolicy(PolicyArch(5, 2, hidden=8, layers=1))
+    reference = FrozenCopy(policy)
+    with torch.no_grad():
+        policy.mean[0].weight.add_(0.3)  # the policy now differs from its reference
+    batch = {"obs_w": torch.randn(4, 20, 5), "act_w": torch.randn(4, 20, 2), "obs_l": torch.randn(4, 20, 5),
+             "act_l": torch.randn(4, 20, 2)}
+    loss, metrics = grape.tpo_step(policy, batch, torch.Generator().manual_seed(3), reference, beta=0.5, window=6)
+    start = torch.randint(0, 15, (4, 1), generator=torch.Generator().manual_seed(3))
+    expected = []
+    for i in range(4):
+        window = slice(int(start[i]), int(start[i]) + 6)
+        log_ratio = {side: (policy.log_prob(batch[f"obs_{side}"][i, window], batch[f"act_{side}"][i, window])
+                            - reference.model.log_prob(batch[f"obs_{side}"][i, window], batch[f"act_{side}"][i, window])).sum()
+                     for side in "wl"}
+        expected.append(-F.logsigmoid(0.5 * (log_ratio["w"] - log_ratio["l"])))
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    whole, _ = grape.tpo_step(policy, batch, torch.Generator(), reference, beta=0.5, window=0)
+    log_ratios = [(policy.log_prob(batch[f"obs_{s}"], batch[f"act_{s}"])
+                   - reference.model.log_prob(batch[f"obs_{s}"], batch[f"act_{s}"])).sum(-1) for s in "wl"]
+    torch.testing.assert_close(whole, (-F.logsigmoid(0.5 * (log_ratios[0] - log_ratios[1]))).mean())
+
+
+def test_gaussian_log_prob_by_hand():
+    policy = GaussianPolicy(PolicyArch(3, 2, hidden=4, layers=1, init_log_std=math.log(0.5)))
+    obs, act = torch.randn(3), torch.tensor([0.2, -0.4])
+    mean = policy.mean(obs).detach()
+    by_hand = sum(-((a - m) ** 2) / (2 * 0.25) - math.log(0.5) - 0.5 * math.log(2 * math.pi)
+                  for a, m in zip(act.tolist(), mean.tolist()))
+    assert policy.log_prob(obs, act).item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_grape_score_and_pairs_by_hand():
+    log_probs = np.array([[-1.0, -5.0], [-0.5, -0.5], [-10.0, -10.0]])
+    success = np.array([True, False, False])
+    r_ext = np.array([0.5, 0.9, 0.2])
+    floor = math.log(0.05)
+    expected = [0.01 * (-1 + floor) + 0.5 + 5, 0.01 * -1.0 + 0.9, 0.01 * 2 * floor + 0.2]
+    np.testing.assert_allclose(grape.grape_score(log_probs, success, r_ext), expected)
+    scores = np.array([1.0, 3.0, 2.0, 0.5, 0.5, 4.0, 4.0, 1.0])
+    groups = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    chosen, rejected = grape.best_and_worst(scores, groups)
+    assert chosen.tolist() == [1, 5] and rejected.tolist() == [0, 7], "group 1 ties and gives no pair"
+
+
+def test_stage_costs_by_hand():
+    obs = np.zeros((1, 3, 39))
+    obs[0, :, 0:3] = [[0, 0, 0], [0.03, 0.04, 0], [0.03, 0.04, 0.12]]  # hand: moves 5 cm, then 12 cm
+    obs[0, :, 4:7] = [0.03, 0.04, 0.0]  # object, reached at t=1
+    obs[0, :, 36:39] = [0.03, 0.14, 0.0]  # goal 10 cm from the object
+    costs = stage_costs("push-v3", obs)
+    assert costs["reach"][0] == pytest.approx(0.0) and costs["place"][0] == pytest.approx(10.0)
+    assert costs["path"][0] == pytest.approx(17.0)
+    # push-v3: reach tau 4, place tau 5 (beta 0.1), path tau 150 (beta 0.01): R_ext = exp(-0.1 * (10 - 5))
+    assert external_reward("push-v3", obs)[0] == pytest.approx(math.exp(-0.5))
+    with pytest.raises(ValueError, match="no GRAPE stage constraints are written for assembly-v3"):
+        stages("assembly-v3")
+    with pytest.raises(ValueError, match="unknown Meta-World task"):
+        grape.Config(task="drawer-opne-v3", output="x")
+
+
+@pytest.mark.slow
+def test_grape_rounds_raise_the_policy_likelihood_of_the_chosen_trajectories(tmp_path):
+    config = grape.Config(task="reach-v3", output=tmp_path / "run", demo_episodes=4, bc_steps=150, bc_batch_size=64, hidden=32,
+                          layers=1, max_episode_steps=40, rounds=1, states=8, samples_per_state=4, max_steps=40,
+                          batch_size=8, learning_rate=1e-3, eval_episodes=4, num_envs=4, report_to="none")
+    report = grape.run(config)
+    assert [c["step"] for c in report["curve"]] == [0, 1] and report["rounds"][0]["pairs"] > 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-3), "policy == reference at the first step"
+    late = metrics[-10:]
+    assert np.mean([m["loss"] for m in late]) < math.log(2) - 0.05
+    assert np.mean([m["reward_margin"] for m in late]) > 0 and np.mean([m["implicit_acc"] for m in late]) > 0.7
+    assert (tmp_path / "run" / "success.png").is_file() and (tmp_path / "run" / "policy.safetensors").is_file()
