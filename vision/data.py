@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from mmalign.data import MAX_REPORTED, TRL_ROW, DataError, Field, Schema, load_preferences
+from mmalign.files import write_atomically
 
 IMAGE_FIELDS = ("images", "retrieved_images")
 
@@ -263,13 +264,11 @@ def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) ->
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:
-    """Write TRL rows (PIL images in 'images'/'retrieved_images') as Parquet with `datasets` Image features."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write TRL rows (PIL images in 'images'/'retrieved_images') as Parquet with `datasets` Image features, atomically."""
     records = datasets.Dataset.from_list(rows)
     features = records.features.copy()
     for name in IMAGE_FIELDS:
         if name in features:
             features[name] = datasets.Sequence(datasets.Image())
-    records.cast(features).to_parquet(str(path))
-    return path
+    records = records.cast(features)
+    return write_atomically(path, lambda tmp: records.to_parquet(str(tmp)))

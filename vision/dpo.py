@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from mmalign.config import option
+from mmalign.files import write_atomically
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss
 from mmalign.plots import plot_metrics
 from mmalign.reference import AdapterDisabled, CachedScores, FrozenCopy
@@ -266,7 +267,7 @@ def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: 
     with trainer.accelerator.autocast():
         cache = CachedScores.build(parts.reference, sequence_scores, model, batches(), len(pairs))
     if trainer.is_main:
-        cache.save(str(path))
+        write_atomically(path, lambda tmp: cache.save(str(tmp)))
     return cache
 
 

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from mmalign.config import option
+from mmalign.files import write_atomically
 from mmalign.data import PAIR, Field, Schema, load_preferences, text_or_messages
 
 from .. import models
@@ -156,6 +157,6 @@ def run(config: Config) -> dict:
     if not rows:
         raise ValueError(f"{config.data}: every row's rejected response stayed too similar to the chosen one")
     write_rows(rows, config.output / "train.parquet")
-    (config.output / "report.json").write_text(json.dumps(report, indent=1))
+    write_atomically(config.output / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
     return report

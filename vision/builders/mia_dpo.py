@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmalign.config import option
+from mmalign.files import write_atomically
 from mmalign.data import Field, Schema, load_preferences, text
 
 from .. import models
@@ -216,6 +217,6 @@ def run(config: Config) -> dict:
     if not rows:
         raise ValueError(f"{config.data}: no composed prompt was answered wrong with low attention to its target")
     write_rows(rows, config.output / "train.parquet")
-    (config.output / "report.json").write_text(json.dumps(report, indent=1))
+    write_atomically(config.output / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
     return report

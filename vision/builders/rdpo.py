@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from mmalign.config import option
+from mmalign.files import write_atomically
 from mmalign.data import load_preferences
 
 from .. import models
@@ -120,6 +121,6 @@ def run(config: Config) -> dict:
     if not built:
         raise ValueError(f"{config.data}: no rejected response differed enough from its chosen one")
     write_rows(built, config.output / "train.parquet")
-    (config.output / "report.json").write_text(json.dumps(report, indent=1))
+    write_atomically(config.output / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
     return report
