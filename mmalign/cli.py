@@ -35,6 +35,10 @@ COMMANDS = {
     "robotics pearl": ("mmalign.robotics.pearl", "PEARL: transfer preferences across tasks (GW), then RRL on the target"),
     "robotics rapl": ("mmalign.robotics.rapl", "RAPL: align a visual encoder on preference triplets; OT reward"),
     "robotics grape": ("mmalign.robotics.grape", "GRAPE: behaviour cloning, then ranked rollouts and TPO rounds"),
+    "vision dpo": ("mmalign.vision.dpo", "DPO-family fine-tuning of a LLaVA-style model on TRL rows with images"),
+    "vision bdhs": ("mmalign.vision.builders.bdhs", "BDHS pairs: rejected = the model's answer with the image masked"),
+    "vision mia-dpo": ("mmalign.vision.builders.mia_dpo", "MIA-DPO pairs: multi-image prompts, attention-selected rejects"),
+    "vision rdpo": ("mmalign.vision.builders.rdpo", "rDPO pairs: words refilled given a retrieved image, kept as v'"),
 }
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
 """Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""

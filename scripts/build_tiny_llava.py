@@ -1,0 +1,72 @@
+"""Build the embedded tiny LLaVA (`assets/tiny-llava`): a tiny LlavaForConditionalGeneration pretrained briefly on the
+synthetic visual QA world, so that it answers, but hallucinates on a share of held-out questions.
+
+    python scripts/build_tiny_llava.py --output assets/tiny-llava
+
+Next-token cross-entropy on the answer tokens only (' red </s>') given the image and question; AdamW (lr 1e-3,
+50 warm-up steps), batch 64, 2500 steps, fresh scenes every step. About six minutes on one CPU core; prints the
+held-out accuracy with its 95% CI (0.58 [0.54, 0.62] on 500 questions for the shipped model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from mmalign.vision.evaluate import qa_accuracy
+from mmalign.vision.tiny import tiny_llava
+from mmalign.vision.world import prompt_text, qa_rows
+
+
+def answer_batch(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Inputs with labels on each row's answer tokens only (-100 elsewhere)."""
+    texts = [prompt_text(r["question"]) + f" {r['answer']} </s>" for r in rows]
+    batch = processor(images=[r["image"] for r in rows], text=texts, add_special_tokens=False, padding=True,
+                      return_tensors="pt")
+    labels = torch.full_like(batch["input_ids"], -100)
+    ends = batch["attention_mask"].sum(1)
+    for i, end in enumerate(ends.tolist()):
+        labels[i, end - 2:end] = batch["input_ids"][i, end - 2:end]
+    return {**batch, "labels": labels}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("assets/tiny-llava"))
+    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-objects", type=int, default=3)
+    parser.add_argument("--prior", type=float, default=0.0, help="share of training scenes in their shapes' usual colours")
+    args = parser.parse_args()
+
+    model, processor = tiny_llava(seed=args.seed)
+    held_out = qa_rows(500, seed=10_000, max_objects=args.max_objects)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
+    for step in range(args.steps):
+        model.train()
+        rows = qa_rows(args.batch_size, seed=args.seed * 1_000_003 + step, max_objects=args.max_objects, prior=args.prior)
+        loss = model(**answer_batch(processor, rows)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if (step + 1) % 100 == 0:
+            print(f"step {step + 1}: loss {loss.item():.3f}, held-out accuracy {qa_accuracy(model, processor, held_out)}")
+    accuracy = qa_accuracy(model, processor, held_out)
+    args.output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    (args.output / "build.json").write_text(json.dumps({**{k: str(v) for k, v in vars(args).items()},
+                                                         "held_out_accuracy": accuracy}, indent=1))
+    print(f"saved {args.output}: held-out accuracy {accuracy}")
+
+
+if __name__ == "__main__":
+    main()

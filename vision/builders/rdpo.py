@@ -1,0 +1,126 @@
+"""rDPO / Re-Align (taco-group/Re-Align): rejected responses that hallucinate what a similar image shows, plus that
+image v' for the visual term (`mmalign vision dpo --visual-term retrieved`).
+
+For each row (prompt, chosen, one image v): v' = the most similar other image of the pool by cosine similarity of
+image embeddings (the VLM's own vision tower, mean-pooled projected features, or any `embed(images) -> [N, D]`,
+e.g. an open_clip image encoder); the object/attribute words of the chosen response (those in `vocabulary`) are
+masked and the model fills each one in, left to right, given v' instead of v. The pair is kept when the text
+similarity of rejected to chosen is under `threshold` (0.95). Rows keep v' in `retrieved_images`.
+
+The paper finds object/attribute words with a tagger; none ships here offline, so the caller names them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mmalign.config import option
+from mmalign.files import write_atomically
+from mmalign.data import load_preferences
+
+from .. import models
+from ..data import open_image, write_rows
+from .bdhs import SOURCE_ROW, bow_cosine
+
+
+class RetrievalIndex:
+    """Unit-normalised embeddings of a pool of images; `nearest` gives each query's top-k by cosine similarity."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        self.embeddings = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+
+    def nearest(self, queries: torch.Tensor, k: int = 1, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """[Q, k] pool indices of the most similar images, most similar first; `exclude[q]` (a pool index, e.g. the
+        query itself) is never returned."""
+        sims = torch.nn.functional.normalize(queries.float(), dim=-1) @ self.embeddings.T
+        if exclude is not None:
+            sims[torch.arange(len(sims)), exclude] = float("-inf")
+        return sims.topk(k, dim=-1).indices
+
+
+@torch.no_grad()
+def vision_tower_embeddings(model, processor, images: list, batch_size: int = 64) -> torch.Tensor:
+    """[N, D] image embeddings from the VLM itself: its projected image features averaged over tokens."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = processor.image_processor(images[start:start + batch_size], return_tensors="pt")["pixel_values"]
+        features = model.get_image_features(pixel_values=pixels.to(next(model.parameters()).device))
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        out.append(torch.stack([f.mean(0) for f in features]).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def fill_masked(model, processor, prompt: str, image, chosen: str, vocabulary: set[str]) -> str:
+    """The chosen response with each vocabulary word replaced, left to right, by the model's most likely word given
+    `image` (v'), the prompt and the response so far."""
+    words, tok = chosen.split(" "), processor.tokenizer
+    for i, word in enumerate(words):
+        if word not in vocabulary:
+            continue
+        context = prompt + " ".join(words[:i])
+        inputs = processor(images=[image], text=context.rstrip(), add_special_tokens=False, return_tensors="pt")
+        logits = model(**inputs, logits_to_keep=1).logits[0, -1]
+        words[i] = tok.decode([int(logits.argmax())]).strip() or word
+    return " ".join(words)
+
+
+def build_rows(model, processor, rows: list[dict], vocabulary: set[str],
+               embed: Callable[[list], torch.Tensor] | None = None, threshold: float = 0.95) -> tuple[list[dict], dict]:
+    """(TRL rows with rejected responses and `retrieved_images`, report) from rows {prompt, chosen, images: [v]}."""
+    images = [row["images"][0] for row in rows]
+    embeddings = embed(images) if embed is not None else vision_tower_embeddings(model, processor, images)
+    nearest = RetrievalIndex(embeddings).nearest(embeddings, k=1, exclude=torch.arange(len(rows)))[:, 0].tolist()
+    built, examples = [], []
+    for row, j in zip(rows, nearest):
+        rejected = fill_masked(model, processor, row["prompt"], images[j], row["chosen"], vocabulary)
+        if bow_cosine(rejected, row["chosen"]) >= threshold:
+            continue
+        built.append({**row, "rejected": rejected, "retrieved_images": [images[j]]})
+        if len(examples) < 5:
+            examples.append({"chosen": row["chosen"], "rejected": rejected, "retrieved": j})
+    report = {"method": "rDPO", "rows": len(rows), "pairs": len(built), "acceptance_rate": len(built) / max(1, len(rows)),
+              "threshold": threshold, "examples": examples}
+    return built, report
+
+
+@dataclass
+class Config:
+    """rDPO data-building settings."""
+
+    model: str = option(None, "the LLaVA-style model that fills the masked words given the retrieved image")
+    data: str = option(None, "rows with prompt, chosen (the reference response) and images (one image each)")
+    output: Path = option(None, "folder for train.parquet (with retrieved_images) and report.json")
+    vocabulary: list[str] = option([], "the object/attribute words to mask (default: the embedded world's)")
+    split: str = option("train", "split to read from a dataset folder or hub id")
+    threshold: float = option(0.95, "keep a pair when the rejected response's similarity to the chosen is under this")
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.data or self.output is None:
+            raise ValueError("--model, --data and --output are required")
+        self.output = Path(self.output)
+
+
+def run(config: Config) -> dict:
+    """`mmalign vision rdpo`: retrieve v', refill the masked words, keep dissimilar rejects; write rows and a report."""
+    from ..world import COLOURS, COUNTS, SHAPES
+
+    model, processor = models.load(config.model)
+    records = load_preferences(config.data, SOURCE_ROW, config.split)
+    root = Path(config.data).parent if Path(config.data).is_file() else Path(config.data)
+    rows = [{**r, "images": [open_image(image, root) for image in r["images"]]} for r in records]
+    if any(len(r["images"]) != 1 for r in rows):
+        raise ValueError(f"{config.data}: rDPO rows hold exactly one image each")
+    vocabulary = set(config.vocabulary) or {*COLOURS, *SHAPES, *COUNTS}
+    built, report = build_rows(model.eval(), processor, rows, vocabulary, threshold=config.threshold)
+    if not built:
+        raise ValueError(f"{config.data}: no rejected response differed enough from its chosen one")
+    write_rows(built, config.output / "train.parquet")
+    write_atomically(config.output / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
+    print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
+    return report

@@ -1,0 +1,103 @@
+"""Sequence scores of a LLaVA-style model: s(y | images, prompt) = sum of the completion tokens' log-probs.
+
+The images of a batch are encoded by ONE vision-tower call and the features handed to the model through its
+`mm_encoder_outputs` input, each image's features reused by every row that shows it (see `collate_pairs`).
+`sequence_scores` runs each distinct prompt once and the completions of chosen and rejected on its key/value
+cache; `token_log_probs` (for token-level objectives) runs all rows whole in one forward, with only the positions
+from the shortest prompt on reaching the LM head (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from mmalign.reference import _unwrap
+
+
+def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
+    """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call (on the
+    model inside a DDP wrapper, which does not forward methods)."""
+    if "pixel_values" not in batch:
+        return None
+    kwargs = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
+    out = _unwrap(model).get_image_features(pixel_values=batch["pixel_values"], **kwargs)
+    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
+
+
+def token_log_probs(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(y_t | y_<t, images, prompt) [R, T], completion mask [R, T], log-distributions [R, T, V]) over the T
+    positions from the shortest prompt on, for all R rows in one forward; `features` are reused when given."""
+    if features is None:
+        features = image_features(model, batch)
+    encoded = None
+    if features is not None:
+        per_row = [features[i] for i in batch["image_order"].tolist()]
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+    input_ids, mask = batch["input_ids"], batch["completion_mask"]
+    first = int(mask.float().argmax(1).min())  # first completion position of any row (>= 1: prompts are non-empty)
+    keep = input_ids.shape[1] - first + 1
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], mm_encoder_outputs=encoded,
+                   logits_to_keep=keep, use_cache=False).logits
+    targets, target_mask = input_ids[:, -keep + 1:], mask[:, -keep + 1:]
+    log_dist = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1), target_mask, log_dist
+
+
+def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen, rejected,
+    chosen under the other images); `features` from `image_features` are reused when given.
+
+    Rows that share a prompt and images (chosen and rejected) share its forward: each distinct prompt runs once,
+    left-padded, keeping its key/value cache, and every row's completion runs on a copy of its prompt's cache
+    (positions continue from the prompt's own length), so the prompt's tokens, images included, are computed once
+    per pair instead of twice, gradients flowing through the shared cache. Under gradient checkpointing (which
+    cannot recompute a shared cache) the rows run whole, as in `token_log_probs`."""
+    if features is None:
+        features = image_features(model, batch)
+    if model.training and getattr(_unwrap(model), "is_gradient_checkpointing", False):
+        logps, mask, _ = token_log_probs(model, batch, features)
+        return (logps * mask).sum(1).view(-1, batch["index"].shape[0]).T
+    input_ids, mask = batch["input_ids"], batch["completion_mask"]
+    rows, pairs = input_ids.shape[0], batch["index"].shape[0]
+    starts = mask.float().argmax(1)  # each row's prompt length
+    lengths = mask.sum(1)
+    row = torch.arange(rows, device=input_ids.device)
+    group = row % pairs + pairs * (row >= 2 * pairs)  # chosen and rejected share prompt i; v' rows have their own
+    leaders = torch.cat([row[:pairs], row[2 * pairs:]])  # the first row of each prompt group
+    width, span = int(starts.max()), int(lengths.max())
+    prompt_ids = input_ids.new_zeros((len(leaders), width))
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for g, r in enumerate(leaders.tolist()):
+        n = int(starts[r])
+        prompt_ids[g, width - n:], prompt_mask[g, width - n:] = input_ids[r, :n], 1
+    encoded = None
+    if features is not None:
+        per_row = batch["image_order"].split(_images_per_row(batch, rows))
+        encoded = {"image": BaseModelOutputWithPooling(
+            pooler_output=[features[i] for r in leaders.tolist() for i in per_row[r].tolist()])}
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+                mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_select_indices(group)
+    completion = input_ids.new_zeros((rows, span))
+    completion_mask = torch.zeros_like(completion)
+    for r in range(rows):
+        n, s0 = int(lengths[r]), int(starts[r])
+        completion[r, :n], completion_mask[r, :n] = input_ids[r, s0:s0 + n], 1
+    positions = starts[:, None].long() + torch.arange(span, device=input_ids.device)
+    logits = model(input_ids=completion, attention_mask=torch.cat([prompt_mask[group], completion_mask], 1),
+                   position_ids=positions, cache=cache, use_cache=False).logits
+    first = torch.log_softmax(out.logits[group, -1].float(), -1).gather(-1, completion[:, :1]).squeeze(-1)
+    rest = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, completion[:, 1:, None]).squeeze(-1)
+    scores = first + (rest * completion_mask[:, 1:]).sum(1)
+    return scores.view(-1, pairs).T
+
+
+def _images_per_row(batch: dict[str, Any], rows: int) -> list[int]:
+    """How many entries of `image_order` each row takes (its images), from `image_counts` per pair."""
+    counts = batch["image_counts"].tolist()
+    return counts * (rows // len(counts))
