@@ -1,6 +1,7 @@
 """`mmalign vision dpo` end to end on a tiny LLaVA: saves a loadable adapter or model, resumes exactly, names bad rows."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -86,6 +87,17 @@ def test_bad_rows_stop_before_training(tiny_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.parquet" in err and "record 3, field 'prompt': has 1 <image> placeholder(s) for 0 image(s)" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_model_with_multi_axis_rotary_positions_is_refused(tiny_dir, rows_file, tmp_path, capsys):
+    mrope = tmp_path / "mrope"
+    shutil.copytree(tiny_dir, mrope)
+    config = json.loads((mrope / "config.json").read_text())
+    rope = config["text_config"].get("rope_parameters") or {"rope_type": "default", "rope_theta": 10000.0}
+    config["text_config"]["rope_parameters"] = {**rope, "mrope_section": [1, 1, 2]}
+    (mrope / "config.json").write_text(json.dumps(config))
+    assert train(mrope, rows_file, tmp_path / "run", "--max-steps", 1) == 1
+    assert "M-RoPE" in capsys.readouterr().err
 
 
 @pytest.mark.slow

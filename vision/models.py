@@ -8,6 +8,7 @@ import torch
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 VISION_PARTS = ("vision_tower", "multi_modal_projector")
+MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32):
@@ -25,6 +26,11 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32):
     if not hasattr(loaded, "get_image_features") or getattr(processor, "image_token", None) is None:
         raise ValueError(f"--model {model}: {type(loaded).__name__} has no get_image_features/image token; a "
                          "LLaVA-style model (vision tower + language model) is needed")
+    text = loaded.config.get_text_config()
+    ropes = [getattr(text, name, None) or {} for name in ("rope_scaling", "rope_parameters")]
+    if loaded.config.model_type in MROPE_FAMILIES or any("mrope_section" in rope for rope in ropes):
+        raise ValueError(f"--model {model}: {type(loaded).__name__} places tokens with multi-axis rotary positions "
+                         "(M-RoPE, Qwen2-VL style), which the shared-prompt scoring does not reproduce yet")
     return loaded, processor
 
 
