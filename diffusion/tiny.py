@@ -31,12 +31,13 @@ def clip_tokenizer(model_max_length: int = 16):
 
 
 def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon", text_dim: int = 32,
-                    kind: str = "sd") -> dict:
+                    kind: str = "sd", sd3_layers: int = 2, sd3_heads: int = 4) -> dict:
     """Randomly initialised parts of a tiny pipeline of `kind` sd, sdxl, sd3 or video; latents at half resolution.
 
     sd: UNet, VAE, CLIP text encoder, DDIM scheduler. sdxl: a second text encoder with projection, the UNet
     conditioned on both encoders' states plus pooled text and size ids. sd3: an SD3 transformer (joint
-    attention, pooled projections) on two CLIP encoders without T5, a flow-matching Euler scheduler.
+    attention, pooled projections; `sd3_layers` blocks of `sd3_heads` heads of width 8) on two CLIP encoders
+    without T5, a flow-matching Euler scheduler.
     video: a UNet3DConditionModel (text-to-video) with the image VAE applied per frame.
     """
     from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
@@ -60,9 +61,9 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
     )
     if kind == "sd3":
         transformer = SD3Transformer2DModel(
-            sample_size=image_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
-            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=2 * text_dim,
-            caption_projection_dim=32, pooled_projection_dim=2 * text_dim)
+            sample_size=image_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=sd3_layers,
+            attention_head_dim=8, num_attention_heads=sd3_heads, joint_attention_dim=2 * text_dim,
+            caption_projection_dim=8 * sd3_heads, pooled_projection_dim=2 * text_dim)
         return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
                 "text_encoder": CLIPTextModelWithProjection(text_config), "tokenizer": tokenizer,
                 "text_encoder_2": CLIPTextModelWithProjection(text_config), "tokenizer_2": tokenizer,

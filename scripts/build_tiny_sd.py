@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--vae-from", type=Path, default=None, help="reuse the VAE of this pipeline folder")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--denoiser-steps", type=int, default=8000)
+    parser.add_argument("--sd3-layers", type=int, default=4, help="--kind sd3: transformer blocks")
+    parser.add_argument("--sd3-heads", type=int, default=8, help="--kind sd3: attention heads of width 8")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--pool", type=int, default=20000, help="scenes encoded once for denoiser training")
     parser.add_argument("--pairs", type=int, default=2000, help="training preference pairs (test gets a quarter)")
@@ -126,7 +128,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     start = time.time()
-    pipe = tiny_pipeline(kind=args.kind, seed=args.seed)
+    pipe = tiny_pipeline(kind=args.kind, seed=args.seed, sd3_layers=args.sd3_layers, sd3_heads=args.sd3_heads)
     name = "tiny-sd" if args.kind == "sd" else "tiny-sd3"
     if args.vae_from:
         pipe.vae.load_state_dict(load_pipeline(args.vae_from).vae.state_dict())
