@@ -201,3 +201,15 @@ def test_cached_latents_give_the_same_step_as_encoding_each_time(tiny_sd, pickap
     torch.testing.assert_close(reused[0], fresh[0])
     with pytest.raises(ValueError, match="exclude each other"):
         config(tiny_sd, pickapic, tmp_path, cache_latents=True, random_flip=True)
+
+
+@pytest.mark.slow
+def test_a_compiled_denoiser_gives_the_eager_run_and_saves_a_loadable_lora(tiny_sd, pickapic, tmp_path):
+    eager = config(tiny_sd, pickapic, tmp_path / "eager", max_steps=3, learning_rate=1e-2)
+    compiled = config(tiny_sd, pickapic, tmp_path / "compiled", max_steps=3, learning_rate=1e-2, compile=True)
+    dpo.run(eager)
+    dpo.run(compiled)
+    for a, b in zip(metrics(eager.output), metrics(compiled.output)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.load_lora_weights(compiled.output)
