@@ -54,6 +54,18 @@ class Config(dpo.Config):
         super().__post_init__()
 
 
+TRAINING = ("model", "data", "full", "beta", "learning_rate", "warmup_steps", "max_steps", "batch_size")
+
+
+def embedded_config(method, output: str | Path, **overrides):
+    """`method.Config` with the demo's training settings (`TRAINING`: the embedded model and pairs, full fine-tune,
+    beta 5000, lr 1e-4, 300 steps of 16), no grids, trackers or checkpoints; `overrides` win."""
+    demo = Config(output=Path(output))
+    settings = {name: getattr(demo, name) for name in TRAINING}
+    return method.Config(**{**settings, "output": Path(output), "num_samples": 0, "report_to": "none",
+                            "checkpoint_every": 0, **overrides})
+
+
 def run(config: Config) -> dict:
     """Evaluate the base model, train, evaluate the aligned model; print and save the comparison."""
     start = time.time()

@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from mmalign.diffusion import dpo, inpo, world
+from mmalign.diffusion.demo import embedded_config
 from mmalign.diffusion.evaluate import evaluate_reward
 from mmalign.diffusion.models import load_pipeline
 from mmalign.trainer import checkpoints
@@ -32,10 +33,8 @@ def placement(images, prompts):
 
 def train(method, output: Path, args) -> float:
     """Train one method; returns seconds per step (wall time of the whole run over its steps)."""
-    config = method.Config(model=str(ASSETS / "tiny-sd"), data=str(ASSETS / "tiny-sd-prefs" / "train.parquet"),
-                           output=output, full=True, beta=args.beta, learning_rate=1e-4, warmup_steps=10,
-                           max_steps=args.steps, batch_size=16, num_samples=0, report_to="none",
-                           checkpoint_every=args.every, keep_checkpoints=args.steps // args.every + 1, seed=args.seed)
+    config = embedded_config(method, output, beta=args.beta, max_steps=args.steps, checkpoint_every=args.every,
+                             keep_checkpoints=args.steps // args.every + 1, seed=args.seed)
     start = time.perf_counter()
     method.run(config)
     return (time.perf_counter() - start) / args.steps

@@ -1,10 +1,10 @@
 """Train one diffusion method on the embedded world and report its paired held-out placement gain over the base.
 
-Full fine-tune of assets/tiny-sd (beta 5000, lr 1e-4, 10 warm-up steps unless --set says otherwise), then 4
-fixed-seed samples per caption (48) from the base and the trained model, scored by the world's placement
-reward; the gain is the mean of the paired differences with its 95% CI. `--model-winners K N` replaces the
-human pairs by the base model's own samples: for each caption, the N best by placement of K samples are the
-winners (the N worst the losers), as Pick-a-Pic rows. Also printed: the change in denoising error on the
+The demo's training settings (`demo.embedded_config`: full fine-tune of assets/tiny-sd, beta 5000, lr 1e-4, 300
+steps of 16, unless --set says otherwise), then 4 fixed-seed samples per caption (48) from the base and the
+trained model, scored by the world's placement reward; the gain is the mean of the paired differences with its
+95% CI. `--model-winners K N` replaces the human pairs by the base model's own samples: for each caption, the N
+best by placement of K samples are the winners (the N worst the losers), as Pick-a-Pic rows. Also printed: the change in denoising error on the
 held-out winners (test.parquet) at fixed noise and timesteps, and the implicit accuracy over the first 30
 and last 50 steps.
 
@@ -25,6 +25,7 @@ import yaml
 
 from mmalign.diffusion import dpo, inpo, seppo, world
 from mmalign.diffusion.data import collate_pairs, write_pickapic
+from mmalign.diffusion.demo import embedded_config
 from mmalign.diffusion.evaluate import paired_gain
 from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.sample import generate, to_pil
@@ -77,10 +78,7 @@ def main() -> None:
         base.set_progress_bar_config(disable=True)
         data = (model_winners(base, *args.model_winners, Path(folder) / "winners.parquet") if args.model_winners
                 else ASSETS / "tiny-sd-prefs" / "train.parquet")
-        settings = dict(model=str(ASSETS / "tiny-sd"), data=str(data), output=Path(folder) / "run", full=True,
-                        beta=5000, learning_rate=1e-4, warmup_steps=10, num_samples=0, report_to="none",
-                        checkpoint_every=0)
-        config = method.Config(**{**settings, **overrides})
+        config = embedded_config(method, Path(folder) / "run", data=str(data), **overrides)
         history = method.run(config)
         tuned = load_pipeline(config.output)
         tuned.set_progress_bar_config(disable=True)

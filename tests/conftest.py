@@ -1,7 +1,6 @@
 """Shared fixtures: a tiny random SD pipeline and Pick-a-Pic data from the synthetic world, saved once per session."""
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -31,14 +30,11 @@ def pickapic(tmp_path_factory):
 class Embedded:
     """The embedded tiny model with the demo's full fine-tune settings, and the held-out placement gain of a run."""
 
-    assets = Path(__file__).resolve().parents[1] / "assets"
-
     def config(self, method, output, **overrides):
-        """`method.Config` on assets/tiny-sd and its pairs: full fine-tune, beta 5000, lr 1e-4, 10 warm-up steps."""
-        settings = dict(model=str(self.assets / "tiny-sd"), data=str(self.assets / "tiny-sd-prefs" / "train.parquet"),
-                        output=output, full=True, beta=5000, learning_rate=1e-4, warmup_steps=10, max_steps=300,
-                        batch_size=16, num_samples=0, report_to="none", checkpoint_every=0)
-        return method.Config(**{**settings, **overrides})
+        """`method.Config` with the demo's training settings (`mmalign.diffusion.demo.embedded_config`)."""
+        from mmalign.diffusion.demo import embedded_config
+
+        return embedded_config(method, output, **overrides)
 
     def gain(self, config, seed: int, per_prompt: int = 4):
         """Paired held-out placement gain of config.output over config.model on the 12 captions: (mean/CI, images)."""
