@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmalign.config import option
-from mmalign.stats import mean_ci
+from mmalign.stats import comparison_lines, mean_ci
 
 from . import dpo, world
 from .evaluate import evaluate_reward
@@ -102,15 +102,9 @@ def run(config: Config) -> dict:
 
 def report(result: dict, output: Path) -> str:
     """A few lines a person reads: both rewards with their CIs, the paired gain, colour match, where the files are."""
-    def line(name: str, s: dict) -> str:
-        return f"  {name:<8} {s['mean']:.3f}  (95% CI {s['ci_low']:.3f} .. {s['ci_high']:.3f})"
-
-    gain = result["gain"]
-    verdict = "aligned is better" if gain["ci_low"] > 0 else "no clear improvement"
     return "\n".join([
         f"held-out placement reward over {result['samples']} fixed-seed samples (higher = further left):",
-        line("base", result["base"]), line("aligned", result["aligned"]),
-        f"  gain     {gain['mean']:+.3f}  (95% CI {gain['ci_low']:+.3f} .. {gain['ci_high']:+.3f}): {verdict}",
+        *comparison_lines(result["base"], result["aligned"], result["gain"]),
         f"  colour match: base {result['colour_match']['base']:.2f}, aligned {result['colour_match']['aligned']:.2f}",
         f"  {result['seconds']:.0f}s; results, grids and curves in {output}",
     ])

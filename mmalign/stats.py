@@ -18,6 +18,16 @@ def mean_ci(values: torch.Tensor | list[float]) -> dict[str, float]:
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": int(x.numel())}
 
 
+def comparison_lines(base: dict, aligned: dict, gain: dict) -> list[str]:
+    """Base and aligned means with their 95% CIs, and the paired gain: 'aligned is better' when its CI is above 0."""
+    def line(name: str, s: dict) -> str:
+        return f"  {name:<8} {s['mean']:.3f}  (95% CI {s['ci_low']:.3f} .. {s['ci_high']:.3f})"
+
+    verdict = "aligned is better" if gain["ci_low"] > 0 else "no clear improvement"
+    return [line("base", base), line("aligned", aligned),
+            f"  gain     {gain['mean']:+.3f}  (95% CI {gain['ci_low']:+.3f} .. {gain['ci_high']:+.3f}): {verdict}"]
+
+
 def expected_calibration_error(probs: torch.Tensor | list[float], outcomes: torch.Tensor | list[float],
                                bins: int = 10) -> float:
     """ECE = sum_b (n_b / n) * |mean(p in b) - mean(y in b)| over `bins` equal-width bins of predicted P(event) p.

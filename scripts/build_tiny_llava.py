@@ -3,9 +3,13 @@ synthetic visual QA world, so that it answers, but hallucinates on a share of he
 
     python scripts/build_tiny_llava.py --output assets/tiny-llava
 
-Next-token cross-entropy on the answer tokens only (' red </s>') given the image and question; AdamW (lr 1e-3,
-50 warm-up steps), batch 64, 2500 steps, fresh scenes every step. About six minutes on one CPU core; prints the
-held-out accuracy with its 95% CI (0.58 [0.54, 0.62] on 500 questions for the shipped model).
+The hallucinations come from a language prior, as in real VLMs: in 90% of the training scenes every shape has its
+usual colour (`world.PRIOR`: red squares, blue circles, green triangles), so the model learns to answer "what colour
+is the square ?" with "red" half-looking; the held-out questions are about unbiased scenes. 32 px images in 16 px
+patches (one image token per cell of the world's 2x2 grid), a 2-layer CLIP tower of width 64 and a 2-layer Llama of
+width 64. Next-token cross-entropy on the answer tokens only (' red </s>') given the image and question; AdamW
+(lr 3e-4, 50 warm-up steps), batch 64, 1500 steps, fresh scenes every step. About three minutes on two CPU cores;
+prints the held-out accuracy with its 95% CI (0.73 [0.69, 0.77] on 500 questions for the shipped model).
 """
 
 from __future__ import annotations
@@ -36,15 +40,21 @@ def answer_batch(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("assets/tiny-llava"))
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-objects", type=int, default=3)
-    parser.add_argument("--prior", type=float, default=0.0, help="share of training scenes in their shapes' usual colours")
+    parser.add_argument("--prior", type=float, default=0.9, help="share of training scenes in their shapes' usual colours")
+    parser.add_argument("--patch-size", type=int, default=16, help="image patch size in pixels (32 px images)")
+    parser.add_argument("--vision-hidden", type=int, default=64, help="width of the CLIP vision tower")
+    parser.add_argument("--vision-layers", type=int, default=2, help="depth of the CLIP vision tower")
+    parser.add_argument("--hidden", type=int, default=64, help="width of the Llama language model")
+    parser.add_argument("--layers", type=int, default=2, help="depth of the Llama language model")
     args = parser.parse_args()
 
-    model, processor = tiny_llava(seed=args.seed)
+    model, processor = tiny_llava(seed=args.seed, patch_size=args.patch_size, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
+                                  hidden=args.hidden, layers=args.layers)
     held_out = qa_rows(500, seed=10_000, max_objects=args.max_objects)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))

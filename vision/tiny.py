@@ -46,7 +46,7 @@ def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = 8):
 
 
 def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8, vision_hidden: int = 32, hidden: int = 64,
-               layers: int = 2):
+               layers: int = 2, vision_layers: int | None = None):
     """(model, processor): a randomly initialised tiny LlavaForConditionalGeneration and its processor."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -54,7 +54,7 @@ def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8,
     processor = tiny_processor(image_size, patch_size)
     tok = processor.tokenizer
     vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
-                              intermediate_size=2 * vision_hidden, num_hidden_layers=layers, num_attention_heads=4,
+                              intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers or layers, num_attention_heads=4,
                               projection_dim=vision_hidden)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
