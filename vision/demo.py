@@ -1,4 +1,4 @@
-"""The embedded vision demo: BDHS pairs from the tiny LLaVA itself, mDPO, held-out QA accuracy before and after.
+"""The embedded vision demo: pairs built by the tiny LLaVA itself, mDPO, held-out QA accuracy before and after.
 
 `assets/tiny-llava` learned the world with a colour prior (`scripts/build_tiny_llava.py`) and hallucinates the
 usual colour or shape where a scene breaks it. The demo asks it `questions` of the world (unbiased scenes), builds
@@ -6,7 +6,7 @@ BDHS pairs (chosen = the true answer, rejected = the model's own answer with ~1%
 is its language prior speaking), fine-tunes it with mDPO (the DPO loss, the chosen answer under the real vs a
 corrupted image, and the anchor -log sigmoid(beta r_w); full fine-tune against a frozen copy), and reports greedy QA
 accuracy on 500 held-out questions (1 - accuracy = hallucination rate) before and after with 95% CIs, the paired
-gain, and accuracy per question kind.
+gain, and accuracy per question kind. `--builder rdpo|mia-dpo` builds the pairs with another builder instead.
 
     mmalign vision demo [--output runs/vision-demo] [--visual-term none --anchor-weight 0 ...]
 """
@@ -23,10 +23,10 @@ from mmalign.config import option
 from mmalign.stats import comparison_lines, mean_ci
 
 from . import dpo, models
-from .builders import bdhs
+from .builders import bdhs, mia_dpo, rdpo
 from .data import write_rows
 from .evaluate import greedy_answers
-from .world import prompt_text, qa_rows
+from .world import COLOURS, COUNTS, SHAPES, prompt_text, qa_rows
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -36,9 +36,13 @@ class Config(dpo.Config):
     """Demo settings: mDPO defaults for the tiny model, the pair building and the evaluation."""
 
     model: str = option(str(ASSETS / "tiny-llava"), "the embedded tiny LLaVA")
-    data: str = option(None, "BDHS pairs to train on (default: built into OUTPUT/bdhs/train.parquet, reused if there)")
+    data: str = option(None, "pairs to train on (default: built into OUTPUT/<builder>/train.parquet, reused if there)")
     output: Path = option(None, "run directory (default: runs/vision-demo-<date-time>)")
-    questions: int = option(2048, "world questions (seed 1) the BDHS pairs are built from")
+    builder: Literal["bdhs", "rdpo", "mia-dpo"] = option(
+        "bdhs", "how the pairs are built: BDHS (image-blind answers), rDPO (answers given the most similar other image, "
+                "kept as v' for --visual-term retrieved) or MIA-DPO (two-image sequence prompts, wrong answers that "
+                "looked at the other image)")
+    questions: int = option(2048, "world questions (seed 1) the pairs are built from")
     eval_questions: int = option(500, "held-out world questions (seed 10000)")
     full: bool = option(True, "full fine-tune against a frozen copy")
     beta: float = option(0.5, "KL strength beta")
@@ -53,17 +57,23 @@ class Config(dpo.Config):
     def __post_init__(self) -> None:
         if self.output is None:
             self.output = Path("runs") / time.strftime("vision-demo-%Y%m%d-%H%M%S")
-        self.data = self.data or str(Path(self.output) / "bdhs" / "train.parquet")
+        self.data = self.data or str(Path(self.output) / self.builder / "train.parquet")
         super().__post_init__()
 
 
 def build_pairs(model, processor, config: Config) -> dict:
-    """BDHS pairs (one-word answers, completions of at most two tokens) from `questions` world rows into config.data."""
+    """Pairs from `questions` world rows (one-word answers) by `config.builder`, written to config.data; the report."""
+    qa = qa_rows(config.questions, seed=1)
     sources = [{"prompt": prompt_text(r["question"]), "chosen": f" {r['answer']} </s>", "images": [r["image"]]}
-               for r in qa_rows(config.questions, seed=1)]
-    settings = bdhs.Config(model=config.model, data="-", output=Path(config.data).parent, max_new_tokens=2,
-                           seed=config.seed)
-    rows, report = bdhs.build_rows(model.eval(), processor, sources, settings)
+               for r in qa]
+    if config.builder == "bdhs":
+        settings = bdhs.Config(model=config.model, data="-", output=Path(config.data).parent, max_new_tokens=2,
+                               seed=config.seed)
+        rows, report = bdhs.build_rows(model.eval(), processor, sources, settings)
+    elif config.builder == "rdpo":
+        rows, report = rdpo.build_rows(model.eval(), processor, sources, {*COLOURS, *SHAPES, *COUNTS, "nothing"})
+    else:
+        rows, report = mia_dpo.build_rows(model.eval(), processor, qa, "sequence", 2, seed=config.seed)
     write_rows(rows, Path(config.data))
     return {k: v for k, v in report.items() if k != "examples"}
 
