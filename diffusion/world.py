@@ -80,6 +80,21 @@ def preference_pairs(n: int, seed: int, tie_margin: float = 0.03) -> list[dict]:
     return rows
 
 
+def model_pairs(pipe, k: int, keep: int, seed: int = 100_000) -> list[dict]:
+    """Pick-a-Pic rows from a pipeline's own samples: per caption, of `k` fixed-seed samples (20 steps) ranked by
+    placement_reward, the i-th best beats the i-th worst for i < `keep` (winners drawn by the model, as Pick-a-Pic's)."""
+    from .sample import generate, to_pil
+
+    rows = []
+    for i, caption in enumerate(CAPTIONS):
+        images = generate(pipe, [caption] * k, seed=seed + i * k, steps=20)
+        order = placement_reward(images).argsort(descending=True)
+        for j in range(keep):
+            best, worst = to_pil(images[torch.stack([order[j], order[-1 - j]])])
+            rows.append({"caption": caption, "jpg_0": png_bytes(best), "jpg_1": png_bytes(worst), "label_0": 1.0})
+    return rows
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB PIL image as a float tensor [3,H,W] in [0,1]."""
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)

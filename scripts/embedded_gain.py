@@ -1,7 +1,7 @@
 """Train one diffusion method on the embedded world and report its paired held-out placement gain over the base.
 
 The demo's training settings (`demo.embedded_config`: full fine-tune of assets/tiny-sd, beta 5000, lr 1e-4, 300
-steps of 16, unless --set says otherwise), then 4 fixed-seed samples per caption (48) from the base and the
+steps of 16, unless --set says otherwise), then 4 fixed-seed samples per caption (48; --eval-per-prompt) from the base and the
 trained model, scored by the world's placement reward; the gain is the mean of the paired differences with its
 95% CI. `--model-winners K N` replaces the human pairs by the base model's own samples: for each caption, the N
 best by placement of K samples are the winners (the N worst the losers), as Pick-a-Pic rows. Also printed: the change in denoising error on the
@@ -28,25 +28,11 @@ from mmalign.diffusion.data import collate_pairs, write_pickapic
 from mmalign.diffusion.demo import embedded_config
 from mmalign.diffusion.evaluate import paired_gain
 from mmalign.diffusion.models import load_pipeline
-from mmalign.diffusion.sample import generate, to_pil
 from mmalign.diffusion.scoring import encode_prompts, predict
 from mmalign.stats import mean_ci
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 METHODS = {"dpo": dpo, "inpo": inpo, "seppo": seppo}
-
-
-def model_winners(pipe, k: int, keep: int, path: Path) -> Path:
-    """Pick-a-Pic rows from the base model's own samples: per caption the `keep` best of `k` beat the `keep` worst."""
-    rows = []
-    for i, caption in enumerate(world.CAPTIONS):
-        images = generate(pipe, [caption] * k, seed=100_000 + i * k, steps=20)
-        order = world.placement_reward(images).argsort(descending=True)
-        for j in range(keep):
-            best, worst = to_pil(images[torch.stack([order[j], order[-1 - j]])])
-            rows.append({"caption": caption, "jpg_0": world.png_bytes(best), "jpg_1": world.png_bytes(worst),
-                         "label_0": 1.0})
-    return write_pickapic(rows, path)
 
 
 @torch.no_grad()
@@ -70,19 +56,21 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (YAML values)")
     parser.add_argument("--model-winners", nargs=2, type=int, metavar=("K", "N"))
     parser.add_argument("--eval-seed", type=int, default=4000)
+    parser.add_argument("--eval-per-prompt", type=int, default=4, help="fixed-seed samples per caption (12 captions)")
     args = parser.parse_args()
     method = METHODS[args.method]
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     with tempfile.TemporaryDirectory() as folder:
         base = load_pipeline(ASSETS / "tiny-sd")
         base.set_progress_bar_config(disable=True)
-        data = (model_winners(base, *args.model_winners, Path(folder) / "winners.parquet") if args.model_winners
-                else ASSETS / "tiny-sd-prefs" / "train.parquet")
+        data = (write_pickapic(world.model_pairs(base, *args.model_winners), Path(folder) / "winners.parquet")
+                if args.model_winners else ASSETS / "tiny-sd-prefs" / "train.parquet")
         config = embedded_config(method, Path(folder) / "run", data=str(data), **overrides)
         history = method.run(config)
         tuned = load_pipeline(config.output)
         tuned.set_progress_bar_config(disable=True)
-        gain, _ = paired_gain(base, tuned, list(world.CAPTIONS), world.reward, per_prompt=4, seed=args.eval_seed)
+        gain, _ = paired_gain(base, tuned, list(world.CAPTIONS), world.reward, per_prompt=args.eval_per_prompt,
+                                 seed=args.eval_seed)
         error = mean_ci(winner_error(tuned) - winner_error(base))
     accuracy = [sum(r["implicit_acc"] for r in rows) / len(rows) for rows in (history[:30], history[-50:])]
     print(json.dumps({"method": args.method, "overrides": overrides, "model_winners": args.model_winners,
