@@ -1,0 +1,208 @@
+"""Training steps of each method at real architecture sizes with random weights, in bf16 with a LoRA: seconds per
+step, pairs (or prompts) per second and peak GPU memory.
+
+    python scripts/gpu_check.py                      # on one GPU: every architecture below
+    python scripts/gpu_check.py --arch sd15 --steps 3 10
+    python scripts/gpu_check.py --smoke              # the same harness on tiny models on the CPU (fp32)
+
+Architectures (random weights, built in-process and saved, then loaded by each method's own `run`):
+    sd15        SD 1.5: UNet 320/640/1280/1280, CLIP ViT-L/14 text encoder, 512 px: Diffusion-DPO, InPO, SePPO
+    sd3-medium  SD3-medium: 24 joint blocks of 24 heads x 64, CLIP-L + CLIP-G (no T5), 1024 px: Flow-DPO, AC-Flow
+    llava-7b    LLaVA-1.5-7B: CLIP ViT-L/14-336 (576 image tokens) + Llama 7B, rank-8 LoRA: vision DPO
+Seconds per step is (t(last step) - t(first timed step)) / steps between per-step timestamps taken (after a
+CUDA synchronise) as each step starts, so loading, warm-up and saving cancel. Peak memory is
+torch.cuda.max_memory_allocated over the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mmalign.trainer import Trainer
+
+STAMPS: list[float] = []
+
+
+def record_step_times() -> None:
+    """Make Trainer.fit record a timestamp as each micro-step starts (into STAMPS)."""
+    original = Trainer.fit
+
+    def fit(self, model, dataset, collate, step_fn, *args, **kwargs):
+        def timed(*a, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            STAMPS.append(time.perf_counter())
+            return step_fn(*a, **kw)
+
+        return original(self, model, dataset, collate, timed, *args, **kwargs)
+
+    Trainer.fit = fit
+
+
+def sd15(folder: Path, smoke: bool) -> Path:
+    """An SD 1.5-architecture StableDiffusionPipeline with random weights (tiny with `smoke`), saved in `folder`."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mmalign.diffusion.tiny import clip_tokenizer, tiny_components, tiny_pipeline
+
+    if smoke:
+        tiny_pipeline("sd").save_pretrained(folder)
+        return folder
+    tokenizer = clip_tokenizer(77)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                        hidden_act="quick_gelu"))
+    unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                          block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                  sample_size=512)
+    scheduler = tiny_components(kind="sd")["scheduler"]
+    diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
+                                      safety_checker=None, feature_extractor=None,
+                                      requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def sd3_medium(folder: Path, smoke: bool) -> Path:
+    """An SD3-medium-architecture StableDiffusion3Pipeline with random weights and no T5 (tiny with `smoke`)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from mmalign.diffusion.tiny import clip_tokenizer, tiny_pipeline
+
+    if smoke:
+        tiny_pipeline("sd3").save_pretrained(folder)
+        return folder
+    tokenizer = clip_tokenizer(77)
+
+    def clip(width: int, layers: int, heads: int):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=77, projection_dim=width, hidden_act="gelu"))
+
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=192)
+    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                                  sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                                  use_post_quant_conv=False)
+    diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        text_encoder=clip(768, 12, 12), tokenizer=tokenizer, text_encoder_2=clip(1280, 32, 20), tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None).save_pretrained(folder)
+    return folder
+
+
+def llava_7b(folder: Path, smoke: bool) -> Path:
+    """A LLaVA-1.5-7B-architecture LlavaForConditionalGeneration with random weights in bf16 (tiny with `smoke`),
+    with the embedded world's word-level processor at 336 px / 14 px patches."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from mmalign.vision.tiny import tiny_llava, tiny_processor
+
+    if smoke:
+        model, processor = tiny_llava()
+    else:
+        processor = tiny_processor(image_size=336, patch_size=14)
+        tok = processor.tokenizer
+        vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                                  num_hidden_layers=24, num_attention_heads=16, projection_dim=768,
+                                  hidden_act="quick_gelu")
+        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             projector_hidden_act="gelu")
+        with torch.device("cuda"):
+            model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> list[tuple[str, object, dict]]:
+    """(name, method module, settings) of every method checked on `arch`."""
+    from mmalign.diffusion import acflow, dpo, flow_dpo, inpo, seppo
+    from mmalign.vision import dpo as vision_dpo
+
+    pairs = dict(model=str(model), data=str(data / "pairs.parquet"), batch_size=batch_size)
+    if arch == "sd15":
+        return [("Diffusion-DPO", dpo, pairs), ("InPO", inpo, pairs), ("SePPO", seppo, {**pairs, "reference_steps": 20})]
+    if arch == "sd3-medium":
+        return [("Flow-DPO", flow_dpo, pairs),
+                ("AC-Flow", acflow, dict(model=str(model), prompts=str(data / "prompts.txt"),
+                                         batch_size=max(1, batch_size // 4), samples_per_prompt=4))]
+    return [("vision DPO", vision_dpo, dict(model=str(model), data=str(data / "rows.parquet"), batch_size=batch_size,
+                                            learning_rate=1e-5, beta=0.1, gradient_checkpointing=not smoke))]
+
+
+def write_data(folder: Path) -> Path:
+    """Pick-a-Pic pairs, prompts and TRL vision rows from the embedded worlds."""
+    from mmalign.diffusion import world
+    from mmalign.diffusion.data import write_pickapic
+    from mmalign.vision.data import write_rows
+    from mmalign.vision.world import preference_rows
+
+    write_pickapic(world.preference_pairs(256, seed=0, tie_margin=0.0), folder / "pairs.parquet")
+    (folder / "prompts.txt").write_text("\n".join(world.CAPTIONS) + "\n")
+    write_rows(preference_rows(256, seed=0), folder / "rows.parquet")
+    return folder
+
+
+BUILDERS = {"sd15": sd15, "sd3-medium": sd3_medium, "llava-7b": llava_7b}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="*", choices=sorted(BUILDERS), default=list(BUILDERS))
+    parser.add_argument("--steps", nargs=2, type=int, default=(3, 10), metavar=("WARMUP", "TOTAL"),
+                        help="time from the start of step WARMUP to the start of step TOTAL")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (AC-Flow: a quarter as prompts)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU in fp32 (checks the harness)")
+    parser.add_argument("--output", type=Path, help="also write the results here as JSON")
+    args = parser.parse_args()
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("no GPU: pass --smoke to check the harness on the CPU with tiny models")
+    record_step_times()
+    warmup, total = args.steps
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        data = write_data(Path(folder))
+        for arch in args.arch:
+            model = BUILDERS[arch](Path(folder) / arch, args.smoke)
+            for name, method, settings in runs(arch, model, data, args.smoke, args.batch_size):
+                STAMPS.clear()
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                config = method.Config(**settings, output=Path(folder) / "runs" / name, max_steps=total + 1,
+                                       report_to="none", checkpoint_every=0, cpu=args.smoke,
+                                       mixed_precision="no" if args.smoke else "bf16",
+                                       **({} if arch == "llava-7b" else {"num_samples": 0}))
+                method.run(config)
+                seconds = (STAMPS[total] - STAMPS[warmup]) / (total - warmup)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+                results.append({"arch": arch, "method": name, "batch_size": config.batch_size, "s_per_step": seconds,
+                                "items_per_s": config.batch_size / seconds, "peak_gib": peak,
+                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
+                print(json.dumps(results[-1]), flush=True)
+    lines = ["| architecture | method | batch | s/step | pairs/s | peak GiB |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['arch']} | {r['method']} | {r['batch_size']} | {r['s_per_step']:.3f} | {r['items_per_s']:.1f} | "
+              f"{'-' if r['peak_gib'] is None else format(r['peak_gib'], '.1f')} |" for r in results]
+    print("\n".join(lines))
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
