@@ -29,6 +29,7 @@ from mmalign.diffusion.demo import embedded_config
 from mmalign.diffusion.evaluate import paired_gain
 from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.scoring import encode_prompts, predict
+from mmalign.config import coerce_values
 from mmalign.stats import mean_ci
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -59,7 +60,8 @@ def main() -> None:
     parser.add_argument("--eval-per-prompt", type=int, default=4, help="fixed-seed samples per caption (12 captions)")
     args = parser.parse_args()
     method = METHODS[args.method]
-    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    overrides = coerce_values(method.Config, {key: yaml.safe_load(value) for key, value in
+                                              (item.split("=", 1) for item in args.set)}, "--set")
     with tempfile.TemporaryDirectory() as folder:
         base = load_pipeline(ASSETS / "tiny-sd")
         base.set_progress_bar_config(disable=True)
