@@ -17,7 +17,6 @@ writes pairs/train.parquet (TRL rows) and pairs/report.json (counts, acceptance,
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -28,24 +27,21 @@ from typing import Callable
 import torch
 
 from mmalign.config import option
-from mmalign.files import write_atomically
 from mmalign.data import PAIR, Field, Schema, load_preferences, text_or_messages
 
 from .. import models
-from ..data import _image_entries, open_image, render_prompt, write_rows
+from ..data import _image_entries, open_image, render_prompt
+from .base import BuilderConfig
 
 SOURCE_ROW = Schema("BDHS source row (prompt, chosen, images)", (
     *[f for f in PAIR.fields if f.name != "rejected"], Field("chosen", text_or_messages), Field("images", _image_entries)))
 
 
 @dataclass
-class Config:
+class Config(BuilderConfig):
     """BDHS data-building settings."""
 
-    model: str = option(None, "the LLaVA-style model whose own hallucinations become the rejected responses")
     data: str = option(None, "rows with prompt, chosen (the reference response) and images")
-    output: Path = option(None, "folder for train.parquet and report.json")
-    split: str = option("train", "split to read from a dataset folder or hub id")
     keep_prob: float = option(0.01, "probability that an image token stays visible")
     threshold: float = option(0.97, "resample while the similarity to the chosen response is at least this")
     max_resamples: int = option(5, "resamples before a row is dropped")
@@ -54,13 +50,11 @@ class Config:
     seed: int = option(0, "seed of the masks, cut points and samples")
 
     def __post_init__(self) -> None:
-        if not self.model or not self.data or self.output is None:
-            raise ValueError("--model, --data and --output are required")
+        super().__post_init__()
         if not 0 <= self.keep_prob <= 1:
             raise ValueError(f"keep_prob must be in [0, 1], got {self.keep_prob}")
         if self.max_resamples < 0 or self.temperature <= 0:
             raise ValueError("max_resamples must not be negative and temperature must be positive")
-        self.output = Path(self.output)
 
 
 def image_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, keep_prob: float,
@@ -125,7 +119,7 @@ def build_rows(model, processor, rows: list[dict], config: Config, similarity: C
     generator = torch.Generator().manual_seed(config.seed)
     built, dropped, draws, examples = [], 0, 0, []
     for index, row in enumerate(rows):
-        images = [open_image(image, root) for image in row.get("images") or []]
+        images = [open_image(image, config.root) for image in row.get("images") or []]
         prompt, chosen = render_prompt(row, processor), row["chosen"]
         chosen_text = chosen if isinstance(chosen, str) else chosen[-1]["content"]
         for _ in range(config.max_resamples + 1):
@@ -152,11 +146,8 @@ def run(config: Config) -> dict:
     """`mmalign vision bdhs`: build pairs from `data` with `model`; write train.parquet and report.json."""
     model, processor = models.load(config.model)
     records = load_preferences(config.data, SOURCE_ROW, config.split)
-    root = Path(config.data).parent if Path(config.data).is_file() else Path(config.data)
-    rows, report = build_rows(model.eval(), processor, [records[i] for i in range(len(records))], config, root=root)
+    rows, report = build_rows(model.eval(), processor, [records[i] for i in range(len(records))], config,
+                              root=config.root)
     if not rows:
         raise ValueError(f"{config.data}: every row's rejected response stayed too similar to the chosen one")
-    write_rows(rows, config.output / "train.parquet")
-    write_atomically(config.output / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
-    print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
-    return report
+    return config.write(rows, report)

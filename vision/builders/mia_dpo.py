@@ -15,9 +15,7 @@ noise is added here.)
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -25,11 +23,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmalign.config import option
-from mmalign.files import write_atomically
 from mmalign.data import Field, Schema, load_preferences, text
 
 from .. import models
-from ..data import _image_entries, open_image, write_rows
+from ..data import _image_entries, open_image
+from .base import BuilderConfig
 
 THRESHOLDS = {
     "sequence": {2: 0.8, 3: 0.7, 4: 0.6, 5: 0.6},
@@ -180,13 +178,10 @@ def build_rows(model, processor, qa: list[dict], layout: str, count: int, seed: 
 
 
 @dataclass
-class Config:
+class Config(BuilderConfig):
     """MIA-DPO data-building settings."""
 
-    model: str = option(None, "the LLaVA-style model whose wrong multi-image answers become the rejected responses")
     data: str = option(None, "single-image QA rows: question, answer, images (one image each)")
-    output: Path = option(None, "folder for train.parquet and report.json")
-    split: str = option("train", "split to read from a dataset folder or hub id")
     layout: Literal["sequence", "grid", "pic_in_pic"] = option("sequence", "how the images are composed")
     count: int = option(2, "images per composed prompt (sequence 2-5; grid 2, 3, 4, 6, 9; pic-in-pic 2)")
     template: str = option(TEMPLATE, "prompt template with {images} and {question}")
@@ -194,12 +189,10 @@ class Config:
     seed: int = option(0, "seed of the targets")
 
     def __post_init__(self) -> None:
-        if not self.model or not self.data or self.output is None:
-            raise ValueError("--model, --data and --output are required")
+        super().__post_init__()
         if self.count not in THRESHOLDS[self.layout]:
             raise ValueError(f"the {self.layout} layout takes {', '.join(map(str, THRESHOLDS[self.layout]))} images, "
                              f"not {self.count}")
-        self.output = Path(self.output)
 
 
 QA_ROW = Schema("single-image QA row (question, answer, images)",
@@ -210,13 +203,9 @@ def run(config: Config) -> dict:
     """`mmalign vision mia-dpo`: compose, answer, select; write train.parquet and report.json."""
     model, processor = models.load(config.model)
     records = load_preferences(config.data, QA_ROW, config.split)
-    root = Path(config.data).parent if Path(config.data).is_file() else Path(config.data)
-    qa = [{"image": open_image(r["images"][0], root), "question": r["question"], "answer": r["answer"]} for r in records]
+    qa = [{"image": open_image(r["images"][0], config.root), "question": r["question"], "answer": r["answer"]} for r in records]
     rows, report = build_rows(model.eval(), processor, qa, config.layout, config.count, config.seed,
                               config.max_confidence, config.template)
     if not rows:
         raise ValueError(f"{config.data}: no composed prompt was answered wrong with low attention to its target")
-    write_rows(rows, config.output / "train.parquet")
-    write_atomically(config.output / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
-    print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
-    return report
+    return config.write(rows, report)

@@ -12,19 +12,17 @@ The paper finds object/attribute words with a tagger; none ships here offline, s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from mmalign.config import option
-from mmalign.files import write_atomically
 from mmalign.data import load_preferences
 
 from .. import models
-from ..data import open_image, write_rows
+from ..data import open_image
+from .base import BuilderConfig
 from .bdhs import SOURCE_ROW, bow_cosine
 
 
@@ -90,20 +88,12 @@ def build_rows(model, processor, rows: list[dict], vocabulary: set[str],
 
 
 @dataclass
-class Config:
-    """rDPO data-building settings."""
+class Config(BuilderConfig):
+    """rDPO data-building settings (train.parquet keeps v' as retrieved_images)."""
 
-    model: str = option(None, "the LLaVA-style model that fills the masked words given the retrieved image")
     data: str = option(None, "rows with prompt, chosen (the reference response) and images (one image each)")
-    output: Path = option(None, "folder for train.parquet (with retrieved_images) and report.json")
     vocabulary: list[str] = option([], "the object/attribute words to mask (default: the embedded world's)")
-    split: str = option("train", "split to read from a dataset folder or hub id")
     threshold: float = option(0.95, "keep a pair when the rejected response's similarity to the chosen is under this")
-
-    def __post_init__(self) -> None:
-        if not self.model or not self.data or self.output is None:
-            raise ValueError("--model, --data and --output are required")
-        self.output = Path(self.output)
 
 
 def run(config: Config) -> dict:
@@ -112,15 +102,11 @@ def run(config: Config) -> dict:
 
     model, processor = models.load(config.model)
     records = load_preferences(config.data, SOURCE_ROW, config.split)
-    root = Path(config.data).parent if Path(config.data).is_file() else Path(config.data)
-    rows = [{**r, "images": [open_image(image, root) for image in r["images"]]} for r in records]
+    rows = [{**r, "images": [open_image(image, config.root) for image in r["images"]]} for r in records]
     if any(len(r["images"]) != 1 for r in rows):
         raise ValueError(f"{config.data}: rDPO rows hold exactly one image each")
     vocabulary = set(config.vocabulary) or {*COLOURS, *SHAPES, *COUNTS}
     built, report = build_rows(model.eval(), processor, rows, vocabulary, threshold=config.threshold)
     if not built:
         raise ValueError(f"{config.data}: no rejected response differed enough from its chosen one")
-    write_rows(built, config.output / "train.parquet")
-    write_atomically(config.output / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
-    print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
-    return report
+    return config.write(built, report)

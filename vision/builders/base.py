@@ -1,0 +1,41 @@
+"""What every pair builder shares: the model, source rows and output folder settings, and writing its results."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmalign.config import option
+from mmalign.files import write_atomically
+
+from ..data import write_rows
+
+
+@dataclass
+class BuilderConfig:
+    """Settings every builder reads: the model that answers, the source rows, the output folder."""
+
+    model: str = option(None, "the LLaVA-style model whose own answers become the rejected responses")
+    data: str = option(None, "source rows: .parquet/.jsonl, a dataset folder or hub id")
+    output: Path = option(None, "folder for train.parquet and report.json")
+    split: str = option("train", "split to read from a dataset folder or hub id")
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.data or self.output is None:
+            raise ValueError("--model, --data and --output are required")
+        self.output = Path(self.output)
+
+    @property
+    def root(self) -> Path:
+        """The folder that image paths in the source rows are relative to."""
+        data = Path(self.data)
+        return data.parent if data.is_file() else data
+
+    def write(self, rows: list[dict], report: dict) -> dict:
+        """train.parquet (TRL rows) and report.json into `output`, each written atomically; prints the report
+        without its examples and returns it."""
+        write_rows(rows, self.output / "train.parquet")
+        write_atomically(self.output / "report.json", lambda path: path.write_text(json.dumps(report, indent=1)))
+        print(json.dumps({k: v for k, v in report.items() if k != "examples"}))
+        return report
