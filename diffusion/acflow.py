@@ -159,10 +159,7 @@ def sample(pipe, prompts: list[str], config: Config, generator: torch.Generator)
     """The actor's samples as training latents x0 and as images in [0, 1]."""
     latents = pipe(prompt=prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale,
                    generator=generator, output_type="latent").images
-    vae = pipe.vae
-    z = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-    images = (vae.decode(z.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
-    return latents, images
+    return latents, dpo.from_latents(latents, pipe.vae)
 
 
 def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *, pipe, noise_scheduler, reference,

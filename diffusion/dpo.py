@@ -169,8 +169,18 @@ def cache_pair_latents(vae, pairs: PreferencePairs, dtype: torch.dtype, device, 
 def to_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator, parts: Parts) -> torch.Tensor:
     """Training latents x0 = (z - shift) * scale with z drawn from the VAE posterior N(mean, std^2)."""
     z = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    vae = parts.pipe.vae.config
-    return (z - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
+    return (z - vae_shift(parts.pipe.vae)) * parts.pipe.vae.config.scaling_factor
+
+
+def from_latents(x0: torch.Tensor, vae) -> torch.Tensor:
+    """Images in [0, 1] from training latents: decode(z) with z = x0 / scale + shift (the inverse of `to_latents`)."""
+    z = x0 / vae.config.scaling_factor + vae_shift(vae)
+    return (vae.decode(z.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+
+def vae_shift(vae) -> float:
+    """The VAE's latent shift (SD3's shift_factor; 0 where it has none)."""
+    return getattr(vae.config, "shift_factor", None) or 0.0
 
 
 def pair_latents(batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> torch.Tensor:

@@ -113,3 +113,18 @@ def test_the_held_out_reward_rises_without_collapsing_diversity(reward, tiny_sd3
     print(reward.__name__, gain, base_diversity.item(), tuned_diversity.item())
     assert gain["ci_low"] > 0, gain
     assert tuned_diversity > 0.5 * base_diversity, (base_diversity, tuned_diversity)
+
+
+def test_samples_are_decoded_by_the_inverse_of_the_training_latents():
+    """from_latents(to_latents(z)) = decode(z) on SD3's shifted, scaled latents (shift_factor 0.1 here)."""
+    from types import SimpleNamespace
+
+    from mmalign.diffusion import dpo
+
+    pipe = tiny_pipeline(kind="sd3")
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    x0 = dpo.to_latents(z, torch.zeros_like(z), torch.Generator(), SimpleNamespace(pipe=pipe))
+    assert not torch.allclose(x0, z)
+    with torch.no_grad():
+        expected = (pipe.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+        assert torch.allclose(dpo.from_latents(x0, pipe.vae), expected, atol=1e-5)
