@@ -30,6 +30,14 @@ def clip_tokenizer(model_max_length: int = 16):
         return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length)
 
 
+def sd_scheduler(prediction_type: str = "epsilon"):
+    """Stable Diffusion's DDIM scheduler: 1000 steps of the scaled-linear betas 0.00085..0.012."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
 def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon", text_dim: int = 32,
                     kind: str = "sd", sd3_layers: int = 2, sd3_heads: int = 4) -> dict:
     """Randomly initialised parts of a tiny pipeline of `kind` sd, sdxl, sd3 or video; latents at half resolution.
@@ -40,7 +48,7 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
     without T5, a flow-matching Euler scheduler.
     video: a UNet3DConditionModel (text-to-video) with the image VAE applied per frame.
     """
-    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            UNet2DConditionModel, UNet3DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -68,10 +76,7 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
                 "text_encoder": CLIPTextModelWithProjection(text_config), "tokenizer": tokenizer,
                 "text_encoder_2": CLIPTextModelWithProjection(text_config), "tokenizer_2": tokenizer,
                 "text_encoder_3": None, "tokenizer_3": None}
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
-    )
+    scheduler = sd_scheduler(prediction_type)
     if kind == "video":
         unet = UNet3DConditionModel(
             sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,

@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="depth of the Llama language model")
     args = parser.parse_args()
 
-    model, processor = tiny_llava(seed=args.seed, patch_size=args.patch_size, vision_hidden=args.vision_hidden, vision_layers=args.vision_layers,
-                                  hidden=args.hidden, layers=args.layers)
+    model, processor = tiny_llava(seed=args.seed, patch_size=args.patch_size, vision_hidden=args.vision_hidden,
+                                  vision_layers=args.vision_layers, hidden=args.hidden, layers=args.layers)
     held_out = qa_rows(500, seed=10_000, max_objects=args.max_objects)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))

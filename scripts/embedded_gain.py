@@ -1,12 +1,12 @@
 """Train one diffusion method on the embedded world and report its paired held-out placement gain over the base.
 
 The demo's training settings (`demo.embedded_config`: full fine-tune of assets/tiny-sd, beta 5000, lr 1e-4, 300
-steps of 16, unless --set says otherwise), then 4 fixed-seed samples per caption (48; --eval-per-prompt) from the base and the
-trained model, scored by the world's placement reward; the gain is the mean of the paired differences with its
-95% CI. `--model-winners K N` replaces the human pairs by the base model's own samples: for each caption, the N
-best by placement of K samples are the winners (the N worst the losers), as Pick-a-Pic rows. Also printed: the change in denoising error on the
-held-out winners (test.parquet) at fixed noise and timesteps, and the implicit accuracy over the first 30
-and last 50 steps.
+steps of 16, unless --set says otherwise), then 4 fixed-seed samples per caption (48; --eval-per-prompt) from the
+base and the trained model, scored by the world's placement reward; the gain is the mean of the paired differences
+with its 95% CI. `--model-winners K N` replaces the human pairs by the base model's own samples
+(`world.model_pairs`): for each caption, the N best by placement of K samples are the winners (the N worst the
+losers), as Pick-a-Pic rows. Also printed: the change in denoising error on the held-out winners (test.parquet) at
+fixed noise and timesteps, and the implicit accuracy over the first 30 and last 50 steps.
 
     python scripts/embedded_gain.py seppo --set max_steps=150 batch_size=8 reference_steps=10
     python scripts/embedded_gain.py seppo --model-winners 32 8 --set max_steps=300 batch_size=8 reference_steps=10
@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from mmalign.config import coerce_values
 from mmalign.diffusion import dpo, inpo, seppo, world
 from mmalign.diffusion.data import collate_pairs, write_pickapic
 from mmalign.diffusion.demo import embedded_config
 from mmalign.diffusion.evaluate import paired_gain
 from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.scoring import encode_prompts, predict
-from mmalign.config import coerce_values
 from mmalign.stats import mean_ci
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

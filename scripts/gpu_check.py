@@ -50,7 +50,7 @@ def sd15(folder: Path, smoke: bool) -> Path:
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mmalign.diffusion.tiny import clip_tokenizer, tiny_components, tiny_pipeline
+    from mmalign.diffusion.tiny import clip_tokenizer, sd_scheduler, tiny_pipeline
 
     if smoke:
         tiny_pipeline("sd").save_pretrained(folder)
@@ -64,8 +64,7 @@ def sd15(folder: Path, smoke: bool) -> Path:
     vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                                   sample_size=512)
-    scheduler = tiny_components(kind="sd")["scheduler"]
-    diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=scheduler,
+    diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=sd_scheduler(),
                                       safety_checker=None, feature_extractor=None,
                                       requires_safety_checker=False).save_pretrained(folder)
     return folder

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
+from diffusers import DDIMInverseScheduler
 
 from mmalign.diffusion import inpo
 from mmalign.diffusion.data import PreferencePairs, collate_pairs
 from mmalign.diffusion.scoring import Condition
+from mmalign.diffusion.tiny import sd_scheduler
 from mmalign.trainer import Trainer, step_generator
 
 
@@ -28,9 +29,7 @@ class ConstantEps(torch.nn.Module):
 
 
 def inverse_scheduler(steps=10):
-    config = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                           set_alpha_to_one=False, steps_offset=1).config
-    inverse = DDIMInverseScheduler.from_config(config)
+    inverse = DDIMInverseScheduler.from_config(sd_scheduler().config)
     inverse.set_timesteps(steps)
     return inverse
 

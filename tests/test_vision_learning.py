@@ -21,7 +21,7 @@ def test_bdhs_pairs_and_mdpo_lower_the_hallucination_rate(tmp_path):
     assert json.loads((tmp_path / "run" / "demo_result.json").read_text())["gain"] == result["gain"]
 
 
-def test_demo_defaults_build_pairs_into_the_run_and_reuse_them(tmp_path):
+def test_demo_defaults_put_the_pairs_in_the_run_folder(tmp_path):
     from mmalign.vision import demo
 
     config = demo.Config(output=tmp_path / "run")

@@ -25,7 +25,7 @@ from mmalign.stats import comparison_lines, mean_ci
 from . import dpo, models
 from .builders import bdhs, mia_dpo, rdpo
 from .data import write_rows
-from .evaluate import greedy_answers
+from .evaluate import correct
 from .world import COLOURS, COUNTS, SHAPES, prompt_text, qa_rows
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -78,11 +78,6 @@ def build_pairs(model, processor, config: Config) -> dict:
     return {k: v for k, v in report.items() if k != "examples"}
 
 
-def correct(model, processor, rows: list[dict]) -> list[float]:
-    """1.0 where the greedy answer is the truth, per row."""
-    return [float(a == r["answer"]) for a, r in zip(greedy_answers(model, processor, rows), rows)]
-
-
 def by_kind(rows: list[dict], right: list[float]) -> dict[str, float]:
     """Accuracy per question kind ('what colour is', 'what shape is', 'how many', 'what is in')."""
     kinds: dict[str, list[float]] = {}
@@ -94,9 +89,7 @@ def by_kind(rows: list[dict], right: list[float]) -> dict[str, float]:
 def load_aligned(config: Config):
     """The trained model: the saved full model, or the base with the run's LoRA merged."""
     if config.full:
-        from transformers import AutoModelForImageTextToText
-
-        return AutoModelForImageTextToText.from_pretrained(str(config.output))
+        return models.load(config.output)[0]
     from peft import PeftModel
 
     return PeftModel.from_pretrained(models.load(config.model)[0], str(config.output)).merge_and_unload()

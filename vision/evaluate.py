@@ -37,10 +37,15 @@ def greedy_answers(model, processor, rows: list[dict], batch_size: int = 64, cho
     return answers
 
 
+def correct(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False) -> list[float]:
+    """Per row, 1.0 where the greedy answer (open, or multiple choice with `choice`) is the truth, else 0.0."""
+    answers = greedy_answers(model, processor, rows, batch_size, choice)
+    return [float(a == r["answer"]) for a, r in zip(answers, rows)]
+
+
 def qa_accuracy(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False) -> dict[str, float]:
     """Share of rows answered right (open, or multiple choice with `choice`), as mean and 95% CI over rows."""
-    answers = greedy_answers(model, processor, rows, batch_size, choice)
-    return mean_ci([float(a == r["answer"]) for a, r in zip(answers, rows)])
+    return mean_ci(correct(model, processor, rows, batch_size, choice))
 
 
 @torch.no_grad()

@@ -54,8 +54,8 @@ def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8,
     processor = tiny_processor(image_size, patch_size)
     tok = processor.tokenizer
     vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
-                              intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers or layers, num_attention_heads=4,
-                              projection_dim=vision_hidden)
+                              intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers or layers,
+                              num_attention_heads=4, projection_dim=vision_hidden)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
