@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from mmalign.errors import ConfigError, MissingDependencyError
+
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "TextToVideoSDPipeline")
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -21,7 +23,7 @@ def pipeline_class(model: str | Path):
     except Exception as err:  # noqa: BLE001 - hub/IO errors arrive in many types
         raise FileNotFoundError(f"--model {model}: not a diffusers pipeline folder or reachable hub id ({err})") from err
     if name not in SUPPORTED:
-        raise ValueError(f"--model {model}: pipeline class {name} is not supported here; "
+        raise ConfigError(f"--model {model}: pipeline class {name} is not supported here; "
                          f"supported: {', '.join(SUPPORTED)}")
     return getattr(diffusers, name)
 
@@ -38,7 +40,7 @@ def _single_file_class(path: Path):
         return diffusers.StableDiffusionPipeline
     if kind.startswith("sd3"):
         return diffusers.StableDiffusion3Pipeline
-    raise ValueError(f"--model {path}: checkpoint type {kind!r} is not supported here; "
+    raise ConfigError(f"--model {path}: checkpoint type {kind!r} is not supported here; "
                      "supported: SD 1.x/2.x, SDXL base, SD3")
 
 
@@ -131,7 +133,7 @@ def load_lora(pipe, path: str | Path) -> None:
     inject_adapter_in_model(LoraConfig.from_pretrained(str(path)), model)
     missing = model.load_state_dict(load_file(str(path / "adapter_model.safetensors")), strict=False)
     if missing.unexpected_keys:
-        raise ValueError(f"{path}: LoRA weights do not match {type(model).__name__} "
+        raise ConfigError(f"{path}: LoRA weights do not match {type(model).__name__} "
                          f"(unexpected {missing.unexpected_keys[:3]})")
 
 
@@ -145,9 +147,9 @@ def save_full(model_path: str | Path, model, output: Path) -> None:
 def enable_xformers(unet) -> None:
     """xformers attention, with a clear message where it cannot run."""
     if not torch.cuda.is_available():
-        raise ValueError("--xformers needs a CUDA GPU; on this machine attention uses PyTorch SDPA (the default)")
+        raise ConfigError("--xformers needs a CUDA GPU; on this machine attention uses PyTorch SDPA (the default)")
     try:
         import xformers  # noqa: F401
     except ImportError as err:
-        raise ImportError("--xformers needs the xformers package: pip install 'mmalign[gpu]'") from err
+        raise MissingDependencyError("--xformers needs the xformers package: pip install 'mmalign[gpu]'") from err
     unet.enable_xformers_memory_efficient_attention()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -69,6 +69,7 @@ class Config(ScorerOptions):
     data: str | None = option(None, "Pick-a-Pic pairs: report the scorer's accuracy and calibration on their labels")
     split: str = option("train", "split to read from a dataset folder or hub id")
     output: Path | None = option(None, "JSONL file of the scores to write (must not exist)")
+    writes_file: ClassVar[bool] = True  # --output is one new file, not a run folder
     batch_size: int = option(64, "images per forward")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "precision of the scorer")
     cpu: bool = option(False, "score on the CPU even when a GPU is present")

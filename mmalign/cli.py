@@ -2,17 +2,23 @@
 
 Each command is a module with a `Config` dataclass and a `run(config)` function; the table below is
 the whole registry. Modules load only when their command runs, so `mmalign --help` stays fast.
+A command's `--output` folder is claimed for it (one run per folder, see `mmalign.run_folder`), unless
+its Config says `writes_file = True` (the output is one new file). Mistakes in what the user gave
+(`mmalign.errors.UserError`, a missing file, a full or read-only disk) print one message and exit 1;
+anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
+import difflib
+import errno
 import importlib
 import os
 import sys
-import traceback
 
+from mmalign import run_folder
 from mmalign.config import parse_config
-from mmalign.trainer import NonFiniteLossError
+from mmalign.errors import UserError
 
 COMMANDS = {
     "demo": ("mmalign.diffusion.demo", "Diffusion-DPO on the embedded tiny model; prints base vs aligned reward"),
@@ -41,36 +47,80 @@ COMMANDS = {
     "vision mia-dpo": ("mmalign.vision.builders.mia_dpo", "MIA-DPO pairs: multi-image prompts, attention-selected rejects"),
     "vision rdpo": ("mmalign.vision.builders.rdpo", "rDPO pairs: words refilled given a retrieved image, kept as v'"),
 }
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, NonFiniteLossError)
-"""Errors about the user's input or set-up: one message, no traceback (MMALIGN_DEBUG=1 shows it)."""
+DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+               errno.EROFS: "the disk is read-only", errno.EACCES: "permission denied"}
 
 
-def usage() -> str:
-    """The list of commands."""
-    width = max(map(len, COMMANDS))
-    lines = [f"  mmalign {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    return "usage: mmalign <command> [--config FILE.yaml] [--flags]  (each command takes --help)\n\n" + "\n".join(lines)
+def usage(group: str = "") -> str:
+    """The list of commands (of one group, e.g. "robotics", when given)."""
+    names = [name for name in COMMANDS if not group or name.split()[0] == group]
+    width = max(map(len, names))
+    lines = [f"  mmalign {name:<{width}}  {COMMANDS[name][1]}" for name in names]
+    head = f"mmalign {group} <command>" if group else "mmalign <command>"
+    return f"usage: {head} [--config FILE.yaml] [--flags]  (each command takes --help)\n\n" + "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Dispatch to a command; user errors print one clear message and exit 1."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def user_error(err: BaseException) -> str | None:
+    """The one-line message for a mistake in what the user gave (or a full disk); None for a bug (traceback)."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, FileNotFoundError):
+        return f"{err.filename or ''}: no such file or folder" if err.filename else str(err)
+    if isinstance(err, OSError) and err.errno in DISK_ERRORS:
+        return (f"cannot write {err.filename or ''}: {DISK_ERRORS[err.errno]}; checkpoints written before this "
+                "are complete (resume from the last with --resume latest once there is room)")
+    return None
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Parse the command's config and run it, its output folder claimed for it (`run_folder.claim`)."""
+    module = importlib.import_module(COMMANDS[name][0])
+    config = parse_config(module.Config, argv, prog=f"mmalign {name}",
+                          description=(module.__doc__ or "").split("\n\n")[0])
+    output = getattr(config, "output", None)
+    if output is None or getattr(config, "writes_file", False) or int(os.environ.get("RANK", "0")) != 0:
+        module.run(config)
+        return 0
+    with run_folder.claim(output, resuming=getattr(config, "resume", None) is not None):
+        module.run(config)
+    return 0
+
+
+def dispatch(argv: list[str]) -> int:
+    """Find the command named by argv's first words and run it; help and unknown names print the command list."""
     for words in (2, 1):
         name = " ".join(argv[:words])
         if name in COMMANDS and len(argv) >= words:
-            module = importlib.import_module(COMMANDS[name][0])
             try:
-                config = parse_config(module.Config, argv[words:], prog=f"mmalign {name}",
-                                      description=(module.__doc__ or "").split("\n\n")[0])
-                module.run(config)
-            except USER_ERRORS as err:
-                if os.environ.get("MMALIGN_DEBUG"):
-                    traceback.print_exc()
-                print(f"mmalign {name}: error: {err}", file=sys.stderr)
+                return run_command(name, argv[words:])
+            except BaseException as err:  # noqa: BLE001 - sorted into user errors and bugs
+                message = user_error(err)
+                if message is None or os.environ.get("MMALIGN_DEBUG"):
+                    raise
+                print(f"mmalign {name}: error: {message}", file=sys.stderr)
                 return 1
-            return 0
-    print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-    return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    groups = {name.split()[0] for name in COMMANDS if " " in name}
+    if argv and argv[0] in groups and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        print(usage(argv[0]))
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    asked = " ".join(argv[:2] if argv[0] in groups else argv[:1])
+    close = difflib.get_close_matches(asked, COMMANDS, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    print(f"mmalign: unknown command {asked!r}{hint}\n\n" + usage(argv[0] if argv[0] in groups else ""),
+          file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to a command; user errors print one clear message and exit 1, unknown commands exit 2."""
+    try:
+        return dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `mmalign --help | head`: the reader left; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or flag that cannot be used; the message names the file and key."""
+from mmalign.errors import ConfigError
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:

@@ -19,11 +19,9 @@ from typing import Any, Callable, Iterable
 
 import datasets
 
+from mmalign.errors import DataError
+
 MAX_REPORTED = 50
-
-
-class DataError(ValueError):
-    """Records that cannot be trained on; the message lists each bad record by index and field."""
 
 
 @dataclass(frozen=True)

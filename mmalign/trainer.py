@@ -3,13 +3,19 @@
 The modality supplies `step_fn(model, batch, generator) -> (loss, metrics)`; the loop owns the rest:
 mixed precision (no/fp16/bf16), gradient accumulation and clipping, a warm-up LR schedule, seeding,
 tqdm progress, TensorBoard (accelerate trackers) plus `metrics.jsonl` (one object per optimizer step),
-atomic checkpoints (written to a temp folder, then renamed; the last K kept), exact resume, and a
-guard that stops on a non-finite loss and leaves the last good checkpoint untouched.
+atomic checkpoints (written to a temp folder, then renamed; the last K kept), exact resume, one run per
+output folder (`run_folder`), and a guard that stops on a non-finite loss and leaves the last good
+checkpoint untouched.
 
 Exact resume is by construction: the data order of epoch e is a permutation seeded by (seed, e), and
 the randomness of micro-step k on process p (noise, timesteps, prompt dropout) comes from the
-`generator` seeded by (seed, k, p). A resumed run therefore sees the same batches and draws as an
-uninterrupted one.
+`generator` seeded by (seed, k, p); the global RNGs (torch, numpy, random: dropout, anything a library
+draws) are reseeded from (seed, k, p) too before every micro-step. A resumed run therefore sees the same
+batches and draws as an uninterrupted one, and a checkpoint needs no RNG state.
+
+A checkpoint holds only safetensors and JSON (`mmalign.state`): the trainable parameters, the optimizer,
+LR schedule and gradient-scaler states, and the methods' own training state. Nothing in it is unpickled,
+so resuming from a checkpoint someone shared cannot run code; other files in a checkpoint are never read.
 """
 
 from __future__ import annotations
@@ -26,22 +32,24 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import send_to_device, set_seed
+from accelerate.utils import broadcast_object_list, send_to_device, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from mmalign import run_folder
 from mmalign.config import option, save_config, to_dict
+from mmalign.errors import ConfigError, MissingDependencyError, NonFiniteLossError, RunFolderError, UserError
+from mmalign.files import write_atomically
 from mmalign.reference import _unwrap
+from mmalign.state import StateFormatError, load_state, save_state
 
 StepFn = Callable[[nn.Module, Any, torch.Generator], "tuple[torch.Tensor, dict[str, Any]]"]
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+TRAINABLE_FILE = "trainable.safetensors"
+CHECKPOINT_FORMAT = 2  # 1: accelerate's save_state (pickled optimizer, schedule and RNG states), no longer read
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped and no checkpoint was written after it."""
 
 
 @dataclass
@@ -123,10 +131,16 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+def step_seeds(seed: int, micro_step: int, rank: int) -> tuple[int, int]:
+    """Two independent seeds of one micro-step on one process, pure functions of (seed, micro_step, rank): the
+    step's generator's, and the global RNGs' (below 2**32, numpy's limit)."""
+    generator, global_rngs = np.random.SeedSequence([seed, micro_step, rank]).generate_state(2, dtype=np.uint64)
+    return int(generator >> 1), int(global_rngs >> 32)
+
+
 def step_generator(seed: int, micro_step: int, rank: int, device: torch.device) -> torch.Generator:
     """The random stream of one micro-step on one process, a pure function of (seed, micro_step, rank)."""
-    state = int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(state)
+    return torch.Generator(device=device).manual_seed(step_seeds(seed, micro_step, rank)[0])
 
 
 def checkpoints(output: Path) -> list[Path]:
@@ -137,7 +151,10 @@ def checkpoints(output: Path) -> list[Path]:
 
 
 class Trainer:
-    """The shared loop. Create it first (models are placed on `trainer.device` in `trainer.weight_dtype`), then `fit`."""
+    """The shared loop. Create it first (models are placed on `trainer.device` in `trainer.weight_dtype`), then `fit`.
+
+    Creating it writes nothing: the run folder is created, locked and given its config by `begin`, which `fit`
+    calls, and which a method calls itself before it writes anything else there (after its data is checked)."""
 
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -147,32 +164,73 @@ class Trainer:
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with="tensorboard" if config.report_to == "tensorboard" else None, project_dir=str(config.output),
             cpu=config.cpu)
+        self._check_processes()
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[config.mixed_precision]
         self.is_main = self.accelerator.is_main_process
+        self.lock: run_folder.Lock | None = None
+        self._on_main(lambda: run_folder.check(config.output, resuming=config.resume is not None))
         self.resume_from = self._find_resume()
-        if self.is_main:
-            config.output.mkdir(parents=True, exist_ok=True)
-            save_config(config, config.output / "config.yaml")
-        self.accelerator.wait_for_everyone()
+
+    def _check_processes(self) -> None:
+        """Refuse a launch whose processes did not join one run (e.g. --multi_gpu on a machine without GPUs)."""
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:
+            raise ConfigError(
+                f"the launcher started {launched} processes (WORLD_SIZE={launched}) but they did not join one run "
+                f"(each sees {self.accelerator.num_processes} process); on a machine without GPUs launch with "
+                "ACCELERATE_USE_CPU=1 (or pass --cpu) so the processes train together on the CPU")
 
     def _find_resume(self) -> Path | None:
         config = self.config
         existing = checkpoints(config.output)
         if config.resume is None:
             if existing:
-                raise FileExistsError(f"{config.output} already holds checkpoints ({existing[-1].name}); pass "
-                                      "--resume latest to continue that run, or choose another --output")
+                raise RunFolderError(f"{config.output} already holds checkpoints ({existing[-1].name}); pass "
+                                     "--resume latest to continue that run, or choose another --output")
             return None
         if config.resume == "latest":
             if not existing:
                 self.accelerator.print(f"no checkpoint under {config.output}/checkpoints; starting a new run")
                 return None
-            return existing[-1]
-        path = Path(config.resume)
-        if not (path / TRAINER_STATE).is_file():
-            raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no {TRAINER_STATE} inside)")
+            path = existing[-1]
+        else:
+            path = Path(config.resume)
+        read_trainer_state(path)
         return path
+
+    def _on_main(self, action: Callable[[], Any]) -> None:
+        """Run `action` on the main process only; a UserError it raises stops every process with its message."""
+        error = None
+        if self.is_main:
+            try:
+                action()
+            except UserError as err:
+                error = err
+        message = broadcast_object_list([str(error) if error else None])[0] if self.accelerator.num_processes > 1 \
+            else error
+        if error is not None:
+            raise error
+        if message:
+            raise RunFolderError(f"the main process stopped: {message}")
+
+    def begin(self) -> None:
+        """Create the run folder, lock it for this run (`run_folder.acquire`) and write the resolved config; once."""
+        if self.lock is not None:
+            return
+        self.lock = run_folder.Lock(self.config.output)
+
+        def start() -> None:
+            self.lock = run_folder.acquire(self.config.output, resuming=self.config.resume is not None)
+            save_config(self.config, self.config.output / "config.yaml")
+
+        self._on_main(start)
+
+    def end(self) -> None:
+        """Release the run folder's lock."""
+        if self.lock is not None:
+            self.lock.release()
+        self.lock = None
 
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         c = self.config
@@ -182,64 +240,38 @@ class Trainer:
             try:
                 import bitsandbytes as bnb
             except ImportError as err:
-                raise ImportError("use_8bit_adam needs bitsandbytes: pip install 'mmalign[gpu]'") from err
+                raise MissingDependencyError("use_8bit_adam needs bitsandbytes: pip install 'mmalign[gpu]'") from err
             return bnb.optim.AdamW8bit(params, **kwargs)
         return torch.optim.AdamW(params, **kwargs)
-
-    def _register_trainable_state(self, model: nn.Module) -> None:
-        """Checkpoint only the trainable parameters (a LoRA is megabytes, its frozen base is not saved again)."""
-        from safetensors.torch import load_file, save_file
-
-        def save_hook(models, weights, output_dir):
-            if self.is_main:
-                state = {n: p.detach().contiguous().cpu() for n, p in _unwrap(model).named_parameters() if p.requires_grad}
-                save_file(state, os.path.join(output_dir, "trainable.safetensors"))
-            weights.clear()
-
-        def load_hook(models, input_dir):
-            state = load_file(os.path.join(input_dir, "trainable.safetensors"))
-            trainable = {n for n, p in _unwrap(model).named_parameters() if p.requires_grad}
-            if set(state) != trainable:
-                missing, extra = sorted(trainable - set(state))[:5], sorted(set(state) - trainable)[:5]
-                raise ValueError(f"checkpoint {input_dir} does not match the model being trained "
-                                 f"(missing {missing}, unexpected {extra}); was it made with other settings?")
-            _unwrap(model).load_state_dict(state, strict=False)
-            models.clear()
-
-        self.accelerator.register_save_state_pre_hook(save_hook)
-        self.accelerator.register_load_state_pre_hook(load_hook)
 
     def fit(self, model: nn.Module, dataset: Any, collate: Callable, step_fn: StepFn,
             save_model: Callable[[nn.Module, Path], None] | None = None, stateful: tuple = ()) -> list[dict[str, float]]:
         """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics.
 
-        `stateful` objects (with state_dict/load_state_dict) are saved in every checkpoint and restored on resume.
+        `stateful` objects (with state_dict/load_state_dict, states of tensors, numbers and strings) are saved in
+        every checkpoint and restored on resume.
         """
         c, acc = self.config, self.accelerator
+        self.begin()
         set_seed(c.seed)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         optimizer = self._optimizer(params)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c.lr_scheduler, c.warmup_steps, c.max_steps))
-        self._register_trainable_state(model)
         model, optimizer = acc.prepare(model, optimizer)
-        for obj in (schedule, *stateful):
-            acc.register_for_checkpointing(obj)
+        self._training = {"model": model, "optimizer": optimizer, "scheduler": schedule,
+                          **{f"state_{i}": obj for i, obj in enumerate(stateful)}}
 
         step = 0
         if self.resume_from is not None:
-            acc.load_state(str(self.resume_from))
-            state = json.loads((self.resume_from / TRAINER_STATE).read_text())
-            step = state["step"]
-            if state.get("num_processes", acc.num_processes) != acc.num_processes:
-                acc.print(f"warning: {self.resume_from} was written by {state['num_processes']} processes, this run has "
-                          f"{acc.num_processes}; training continues, but not in the same data order")
+            step = self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {step}")
         self._trim_metrics(step)
         if c.report_to == "tensorboard":
             acc.init_trackers("tensorboard", config={k: v for k, v in to_dict(c).items()
-                                                 if isinstance(v, (int, float, str, bool))})
+                                                 if isinstance(v, (int, float, str, bool))},
+                              init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})
 
         accum = c.gradient_accumulation_steps
         sampler = EpochBatchSampler(len(dataset), c.batch_size, acc.num_processes, acc.process_index, c.seed,
@@ -249,41 +281,47 @@ class Trainer:
         history, sums = [], {}
         model.train()
         micro_step = step * accum
-        while step < c.max_steps:
-            batch = send_to_device(next(batches), self.device)
-            generator = step_generator(c.seed, micro_step, acc.process_index, self.device)
-            with acc.accumulate(model), acc.autocast():
-                loss, metrics = step_fn(model, batch, generator)
-                self._check_finite(loss, step)
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm) if c.max_grad_norm > 0 else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
-            for key, value in {"loss": loss, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float32, device=self.device).detach()
-            if not acc.sync_gradients:
-                continue
-            schedule.step()
-            step += 1
-            logged = {k: acc.reduce(v / accum, "mean").item() for k, v in sums.items()}
-            logged.update(step=step, lr=schedule.get_last_lr()[0])
-            if grad_norm is not None:
-                logged["grad_norm"] = float(grad_norm)
-            sums = {}
-            history.append(logged)
-            self._log(logged)
-            progress.update(1)
-            progress.set_postfix(loss=f"{logged['loss']:.4f}")
-            if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.max_steps:
-                self.save_checkpoint(step)
-        progress.close()
+        try:  # the progress bar is closed first, so an error message starts on a line of its own
+            while step < c.max_steps:
+                batch = send_to_device(next(batches), self.device)
+                generator_seed, global_seed = step_seeds(c.seed, micro_step, acc.process_index)
+                set_seed(global_seed)
+                generator = torch.Generator(device=self.device).manual_seed(generator_seed)
+                with acc.accumulate(model), acc.autocast():
+                    loss, metrics = step_fn(model, batch, generator)
+                    self._check_finite(loss, step)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        grad_norm = acc.clip_grad_norm_(params, c.max_grad_norm) if c.max_grad_norm > 0 else None
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_step += 1
+                for key, value in {"loss": loss, **metrics}.items():
+                    sums[key] = sums.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float32,
+                                                                     device=self.device).detach()
+                if not acc.sync_gradients:
+                    continue
+                schedule.step()
+                step += 1
+                logged = {k: acc.reduce(v / accum, "mean").item() for k, v in sums.items()}
+                logged.update(step=step, lr=schedule.get_last_lr()[0])
+                if grad_norm is not None:
+                    logged["grad_norm"] = float(grad_norm)
+                sums = {}
+                history.append(logged)
+                self._log(logged)
+                progress.update(1)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}")
+                if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.max_steps:
+                    self.save_checkpoint(step)
+        finally:
+            progress.close()
         acc.wait_for_everyone()
         if save_model is not None and self.is_main:
             save_model(acc.unwrap_model(model), c.output)
         acc.wait_for_everyone()
         acc.end_training()
+        self.end()
         return history
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
@@ -302,31 +340,35 @@ class Trainer:
                 f.write(json.dumps(logged) + "\n")
 
     def _trim_metrics(self, step: int) -> None:
-        """Drop metrics logged after `step` by an interrupted run, so the file matches the resumed one."""
+        """Drop metrics logged after `step` by an interrupted run (and a last line it left cut off), so the file
+        matches the resumed one."""
         path = self.config.output / "metrics.jsonl"
         if self.is_main and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            kept = []
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+            write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def save_checkpoint(self, step: int) -> Path:
-        """Write the full training state to checkpoints/.tmp-checkpoint-N, then rename it; prune beyond keep_checkpoints."""
+        """Write the training state to checkpoints/.tmp-checkpoint-N, then rename it; prune beyond keep_checkpoints."""
         acc = self.accelerator
         root = self.config.output / "checkpoints"
         final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+        acc.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if self.is_main:
-            state = tmp / TRAINER_STATE
-            with open(state, "w") as f:
-                json.dump({"step": step, "seed": self.config.seed, "num_processes": acc.num_processes}, f)
-                f.flush()
-                os.fsync(f.fileno())
+            self._write_state(tmp)
+            with open(tmp / TRAINER_STATE, "w") as f:
+                json.dump({"format": CHECKPOINT_FORMAT, "step": step, "seed": self.config.seed,
+                           "num_processes": acc.num_processes}, f)
+            for file in tmp.iterdir():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -334,3 +376,61 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def _write_state(self, folder: Path) -> None:
+        """The trainable parameters, then every state of the run (optimizer, schedule, scaler, the method's own)."""
+        from safetensors.torch import save_file
+
+        model = _unwrap(self._training["model"])
+        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                  str(folder / TRAINABLE_FILE))
+        for name, obj in self._stateful().items():
+            save_state(obj.state_dict(), folder, name)
+
+    def _stateful(self) -> dict[str, Any]:
+        objects = {k: v for k, v in self._training.items() if k != "model"}
+        if self.accelerator.scaler is not None:
+            objects["scaler"] = self.accelerator.scaler
+        return objects
+
+    def load_checkpoint(self, folder: Path) -> int:
+        """Restore the state `save_checkpoint` wrote into `folder`; returns its step. Reads safetensors and JSON only."""
+        state = read_trainer_state(folder)
+        model = _unwrap(self._training["model"])
+        try:
+            from safetensors.torch import load_file
+
+            weights = load_file(str(folder / TRAINABLE_FILE))
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(weights) != trainable:
+                missing, extra = sorted(trainable - set(weights))[:5], sorted(set(weights) - trainable)[:5]
+                raise RunFolderError(f"checkpoint {folder} does not match the model being trained (missing {missing}, "
+                                     f"unexpected {extra}); was it made with other settings?")
+            model.load_state_dict(weights, strict=False)
+            for name, obj in self._stateful().items():
+                obj.load_state_dict(load_state(folder, name))
+        except (StateFormatError, OSError) as err:
+            raise RunFolderError(f"checkpoint {folder} cannot be resumed: {err}") from None
+        if state["num_processes"] != self.accelerator.num_processes:
+            self.accelerator.print(f"warning: {folder} was written by {state['num_processes']} processes, this run "
+                                   f"has {self.accelerator.num_processes}; training continues, but not in the same "
+                                   "data order")
+        return int(state["step"])
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    """The trainer_state.json of a complete checkpoint of this format; RunFolderError for anything else."""
+    path = Path(folder) / TRAINER_STATE
+    if not path.is_file():
+        raise RunFolderError(f"--resume {folder}: not a complete checkpoint (no {TRAINER_STATE} inside)")
+    try:
+        state = json.loads(path.read_text())
+        step = int(state["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+        raise RunFolderError(f"--resume {folder}: {path} is not a trainer state ({err})") from None
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise RunFolderError(
+            f"--resume {folder}: this checkpoint (step {step}) was written by an earlier mmalign, which stored the "
+            "optimizer and schedule as pickles; mmalign never unpickles a checkpoint, so it cannot be resumed. "
+            f"Its trained weights are in {folder / TRAINABLE_FILE}; start a new run to train on.")
+    return state

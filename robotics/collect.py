@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,6 +30,7 @@ class Config:
 
     task: str = option(None, "Meta-World v3 task, e.g. push-v3")
     output: Path = option(None, "trajectory file to write (.npz)")
+    writes_file: ClassVar[bool] = True  # --output is one new file, not a run folder
     episodes: int = option(100, "episodes to collect")
     policy: Literal["expert", "random", "learned"] = option("expert", "who acts")
     noise: list[float] = option([0.0], "expert action-noise std per episode, cycled")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mmalign import trainer as trainer_module
+from mmalign.errors import RunFolderError
 from mmalign.trainer import EpochBatchSampler, NonFiniteLossError, TrainConfig, Trainer, checkpoints, lr_lambda
 
 
@@ -74,16 +75,16 @@ def test_resume_with_gradient_accumulation_matches(tmp_path):
 
 def test_interrupted_checkpoint_write_leaves_last_one_loadable(tmp_path, monkeypatch):
     fit(tmp_path, max_steps=2, checkpoint_every=2)
-    original = trainer_module.Accelerator.save_state
+    original = trainer_module.Trainer._write_state
 
-    def crash(self, output_dir=None, **kwargs):
-        original(self, output_dir, **kwargs)
+    def crash(self, folder):
+        original(self, folder)
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(trainer_module.Accelerator, "save_state", crash)
+    monkeypatch.setattr(trainer_module.Trainer, "_write_state", crash)
     with pytest.raises(KeyboardInterrupt):
         fit(tmp_path, max_steps=4, checkpoint_every=2, resume="latest")
-    monkeypatch.setattr(trainer_module.Accelerator, "save_state", original)
+    monkeypatch.setattr(trainer_module.Trainer, "_write_state", original)
     assert [p.name for p in checkpoints(tmp_path / "run")] == ["checkpoint-2"]
     resumed, _ = fit(tmp_path, max_steps=4, checkpoint_every=2, resume="latest")
     assert [r["step"] for r in resumed] == [3, 4]
@@ -114,7 +115,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_refuses_to_overwrite_an_existing_run(tmp_path):
     fit(tmp_path, max_steps=2)
-    with pytest.raises(FileExistsError, match="--resume latest"):
+    with pytest.raises(RunFolderError, match="--resume latest"):
         fit(tmp_path, max_steps=2)
 
 

@@ -115,7 +115,8 @@ def test_two_process_cpu_ddp_run(tiny_dir, rows_file, tmp_path, mode):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(metrics(tmp_path / "run")) == 2
-    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").is_file()
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2
 
 
 @pytest.mark.parametrize("objective", ["tdpo", "rrpo"])
