@@ -90,6 +90,21 @@ TRL_ROW = Schema("TRL preference row", (
     Field("images", _image_list, required=False)))
 
 
+def resolve_path(value: str | Path, root: Path, allow_outside: bool = False, where: str = "") -> Path:
+    """A path named in a data file, resolved against the data's folder `root`; an absolute path, or one that leads
+    out of `root` (`..`, a link), raises DataError naming `where` unless `allow_outside` (--allow-outside-paths)."""
+    path = Path(value)
+    resolved = path if path.is_absolute() else root / path
+    if not allow_outside:
+        inside = not path.is_absolute() and (resolved.resolve() == root.resolve()
+                                             or root.resolve() in resolved.resolve().parents)
+        if not inside:
+            raise DataError(f"{where}: {str(value)!r} is {'an absolute path' if path.is_absolute() else 'outside'} "
+                            f"the data folder {root}; data files name their images relative to their folder "
+                            "(pass --allow-outside-paths to read it anyway)")
+    return resolved
+
+
 def load_records(path: str | Path, split: str = "train") -> datasets.Dataset:
     """Records from a .jsonl/.json/.parquet file, a folder of them, a `save_to_disk` folder, or a hub dataset id."""
     path_str = str(path)

@@ -8,6 +8,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _snapshot(path):
+    """Every file under `path` with its size and modification time (None when `path` does not exist)."""
+    if path is None or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return os.stat(path).st_size, os.stat(path).st_mtime_ns
+    return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, files in os.walk(path) for f in files}
+
+
+@pytest.fixture
+def refused(capsys):
+    """`refused(*argv, output=PATH)` runs `mmalign argv` in-process and returns its error message, asserting a clean
+    refusal: exit code 1 or 2, no traceback (a bug raises out of `main` and fails the test), and nothing written to
+    `output` (still absent, or unchanged file for file)."""
+    from mmalign.cli import main
+
+    def run(*argv, output=None):
+        before = _snapshot(output)
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        assert code in (1, 2), f"exit code {code}; stderr: {captured.err[-2000:]}"
+        assert "Traceback" not in captured.err + captured.out
+        assert _snapshot(output) == before, f"{output} was written to"
+        return captured.err
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A random-weight tiny StableDiffusionPipeline saved with save_pretrained (loaded back by the code under test)."""
