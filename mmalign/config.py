@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -68,6 +69,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError("must be a number")
+            if not math.isfinite(float(value)):
+                raise ValueError("must be a finite number")
             return float(value)
         if hint is Path:
             return Path(value)

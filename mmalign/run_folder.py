@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from mmalign.errors import RunFolderError
+from mmalign.files import follow_umask
 
 LOCK_FILE = ".mmalign.lock"
 RUN_MARKERS = (LOCK_FILE, "config.yaml", "checkpoints")
@@ -61,6 +62,7 @@ class Lock:
         if self.handle is None:
             return
         _held.pop(self.folder.resolve(), None)
+        follow_umask(self.folder)
         if clean and self.new_lock and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
             (self.folder / LOCK_FILE).unlink()
             for path in reversed(self.new_folders):

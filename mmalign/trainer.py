@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from mmalign import run_folder
 from mmalign.config import option, save_config, to_dict
 from mmalign.errors import ConfigError, MissingDependencyError, NonFiniteLossError, RunFolderError, UserError
-from mmalign.files import write_atomically
+from mmalign.files import follow_umask, write_atomically
 from mmalign.reference import _unwrap
 from mmalign.state import StateFormatError, load_state, save_state
 
@@ -319,6 +319,7 @@ class Trainer:
         acc.wait_for_everyone()
         if save_model is not None and self.is_main:
             save_model(acc.unwrap_model(model), c.output)
+            follow_umask(c.output)
         acc.wait_for_everyone()
         acc.end_training()
         self.end()
@@ -366,6 +367,7 @@ class Trainer:
             with open(tmp / TRAINER_STATE, "w") as f:
                 json.dump({"format": CHECKPOINT_FORMAT, "step": step, "seed": self.config.seed,
                            "num_processes": acc.num_processes}, f)
+            follow_umask(tmp)
             for file in tmp.iterdir():
                 with open(file, "rb") as f:
                     os.fsync(f.fileno())
