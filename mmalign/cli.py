@@ -106,11 +106,12 @@ def dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    asked = " ".join(argv[:2] if argv[0] in groups else argv[:1])
-    close = difflib.get_close_matches(asked, COMMANDS, n=3, cutoff=0.6)
+    group = argv[0] if argv[0] in groups else ""
+    asked = " ".join(argv[:2] if group else argv[:1])
+    names = {name.split()[-1]: name for name in COMMANDS if name.startswith(f"{group} ") or not group}
+    close = [names[word] for word in difflib.get_close_matches(asked.split()[-1], names, n=3, cutoff=0.6)]
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    print(f"mmalign: unknown command {asked!r}{hint}\n\n" + usage(argv[0] if argv[0] in groups else ""),
-          file=sys.stderr)
+    print(f"mmalign: unknown command {asked!r}{hint}\n\n" + usage(group), file=sys.stderr)
     return 2
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -142,3 +143,31 @@ def test_config_validation():
         TrainConfig(output="x", max_steps=0)
     with pytest.raises(ValueError, match="output"):
         TrainConfig()
+
+
+def test_resume_purges_the_killed_runs_steps_from_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(tmp_path, max_steps=4, checkpoint_every=2, report_to="tensorboard")
+    shutil.rmtree(checkpoints(tmp_path / "run")[-1])  # killed after step 4, before its checkpoint
+    fit(tmp_path, max_steps=4, checkpoint_every=2, report_to="tensorboard", resume="latest")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_a_cut_off_last_metrics_line_does_not_block_resume(tmp_path):
+    fit(tmp_path, max_steps=2, checkpoint_every=2)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"loss": 0.5, "st')  # killed while writing step 3
+    resumed, _ = fit(tmp_path, max_steps=3, resume="latest")
+    assert [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_an_error_during_training_starts_on_a_line_of_its_own(tmp_path, capsys):
+    def fails(model, batch, generator):
+        raise RuntimeError("bad batch")
+
+    with pytest.raises(RuntimeError):
+        fit(tmp_path, step=fails)
+    assert capsys.readouterr().err.endswith("\n")
