@@ -77,6 +77,17 @@ def preference_loss(chosen_logratio: Tensor, rejected_logratio: Tensor, *, kind:
     return torch.sigmoid(chosen_reward) + (1 - torch.sigmoid(logits))  # apo_down
 
 
+def preference_metrics(chosen_logratio: Tensor, rejected_logratio: Tensor, beta: float) -> dict[str, Tensor]:
+    """The implicit-reward metrics of a batch of pairs (detached means), as TRL logs them, with rewards b*r:
+
+    implicit_acc = mean(1[b*delta > 0] + 1/2 1[b*delta = 0]) (a tie is a coin flip), reward_margin = mean(b*delta),
+    chosen_reward = mean(b*r_w), rejected_reward = mean(b*r_l)."""
+    chosen, rejected = beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+    margin = chosen - rejected
+    return {"implicit_acc": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
+            "reward_margin": margin.mean(), "chosen_reward": chosen.mean(), "rejected_reward": rejected.mean()}
+
+
 def bradley_terry_loss(reward_chosen: Tensor, reward_rejected: Tensor, soft_label: Tensor | None = None) -> Tensor:
     """-log s(R_w - R_l), or with P(w preferred) = p: -(p log s(R_w - R_l) + (1-p) log s(R_l - R_w)); shape [B]."""
     margin = reward_chosen - reward_rejected

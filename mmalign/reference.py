@@ -1,19 +1,20 @@
 """The reference policy pi_ref that every log-ratio r = s_policy - s_ref is measured against.
 
-Three ways to get s_ref, all used as `reference.scores(score_fn, policy, batch)` under no_grad, where
+Every kind is a `Reference`, used as `reference.scores(score_fn, policy, batch)` under no_grad, where
 `score_fn(model, batch)` is the modality's scoring function:
 
     AdapterDisabled   the policy itself with its peft/diffusers LoRA adapter switched off (no second copy)
     FrozenCopy        a frozen deep copy taken before training, optionally cast to the training dtype and
                       optionally kept on the CPU and streamed to the device (accelerate's cpu_offload)
     CachedScores      scores precomputed once per record (`CachedScores.build`), looked up by batch["index"]
+    Snapshots         a frozen copy loaded with one of the policy's earlier states (SePPO); also `Stateful`
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -21,7 +22,23 @@ from torch import nn
 ScoreFn = Callable[[nn.Module, Any], Any]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+@runtime_checkable
+class Reference(Protocol):
+    """Where s_ref comes from: `scores(score_fn, policy, batch)`, computed without gradients."""
+
+    def scores(self, score_fn: ScoreFn, policy: nn.Module, batch: Any) -> Any: ...
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Training state that a checkpoint keeps (a reference that changes during training, a counter)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP/compile wrappers."""
     while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
         model = model.module
@@ -38,7 +55,7 @@ def adapters_disabled(model: nn.Module):
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    model = _unwrap(model)
+    model = unwrap(model)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
@@ -70,7 +87,7 @@ class FrozenCopy:
 
     def __init__(self, policy: nn.Module, dtype: torch.dtype | None = None, offload: bool = False,
                  device: torch.device | str | None = None):
-        policy = _unwrap(policy)
+        policy = unwrap(policy)
         device = torch.device(device) if device is not None else next(policy.parameters()).device
         self.model = copy.deepcopy(policy).requires_grad_(False).eval()
         if dtype is not None:
@@ -113,7 +130,7 @@ class CachedScores:
 
     def scores(self, score_fn: ScoreFn, policy: nn.Module, batch: Any) -> torch.Tensor:
         index = torch.as_tensor(batch["index"]).cpu()
-        device = next(_unwrap(policy).parameters()).device
+        device = next(unwrap(policy).parameters()).device
         return self.table[index].to(device)
 
     def save(self, path: str) -> None:
@@ -159,7 +176,7 @@ class Snapshots:
 
     def record(self, policy: nn.Module) -> None:
         """Add the policy's trainable parameters (on the CPU) to the pool, dropping the oldest beyond `keep`."""
-        state = {n: p.detach().to("cpu", copy=True) for n, p in _unwrap(policy).named_parameters() if p.requires_grad}
+        state = {n: p.detach().to("cpu", copy=True) for n, p in unwrap(policy).named_parameters() if p.requires_grad}
         self.pool = (self.pool + [state])[-self.keep:]
 
     def select(self, generator: torch.Generator | None = None) -> int:

@@ -41,7 +41,7 @@ from mmalign import run_folder
 from mmalign.config import option, save_config, to_dict
 from mmalign.errors import ConfigError, MissingDependencyError, NonFiniteLossError, RunFolderError, UserError
 from mmalign.files import follow_umask, write_atomically
-from mmalign.reference import _unwrap
+from mmalign.reference import Stateful, unwrap
 from mmalign.state import StateFormatError, load_state, save_state
 
 StepFn = Callable[[nn.Module, Any, torch.Generator], "tuple[torch.Tensor, dict[str, Any]]"]
@@ -245,7 +245,8 @@ class Trainer:
         return torch.optim.AdamW(params, **kwargs)
 
     def fit(self, model: nn.Module, dataset: Any, collate: Callable, step_fn: StepFn,
-            save_model: Callable[[nn.Module, Path], None] | None = None, stateful: tuple = ()) -> list[dict[str, float]]:
+            save_model: Callable[[nn.Module, Path], None] | None = None, stateful: tuple[Stateful, ...] = ()
+            ) -> list[dict[str, float]]:
         """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics.
 
         `stateful` objects (with state_dict/load_state_dict, states of tensors, numbers and strings) are saved in
@@ -383,7 +384,7 @@ class Trainer:
         """The trainable parameters, then every state of the run (optimizer, schedule, scaler, the method's own)."""
         from safetensors.torch import save_file
 
-        model = _unwrap(self._training["model"])
+        model = unwrap(self._training["model"])
         save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
                   str(folder / TRAINABLE_FILE))
         for name, obj in self._stateful().items():
@@ -398,7 +399,7 @@ class Trainer:
     def load_checkpoint(self, folder: Path) -> int:
         """Restore the state `save_checkpoint` wrote into `folder`; returns its step. Reads safetensors and JSON only."""
         state = read_trainer_state(folder)
-        model = _unwrap(self._training["model"])
+        model = unwrap(self._training["model"])
         try:
             from safetensors.torch import load_file
 

@@ -112,3 +112,14 @@ def test_lipo_lambda_mask_ignores_padding_and_gradient_pushes_order():
     torch.testing.assert_close(loss.detach(), unpadded)
     loss.sum().backward()
     assert scores.grad[0, 0] < 0 < scores.grad[0, 1] and scores.grad[0, 2] == 0
+
+
+def test_preference_metrics_by_hand():
+    from mmalign.objectives import preference_metrics
+
+    chosen, rejected = torch.tensor([0.3, 0.1, -0.2]), torch.tensor([0.1, 0.1, 0.4])
+    got = preference_metrics(chosen, rejected, beta=2.0)
+    assert got["implicit_acc"].item() == pytest.approx((1 + 0.5 + 0) / 3)  # the tie counts 1/2
+    assert got["reward_margin"].item() == pytest.approx(2 * (0.2 + 0.0 - 0.6) / 3)
+    assert got["chosen_reward"].item() == pytest.approx(2 * 0.2 / 3)
+    assert got["rejected_reward"].item() == pytest.approx(2 * 0.6 / 3)

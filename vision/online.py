@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mmalign.reference import _unwrap
+from mmalign.reference import unwrap
 
 from .builders.bdhs import bow_cosine, image_attention_mask
 from .data import collate_pairs
@@ -39,7 +39,7 @@ def sample_rejected(model, prompt_ids: list[int], chosen_ids: list[int], pixels:
     context = torch.tensor([prompt_ids + chosen_ids[:cut]], device=device)
     attention = image_attention_mask(context, torch.ones_like(context), image_token_id, keep_prob, generator)
     torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=device)))
-    out = _unwrap(model).generate(input_ids=context, attention_mask=attention, pixel_values=pixels, do_sample=True,
+    out = unwrap(model).generate(input_ids=context, attention_mask=attention, pixel_values=pixels, do_sample=True,
                                   top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                   pad_token_id=eos_token_id)
     new = out[0, context.shape[1]:].tolist()

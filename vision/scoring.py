@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mmalign.reference import _unwrap
+from mmalign.reference import unwrap
 
 
 def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
@@ -23,7 +23,7 @@ def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
     if "pixel_values" not in batch:
         return None
     kwargs = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
-    out = _unwrap(model).get_image_features(pixel_values=batch["pixel_values"], **kwargs)
+    out = unwrap(model).get_image_features(pixel_values=batch["pixel_values"], **kwargs)
     return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 
@@ -58,7 +58,7 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     cannot recompute a shared cache) the rows run whole, as in `token_log_probs`."""
     if features is None:
         features = image_features(model, batch)
-    if model.training and getattr(_unwrap(model), "is_gradient_checkpointing", False):
+    if model.training and getattr(unwrap(model), "is_gradient_checkpointing", False):
         logps, mask, _ = token_log_probs(model, batch, features)
         return (logps * mask).sum(1).view(-1, batch["index"].shape[0]).T
     input_ids, mask = batch["input_ids"], batch["completion_mask"]
