@@ -15,21 +15,12 @@ def pyproject():
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def package_folders():
-    """Every folder holding an __init__.py under the core and modality folders, as its installed package name."""
-    found = set()
-    for folder, package in {"mmalign": "mmalign", **MODALITIES}.items():
-        for init in (ROOT / folder).rglob("__init__.py"):
-            rel = init.parent.relative_to(ROOT / folder)
-            found.add(".".join([package, *rel.parts]))
-    return found
-
-
-def test_every_package_folder_is_listed_and_mapped():
-    tool = pyproject()["tool"]["setuptools"]
-    assert set(tool["packages"]) == package_folders()
-    for folder, package in MODALITIES.items():
-        assert tool["package-dir"][package] == folder
+def test_modality_folders_are_linked_into_the_package():
+    """mmalign/<modality> is a relative symlink to the top-level folder, found by setuptools' package discovery."""
+    for folder in MODALITIES:
+        link = ROOT / "mmalign" / folder
+        assert link.is_symlink() and link.readlink() == Path("..") / folder, link
+    assert pyproject()["tool"]["setuptools"]["packages"]["find"]["include"] == ["mmalign*"]
 
 
 def test_no_generic_top_level_names_and_lazy_core():
@@ -46,8 +37,6 @@ def test_no_generic_top_level_names_and_lazy_core():
 
 def test_layout_guards():
     assert not (ROOT / "tests" / "__init__.py").exists()
-    for name in MODALITIES:
-        assert not (ROOT / "mmalign" / name).exists(), f"mmalign/{name} would shadow the mapped package"
     assert "--import-mode=importlib" in pyproject()["tool"]["pytest"]["ini_options"]["addopts"]
 
 
@@ -57,7 +46,7 @@ def test_wheel_holds_modalities_under_mmalign_only(tmp_path):
     (wheel,) = tmp_path.glob("mmalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mmalign/diffusion/dpo.py" in names and "mmalign/objectives.py" in names
-    assert "mmalign/vision/__init__.py" in names and "mmalign/robotics/__init__.py" in names
+    assert "mmalign/vision/builders/__init__.py" in names and "mmalign/robotics/__init__.py" in names
     assert not [n for n in names if n.split("/")[0] in MODALITIES]
 
 
