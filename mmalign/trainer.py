@@ -48,6 +48,7 @@ StepFn = Callable[[nn.Module, Any, torch.Generator], "tuple[torch.Tensor, dict[s
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
+EPOCH_SEED_STRIDE = 100_003  # epoch e of seed s is shuffled by seed s * stride + e: distinct for e < stride
 CHECKPOINT_FORMAT = 2  # 1: accelerate's save_state (pickled optimizer, schedule and RNG states), no longer read
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -94,7 +95,8 @@ class TrainConfig:
 
 
 class EpochBatchSampler(Sampler):
-    """This process's share of each global batch; epoch e's order is randperm(n) seeded by (seed, e); drops the tail."""
+    """This process's share of each global batch; epoch e's order is randperm(n) seeded by seed * EPOCH_SEED_STRIDE + e;
+    drops the tail."""
 
     def __init__(self, size: int, batch_size: int, num_processes: int, rank: int, seed: int, start_batch: int = 0):
         self.size, self.batch_size, self.num_processes, self.rank = size, batch_size, num_processes, rank
@@ -108,7 +110,7 @@ class EpochBatchSampler(Sampler):
         batch = self.start_batch
         while True:
             epoch, position = divmod(batch, self.per_epoch)
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch))
             start = (position * self.num_processes + self.rank) * self.batch_size
             yield order[start:start + self.batch_size].tolist()
             batch += 1

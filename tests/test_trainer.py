@@ -123,7 +123,7 @@ def test_refuses_to_overwrite_an_existing_run(tmp_path):
 def test_sampler_shards_one_permutation_across_processes():
     shards = [EpochBatchSampler(10, 2, 2, rank, seed=5) for rank in (0, 1)]
     first = [next(iter(s)) for s in shards]
-    order = torch.randperm(10, generator=torch.Generator().manual_seed(5 * 100_003)).tolist()
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(5 * trainer_module.EPOCH_SEED_STRIDE)).tolist()
     assert first == [order[0:2], order[2:4]]
     with pytest.raises(ValueError, match="fewer than one global batch"):
         EpochBatchSampler(3, 2, 2, 0, seed=0)
