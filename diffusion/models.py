@@ -92,32 +92,35 @@ def add_lora(model, rank: int, alpha: int | None = None, targets: tuple[str, ...
 
     model.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=list(targets))
-    if hasattr(model, "add_adapter"):
-        model.add_adapter(config)
-    else:
-        inject_adapter_in_model(config, model)
-        model.lora_config = config
+    try:
+        if hasattr(model, "add_adapter"):
+            model.add_adapter(config)
+        else:
+            inject_adapter_in_model(config, model)
+    except ValueError as err:  # peft: no module has these names, or one that has is not a layer it can adapt
+        raise ConfigError(f"--lora-targets {' '.join(targets)}: no LoRA fits {type(model).__name__} there "
+                          f"({' '.join(str(err).split())[:240]})") from err
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
 
 
 def save_lora(pipe, model, output: Path) -> None:
-    """Write the LoRA where `load_lora(pipe, output)` finds it: diffusers' pytorch_lora_weights.safetensors (which
-    `pipe.load_lora_weights` also reads) or, for denoisers without diffusers' LoRA loader, peft's adapter files."""
+    """Write the LoRA with its config (rank, alpha, targets): diffusers' LoRA file, else peft's adapter files."""
+    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    if not hasattr(model, "load_lora_adapter"):
-        model.lora_config.save_pretrained(str(output))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items() if "lora_" in k},
-                  str(Path(output) / "adapter_model.safetensors"))
+    # peft's key names throughout: diffusers' loader judges a file's format by its first key, so conv and linear
+    # LoRAs must share one; the config travels as diffusers' adapter metadata, which `load_lora_weights` reads
+    config, layers, name = model.peft_config["default"], get_peft_model_state_dict(model), denoiser_name(pipe)
+    if hasattr(model, "load_lora_adapter"):
+        type(pipe).save_lora_weights(save_directory=str(output), safe_serialization=True,
+                                     **{f"{name}_lora_layers": layers,
+                                        f"{name}_lora_adapter_metadata": config.to_dict()})
         return
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-    type(pipe).save_lora_weights(save_directory=str(output), safe_serialization=True,
-                                 **{f"{denoiser_name(pipe)}_lora_layers": layers})
+    config.save_pretrained(str(output))  # what `PeftModel.save_pretrained` writes, key names included
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in layers.items()},
+              str(Path(output) / "adapter_model.safetensors"))
 
 
 def load_lora(pipe, path: str | Path) -> None:
@@ -126,15 +129,15 @@ def load_lora(pipe, path: str | Path) -> None:
     if not (path / "adapter_config.json").is_file():
         pipe.load_lora_weights(str(path))
         return
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from safetensors.torch import load_file
 
     model = denoiser_of(pipe)
     inject_adapter_in_model(LoraConfig.from_pretrained(str(path)), model)
-    missing = model.load_state_dict(load_file(str(path / "adapter_model.safetensors")), strict=False)
-    if missing.unexpected_keys:
+    loaded = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    if loaded.unexpected_keys:
         raise ConfigError(f"{path}: LoRA weights do not match {type(model).__name__} "
-                         f"(unexpected {missing.unexpected_keys[:3]})")
+                         f"(unexpected {loaded.unexpected_keys[:3]})")
 
 
 def save_full(model_path: str | Path, model, output: Path) -> None:
