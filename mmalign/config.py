@@ -152,7 +152,7 @@ def build_parser(cls: type, prog: str, description: str = "") -> argparse.Argume
             continue
         flag = "--" + f.name.replace("_", "-")
         hint = _base_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default_factory() if callable(f.default_factory) else f.default
         text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)

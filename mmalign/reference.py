@@ -40,9 +40,10 @@ class Stateful(Protocol):
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP/compile wrappers."""
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
+    while isinstance(inner := getattr(model, "module", None), nn.Module):
+        model = inner
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 @contextlib.contextmanager
@@ -56,8 +57,9 @@ def adapters_disabled(model: nn.Module):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     model = unwrap(model)
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
+    disable = getattr(model, "disable_adapter", None)
+    if callable(disable):
+        with disable():
             yield model
         return
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

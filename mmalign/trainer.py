@@ -236,15 +236,16 @@ class Trainer:
 
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         c = self.config
-        kwargs = dict(lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay,
-                      eps=c.adam_epsilon)
+        betas = (c.adam_beta1, c.adam_beta2)
         if c.use_8bit_adam:
             try:
                 import bitsandbytes as bnb
             except ImportError as err:
                 raise MissingDependencyError("use_8bit_adam needs bitsandbytes: pip install 'mmalign[gpu]'") from err
-            return bnb.optim.AdamW8bit(params, **kwargs)
-        return torch.optim.AdamW(params, **kwargs)
+            return bnb.optim.AdamW8bit(params, lr=c.learning_rate, betas=betas, weight_decay=c.weight_decay,
+                                       eps=c.adam_epsilon)
+        return torch.optim.AdamW(params, lr=c.learning_rate, betas=betas, weight_decay=c.weight_decay,
+                                 eps=c.adam_epsilon)
 
     def fit(self, model: nn.Module, dataset: Any, collate: Callable, step_fn: StepFn,
             save_model: Callable[[nn.Module, Path], None] | None = None, stateful: tuple[Stateful, ...] = ()
@@ -281,7 +282,8 @@ class Trainer:
                                     start_batch=step * accum)
         batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=c.num_workers))
         progress = tqdm(total=c.max_steps, initial=step, disable=not self.is_main, desc="train")
-        history, sums = [], {}
+        history: list[dict[str, float]] = []
+        sums: dict[str, torch.Tensor] = {}
         model.train()
         micro_step = step * accum
         try:  # the progress bar is closed first, so an error message starts on a line of its own
