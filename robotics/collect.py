@@ -4,11 +4,13 @@ Policies: the scripted expert with Gaussian action noise (`--noise 0 0.5 1 2`: e
 noise[i mod len]), uniform random actions, or a learned Gaussian policy (`--policy learned
 --policy-path RUN`). Episode i starts from initial state `first_state + i` (mod 50) and runs
 `--max-episode-steps` steps in `--num-envs` vectorised environments; `--frames` renders every
-`--frame-every`-th observation (headless, MUJOCO_GL=egl by default). Writes one trajectory file.
+`--frame-every`-th observation (headless, MUJOCO_GL=egl by default). Writes one new trajectory file (an
+existing `--output` is refused; a learned policy is read and checked before the first rollout).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -17,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmalign.config import option
+from mmalign.errors import ConfigError
 
 from .envs import CAMERAS, check_task, make_vector_env
 from .policies import PolicyActor, load_policy
@@ -24,12 +27,15 @@ from .rollout import NoisyExpert, RandomPolicy, rollout
 from .trajectories import Trajectories
 
 
+Camera = Literal[CAMERAS]  # type: ignore[valid-type]
+
+
 @dataclass
 class Config:
     """Settings of `mmalign robotics collect`."""
 
     task: str = option(None, "Meta-World v3 task, e.g. push-v3")
-    output: Path = option(None, "trajectory file to write (.npz)")
+    output: Path = option(None, "trajectory file to write (.npz; must not exist)")
     writes_file: ClassVar[bool] = True  # --output is one new file, not a run folder
     episodes: int = option(100, "episodes to collect")
     policy: Literal["expert", "random", "learned"] = option("expert", "who acts")
@@ -43,7 +49,7 @@ class Config:
     vector_mode: Literal["sync", "async"] = option("sync", "sync: one process; async: one process per environment")
     frames: bool = option(False, "render frames (headless)")
     frame_every: int = option(1, "render every k-th observation")
-    camera: str = option("topview", f"camera: {', '.join(CAMERAS)}")
+    camera: Camera = option("topview", "camera of the frames")
     size: int = option(64, "frame width and height in pixels")
     seed: int = option(0, "seed of the action noise and the policy's sampling")
 
@@ -56,12 +62,19 @@ class Config:
         self.output = Path(self.output)
         if self.output.suffix != ".npz":
             raise ValueError(f"--output must end in .npz, got {self.output}")
-        if self.episodes < 1:
-            raise ValueError(f"episodes must be at least 1, got {self.episodes}")
-        if self.policy == "learned" and not self.policy_path:
-            raise ValueError("--policy learned needs --policy-path")
-        if not self.noise or min(self.noise) < 0:
-            raise ValueError(f"noise must be a non-empty list of non-negative numbers, got {self.noise}")
+        for name in ("episodes", "max_episode_steps", "num_envs", "frame_every", "size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("state_seed", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.camera not in CAMERAS:
+            raise ValueError(f"unknown camera {self.camera!r}; choose one of {', '.join(CAMERAS)}")
+        if (self.policy == "learned") != bool(self.policy_path):
+            raise ValueError("--policy learned needs --policy-path" if self.policy == "learned"
+                             else f"--policy-path is for --policy learned, not --policy {self.policy}")
+        if not self.noise or not all(0 <= n < math.inf for n in self.noise):
+            raise ValueError(f"noise must be a non-empty list of finite, non-negative numbers, got {self.noise}")
 
 
 def make_policy(config: Config):
@@ -76,10 +89,12 @@ def make_policy(config: Config):
 
 def run(config: Config) -> Trajectories:
     """Roll out and write the trajectory file; prints the mean return and success rate."""
+    if config.output.exists():
+        raise ConfigError(f"--output {config.output} already exists; collect writes a new file (nothing was collected)")
+    policy, info = make_policy(config)
     env = make_vector_env(config.task, min(config.num_envs, config.episodes), config.max_episode_steps,
                           config.frames, config.camera, config.size, config.frame_every, config.state_seed,
                           config.vector_mode)
-    policy, info = make_policy(config)
     states = (config.first_state + np.arange(config.episodes)) % 50
     with tqdm(total=config.episodes, desc=f"collect {config.task}") as bar:
         trajs = rollout(env, policy, states, config.task, info, progress=bar.update)

@@ -18,6 +18,8 @@ import difflib
 import os
 import warnings
 
+from mmalign.errors import ConfigError
+
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym  # noqa: E402
@@ -28,17 +30,18 @@ warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", modu
 
 TASKS = tuple(sorted(ENV_POLICY_MAP))
 NUM_INITIAL_STATES = 50
+OBSERVATION_SIZE, ACTION_SIZE = 39, 4  # the same in every Meta-World v3 task
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 UPSIDE_DOWN = ("corner", "corner2", "corner3", "corner4")
 
 
 def check_task(task: str) -> str:
-    """The task name if Meta-World 3 has a scripted expert for it; otherwise a ValueError naming close matches."""
+    """The task name if Meta-World 3 has a scripted expert for it; otherwise a ConfigError naming close matches."""
     if task in TASKS:
         return task
     close = difflib.get_close_matches(task, TASKS, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else f"v3 names such as {', '.join(TASKS[:4])}, ..."
-    raise ValueError(f"unknown Meta-World task {task!r}; {hint}")
+    raise ConfigError(f"unknown Meta-World task {task!r}; {hint}")
 
 
 class InitialState(gym.Wrapper):

@@ -18,21 +18,27 @@ the training never saw (`--eval-state-seed` draws another 50), acting by samplin
 trained and ranked) and by its mean. The run folder gets policy.safetensors/.json (final), bc/ and
 round-k/ (each with metrics.jsonl), eval.json and success.png. The clipped action that was executed is
 the one scored: the Gaussian's density there stands in for GRAPE's action-token probability.
+
+`--policy` and `--demos` are read and checked before anything is written. `--resume latest` continues
+an interrupted run: it keeps demos.npz, takes each stage that has checkpoints (bc/, round-k/) from its
+last one and replays the rollouts from the same seeds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from mmalign import run_folder
 from mmalign.config import option
+from mmalign.errors import ConfigError, DataError
 from mmalign.objectives import preference_loss
 from mmalign.plots import plot_metrics
 from mmalign.reference import FrozenCopy
@@ -143,13 +149,26 @@ class Config(TrainConfig):
         if not self.task:
             raise ValueError("--task is required")
         stages(self.task)
-        for name in ("rounds", "states", "eval_episodes", "bc_steps", "num_envs"):
+        for name in ("rounds", "states", "eval_episodes", "bc_steps", "bc_batch_size", "num_envs", "demo_episodes",
+                     "max_episode_steps", "hidden", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_state_seed < 0:
+            raise ValueError(f"eval_state_seed must not be negative, got {self.eval_state_seed}")
         if self.samples_per_state < 2:
             raise ValueError(f"samples_per_state must be at least 2 to rank, got {self.samples_per_state}")
-        if self.beta <= 0 or self.window < 0:
+        if not self.beta > 0 or self.window < 0:
             raise ValueError("beta must be positive and window not negative")
+        if not (0 <= self.demo_noise < math.inf and self.bc_learning_rate > 0):
+            raise ValueError("demo_noise must be finite and not negative, bc_learning_rate positive")
+        if self.resume not in (None, "latest"):
+            raise ValueError("grape resumes each stage (bc/, round-k/) from its own last checkpoint: "
+                             "pass --resume latest")
+        if self.policy and self.demos:
+            raise ValueError("--policy starts from a trained policy, --demos trains one: give one of them")
+        if not self.policy and not self.demos and self.demo_episodes * self.max_episode_steps < self.bc_batch_size:
+            raise ValueError(f"{self.demo_episodes} demonstration episodes of {self.max_episode_steps} steps are fewer "
+                             f"steps than one behaviour-cloning batch (bc_batch_size {self.bc_batch_size})")
 
 
 def success_rate(policy: GaussianPolicy, config: Config, deterministic: bool) -> float:
@@ -180,49 +199,70 @@ def rank_rollouts(policy: GaussianPolicy, config: Config, round_index: int) -> t
     return trajs, chosen, rejected, summary
 
 
-def pretrained_policy(config: Config) -> GaussianPolicy:
-    """The starting policy: loaded, or behaviour-cloned on (collected) noisy expert demonstrations."""
-    if config.policy:
-        return load_policy(config.policy)
-    demos_path = Path(config.demos) if config.demos else config.output / "demos.npz"
-    if not config.demos:
-        collect(CollectConfig(task=config.task, output=demos_path, episodes=config.demo_episodes,
+def load_demos(config: Config) -> Trajectories:
+    """--demos (checked: the task's, at least one batch of steps), or the run's demos.npz, collected unless there."""
+    if config.demos:
+        demos = Trajectories.load(config.demos)
+        if demos.task != config.task:
+            raise DataError(f"{config.demos}: demonstrations of {demos.task}, not of --task {config.task}")
+        if len(demos) * demos.horizon < config.bc_batch_size:
+            raise DataError(f"{config.demos}: {len(demos) * demos.horizon} steps, fewer than one behaviour-cloning "
+                            f"batch (--bc-batch-size {config.bc_batch_size})")
+        return demos
+    path = config.output / "demos.npz"
+    if not path.exists():  # a resumed run keeps the demonstrations it collected
+        collect(CollectConfig(task=config.task, output=path, episodes=config.demo_episodes,
                               noise=[config.demo_noise], max_episode_steps=config.max_episode_steps,
                               num_envs=min(config.num_envs, config.demo_episodes), seed=config.seed))
-    demos = Trajectories.load(demos_path)
+    return Trajectories.load(path)
+
+
+def pretrained_policy(config: Config) -> GaussianPolicy:
+    """The starting policy: loaded, or behaviour-cloned on (collected) noisy expert demonstrations into bc/."""
+    if config.policy:
+        return load_policy(config.policy)
+    demos = load_demos(config)
     bc_config = dataclasses.replace(config, output=config.output / "bc", max_steps=config.bc_steps,
                                     batch_size=config.bc_batch_size, learning_rate=config.bc_learning_rate,
                                     warmup_steps=0, lr_scheduler="constant")
+    bc_config.output.mkdir(exist_ok=True)  # a stage's folder inside the claimed run folder
     arch = PolicyArch(demos.observations.shape[-1], demos.actions.shape[-1], config.hidden, config.layers)
     return behaviour_clone(bc_config, demos, arch)[0]
 
 
 def run(config: Config) -> dict[str, Any]:
     """BC (or load), then rounds of rollouts, GRAPE ranking and TPO; success before and after each round."""
-    config.output.mkdir(parents=True, exist_ok=True)
-    policy = pretrained_policy(config)
-    curve = [{"step": 0, "success_sampled": success_rate(policy, config, False),
-              "success_mean_action": success_rate(policy, config, True)}]
-    print(json.dumps(curve[-1]))
-    rounds = []
-    for k in range(1, config.rounds + 1):
-        trajs, chosen, rejected, summary = rank_rollouts(policy, config, k)
-        print(f"round {k}: {json.dumps(summary)}")
-        if len(chosen):
-            trainer = Trainer(dataclasses.replace(config, output=config.output / f"round-{k}"))
-            policy.to(trainer.device).train()
-            reference = FrozenCopy(policy)
-            trainer.fit(policy, TrajectoryPairs(trajs, chosen, rejected), default_collate,
-                        lambda m, b, g: tpo_step(m, b, g, reference, config.beta, config.window))
-            policy.eval()
-        curve.append({"step": k, "success_sampled": success_rate(policy, config, False),
-                      "success_mean_action": success_rate(policy, config, True)})
-        rounds.append(summary)
+    with run_folder.claim(config.output, resuming=config.resume is not None):
+        if config.states < config.batch_size:
+            raise ConfigError(f"--states {config.states} gives at most {config.states} pairs a round, fewer than one "
+                              f"TPO batch (--batch-size {config.batch_size})")
+        policy = pretrained_policy(config)
+        curve = [{"step": 0, "success_sampled": success_rate(policy, config, False),
+                  "success_mean_action": success_rate(policy, config, True)}]
         print(json.dumps(curve[-1]))
-    policy.save(config.output)
-    plot_metrics(curve, ["success_sampled", "success_mean_action"], config.output / "success.png",
-                 f"GRAPE on {config.task}: success per round")
-    report = {"task": config.task, "eval_episodes": config.eval_episodes, "before": curve[0], "after": curve[-1],
-              "curve": curve, "rounds": rounds}
-    (config.output / "eval.json").write_text(json.dumps(report, indent=1))
+        rounds = []
+        for k in range(1, config.rounds + 1):
+            trajs, chosen, rejected, summary = rank_rollouts(policy, config, k)
+            print(f"round {k}: {json.dumps(summary)}")
+            if len(chosen) >= config.batch_size:
+                (config.output / f"round-{k}").mkdir(exist_ok=True)  # a stage's folder inside the claimed run folder
+                trainer = Trainer(dataclasses.replace(config, output=config.output / f"round-{k}"))
+                policy.to(trainer.device).train()
+                reference = FrozenCopy(policy)
+                trainer.fit(policy, TrajectoryPairs(trajs, chosen, rejected), default_collate,
+                            lambda m, b, g: tpo_step(m, b, g, reference, config.beta, config.window))
+                policy.eval()
+            else:
+                print(f"round {k}: {len(chosen)} pair(s), fewer than one batch (--batch-size {config.batch_size}); "
+                      "no TPO this round")
+            curve.append({"step": k, "success_sampled": success_rate(policy, config, False),
+                          "success_mean_action": success_rate(policy, config, True)})
+            rounds.append(summary)
+            print(json.dumps(curve[-1]))
+        policy.save(config.output)
+        plot_metrics(curve, ["success_sampled", "success_mean_action"], config.output / "success.png",
+                     f"GRAPE on {config.task}: success per round")
+        report = {"task": config.task, "eval_episodes": config.eval_episodes, "before": curve[0], "after": curve[-1],
+                  "curve": curve, "rounds": rounds}
+        (config.output / "eval.json").write_text(json.dumps(report, indent=1))
     return report

@@ -15,7 +15,9 @@ from typing import Literal
 
 import numpy as np
 
+from mmalign import run_folder
 from mmalign.config import option
+from mmalign.errors import ConfigError, DataError
 
 from .pairs import Pairs, label_pairs
 from .teachers import TEACHERS, teacher
@@ -42,9 +44,10 @@ class Config:
         if self.output is None:
             raise ValueError("--output (a folder) is required")
         self.output = Path(self.output)
-        for name in ("segment_length", "segments", "pairs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, least in (("segment_length", 1), ("segments", 2), ("pairs", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        teacher(self.teacher)
 
 
 def agreement(pairs: Pairs, segments: Trajectories) -> float:
@@ -55,14 +58,21 @@ def agreement(pairs: Pairs, segments: Trajectories) -> float:
 
 
 def run(config: Config) -> Pairs:
-    """Fragment, label, and write the labelled folder."""
-    trajs = Trajectories.load(config.data)
-    segments = trajs.fragment(config.segment_length, config.segments, seed=config.seed)
-    pairs = label_pairs(segments, config.pairs, teacher(config.teacher), seed=config.seed, name=config.teacher)
-    segments.save(config.output / "segments.npz")
-    pairs.save(config.output / "pairs.jsonl")
-    summary = {"teacher": config.teacher, "pairs": len(pairs), "skipped": config.pairs - len(pairs),
-               "equal": int((pairs.label == 0.5).sum()), "agreement_with_true_return": agreement(pairs, segments)}
-    (config.output / "labels.json").write_text(json.dumps(summary, indent=1))
+    """Fragment, label, and write the labelled folder (claimed for this run: `run_folder.claim`)."""
+    with run_folder.claim(config.output, resuming=False):
+        trajs = Trajectories.load(config.data)
+        if config.segment_length > trajs.horizon:
+            raise ConfigError(f"--segment-length {config.segment_length} is longer than the trajectories of "
+                              f"{config.data} ({trajs.horizon} steps)")
+        segments = trajs.fragment(config.segment_length, config.segments, seed=config.seed)
+        pairs = label_pairs(segments, config.pairs, teacher(config.teacher), seed=config.seed, name=config.teacher)
+        if not len(pairs):
+            raise DataError(f"{config.data}: the {config.teacher} teacher skipped all {config.pairs} pairs (no segment "
+                            "returned enough); nothing was written")
+        segments.save(config.output / "segments.npz")
+        pairs.save(config.output / "pairs.jsonl")
+        summary = {"teacher": config.teacher, "pairs": len(pairs), "skipped": config.pairs - len(pairs),
+                   "equal": int((pairs.label == 0.5).sum()), "agreement_with_true_return": agreement(pairs, segments)}
+        (config.output / "labels.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
     return pairs

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmalign.errors import DataError
+
 
 def mlp(inputs: int, hidden: int, layers: int, outputs: int) -> nn.Sequential:
     """`layers` hidden Linear+ReLU layers of width `hidden`, then a Linear to `outputs`."""
@@ -55,13 +57,34 @@ def save_module(module: nn.Module, arch: Any, folder: str | Path, name: str) -> 
 
 
 def load_module(cls: type, arch_cls: type, folder: str | Path, name: str) -> Any:
-    """`cls(arch_cls(**json))` with the weights that `save_module` wrote, in eval mode."""
+    """`cls(arch_cls(**json))` with the weights that `save_module` wrote, in eval mode; DataError names a bad file."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     weights, arch = folder / f"{name}.safetensors", folder / f"{name}.json"
     if not weights.is_file() or not arch.is_file():
         raise FileNotFoundError(f"{folder} holds no {name.replace('_', ' ')} ({arch.name} and {weights.name})")
-    module = cls(arch_cls(**json.loads(arch.read_text())))
-    module.load_state_dict(load_file(weights))
+    try:
+        module = cls(arch_cls(**json.loads(arch.read_text())))
+    except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or ill-typed fields
+        raise DataError(f"{arch}: not a {name.replace('_', ' ')} description ({err})") from None
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as err:
+        raise DataError(f"{weights}: not a readable safetensors file ({err})") from None
+    load_weights(module, state, f"{weights}: the weights do not fit {arch.name}")
     return module.eval()
+
+
+def load_weights(module: nn.Module, state: Any, where: str) -> None:
+    """Load a state dict into `module` if it has exactly the module's tensor names and shapes, else DataError(where)."""
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{where}: expected a state dict of tensors, got a {type(state).__name__}")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])[:3]
+        raise DataError(f"{where} (missing {sorted(expected.keys() - found.keys())[:3]}, unexpected "
+                        f"{sorted(found.keys() - expected.keys())[:3]}, other shapes {wrong})")
+    module.load_state_dict(state)

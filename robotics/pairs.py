@@ -6,7 +6,8 @@ One record per pair, the core `PAIR` fields plus a label:
 
 `chosen`/`rejected` index the segments of a trajectory file; `label` = P(chosen preferred) in [0, 1]
 (1: a hard label, 0.5: equally preferred, in between: a soft label such as PEARL's transferred ones).
-Loading validates every record with the core's `validate` (errors name the file, record and field).
+Loading checks that every line is a JSON object (errors name the line), then validates every record
+with the core's `validate` (errors name the file, record and field).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmalign.data import PAIR, Field, Schema, load_preferences
+from mmalign.data import PAIR, DataError, Field, Schema, load_preferences
 from mmalign.files import write_atomically
 
 from .teachers import Teacher
@@ -33,12 +34,18 @@ def _probability(value: Any, record: dict) -> str | None:
     return None
 
 
+def _index(value: Any, size: int) -> bool:
+    """Whether `value` is a whole number in [0, size) (3.0 too: a column of JSON numbers may load as floats)."""
+    whole = isinstance(value, Integral) or (isinstance(value, Real) and float(value).is_integer())
+    return whole and not isinstance(value, bool) and 0 <= value < size
+
+
 def pair_schema(num_segments: int) -> Schema:
     """The core PAIR record plus `label`, with chosen/rejected distinct segment indices below `num_segments`."""
     def indices(record: dict):
         for name in ("chosen", "rejected"):
             value = record.get(name)
-            if not isinstance(value, Integral) or isinstance(value, bool) or not 0 <= value < num_segments:
+            if value is not None and not _index(value, num_segments):  # a missing index is reported by PAIR
                 yield name, f"expected a segment index in [0, {num_segments}), got {value!r}"
         if record.get("chosen") == record.get("rejected"):
             yield "rejected", "is the same segment as chosen"
@@ -68,14 +75,37 @@ class Pairs:
 
     @classmethod
     def load(cls, path: str | Path, segments: Trajectories) -> "Pairs":
-        """Read and validate pair records against the segments they index."""
+        """Read and validate pair records against the segments they index (DataError names the line or record)."""
+        check_json_lines(path)
         records = load_preferences(path, pair_schema(len(segments)))
         tasks = set(records["prompt"])
         if tasks != {segments.task}:
-            raise ValueError(f"{path}: pairs are of task(s) {', '.join(sorted(tasks))}, the segments of {segments.task}")
+            raise DataError(f"{path}: field 'prompt': the pairs are of task(s) {', '.join(sorted(map(str, tasks)))}, "
+                            f"the segments they index ({segments.source}) of {segments.task}")
         teacher = records["teacher"][0] if "teacher" in records.column_names else ""
-        return cls(segments.task, np.asarray(records["chosen"]), np.asarray(records["rejected"]),
+        return cls(segments.task, np.asarray(records["chosen"], dtype=np.int64),
+                   np.asarray(records["rejected"], dtype=np.int64),
                    np.asarray(records["label"], dtype=np.float32), teacher)
+
+
+def check_json_lines(path: str | Path) -> None:
+    """DataError naming the first line of a JSON-lines file that is not a JSON object, or the file if it has none."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pair file {path} does not exist")
+    records = 0
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise DataError(f"{path}: line {number} is not JSON ({err}); each line holds one pair record") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number} holds a {type(record).__name__}, not a pair record (a JSON object)")
+        records += 1
+    if not records:
+        raise DataError(f"{path}: no pair records (the file is empty)")
 
 
 def label_pairs(segments: Trajectories, num_pairs: int, teacher: Teacher, seed: int = 0, name: str = "") -> Pairs:

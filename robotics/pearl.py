@@ -24,6 +24,10 @@ segments to the worst target ones is a local optimum too, and solving from the p
 found it on some task pairs (transferred accuracy below 0.5). `restarts` solves again from random
 starting couplings and keeps the lowest GW objective, which was the right orientation in every case
 measured. RRL (rrl.py) then trains on `target_pairs` random target pairs with their soft labels Z_t.
+
+The run folder gets target_segments.npz and target_pairs.jsonl (written once every input has been
+read and checked and the transfer is done), then the reward model (reward.py). `--resume latest`
+computes the same transfer again (same seed) and continues the reward model's training.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from typing import Any, Literal
 import numpy as np
 import ot
 
+from mmalign import run_folder
 from mmalign.config import option
+from mmalign.errors import DataError
 from mmalign.trainer import Trainer
 
 from .pairs import Pairs
-from .reward import RewardConfig, load_labelled, report_reward_model, train_reward_model
+from .reward import (RewardConfig, check_batch, load_held_out, load_labelled, report_reward_model,
+                     train_reward_model)
 from .trajectories import Trajectories
 
 HAND = slice(0, 4)  # end-effector xyz and gripper opening in every Meta-World observation
@@ -144,8 +151,11 @@ class Config(RewardConfig):
         super().__post_init__()
         if not self.source or not self.target:
             raise ValueError("--source (a labelled folder) and --target (a trajectory file) are required")
-        if self.epsilon <= 0 or self.restarts < 1:
+        if not self.epsilon > 0 or self.restarts < 1:
             raise ValueError(f"epsilon must be positive and restarts at least 1, got {self.epsilon} and {self.restarts}")
+        if self.target_segments < 2 or self.target_pairs < 1:
+            raise ValueError(f"target_segments must be at least 2 and target_pairs at least 1, got "
+                             f"{self.target_segments} and {self.target_pairs}")
 
 
 def align(source: Trajectories, source_pairs: Pairs, target: Trajectories, features: str = "hand",
@@ -157,23 +167,37 @@ def align(source: Trajectories, source_pairs: Pairs, target: Trajectories, featu
     return coupling, transfer_labels(coupling, z_source, mask)
 
 
+def load_target(config: Config, segment_length: int) -> Trajectories:
+    """The --target trajectories, long enough to cut segments of the source's length."""
+    target = Trajectories.load(config.target)
+    if target.horizon < segment_length:
+        raise DataError(f"{config.target}: target trajectories of {target.horizon} steps are shorter than the "
+                        f"{segment_length}-step source segments of {config.source}")
+    return target
+
+
 def run(config: Config) -> dict[str, Any]:
-    """Transfer labels to target segments, train the reward on them, report transfer and reward accuracy."""
-    source, source_pairs = load_labelled(config.source)
-    target_trajs = Trajectories.load(config.target)
-    trainer = Trainer(config)
-    target = target_trajs.fragment(source.horizon, config.target_segments, seed=config.seed)
-    _, z_target = align(source, source_pairs, target, config.features, config.entropic, config.epsilon,
-                        config.restarts, config.seed)
-    pairs = target_pairs(z_target, config.target_pairs, config.seed, target.task)
-    target.save(config.output / "target_segments.npz")
-    pairs.save(config.output / "target_pairs.jsonl")
-    transfer = {"source_task": source.task, "target_task": target.task, "source_segments": len(source),
-                "source_pairs": len(source_pairs), "target_segments": len(target),
-                "transferred_label_accuracy": label_accuracy(z_target, target.returns()),
-                "train_pair_accuracy": float(np.mean(target.returns()[pairs.chosen] > target.returns()[pairs.rejected]))}
-    trainer.accelerator.print(json.dumps(transfer, indent=1))
-    model, history = train_reward_model(config, target, pairs, trainer)
-    report = report_reward_model(config, model, target.horizon, history, transfer)
+    """Check every input, transfer labels to target segments, write them, train the reward on them, report."""
+    with run_folder.claim(config.output, resuming=config.resume is not None):
+        source, source_pairs = load_labelled(config.source)
+        target_trajs = load_target(config, source.horizon)
+        held_out = load_held_out(config.eval_data, target_trajs.task, source.horizon)
+        trainer = Trainer(config)
+        target = target_trajs.fragment(source.horizon, config.target_segments, seed=config.seed)
+        _, z_target = align(source, source_pairs, target, config.features, config.entropic, config.epsilon,
+                            config.restarts, config.seed)
+        pairs = target_pairs(z_target, config.target_pairs, config.seed, target.task)
+        check_batch(len(pairs), config, trainer, f"the transfer to {config.target}")
+        trainer.begin()
+        target.save(config.output / "target_segments.npz")
+        pairs.save(config.output / "target_pairs.jsonl")
+        returns = target.returns()
+        transfer = {"source_task": source.task, "target_task": target.task, "source_segments": len(source),
+                    "source_pairs": len(source_pairs), "target_segments": len(target),
+                    "transferred_label_accuracy": label_accuracy(z_target, returns),
+                    "train_pair_accuracy": float(np.mean(returns[pairs.chosen] > returns[pairs.rejected]))}
+        trainer.accelerator.print(json.dumps(transfer, indent=1))
+        model, history = train_reward_model(config, target, pairs, trainer)
+        report = report_reward_model(config, model, held_out, target.horizon, history, transfer)
     trainer.accelerator.print(json.dumps(report, indent=1))
     return report

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmalign.errors import DataError
+
+from .envs import ACTION_SIZE, OBSERVATION_SIZE
 from .nets import Standardize, load_module, mlp, save_module
 
 NAME = "policy"
@@ -65,8 +68,13 @@ class GaussianPolicy(nn.Module):
 
 
 def load_policy(folder: str | Path) -> GaussianPolicy:
-    """A policy saved by `GaussianPolicy.save`."""
-    return load_module(GaussianPolicy, PolicyArch, folder, NAME)
+    """A policy saved by `GaussianPolicy.save`, checked to fit Meta-World's observations and actions."""
+    policy = load_module(GaussianPolicy, PolicyArch, folder, NAME)
+    sizes = (policy.arch.obs_dim, policy.arch.act_dim)
+    if sizes != (OBSERVATION_SIZE, ACTION_SIZE):
+        raise DataError(f"{Path(folder) / NAME}.json: a policy of {sizes[0]} observation and {sizes[1]} action "
+                        f"features; Meta-World's have {OBSERVATION_SIZE} and {ACTION_SIZE}")
+    return policy
 
 
 class PolicyActor:

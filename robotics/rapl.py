@@ -22,6 +22,11 @@ plus a linear head to `--embed-dim` (32 as in the research code, which freezes i
 `--train-backbone` fine-tunes it too). Reported: Spearman between the OT reward and the true return
 of held-out trajectories, for the pretrained backbone's features (before alignment) and the aligned
 encoder; demonstrations are the highest-return training trajectories unless `--demos` is given.
+
+The run folder gets pretrain/ (the small CNN's autoencoder run), then the alignment's checkpoints,
+metrics.jsonl and rapl_encoder.pt, eval.json and the pictures; every input file is read and checked
+before the first of them is written. `--resume` continues the alignment from the checkpoint it names
+(or the latest); the pretraining stage continues from its own latest checkpoint.
 """
 
 from __future__ import annotations
@@ -38,14 +43,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
+from mmalign import run_folder
 from mmalign.config import option
+from mmalign.errors import ConfigError, DataError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.plots import plot_metrics, plot_scatter
 from mmalign.trainer import TrainConfig, Trainer
 
 from .reward_models import spearman
 from .trajectories import Trajectories
-from .visual import VisualEncoder, make_backbone, pretrain_autoencoder
+from .visual import SmallCNN, VisualEncoder, make_backbone, pretrain_autoencoder
+
+PRETRAIN_BATCH = 64  # frames per autoencoder pretraining step
 
 
 def ot_rewards_from_cost(cost: torch.Tensor, reg: float = 0.1) -> torch.Tensor:
@@ -126,16 +135,48 @@ class Config(TrainConfig):
         super().__post_init__()
         if not self.data or not self.eval_data:
             raise ValueError("--data and --eval-data (trajectory files with frames) are required")
-        if self.ot_reg <= 0 or self.triplets < 1 or self.num_demos < 1:
-            raise ValueError("ot_reg must be positive, triplets and num_demos at least 1")
+        if not self.ot_reg > 0:
+            raise ValueError(f"ot_reg must be positive, got {self.ot_reg}")
+        for name in ("triplets", "num_demos", "embed_dim", "pretrain_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def load_frames(path: str) -> Trajectories:
     """A trajectory file that must hold frames."""
     trajs = Trajectories.load(path)
     if trajs.frames is None:
-        raise ValueError(f"{path}: no frames; collect it with `mmalign robotics collect --frames`")
+        raise DataError(f"{path}: no frames; collect it with `mmalign robotics collect --frames`")
     return trajs
+
+
+def pretraining(config: Config) -> bool:
+    """Whether the run pretrains its backbone (small-cnn without --backbone-checkpoint)."""
+    return config.backbone == "small-cnn" and not config.backbone_checkpoint
+
+
+def load_inputs(config: Config) -> tuple[Trajectories, Trajectories, Trajectories]:
+    """The training, held-out and demonstration trajectories, checked against each other and the settings."""
+    train, held_out = load_frames(config.data), load_frames(config.eval_data)
+    demos = load_frames(config.demos) if config.demos else train.select(np.argsort(-train.returns())[:config.num_demos])
+    for path, other in ((config.eval_data, held_out), (config.demos, demos)):
+        if other.task != train.task:
+            raise DataError(f"{path}: trajectories of {other.task}; --data {config.data} holds {train.task}")
+        if other.frames.shape[2:] != train.frames.shape[2:]:
+            raise DataError(f"{path}: frames of shape {other.frames.shape[2:]}; the frames of --data {config.data} "
+                            f"are {train.frames.shape[2:]}")
+    if len(held_out) < 2:
+        raise DataError(f"{config.eval_data}: 1 held-out trajectory; the rank correlation needs at least 2")
+    if config.mode == "align" and len(train) < 3:
+        raise DataError(f"{config.data}: {len(train)} trajectories; ranked triplets need at least 3")
+    height, width = train.frames.shape[2:4]
+    if pretraining(config) and (height % 16 or width % 16):
+        raise DataError(f"{config.data}: frames of {height}x{width} pixels; pretraining the small CNN needs sides "
+                        "divisible by 16 (collect with --size 64, or pass --backbone-checkpoint)")
+    if pretraining(config) and train.frames.shape[0] * train.frames.shape[1] < PRETRAIN_BATCH:
+        raise DataError(f"{config.data}: {train.frames.shape[0] * train.frames.shape[1]} frames, fewer than one "
+                        f"pretraining batch of {PRETRAIN_BATCH}")
+    return train, held_out, demos
 
 
 def spearman_of(encoder: VisualEncoder, held_out: Trajectories, demos: Trajectories, reg: float) -> tuple[float, np.ndarray]:
@@ -145,12 +186,15 @@ def spearman_of(encoder: VisualEncoder, held_out: Trajectories, demos: Trajector
 
 
 def pretrained_backbone(config: Config, train: Trajectories) -> tuple[torch.nn.Module, int]:
-    """The backbone RAPL starts from: loaded, or for small-cnn without a checkpoint, pretrained as an autoencoder."""
-    if config.backbone != "small-cnn" or config.backbone_checkpoint:
+    """The backbone RAPL starts from: loaded, or for small-cnn without a checkpoint, pretrained as an autoencoder
+    into <output>/pretrain (on --resume, from that stage's own last checkpoint)."""
+    if not pretraining(config):
         return make_backbone(config.backbone, config.backbone_checkpoint)
     pretrain = dataclasses.replace(config, output=config.output / "pretrain", max_steps=config.pretrain_steps,
-                                   batch_size=64, learning_rate=1e-3, warmup_steps=0)
-    return pretrain_autoencoder(pretrain, train.frames), make_backbone("small-cnn")[1]
+                                   batch_size=PRETRAIN_BATCH, learning_rate=1e-3, warmup_steps=0,
+                                   resume="latest" if config.resume else None)
+    pretrain.output.mkdir(exist_ok=True)  # a stage's folder inside the claimed run folder
+    return pretrain_autoencoder(pretrain, train.frames), SmallCNN.features
 
 
 def align(config: Config, encoder: VisualEncoder, train: Trajectories) -> list[dict]:
@@ -166,23 +210,26 @@ def align(config: Config, encoder: VisualEncoder, train: Trajectories) -> list[d
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Pretrain or load the backbone, align the encoder on triplets, report Spearman before and after."""
-    train, held_out = load_frames(config.data), load_frames(config.eval_data)
-    demos = load_frames(config.demos) if config.demos else train.select(np.argsort(-train.returns())[:config.num_demos])
-    backbone, features = pretrained_backbone(config, train)
-    before, _ = spearman_of(VisualEncoder(backbone, features, embed_dim=None).eval(), held_out, demos, config.ot_reg)
-    report: dict[str, Any] = {"task": train.task, "held_out_trajectories": len(held_out), "demos": len(demos),
-                              "spearman_before": before}
-    if config.mode == "align":
-        torch.manual_seed(config.seed)
-        encoder = VisualEncoder(backbone, features, config.embed_dim)
-        history = align(config, encoder, train)
-        after, after_rewards = spearman_of(encoder, held_out, demos, config.ot_reg)
-        report.update(spearman_after=after, triplets=config.triplets)
-        plot_metrics(history, ["loss", "triplet_acc"], config.output / "curves.png")
-        plot_scatter(held_out.returns(), after_rewards, config.output / "reward_vs_return.png", "true return",
-                     "OT reward (aligned)", f"RAPL on {train.task}: Spearman {before:.2f} -> {after:.2f}")
-    config.output.mkdir(parents=True, exist_ok=True)
-    (config.output / "eval.json").write_text(json.dumps(report, indent=1))
+    """Check every input, pretrain or load the backbone, align the encoder on triplets, report Spearman before/after."""
+    with run_folder.claim(config.output, resuming=config.resume is not None):
+        if config.mode == "align" and config.triplets < config.batch_size:
+            raise ConfigError(f"--triplets {config.triplets} is fewer than one batch (--batch-size "
+                              f"{config.batch_size})")
+        train, held_out, demos = load_inputs(config)
+        backbone, features = pretrained_backbone(config, train)
+        before, _ = spearman_of(VisualEncoder(backbone, features, embed_dim=None).eval(), held_out, demos,
+                                config.ot_reg)
+        report: dict[str, Any] = {"task": train.task, "held_out_trajectories": len(held_out), "demos": len(demos),
+                                  "spearman_before": before}
+        if config.mode == "align":
+            torch.manual_seed(config.seed)
+            encoder = VisualEncoder(backbone, features, config.embed_dim)
+            history = align(config, encoder, train)
+            after, after_rewards = spearman_of(encoder, held_out, demos, config.ot_reg)
+            report.update(spearman_after=after, triplets=config.triplets)
+            plot_metrics(history, ["loss", "triplet_acc"], config.output / "curves.png")
+            plot_scatter(held_out.returns(), after_rewards, config.output / "reward_vs_return.png", "true return",
+                         "OT reward (aligned)", f"RAPL on {train.task}: Spearman {before:.2f} -> {after:.2f}")
+        (config.output / "eval.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
     return report

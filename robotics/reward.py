@@ -6,11 +6,12 @@ RRL, see `rrl.py`). A non-Gaussian model is trained with the core Bradley-Terry 
 segment returns R = sum_t r(s_t, a_t): -(p log s(R_w - R_l) + (1-p) log s(R_l - R_w)), p = P(w preferred)
 from the pair record (1 for a hard label, 0.5 for "equal", anything between for a soft label).
 
-The held-out evaluation (`--eval-data`, a trajectory file) fragments those trajectories into segments
-of the training length, labels random pairs of them with the oracle teacher, and reports the pair
-accuracy and the Spearman correlation of predicted and true return over segments and over whole
-trajectories. The run folder gets reward_model.safetensors/.json, eval.json, metrics.jsonl,
-curves.png and reward_vs_return.png.
+The held-out evaluation (`--eval-data`, a trajectory file of the same task) fragments those
+trajectories into segments of the training length, labels random pairs of them with the oracle
+teacher, and reports the pair accuracy and the Spearman correlation of predicted and true return
+over segments and over whole trajectories. Every input (the labelled folder, `--eval-data`) is read
+and checked before training starts. The run folder gets reward_model.safetensors/.json, eval.json,
+metrics.jsonl, curves.png and reward_vs_return.png.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from mmalign import run_folder
 from mmalign.config import option
+from mmalign.errors import DataError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.plots import plot_metrics, plot_scatter
 from mmalign.trainer import TrainConfig, Trainer
@@ -56,8 +59,9 @@ class RewardConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.members < 1:
-            raise ValueError(f"members must be at least 1, got {self.members}")
+        for name in ("members", "hidden", "layers", "eval_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.prior_std <= 0 or self.rrl_weight < 0:
             raise ValueError("prior_std must be positive and rrl_weight not negative")
 
@@ -113,7 +117,7 @@ def train_reward_model(config: RewardConfig, segments: Trajectories, pairs: Pair
 def evaluate(model: RewardModel, held_out: Trajectories, segment_length: int, num_pairs: int,
              seed: int = 0) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Held-out pair accuracy (oracle labels) and Spearman over segments and trajectories; returns (report, R_hat, R)."""
-    segments = held_out.fragment(segment_length, max(num_pairs, len(held_out)), seed=seed)
+    segments = held_out.fragment(segment_length, max(num_pairs, len(held_out), 2), seed=seed)
     pairs = label_pairs(segments, num_pairs, teacher("oracle"), seed=seed)
     predicted, true = model.returns(segments), segments.returns()
     report = {"pair_accuracy": pair_accuracy(predicted, pairs), "spearman_segments": spearman(predicted, true),
@@ -125,17 +129,46 @@ def evaluate(model: RewardModel, held_out: Trajectories, segment_length: int, nu
 def load_labelled(folder: str | Path) -> tuple[Trajectories, Pairs]:
     """The segments and pairs that `mmalign robotics label` wrote into `folder`."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"labelled folder {folder} does not exist")
+    missing = [name for name in ("segments.npz", "pairs.jsonl") if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder} holds no {' and no '.join(missing)}; give a folder written by "
+                        "`mmalign robotics label`")
     segments = Trajectories.load(folder / "segments.npz")
     return segments, Pairs.load(folder / "pairs.jsonl", segments)
 
 
-def report_reward_model(config: RewardConfig, model: RewardModel, segment_length: int,
+def load_held_out(path: str | None, task: str, segment_length: int) -> Trajectories | None:
+    """The --eval-data trajectories, checked against the task and segment length the reward model learns (or None)."""
+    if not path:
+        return None
+    held_out = Trajectories.load(path)
+    if held_out.task != task:
+        raise DataError(f"{path}: held-out trajectories of {held_out.task}; the reward model learns {task}")
+    if held_out.horizon < segment_length:
+        raise DataError(f"{path}: held-out trajectories of {held_out.horizon} steps are shorter than the "
+                        f"{segment_length}-step segments the reward model learns from")
+    if len(held_out) < 2:
+        raise DataError(f"{path}: 1 held-out trajectory; the rank correlation needs at least 2")
+    return held_out
+
+
+def check_batch(pairs: int, config: RewardConfig, trainer: Trainer, source: str) -> None:
+    """DataError unless `pairs` fill one global batch (--batch-size on every process)."""
+    batch = config.batch_size * trainer.accelerator.num_processes
+    if pairs < batch:
+        raise DataError(f"{source}: {pairs} pair(s), fewer than one batch of {batch} (--batch-size "
+                        f"{config.batch_size} on {trainer.accelerator.num_processes} process(es)); nothing was trained")
+
+
+def report_reward_model(config: RewardConfig, model: RewardModel, held_out: Trajectories | None, segment_length: int,
                         history: list[dict[str, float]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate on config.eval_data (when given), write eval.json and the pictures; returns the report."""
+    """Evaluate on the held-out trajectories (when given), write eval.json and the pictures; returns the report."""
     report: dict[str, Any] = dict(extra or {})
-    if config.eval_data:
-        scores, predicted, true = evaluate(model.cpu(), Trajectories.load(config.eval_data), segment_length,
-                                           config.eval_pairs, seed=config.seed + 1)
+    if held_out is not None:
+        scores, predicted, true = evaluate(model.cpu(), held_out, segment_length, config.eval_pairs,
+                                           seed=config.seed + 1)
         report.update(scores)
         plot_scatter(true, predicted, config.output / "reward_vs_return.png", "true return", "predicted return",
                      f"held-out segments, Spearman {scores['spearman_segments']:.2f}")
@@ -145,12 +178,15 @@ def report_reward_model(config: RewardConfig, model: RewardModel, segment_length
 
 
 def run(config: Config) -> dict[str, Any]:
-    """Train on the labelled folder, evaluate on the held-out trajectories, write the run folder."""
-    segments, pairs = load_labelled(config.data)
-    trainer = Trainer(config)
-    trainer.accelerator.print(f"{len(pairs)} pairs over {len(segments)} {segments.task} segments of "
-                              f"{segments.horizon} steps (teacher: {pairs.teacher or 'unknown'})")
-    model, history = train_reward_model(config, segments, pairs, trainer)
-    report = report_reward_model(config, model, segments.horizon, history, {"train_pairs": len(pairs)})
+    """Check every input, train on the labelled folder, evaluate on the held-out trajectories, write the run folder."""
+    with run_folder.claim(config.output, resuming=config.resume is not None):
+        segments, pairs = load_labelled(config.data)
+        held_out = load_held_out(config.eval_data, segments.task, segments.horizon)
+        trainer = Trainer(config)
+        check_batch(len(pairs), config, trainer, str(Path(config.data) / "pairs.jsonl"))
+        trainer.accelerator.print(f"{len(pairs)} pairs over {len(segments)} {segments.task} segments of "
+                                  f"{segments.horizon} steps (teacher: {pairs.teacher or 'unknown'})")
+        model, history = train_reward_model(config, segments, pairs, trainer)
+        report = report_reward_model(config, model, held_out, segments.horizon, history, {"train_pairs": len(pairs)})
     trainer.accelerator.print(json.dumps(report, indent=1))
     return report

@@ -23,6 +23,8 @@ from typing import Callable
 
 import numpy as np
 
+from mmalign.errors import ConfigError
+
 from .envs import check_task
 
 HAND, OBJECT, GOAL = slice(0, 3), slice(4, 7), slice(36, 39)
@@ -73,10 +75,10 @@ STAGES: dict[str, tuple[tuple[Constraint, ...], ...]] = {
 
 
 def stages(task: str) -> tuple[tuple[Constraint, ...], ...]:
-    """The stage constraints written for `task` (a ValueError lists the tasks that have them)."""
+    """The stage constraints written for `task` (a ConfigError lists the tasks that have them)."""
     check_task(task)
     if task not in STAGES:
-        raise ValueError(f"no GRAPE stage constraints are written for {task}; tasks with them: {', '.join(STAGES)}")
+        raise ConfigError(f"no GRAPE stage constraints are written for {task}; tasks with them: {', '.join(STAGES)}")
     return STAGES[task]
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmalign.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Teacher:
@@ -34,14 +36,15 @@ class Teacher:
     equal: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"teacher beta must be positive (inf: a rational teacher), got {self.beta}")
+        if not self.beta > 0:
+            raise ConfigError(f"teacher beta must be positive (inf: a rational teacher), got {self.beta}")
         if not 0 < self.gamma <= 1:
-            raise ValueError(f"teacher gamma must be in (0, 1], got {self.gamma}")
+            raise ConfigError(f"teacher gamma must be in (0, 1], got {self.gamma}")
         if not 0 <= self.eps_mistake <= 1:
-            raise ValueError(f"teacher eps_mistake must be in [0, 1], got {self.eps_mistake}")
-        if self.skip < 0 or self.equal < 0:
-            raise ValueError("teacher skip and equal thresholds must not be negative")
+            raise ConfigError(f"teacher eps_mistake must be in [0, 1], got {self.eps_mistake}")
+        if not (0 <= self.skip < math.inf and 0 <= self.equal < math.inf):
+            raise ConfigError(f"teacher skip and equal thresholds must be finite and not negative, got {self.skip} "
+                              f"and {self.equal}")
 
     def label(self, rewards_a: np.ndarray, rewards_b: np.ndarray, rng: np.random.Generator,
               scale: float | None = None) -> np.ndarray:
@@ -80,7 +83,7 @@ TEACHERS = {
 
 
 def teacher(name: str) -> Teacher:
-    """The B-Pref preset called `name`."""
+    """The B-Pref preset called `name` (a ConfigError names the presets otherwise)."""
     if name not in TEACHERS:
-        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+        raise ConfigError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
     return TEACHERS[name]

@@ -12,6 +12,7 @@ involved, so it stands for a generic pretrained encoder.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from mmalign.errors import ConfigError, DataError, MissingDependencyError
 from mmalign.trainer import TrainConfig, Trainer
+
+from .nets import load_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -44,29 +48,69 @@ class SmallCNN(nn.Module):
 
 
 def make_backbone(name: str, checkpoint: str | None = None) -> tuple[nn.Module, int]:
-    """A backbone images [B, 3, H, W] -> features [B, F], and F; `checkpoint` loads a state dict into it."""
+    """A backbone images [B, 3, H, W] -> features [B, F], and F; `checkpoint` loads a state dict into it.
+
+    An unknown name raises ConfigError (with close matches), a missing package MissingDependencyError, and a
+    checkpoint that does not fit the backbone DataError."""
     if name == "small-cnn":
         backbone, features = SmallCNN(), SmallCNN.features
     elif name.startswith("torchvision:"):
-        import torchvision
-
-        backbone = torchvision.models.get_model(name.split(":", 1)[1], weights=None)
-        head = next(attr for attr in ("fc", "classifier", "head", "heads") if hasattr(backbone, attr))
-        last = getattr(backbone, head)
-        features = (last if isinstance(last, nn.Linear) else [m for m in last.modules() if isinstance(m, nn.Linear)][-1]).in_features
-        setattr(backbone, head, nn.Identity())
+        backbone, features = torchvision_backbone(name.split(":", 1)[1])
     elif name.startswith("timm:"):
-        import timm
-
-        backbone = timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=0)
-        features = backbone.num_features
+        backbone, features = timm_backbone(name.split(":", 1)[1])
     else:
-        raise ValueError(f"unknown backbone {name!r}; use small-cnn, torchvision:NAME or timm:NAME")
+        raise ConfigError(f"unknown backbone {name!r}; use small-cnn, torchvision:NAME or timm:NAME")
     if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"backbone checkpoint {checkpoint} does not exist")
-        backbone.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+        load_checkpoint(backbone, checkpoint)
     return backbone, features
+
+
+def _known(library: str, model: str, names: list[str]) -> None:
+    """ConfigError naming close matches unless `model` is one of `names`."""
+    if model not in names:
+        close = difflib.get_close_matches(model, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"backbone {library}:{model}: {library} has no model {model!r}{hint}")
+
+
+def torchvision_backbone(model: str) -> tuple[nn.Module, int]:
+    """A torchvision classification model without its classifier (random weights), and its feature size."""
+    try:
+        import torchvision
+    except ImportError:
+        raise MissingDependencyError("torchvision backbones need torchvision: pip install 'mmalign[vision]'") from None
+    _known("torchvision", model, torchvision.models.list_models(module=torchvision.models))
+    backbone = torchvision.models.get_model(model, weights=None)
+    head = next(attr for attr in ("fc", "classifier", "head", "heads") if hasattr(backbone, attr))
+    last = getattr(backbone, head)
+    features = [m for m in last.modules() if isinstance(m, nn.Linear)][-1].in_features
+    setattr(backbone, head, nn.Identity())
+    return backbone, features
+
+
+def timm_backbone(model: str) -> tuple[nn.Module, int]:
+    """A timm model without its classifier (random weights), and its feature size."""
+    try:
+        import timm
+    except ImportError:
+        raise MissingDependencyError("timm backbones need timm: pip install timm") from None
+    _known("timm", model, timm.list_models())
+    backbone = timm.create_model(model, pretrained=False, num_classes=0)
+    return backbone, backbone.num_features
+
+
+def load_checkpoint(backbone: nn.Module, checkpoint: str | Path) -> None:
+    """Load a state dict saved with torch.save (tensors only: nothing else is unpickled) into `backbone`."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises anything (KeyError, EOFError, ...) on a broken file
+        reason = f" ({str(err).splitlines()[0][:200]})" if type(err) is RuntimeError else ""
+        raise DataError(f"{path}: not a readable torch.save state dict of tensors{reason}; objects other than "
+                        "tensors are never unpickled") from None
+    load_weights(backbone, state, f"{path}: the checkpoint does not fit the backbone")
 
 
 def to_images(frames: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def test_fragments_are_slices_of_their_source():
 def test_mismatched_shapes_name_the_field():
     with pytest.raises(DataError, match=r"field 'rewards': shape \(4, 9\) does not match observations \(4, 10, 39\)"):
         make(rewards=np.zeros((4, 9)))
-    with pytest.raises(DataError, match=r"field 'actions': expected \[N, T, A\]"):
+    with pytest.raises(DataError, match=r"field 'actions': expected \[N, T, 4\]"):
         make(actions=np.zeros((4, 10)))
     with pytest.raises(DataError, match="cannot join push-v3 trajectories of shape"):
         concatenate([make(t=10), make(t=11)])

@@ -18,6 +18,7 @@ def test_unknown_task_names_close_matches():
 
 def test_initial_state_follows_the_seed_not_the_history():
     env = envs.make_env(TASK, max_episode_steps=5)
+    assert env.observation_space.shape == (envs.OBSERVATION_SIZE,) and env.action_space.shape == (envs.ACTION_SIZE,)
     first, _ = env.reset(seed=7)
     env.reset(seed=3)
     env.step(env.action_space.sample())

@@ -1,5 +1,6 @@
 """GRAPE: the TPO loss against the core sigmoid, the ranking score and stage costs by hand, and TPO on rollouts."""
 
+import dataclasses
 import json
 import math
 
@@ -8,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmalign.errors import DataError, RunFolderError
 from mmalign.reference import FrozenCopy
 from mmalign.robotics import grape
-from mmalign.robotics.policies import GaussianPolicy, PolicyArch
+from mmalign.robotics.policies import GaussianPolicy, PolicyArch, load_policy
 from mmalign.robotics.stages import external_reward, stage_costs, stages
 
 
@@ -43,6 +45,16 @@ def test_tpo_step_scores_the_same_random_window_of_both_trajectories():
     log_ratios = [(policy.log_prob(batch[f"obs_{s}"], batch[f"act_{s}"])
                    - reference.model.log_prob(batch[f"obs_{s}"], batch[f"act_{s}"])).sum(-1) for s in "wl"]
     torch.testing.assert_close(whole, (-F.logsigmoid(0.5 * (log_ratios[0] - log_ratios[1]))).mean())
+
+
+def test_a_saved_policy_loads_and_one_of_other_sizes_is_refused(tmp_path):
+    policy = GaussianPolicy(PolicyArch(39, 4, hidden=8, layers=1))
+    policy.save(tmp_path / "meta-world")
+    loaded = load_policy(tmp_path / "meta-world")
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in policy.state_dict().items())
+    GaussianPolicy(PolicyArch(5, 2, hidden=8, layers=1)).save(tmp_path / "other")
+    with pytest.raises(DataError, match="a policy of 5 observation and 2 action features; Meta-World's have 39 and 4"):
+        load_policy(tmp_path / "other")
 
 
 def test_gaussian_log_prob_by_hand():
@@ -96,3 +108,20 @@ def test_grape_rounds_raise_the_policy_likelihood_of_the_chosen_trajectories(tmp
     assert np.mean([m["loss"] for m in late]) < math.log(2) - 0.05
     assert np.mean([m["reward_margin"] for m in late]) > 0 and np.mean([m["implicit_acc"] for m in late]) > 0.7
     assert (tmp_path / "run" / "success.png").is_file() and (tmp_path / "run" / "policy.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_resume_latest_takes_every_finished_stage_from_its_checkpoint(tmp_path):
+    config = grape.Config(task="reach-v3", output=tmp_path / "run", demo_episodes=2, bc_steps=3, bc_batch_size=8,
+                          hidden=8, layers=1, max_episode_steps=10, rounds=1, states=2, samples_per_state=2,
+                          max_steps=2, batch_size=2, eval_episodes=2, num_envs=2, report_to="none")
+    first = grape.run(config)
+    files = ("policy.safetensors", "bc/metrics.jsonl", "round-1/metrics.jsonl")
+    before = {name: (config.output / name).read_bytes() for name in files}
+    demos = (config.output / "demos.npz").stat().st_mtime_ns
+    with pytest.raises(RunFolderError, match="is not empty"):
+        grape.run(config)
+    again = grape.run(dataclasses.replace(config, resume="latest"))
+    assert again == first and {name: (config.output / name).read_bytes() for name in files} == before, \
+        "the same policy after every stage: rollouts replayed, each stage resumed from its last checkpoint"
+    assert (config.output / "demos.npz").stat().st_mtime_ns == demos, "the demonstrations are not collected again"

@@ -1,5 +1,6 @@
 """RAPL: the OT reward by hand, triplets ranked by return, the triplet loss as the core Bradley-Terry, and alignment."""
 
+import dataclasses
 import json
 import math
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from mmalign.cli import main
 from mmalign.data import DataError
+from mmalign.errors import RunFolderError
 from mmalign.robotics import rapl
 from mmalign.robotics.trajectories import Trajectories
 from mmalign.robotics.visual import VisualEncoder, make_backbone
@@ -115,6 +117,19 @@ def test_rapl_command_raises_the_spearman_of_the_ot_reward(tmp_path):
     assert (tmp_path / "run" / "reward_vs_return.png").is_file() and (tmp_path / "run" / "rapl_encoder.pt").is_file()
 
 
+def test_resume_continues_the_alignment_and_takes_the_pretraining_from_its_checkpoint(tmp_path):
+    train, held_out = synthetic_file(tmp_path / "train.npz", 16, 0), synthetic_file(tmp_path / "eval.npz", 4, 1)
+    config = rapl.Config(data=train, eval_data=held_out, output=tmp_path / "run", pretrain_steps=2, triplets=8,
+                         max_steps=2, embed_dim=4, report_to="none")
+    first = rapl.run(config)
+    with pytest.raises(RunFolderError, match="is not empty"):
+        rapl.run(config)
+    named = config.output / "checkpoints" / "checkpoint-2"
+    for resume in ("latest", str(named)):
+        assert rapl.run(dataclasses.replace(config, resume=resume)) == first
+    assert len((config.output / "pretrain" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_bad_inputs(tmp_path):
     path = tmp_path / "no-frames.npz"
     Trajectories("drawer-open-v3", np.zeros((3, 4, 39)), np.zeros((3, 4, 4)), np.zeros((3, 4)),
@@ -130,6 +145,17 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="frames"):
         Trajectories("drawer-open-v3", np.zeros((3, 4, 39)), np.zeros((3, 4, 4)), np.zeros((3, 4)),
                      np.zeros((3, 4), bool), frames=np.zeros((3, 2, 8, 8, 3), np.uint8), meta={"frame_every": 1})
+
+
+def test_a_backbone_checkpoint_loads_its_weights(tmp_path):
+    from mmalign.robotics.visual import SmallCNN
+
+    torch.manual_seed(0)
+    trained = SmallCNN()
+    torch.save(trained.state_dict(), tmp_path / "small_cnn.pt")
+    loaded, features = make_backbone("small-cnn", str(tmp_path / "small_cnn.pt"))
+    assert features == SmallCNN.features
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in trained.state_dict().items())
 
 
 def test_torchvision_and_timm_backbones_give_their_feature_size():

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from mmalign.errors import ConfigError
 from mmalign.robotics.teachers import Teacher, teacher
 
 A = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [3.0, 0.0, 0.0], [2.0, 2.0, 2.0]])
@@ -57,10 +58,14 @@ def test_noisy_samples_bradley_terry():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="unknown teacher 'lazy'"):
+    with pytest.raises(ConfigError, match="unknown teacher 'lazy'"):
         teacher("lazy")
-    with pytest.raises(ValueError, match="gamma must be in"):
+    with pytest.raises(ConfigError, match="gamma must be in"):
         Teacher(gamma=0)
+    with pytest.raises(ConfigError, match="beta must be positive"):
+        Teacher(beta=math.nan)
+    with pytest.raises(ConfigError, match="skip and equal thresholds must be finite"):
+        Teacher(skip=math.inf)
     with pytest.raises(ValueError, match="NaN"):
         teacher("oracle").label(np.array([[np.nan]]), np.array([[1.0]]), rng())
     with pytest.raises(ValueError, match=r"both be \[M, L\]"):
