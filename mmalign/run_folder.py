@@ -79,6 +79,7 @@ def acquire(folder: str | Path, resuming: bool) -> Lock:
     again) or another process holds the lock."""
     folder = Path(folder)
     if held(folder):
+        folder.mkdir(parents=True, exist_ok=True)
         return Lock(folder)
     lock = folder / LOCK_FILE
     new_lock = not lock.exists()
@@ -93,18 +94,19 @@ def acquire(folder: str | Path, resuming: bool) -> Lock:
         handle.close()
         raise RunFolderError(f"--output {folder} is in use by another run ({holder}); wait for it to finish or "
                              "choose another --output") from None
-    result = Lock(folder, handle, new_lock, new_folders)
     try:
         check(folder, resuming, ignore=(LOCK_FILE,) if new_lock else ())
     except RunFolderError:
-        result.release(clean=True)
+        if new_lock:
+            lock.unlink()
+        handle.close()
         raise
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     handle.flush()
     _held[folder.resolve()] = handle
-    return result
+    return Lock(folder, handle, new_lock, new_folders)
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from mmalign import run_folder
 from mmalign.config import option, save_config, to_dict
-from mmalign.errors import ConfigError, MissingDependencyError, NonFiniteLossError, RunFolderError, UserError
+from mmalign.errors import ConfigError, DataError, MissingDependencyError, NonFiniteLossError, RunFolderError, UserError
 from mmalign.files import follow_umask, write_atomically
 from mmalign.reference import Stateful, unwrap
 from mmalign.state import StateFormatError, load_state, save_state
@@ -84,7 +84,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "num_workers", "max_grad_norm", "weight_decay"):
+        for name in ("warmup_steps", "checkpoint_every", "num_workers", "max_grad_norm", "weight_decay", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -103,7 +103,7 @@ class EpochBatchSampler(Sampler):
         self.seed, self.start_batch = seed, start_batch
         self.per_epoch = size // (batch_size * num_processes)
         if self.per_epoch == 0:
-            raise ValueError(f"the dataset has {size} usable examples, fewer than one global batch of "
+            raise DataError(f"the dataset has {size} usable examples, fewer than one global batch of "
                              f"{batch_size * num_processes} ({batch_size} per device x {num_processes} processes)")
 
     def __iter__(self):
@@ -256,6 +256,8 @@ class Trainer:
         every checkpoint and restored on resume.
         """
         c, acc = self.config, self.accelerator
+        accum = c.gradient_accumulation_steps
+        sampler = EpochBatchSampler(len(dataset), c.batch_size, acc.num_processes, acc.process_index, c.seed)
         self.begin()
         set_seed(c.seed)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -277,9 +279,7 @@ class Trainer:
                                                  if isinstance(v, (int, float, str, bool))},
                               init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})
 
-        accum = c.gradient_accumulation_steps
-        sampler = EpochBatchSampler(len(dataset), c.batch_size, acc.num_processes, acc.process_index, c.seed,
-                                    start_batch=step * accum)
+        sampler.start_batch = step * accum
         batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=c.num_workers))
         progress = tqdm(total=c.max_steps, initial=step, disable=not self.is_main, desc="train")
         history: list[dict[str, float]] = []

@@ -225,7 +225,6 @@ def pretrained_policy(config: Config) -> GaussianPolicy:
     bc_config = dataclasses.replace(config, output=config.output / "bc", max_steps=config.bc_steps,
                                     batch_size=config.bc_batch_size, learning_rate=config.bc_learning_rate,
                                     warmup_steps=0, lr_scheduler="constant")
-    bc_config.output.mkdir(exist_ok=True)  # a stage's folder inside the claimed run folder
     arch = PolicyArch(demos.observations.shape[-1], demos.actions.shape[-1], config.hidden, config.layers)
     return behaviour_clone(bc_config, demos, arch)[0]
 
@@ -245,7 +244,6 @@ def run(config: Config) -> dict[str, Any]:
             trajs, chosen, rejected, summary = rank_rollouts(policy, config, k)
             print(f"round {k}: {json.dumps(summary)}")
             if len(chosen) >= config.batch_size:
-                (config.output / f"round-{k}").mkdir(exist_ok=True)  # a stage's folder inside the claimed run folder
                 trainer = Trainer(dataclasses.replace(config, output=config.output / f"round-{k}"))
                 policy.to(trainer.device).train()
                 reference = FrozenCopy(policy)

@@ -193,7 +193,6 @@ def pretrained_backbone(config: Config, train: Trajectories) -> tuple[torch.nn.M
     pretrain = dataclasses.replace(config, output=config.output / "pretrain", max_steps=config.pretrain_steps,
                                    batch_size=PRETRAIN_BATCH, learning_rate=1e-3, warmup_steps=0,
                                    resume="latest" if config.resume else None)
-    pretrain.output.mkdir(exist_ok=True)  # a stage's folder inside the claimed run folder
     return pretrain_autoencoder(pretrain, train.frames), SmallCNN.features
 
 

@@ -27,7 +27,10 @@ def refused(capsys):
 
     def run(*argv, output=None):
         before = _snapshot(output)
-        code = main([str(a) for a in argv])
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exit:  # argparse refuses a flag's value
+            code = exit.code
         captured = capsys.readouterr()
         assert code in (1, 2), f"exit code {code}; stderr: {captured.err[-2000:]}"
         assert "Traceback" not in captured.err + captured.out
