@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmalign.data import DataError
 from mmalign.vision.data import VisionPairs, image_slots, images_match, open_image
 from mmalign.vision.tiny import tiny_llava
 
@@ -264,3 +265,12 @@ def test_a_missing_vision_dependency_names_the_extra():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "mmalign.vision needs peft: pip install 'mmalign[vision]'" in result.stderr
+
+
+def test_damage_verify_cannot_see_stops_at_the_row_naming_it(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    image.save(tmp_path / "full.jpg")
+    (tmp_path / "a.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:-200])  # header intact, scan data cut
+    pairs = VisionPairs.load(write(tmp_path, [{**ROW, "images": ["a.jpg"]}]), tiny_llava()[1])  # verify passes
+    with pytest.raises(DataError, match=r"train.jsonl: record 0, field 'images': image 1: not a readable image"):
+        pairs[0]
