@@ -146,7 +146,7 @@ def test_truncation_that_would_cut_image_tokens_names_the_row(tiny, tmp_path):
     path = write_rows(rows, tmp_path / "r.parquet")
     with pytest.raises(DataError) as err:  # every row checked before anything trains
         VisionPairs.load(path, processor, max_length=27)
-    assert "r.parquet: 2 row(s) do not fit max_length 27" in str(err.value)
+    assert "r.parquet: 2 row(s) cannot be trained on; nothing was trained" in str(err.value)
     assert "record 1: max_length 27 would cut image tokens (the prompt has 38 tokens, its last image token at " \
            "position 27)" in str(err.value)
     assert "record 2: the prompt has 38 tokens, leaving no room for the 'chosen' completion" in str(err.value)
@@ -191,5 +191,5 @@ def test_config_rejects_bad_combinations(tmp_path):
         config(tmp_path, reference="frozen")
     with pytest.raises(ValueError, match="nothing would be trained"):
         config(tmp_path, dpo_weight=0)
-    with pytest.raises(ValueError, match="beta must be positive"):
+    with pytest.raises(ValueError, match="beta must be a positive finite number"):
         config(tmp_path, beta=0)

@@ -28,3 +28,14 @@ def test_demo_defaults_put_the_pairs_in_the_run_folder(tmp_path):
     assert config.data == str(tmp_path / "run" / "bdhs" / "train.parquet")
     assert (config.full, config.visual_term, config.anchor_weight) == (True, "corrupted", 1.0)
     assert demo.Config(output=tmp_path / "run", data="mine.parquet").data == "mine.parquet"
+
+
+def test_demo_builds_pairs_and_trains_in_one_folder_from_python(tmp_path):
+    from mmalign.run_folder import LOCK_FILE
+    from mmalign.vision import demo
+
+    config = demo.Config(output=tmp_path / "run", questions=32, eval_questions=16, max_steps=2, batch_size=4,
+                         report_to="none")
+    result = demo.run(config)  # claims the folder itself: the pairs folder inside it is part of this run
+    assert result["pairs"]["rows"] == 32 and (tmp_path / "run" / "bdhs" / "train.parquet").is_file()
+    assert {"config.yaml", "demo_result.json", LOCK_FILE} <= {p.name for p in (tmp_path / "run").iterdir()}

@@ -7,6 +7,11 @@ image; a conversational prompt gets the image parts put in front of its first us
 when its content is a plain string (as TRL does). An optional `retrieved_images` list (rDPO's v',
 one per image) is carried along for the visual term.
 
+Every row is checked before anything trains (`load_rows`): its fields, that its prompt names as many images as it
+has, and that each image can be read: a path names a file inside the data's folder (absolute paths and paths
+leading out of it only with --allow-outside-paths), and every image passes PIL's `verify`. Images are kept as
+their bytes or paths and decoded once, when their row is loaded for training.
+
 Tokenisation follows TRL's vision collator: prompt through the processor (image placeholders expanded)
 and completions through the tokenizer, all without added special tokens (the chat template adds
 them). A row longer than `max_length` loses completion tokens from the end; a row whose image tokens
@@ -15,19 +20,25 @@ or whole completion would be cut is an error naming the row.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import datasets
 import pyarrow.compute as pc
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from mmalign.data import MAX_REPORTED, TRL_ROW, DataError, Field, Schema, load_preferences
+from mmalign.data import (MAX_REPORTED, DataError, Field, Schema, load_records, resolve_path, text_or_messages,
+                          validate)
 from mmalign.files import write_atomically
 
 IMAGE_FIELDS = ("images", "retrieved_images")
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+"""What PIL raises for a file that is not a readable image (truncated, damaged, not an image, too large)."""
+HIGH_BIT_DEPTH = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+"""PIL's modes of 16-bit (and 32-bit integer) grey images, e.g. a 16-bit PNG."""
 
 
 def _image_entries(value: Any, record: dict) -> str | None:
@@ -42,32 +53,186 @@ def _image_entries(value: Any, record: dict) -> str | None:
     return None
 
 
-def _placeholders_match(record: dict) -> list[tuple[str, str]]:
-    """A plain prompt names each image once with <image>; rDPO's retrieved images pair one to one with images."""
+def _retrieved_entries(value: Any, record: dict) -> str | None:
+    """rDPO's v' when the visual term needs it: a list of images (see `_image_entries`)."""
+    return "is missing (the retrieved visual term needs v' for every row)" if value is None else \
+        _image_entries(value, record)
+
+
+def message_text(message: dict) -> str:
+    """A message's text: its content string, or its text parts joined."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+
+
+def _content_problem(content: Any) -> str | None:
+    """None for message content that is text or a list of {'type': 'text'/'image'} parts."""
+    if isinstance(content, str):
+        return None
+    if isinstance(content, list) and all(isinstance(p, dict) and (p.get("type") == "image" or (
+            p.get("type") == "text" and isinstance(p.get("text"), str))) for p in content):
+        return None
+    return "content must be text or a list of {'type': 'text', 'text': ...} and {'type': 'image'} parts"
+
+
+def prompt_field(value: Any, record: dict) -> str | None:
+    """Plain text, or a conversation whose messages hold text or lists of text and image parts."""
+    problem = text_or_messages(value, record)
+    if problem or isinstance(value, str):
+        return problem
+    return next((f"message {i + 1}: {p}" for i, m in enumerate(value) if (p := _content_problem(m["content"]))), None)
+
+
+def completion_field(value: Any, record: dict) -> str | None:
+    """A prompt-like value (see `prompt_field`) whose every message has text: an empty reply is a mistake."""
+    problem = prompt_field(value, record)
+    if problem or isinstance(value, str):
+        return problem
+    return next((f"message {i + 1} has no text" for i, m in enumerate(value) if not message_text(m).strip()), None)
+
+
+def image_slots(prompt: Any, images: int) -> int:
+    """How many images a prompt takes: its <image> placeholders, plus in a conversation its image parts (including
+    those TRL puts into a first user message given as plain text, one per image)."""
+    if isinstance(prompt, str):
+        return prompt.count("<image>")
+    messages = with_image_parts(prompt, images)
+    parts = sum(p["type"] == "image" for m in messages if isinstance(m["content"], list) for p in m["content"])
+    return parts + sum(message_text(m).count("<image>") for m in messages)
+
+
+def images_match(record: dict) -> list[tuple[str, str]]:
+    """The prompt names each image once; rDPO's retrieved images pair one to one with images."""
     images = record.get("images") or []
+    if not isinstance(images, list):
+        return []
     problems = []
-    if isinstance(record.get("prompt"), str) and record["prompt"].count("<image>") != len(images):
-        problems.append(("prompt", f"has {record['prompt'].count('<image>')} <image> placeholder(s) for "
-                                   f"{len(images)} image(s)"))
+    prompt, count = record.get("prompt"), len(images)
+    if prompt_field(prompt, record) is None and image_slots(prompt, count) != count:
+        kind = "<image> placeholder(s)" if isinstance(prompt, str) else "image part(s) and <image> placeholder(s)"
+        problems.append(("prompt", f"has {image_slots(prompt, count)} {kind} for {count} image(s)"))
     retrieved = record.get("retrieved_images")
-    if retrieved is not None and len(retrieved) != len(images):
-        problems.append(("retrieved_images", f"has {len(retrieved)} image(s) for {len(images)} image(s)"))
+    if isinstance(retrieved, list) and len(retrieved) != count:
+        problems.append(("retrieved_images", f"has {len(retrieved)} image(s) for {count} image(s)"))
     return problems
 
 
+def one_image(record: dict) -> list[tuple[str, str]]:
+    """Rows of the single-image builders hold exactly one image."""
+    images = record.get("images")
+    if isinstance(images, list) and len(images) != 1:
+        return [("images", f"holds {len(images)} images; this builder takes exactly one per row")]
+    return []
+
+
 VISION_ROW = Schema("TRL vision preference row", (
-    *[f for f in TRL_ROW.fields if f.name != "images"], Field("images", _image_entries),
-    Field("retrieved_images", _image_entries, required=False)), (_placeholders_match,))
+    Field("prompt", prompt_field), Field("chosen", completion_field), Field("rejected", completion_field),
+    Field("images", _image_entries), Field("retrieved_images", _image_entries, required=False)), (images_match,))
+RETRIEVED_ROW = dataclasses.replace(VISION_ROW, name="TRL vision preference row with retrieved images", fields=(
+    *VISION_ROW.fields[:-1], Field("retrieved_images", _retrieved_entries)))
+"""A row for the retrieved visual term (rDPO): every row has its v'."""
 
 
-def open_image(value: Any, root: Path | None = None) -> Image.Image:
-    """An RGB PIL image from a PIL image, a {'bytes'/'path'} dict or a path (relative to `root`)."""
+def data_root(path: str | Path) -> Path:
+    """The folder that image paths in the data at `path` are relative to: the file's folder, or the folder itself."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def image_source(value: Any, root: Path, allow_outside: bool = False, where: str = "image") -> Any:
+    """What PIL opens for one image entry: the PIL image itself, its bytes, or the file its path names inside `root`
+    (see `mmalign.data.resolve_path`); a DataError naming `where` if that file is missing or a folder."""
+    if isinstance(value, Image.Image):
+        return value
     if isinstance(value, dict):
-        value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else value["path"]
-    if isinstance(value, str):
-        path = Path(value)
-        value = Image.open(path if path.is_absolute() or root is None else root / path)
-    return value.convert("RGB")
+        if value.get("bytes"):
+            return io.BytesIO(value["bytes"])
+        value = value["path"]
+    path = resolve_path(value, root, allow_outside, where)
+    if not path.is_file():
+        raise DataError(f"{where}: {value!r} ({path}) " + ("is a folder, not an image file" if path.is_dir() else
+                                                           "does not exist"))
+    return path
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as RGB; 16-bit grey ('I;16', or 'I' as PIL opens 16-bit PNG/TIFF) scaled from 0-65535 to 0-255 first,
+    where PIL's own convert would clip every value over 255 to white."""
+    if image.mode in HIGH_BIT_DEPTH:
+        image = image.point(lambda v: v / 257).convert("L")
+    return image.convert("RGB")
+
+
+def unreadable(err: Exception) -> str:
+    """Why PIL could not read an image, without the file object it names when it cannot identify the format."""
+    return "PIL cannot identify its format" if isinstance(err, UnidentifiedImageError) else str(err)
+
+
+def open_image(value: Any, root: Path = Path("."), allow_outside: bool = False, where: str = "image") -> Image.Image:
+    """An RGB PIL image (see `to_rgb`) from a PIL image, a {'bytes'/'path'} dict or a path (see `image_source`); a
+    DataError naming `where` if it cannot be decoded."""
+    source = image_source(value, root, allow_outside, where)
+    try:
+        return to_rgb(source if isinstance(source, Image.Image) else Image.open(source))
+    except IMAGE_ERRORS as err:
+        raise DataError(f"{where}: not a readable image: {unreadable(err)}") from None
+
+
+def _entry_problem(value: Any, root: Path, allow_outside: bool, where: str) -> str | None:
+    """Why one image entry cannot be read, or None: its file (see `image_source`), then PIL's `verify`."""
+    try:
+        source = image_source(value, root, allow_outside, where)
+    except DataError as err:
+        return str(err)
+    if isinstance(source, Image.Image):
+        return None
+    try:
+        with Image.open(source) as image:
+            image.verify()
+    except IMAGE_ERRORS as err:
+        return f"{where} ({source if isinstance(source, Path) else 'embedded bytes'}) is not a readable image: " + \
+            unreadable(err)
+    return None
+
+
+def readable(check: Callable[[Any, dict], str | None], root: Path, allow_outside: bool
+             ) -> Callable[[Any, dict], str | None]:
+    """An image-list field check that, once `check` passes, also reads every entry's header (see `load_rows`)."""
+    def check_files(value: Any, record: dict) -> str | None:
+        problem = check(value, record)
+        if problem or not value:
+            return problem
+        found = [_entry_problem(entry, root, allow_outside, f"image {i + 1}") for i, entry in enumerate(value)]
+        return "; ".join(p for p in found if p) or None
+    return check_files
+
+
+def undecoded(records: datasets.Dataset) -> datasets.Dataset:
+    """The records with `datasets` Image columns giving {'bytes', 'path'} dicts instead of decoded PIL images."""
+    for name in IMAGE_FIELDS:
+        feature = records.features.get(name)
+        if isinstance(feature, (datasets.List, datasets.Sequence)) and isinstance(feature.feature, datasets.Image):
+            records = records.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    return records
+
+
+def load_rows(path: str | Path, schema: Schema, split: str = "train", allow_outside: bool = False
+              ) -> datasets.Dataset:
+    """Records of `path` checked up front against `schema` (`mmalign.data.validate`), their images included.
+
+    Each image entry of the schema's image fields must name a file inside the data's folder (unless
+    `allow_outside`), and pass PIL's `verify`: its header, and for PNG every chunk's checksum, read without decoding
+    the pixels, so start-up does not decode each image on top of the decoding training does. Damage `verify`
+    cannot see (a JPEG's entropy-coded data) is found when its row is loaded and stops the run with a DataError
+    naming the row. Images stay undecoded (`undecoded`) until then."""
+    records = undecoded(load_records(path, split))
+    root = data_root(path)
+    fields = tuple(dataclasses.replace(f, check=readable(f.check, root, allow_outside)) if f.name in IMAGE_FIELDS
+                   else f for f in schema.fields)
+    validate(records, dataclasses.replace(schema, fields=fields), source=str(path))
+    return records
 
 
 def is_conversational(record: dict) -> bool:
@@ -121,39 +286,46 @@ class VisionPairs(torch.utils.data.Dataset):
     """Validated TRL rows, each item tokenised: prompt ids (image tokens expanded), chosen/rejected ids, pixels."""
 
     def __init__(self, records: datasets.Dataset, processor, max_length: int | None = None, source: str = "data",
-                 root: Path | None = None, retrieved: bool = False):
+                 root: Path = Path("."), retrieved: bool = False, allow_outside: bool = False):
         self.records, self.processor, self.max_length = records, processor, max_length
-        self.source, self.root, self.retrieved = source, root, retrieved
+        self.source, self.root, self.retrieved, self.allow_outside = source, root, retrieved, allow_outside
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         if retrieved and "retrieved_images" not in records.column_names:
             raise DataError(f"{source}: the retrieved-image visual term needs a 'retrieved_images' field (rDPO's v')")
 
     @classmethod
     def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
-             retrieved: bool = False) -> "VisionPairs":
-        """Load and validate every row of `path` up front (fields, see `mmalign.data.load_preferences`, then lengths,
-        see `check_lengths`)."""
-        records = load_preferences(path, VISION_ROW, split)
-        root = Path(path).parent if Path(path).is_file() else Path(path)
-        pairs = cls(records, processor, max_length, str(path), root, retrieved)
-        pairs.check_lengths()
+             retrieved: bool = False, allow_outside: bool = False) -> "VisionPairs":
+        """Load and check every row of `path` up front: fields and images (see `load_rows`), then how each renders
+        and fits max_length (see `check_rows`)."""
+        records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split, allow_outside)
+        pairs = cls(records, processor, max_length, str(path), data_root(path), retrieved, allow_outside)
+        pairs.check_rows()
         return pairs
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _render(self, record: dict, index: int) -> tuple[str, ...]:
+        """`render`, its errors naming the row."""
+        try:
+            return render(record, self.processor)
+        except DataError as err:
+            raise DataError(f"{self.source}: record {index}: {err}") from None
+
     def _encode(self, text: str, images: list | None, index: int, field: str) -> tuple[list[int], torch.Tensor | None]:
         """(prompt ids with image tokens expanded, pixel values [n_images,3,H,W] or None) from one processor call."""
         try:
-            opened = [open_image(image, self.root) for image in images] if images else None
+            opened = [open_image(image, self.root, self.allow_outside, f"image {i + 1}")
+                      for i, image in enumerate(images)] if images else None
             out = self.processor(images=opened, text=text, add_special_tokens=False, return_tensors="pt")
-        except (OSError, KeyError, ValueError) as err:
+        except (KeyError, *IMAGE_ERRORS) as err:
             raise DataError(f"{self.source}: record {index}, field '{field}': {err}") from None
         return out["input_ids"][0].tolist(), out.get("pixel_values")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        prompt, chosen, rejected = render(record, self.processor)
+        prompt, chosen, rejected = self._render(record, index)
         prompt_ids, pixels = self._encode(prompt, record.get("images"), index, "images")
         tok = self.processor.tokenizer
         item = {"index": index, "prompt_ids": prompt_ids, "pixel_values": pixels}
@@ -175,39 +347,52 @@ class VisionPairs(torch.utils.data.Dataset):
             raise DataError(f"{self.source}: record {index}: {problem}")
         return completion if self.max_length is None else completion[:self.max_length - len(prompt_ids)]
 
-    def check_lengths(self) -> None:
-        """Check every row against max_length before training, from its text alone: each image placeholder counts as
-        the number of image tokens the first image expanded to (exact for fixed-resolution models like LLaVA 1.5).
-        Raises a DataError listing every row that would lose image tokens or a whole completion."""
-        if self.max_length is None or len(self) == 0:
-            return
+    def _tokens_per_image(self, counts: list[int]) -> int:
+        """The number of image tokens one image expands to, from the first row with an image (1 if none has one)."""
+        with_image = next((i for i, n in enumerate(counts) if n), None)
+        if with_image is None:
+            return 1
+        first = self.records[with_image]
+        ids = self._encode(self._render(first, with_image)[0], first["images"], with_image, "images")[0]
+        return ids.count(self.image_token_id) // counts[with_image]
+
+    def _fit_problem(self, prompt: str, completions: list[str], per_image: int) -> str | None:
+        """Why a rendered row cannot be cut to max_length (see `length_problem`), from its text alone."""
         tok = self.processor.tokenizer
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        images = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        length = len(ids) + len(images) * (per_image - 1)
+        last = images[-1] + len(images) * (per_image - 1) if images else None
+        for key, completion in zip(("chosen", "rejected"), completions):
+            completion_length = len(tok(completion, add_special_tokens=False)["input_ids"])
+            problem = length_problem(length, last, completion_length, self.max_length, key)
+            if problem:
+                return problem
+        return None
+
+    def check_rows(self) -> None:
+        """Check every row before training, from its text alone: it renders (a conversation through the chat template)
+        and, with max_length, fits: each image placeholder counts as the number of image tokens the first image
+        expanded to (exact for fixed-resolution models like LLaVA 1.5). Raises a DataError listing every row that
+        does not render, or would lose image tokens or a whole completion."""
         text = self.records.remove_columns([c for c in IMAGE_FIELDS if c in self.records.column_names]).to_list()
         counts = (pc.list_value_length(self.records.data.column("images")).fill_null(0).to_pylist()
                   if "images" in self.records.column_names else [0] * len(self))
-        per_image = 1
-        with_image = next((i for i, n in enumerate(counts) if n), None)
-        if with_image is not None:
-            first = self.records[with_image]
-            ids = self._encode(render(first, self.processor)[0], first["images"], with_image, "images")[0]
-            per_image = ids.count(self.image_token_id) // counts[with_image]
+        per_image = self._tokens_per_image(counts) if self.max_length is not None else 1
         problems = []
         for index, (record, n) in enumerate(zip(text, counts)):
-            prompt, *completions = render({**record, "images": [None] * n}, self.processor)
-            ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            images = [i for i, t in enumerate(ids) if t == self.image_token_id]
-            length = len(ids) + len(images) * (per_image - 1)
-            last = images[-1] + len(images) * (per_image - 1) if images else None
-            for key, completion in zip(("chosen", "rejected"), completions):
-                problem = length_problem(length, last, len(tok(completion, add_special_tokens=False)["input_ids"]),
-                                         self.max_length, key)
-                if problem:
-                    problems.append(f"  record {index}: {problem}")
-                    break
+            try:
+                prompt, *completions = render({**record, "images": [None] * n}, self.processor)
+            except DataError as err:
+                problems.append(f"  record {index}: {err}")
+                continue
+            problem = self._fit_problem(prompt, completions, per_image) if self.max_length is not None else None
+            if problem:
+                problems.append(f"  record {index}: {problem}")
         if problems:
             more = f"\n  ... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
-            raise DataError(f"{self.source}: {len(problems)} row(s) do not fit max_length {self.max_length}; nothing "
-                            "was trained\n" + "\n".join(problems[:MAX_REPORTED]) + more)
+            raise DataError(f"{self.source}: {len(problems)} row(s) cannot be trained on; nothing was trained\n"
+                            + "\n".join(problems[:MAX_REPORTED]) + more)
 
 
 def length_problem(prompt_length: int, last_image_position: int | None, completion_length: int,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mmalign import run_folder
 from mmalign.config import option
 from mmalign.stats import comparison_lines, mean_ci
 
@@ -36,7 +37,8 @@ class Config(dpo.Config):
     """Demo settings: mDPO defaults for the tiny model, the pair building and the evaluation."""
 
     model: str = option(str(ASSETS / "tiny-llava"), "the embedded tiny LLaVA")
-    data: str = option(None, "pairs to train on (default: built into OUTPUT/<builder>/train.parquet, reused if there)")
+    data: str = option(None, "pairs to train on (default: built into OUTPUT/<builder>/train.parquet, reused there on "
+                             "--resume)")
     output: Path = option(None, "run directory (default: runs/vision-demo-<date-time>)")
     builder: Literal["bdhs", "rdpo", "mia-dpo"] = option(
         "bdhs", "how the pairs are built: BDHS (image-blind answers), rDPO (answers given the most similar other image, "
@@ -57,8 +59,13 @@ class Config(dpo.Config):
     def __post_init__(self) -> None:
         if self.output is None:
             self.output = Path("runs") / time.strftime("vision-demo-%Y%m%d-%H%M%S")
-        self.data = self.data or str(Path(self.output) / self.builder / "train.parquet")
+        self.data = self.data or str(built_pairs(self))
         super().__post_init__()
+
+
+def built_pairs(config: Config) -> Path:
+    """Where the demo builds its pairs when no --data is given: OUTPUT/<builder>/train.parquet."""
+    return Path(config.output) / config.builder / "train.parquet"
 
 
 def build_pairs(model, processor, config: Config) -> dict:
@@ -96,22 +103,29 @@ def load_aligned(config: Config):
 
 
 def run(config: Config) -> dict:
-    """Evaluate the base model, build pairs (unless given), train, evaluate the aligned model; print and save."""
-    start = time.time()
-    model, processor = models.load(config.model)
-    held_out = qa_rows(config.eval_questions, seed=10_000)
-    base = correct(model, processor, held_out)
-    pairs = None if Path(config.data).is_file() else build_pairs(model, processor, config)
-    history = dpo.run(config)
-    aligned = correct(load_aligned(config), processor, held_out)
-    result = {"metric": "greedy QA accuracy on held-out world questions", "pairs": pairs,
-              "base": mean_ci(base), "aligned": mean_ci(aligned),
-              "gain": mean_ci([a - b for a, b in zip(aligned, base)]),
-              "by_kind": {"base": by_kind(held_out, base), "aligned": by_kind(held_out, aligned)},
-              "late_implicit_acc": sum(h["implicit_acc"] for h in history[-32:]) / len(history[-32:]),
-              "seconds": round(time.time() - start, 1)}
-    (Path(config.output) / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print(report(result, Path(config.output)))
+    """Evaluate the base model, build pairs (unless given), train, evaluate the aligned model; print and save.
+
+    The output folder is this run's for all of it (the pairs go into OUTPUT/<builder>/, the training into OUTPUT);
+    the model, and pairs given with --data, are checked before anything is evaluated or written."""
+    with run_folder.claim(config.output, resuming=config.resume is not None):
+        start = time.time()
+        model, processor = models.load(config.model)
+        build = Path(config.data) == built_pairs(config) and not Path(config.data).is_file()
+        if not build:
+            dpo.load_pairs(config, processor)
+        held_out = qa_rows(config.eval_questions, seed=10_000)
+        base = correct(model, processor, held_out)
+        pairs = build_pairs(model, processor, config) if build else None
+        history = dpo.run(config)
+        aligned = correct(load_aligned(config), processor, held_out)
+        result = {"metric": "greedy QA accuracy on held-out world questions", "pairs": pairs,
+                  "base": mean_ci(base), "aligned": mean_ci(aligned),
+                  "gain": mean_ci([a - b for a, b in zip(aligned, base)]),
+                  "by_kind": {"base": by_kind(held_out, base), "aligned": by_kind(held_out, aligned)},
+                  "late_implicit_acc": sum(h["implicit_acc"] for h in history[-32:]) / len(history[-32:]),
+                  "seconds": round(time.time() - start, 1)}
+        (Path(config.output) / "demo_result.json").write_text(json.dumps(result, indent=2))
+        print(report(result, Path(config.output)))
     return result
 
 

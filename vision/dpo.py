@@ -26,6 +26,7 @@ rejected_reward, logps_chosen, logps_rejected (with a token-level objective also
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,6 +57,8 @@ class Config(TrainConfig):
     model: str = option(None, "transformers LLaVA-style model folder or hub id (with its processor)")
     data: str = option(None, "TRL preference rows (prompt, chosen, rejected, images): .parquet/.jsonl, folder, hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
+    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
+                                              "their folder")
     max_length: int | None = option(None, "longest prompt+completion in tokens; completions are cut to fit, a prompt "
                                           "whose image tokens would be cut is an error naming the row")
     lora_rank: int = option(8, "LoRA rank of the language model's projections")
@@ -94,8 +97,11 @@ class Config(TrainConfig):
             raise ValueError("--model (a LLaVA-style model folder or hub id) is required")
         if not self.data:
             raise ValueError("--data (TRL preference rows with images) is required")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0 < self.beta < math.inf:
+            raise ValueError(f"beta must be a positive finite number, got {self.beta}")
+        if not 0 <= self.bdhs_keep_prob <= 1 or self.bdhs_max_new_tokens < 1:
+            raise ValueError(f"bdhs_keep_prob must be in [0, 1] and bdhs_max_new_tokens at least 1, got "
+                             f"{self.bdhs_keep_prob} and {self.bdhs_max_new_tokens}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
         if not self.full and self.lora_rank < 1:
@@ -236,9 +242,15 @@ def collate_for(processor, config: Config):
     return functools.partial(collate_pairs, pad_token_id=pad, visual=config.visual_term != "none")
 
 
-def prepare(config: Config, trainer: Trainer):
-    """(policy, processor, parts): the model loaded and placed, its LoRA (or trainable full weights) and reference."""
-    model, processor = models.load(config.model, torch.float32 if config.full else trainer.weight_dtype)
+def load_pairs(config: Config, processor) -> VisionPairs:
+    """The run's preference rows, each checked up front (fields, images, rendering, lengths; `VisionPairs.load`)."""
+    return VisionPairs.load(config.data, processor, config.max_length, config.split,
+                            retrieved=config.visual_term == "retrieved", allow_outside=config.allow_outside_paths)
+
+
+def prepare(config: Config, trainer: Trainer, processor):
+    """(policy, parts): the model loaded and placed, its LoRA (or trainable full weights) and reference."""
+    model = models.load_model(config.model, torch.float32 if config.full else trainer.weight_dtype)
     model.requires_grad_(False).to(trainer.device)
     if config.full:
         for name, param in model.named_parameters():
@@ -249,7 +261,7 @@ def prepare(config: Config, trainer: Trainer):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     reference = FrozenCopy(model, dtype=trainer.weight_dtype, device=trainer.device) if config.full else AdapterDisabled()
-    return model, processor, Parts(reference, config, models.vision_is_frozen(model), processor)
+    return model, Parts(reference, config, models.vision_is_frozen(model), processor)
 
 
 def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: Trainer) -> CachedScores:
@@ -272,13 +284,17 @@ def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: 
 
 
 def run(config: Config) -> list[dict[str, float]]:
-    """`mmalign vision dpo`: train into config.output; writes the adapter (or model), processor and curves."""
+    """`mmalign vision dpo`: train into config.output; writes the adapter (or model), processor and curves.
+
+    The model (its config and processor) and every row of the data are checked before the weights are loaded, and
+    the run folder is begun only after that."""
     trainer = Trainer(config)
-    model, processor, parts = prepare(config, trainer)
-    pairs = VisionPairs.load(config.data, processor, config.max_length, config.split,
-                             retrieved=config.visual_term == "retrieved")
+    processor = models.load_processor(config.model)
+    pairs = load_pairs(config, processor)
     trainer.accelerator.print(f"{len(pairs)} preference rows from {config.data}")
+    model, parts = prepare(config, trainer, processor)
     collate = collate_for(processor, config)
+    trainer.begin()
     if config.reference == "cached":
         parts.reference = cached_reference(parts, model, pairs, collate, trainer)
     history = trainer.fit(model, pairs, collate, functools.partial(dpo_step, parts=parts),

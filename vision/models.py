@@ -1,4 +1,9 @@
-"""Loading an image-text-to-text model with its processor, attaching a LoRA to its language model, saving the result."""
+"""Loading an image-text-to-text model with its processor, attaching a LoRA to its language model, saving the result.
+
+A `--model` is checked from its config and processor (`load_processor`, cheap) before its data and weights are
+read: a missing folder, a file, a folder that holds no such model, a family whose positions the scoring does not
+reproduce, or a processor without an image token is a ConfigError naming the model.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,66 @@ from pathlib import Path
 
 import torch
 
+from mmalign.errors import ConfigError
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 VISION_PARTS = ("vision_tower", "multi_modal_projector")
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
+LOAD_ERRORS = (OSError, ValueError)
+"""What transformers raises for a folder or hub id it cannot read (missing files, bad JSON, unknown model type)."""
+
+
+def _from_pretrained(loader, model: str | Path, what: str, **kwargs):
+    """`loader.from_pretrained(model)`; a ConfigError naming the model when it cannot be read."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        raise ConfigError(f"--model {model} is a file; it takes a transformers model folder or hub id")
+    if not path.exists() and str(model).startswith(("/", ".", "~")):
+        raise ConfigError(f"--model {model}: no such folder")
+    try:
+        return loader.from_pretrained(str(path) if path.exists() else str(model), **kwargs)
+    except LOAD_ERRORS as err:
+        raise ConfigError(f"--model {model}: its {what} cannot be loaded; a transformers image-text-to-text folder or "
+                          f"reachable hub id is needed ({str(err).strip().splitlines()[0]})") from None
+
+
+def load_processor(model: str | Path):
+    """The model's processor, after checking from its config alone that it is an image-text-to-text model this
+    package can score (not M-RoPE) and that its processor has an image token."""
+    from transformers import AutoConfig, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    config = _from_pretrained(AutoConfig, model, "config")
+    if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        raise ConfigError(f"--model {model}: a {config.model_type!r} model is not an image-text-to-text model; a "
+                          "LLaVA-style model (vision tower + language model) is needed")
+    text = config.get_text_config()
+    ropes = [getattr(text, name, None) or {} for name in ("rope_scaling", "rope_parameters")]
+    if config.model_type in MROPE_FAMILIES or any("mrope_section" in rope for rope in ropes):
+        raise ConfigError(f"--model {model}: {config.model_type} places tokens with multi-axis rotary positions "
+                          "(M-RoPE, Qwen2-VL style), which the shared-prompt scoring does not reproduce yet")
+    processor = _from_pretrained(AutoProcessor, model, "processor")
+    if getattr(processor, "image_token", None) is None:
+        raise ConfigError(f"--model {model}: its processor ({type(processor).__name__}) has no image token; a "
+                          "LLaVA-style processor is needed")
+    return processor
+
+
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32):
+    """The model's weights (AutoModelForImageTextToText); checked with `load_processor` first."""
+    from transformers import AutoModelForImageTextToText
+
+    loaded = _from_pretrained(AutoModelForImageTextToText, model, "weights", dtype=dtype)
+    if not hasattr(loaded, "get_image_features"):
+        raise ConfigError(f"--model {model}: {type(loaded).__name__} has no get_image_features; a LLaVA-style model "
+                          "(vision tower + language model) is needed")
+    return loaded
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, processor) from a folder or hub id: AutoModelForImageTextToText and AutoProcessor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    if not Path(model).exists() and str(model).startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"--model {model}: no such folder")
-    try:
-        processor = AutoProcessor.from_pretrained(str(model))
-        loaded = AutoModelForImageTextToText.from_pretrained(str(model), dtype=dtype)
-    except OSError as err:
-        raise FileNotFoundError(f"--model {model}: not a transformers image-text-to-text folder or reachable hub id "
-                                f"({err})") from err
-    if not hasattr(loaded, "get_image_features") or getattr(processor, "image_token", None) is None:
-        raise ValueError(f"--model {model}: {type(loaded).__name__} has no get_image_features/image token; a "
-                         "LLaVA-style model (vision tower + language model) is needed")
-    text = loaded.config.get_text_config()
-    ropes = [getattr(text, name, None) or {} for name in ("rope_scaling", "rope_parameters")]
-    if loaded.config.model_type in MROPE_FAMILIES or any("mrope_section" in rope for rope in ropes):
-        raise ValueError(f"--model {model}: {type(loaded).__name__} places tokens with multi-axis rotary positions "
-                         "(M-RoPE, Qwen2-VL style), which the shared-prompt scoring does not reproduce yet")
-    return loaded, processor
+    """(model, processor) from a folder or hub id, checked (`load_processor`) before the weights are read."""
+    processor = load_processor(model)
+    return load_model(model, dtype), processor
 
 
 def add_lora(model, rank: int, alpha: int | None, targets: tuple[str, ...]):
@@ -40,7 +79,11 @@ def add_lora(model, rank: int, alpha: int | None, targets: tuple[str, ...]):
     from peft import LoraConfig, get_peft_model
 
     pattern = rf".*language_model.*\.({'|'.join(targets)})"
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=pattern, lora_dropout=0.0))
+    try:
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=pattern,
+                                                lora_dropout=0.0))
+    except ValueError as err:  # peft: no module of the language model matches the targets
+        raise ConfigError(f"--lora-targets {' '.join(targets)}: {err}") from None
 
 
 def vision_is_frozen(model) -> bool:

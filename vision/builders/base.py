@@ -6,10 +6,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+from PIL import Image
+
 from mmalign.config import option
+from mmalign.data import Schema
 from mmalign.files import write_atomically
 
-from ..data import write_rows
+from ..data import data_root, load_rows, open_image, write_rows
 
 
 @dataclass
@@ -20,6 +24,8 @@ class BuilderConfig:
     data: str = option(None, "source rows: .parquet/.jsonl, a dataset folder or hub id")
     output: Path = option(None, "folder for train.parquet and report.json")
     split: str = option("train", "split to read from a dataset folder or hub id")
+    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
+                                              "their folder")
 
     def __post_init__(self) -> None:
         if not self.model or not self.data or self.output is None:
@@ -29,8 +35,16 @@ class BuilderConfig:
     @property
     def root(self) -> Path:
         """The folder that image paths in the source rows are relative to."""
-        data = Path(self.data)
-        return data.parent if data.is_file() else data
+        return data_root(self.data)
+
+    def rows(self, schema: Schema) -> datasets.Dataset:
+        """The source rows, every one checked up front against `schema`, images included (`vision.data.load_rows`)."""
+        return load_rows(self.data, schema, self.split, self.allow_outside_paths)
+
+    def image(self, value, where: str = "image") -> Image.Image:
+        """An RGB image from a source row's entry, a path read inside the data's folder (`vision.data.open_image`);
+        errors name the data file and `where` (e.g. 'record 3, image 1')."""
+        return open_image(value, self.root, self.allow_outside_paths, f"{self.data}: {where}")
 
     def write(self, rows: list[dict], report: dict) -> dict:
         """train.parquet (TRL rows) and report.json into `output`, each written atomically; prints the report

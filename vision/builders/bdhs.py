@@ -21,20 +21,19 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from mmalign.config import option
-from mmalign.data import PAIR, Field, Schema, load_preferences, text_or_messages
+from mmalign.data import DataError, Field, Schema
 
 from .. import models
-from ..data import _image_entries, open_image, render_prompt
+from ..data import _image_entries, completion_field, images_match, message_text, prompt_field, render_prompt
 from .base import BuilderConfig
 
 SOURCE_ROW = Schema("BDHS source row (prompt, chosen, images)", (
-    *[f for f in PAIR.fields if f.name != "rejected"], Field("chosen", text_or_messages), Field("images", _image_entries)))
+    Field("prompt", prompt_field), Field("chosen", completion_field), Field("images", _image_entries)), (images_match,))
 
 
 @dataclass
@@ -53,8 +52,9 @@ class Config(BuilderConfig):
         super().__post_init__()
         if not 0 <= self.keep_prob <= 1:
             raise ValueError(f"keep_prob must be in [0, 1], got {self.keep_prob}")
-        if self.max_resamples < 0 or self.temperature <= 0:
-            raise ValueError("max_resamples must not be negative and temperature must be positive")
+        if self.max_resamples < 0 or not self.temperature > 0 or self.max_new_tokens < 1:
+            raise ValueError("max_resamples must not be negative, temperature must be positive and max_new_tokens at "
+                             "least 1")
 
 
 def image_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int, keep_prob: float,
@@ -113,15 +113,17 @@ def guided_rejected(model, processor, prompt: str, chosen: str, images: list, co
     return rejected + (f" {eos}" if body is not chosen else "")
 
 
-def build_rows(model, processor, rows: list[dict], config: Config, similarity: Callable[[str, str], float] = bow_cosine,
-               root: Path | None = None) -> tuple[list[dict], dict]:
-    """(TRL rows with BDHS rejected responses, report) for source rows {prompt, chosen, images}."""
+def build_rows(model, processor, rows: list[dict], config: Config, similarity: Callable[[str, str], float] = bow_cosine
+               ) -> tuple[list[dict], dict]:
+    """(TRL rows with BDHS rejected responses, report) for source rows {prompt, chosen, images}; image paths are read
+    inside config.root (see `BuilderConfig.image`)."""
     generator = torch.Generator().manual_seed(config.seed)
     built, dropped, draws, examples = [], 0, 0, []
     for index, row in enumerate(rows):
-        images = [open_image(image, config.root) for image in row.get("images") or []]
+        images = [config.image(image, f"record {index}, image {i + 1}")
+                  for i, image in enumerate(row.get("images") or [])]
         prompt, chosen = render_prompt(row, processor), row["chosen"]
-        chosen_text = chosen if isinstance(chosen, str) else chosen[-1]["content"]
+        chosen_text = chosen if isinstance(chosen, str) else message_text(chosen[-1])
         for _ in range(config.max_resamples + 1):
             draws += 1
             rejected = guided_rejected(model, processor, prompt, chosen_text, images, config, generator)
@@ -144,10 +146,10 @@ def build_rows(model, processor, rows: list[dict], config: Config, similarity: C
 
 def run(config: Config) -> dict:
     """`mmalign vision bdhs`: build pairs from `data` with `model`; write train.parquet and report.json."""
+    records = config.rows(SOURCE_ROW)
     model, processor = models.load(config.model)
-    records = load_preferences(config.data, SOURCE_ROW, config.split)
-    rows, report = build_rows(model.eval(), processor, [records[i] for i in range(len(records))], config,
-                              root=config.root)
+    rows, report = build_rows(model.eval(), processor, [records[i] for i in range(len(records))], config)
     if not rows:
-        raise ValueError(f"{config.data}: every row's rejected response stayed too similar to the chosen one")
+        raise DataError(f"{config.data}: every row's rejected response stayed too similar to the chosen one; nothing "
+                        "was written (raise --threshold or --max-resamples)")
     return config.write(rows, report)

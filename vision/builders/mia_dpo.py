@@ -23,10 +23,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from mmalign.config import option
-from mmalign.data import Field, Schema, load_preferences, text
+from mmalign.data import DataError, Field, Schema, text
 
 from .. import models
-from ..data import _image_entries, open_image
+from ..data import _image_entries, one_image
 from .base import BuilderConfig
 
 THRESHOLDS = {
@@ -196,16 +196,18 @@ class Config(BuilderConfig):
 
 
 QA_ROW = Schema("single-image QA row (question, answer, images)",
-                (Field("question", text), Field("answer", text), Field("images", _image_entries)))
+                (Field("question", text), Field("answer", text), Field("images", _image_entries)), (one_image,))
 
 
 def run(config: Config) -> dict:
     """`mmalign vision mia-dpo`: compose, answer, select; write train.parquet and report.json."""
+    records = config.rows(QA_ROW)
     model, processor = models.load(config.model)
-    records = load_preferences(config.data, QA_ROW, config.split)
-    qa = [{"image": open_image(r["images"][0], config.root), "question": r["question"], "answer": r["answer"]} for r in records]
+    qa = [{"image": config.image(r["images"][0], f"record {i}, image 1"), "question": r["question"],
+           "answer": r["answer"]} for i, r in enumerate(records)]
     rows, report = build_rows(model.eval(), processor, qa, config.layout, config.count, config.seed,
                               config.max_confidence, config.template)
     if not rows:
-        raise ValueError(f"{config.data}: no composed prompt was answered wrong with low attention to its target")
+        raise DataError(f"{config.data}: no composed prompt of {config.count} rows was answered wrong with low "
+                        "attention to its target; nothing was written")
     return config.write(rows, report)

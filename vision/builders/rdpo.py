@@ -18,12 +18,15 @@ from typing import Callable
 import torch
 
 from mmalign.config import option
-from mmalign.data import load_preferences
+from mmalign.data import DataError, Field, Schema, text
 
 from .. import models
-from ..data import open_image
+from ..data import _image_entries, images_match, one_image
 from .base import BuilderConfig
-from .bdhs import SOURCE_ROW, bow_cosine
+from .bdhs import bow_cosine
+
+SOURCE_ROW = Schema("rDPO source row (plain-text prompt and chosen, one image)", (
+    Field("prompt", text), Field("chosen", text), Field("images", _image_entries)), (images_match, one_image))
 
 
 class RetrievalIndex:
@@ -100,13 +103,12 @@ def run(config: Config) -> dict:
     """`mmalign vision rdpo`: retrieve v', refill the masked words, keep dissimilar rejects; write rows and a report."""
     from ..world import COLOURS, COUNTS, SHAPES
 
+    records = config.rows(SOURCE_ROW)
     model, processor = models.load(config.model)
-    records = load_preferences(config.data, SOURCE_ROW, config.split)
-    rows = [{**r, "images": [open_image(image, config.root) for image in r["images"]]} for r in records]
-    if any(len(r["images"]) != 1 for r in rows):
-        raise ValueError(f"{config.data}: rDPO rows hold exactly one image each")
+    rows = [{**r, "images": [config.image(r["images"][0], f"record {i}, image 1")]} for i, r in enumerate(records)]
     vocabulary = set(config.vocabulary) or {*COLOURS, *SHAPES, *COUNTS}
     built, report = build_rows(model.eval(), processor, rows, vocabulary, threshold=config.threshold)
     if not built:
-        raise ValueError(f"{config.data}: no rejected response differed enough from its chosen one")
+        raise DataError(f"{config.data}: no rejected response differed enough from its chosen one; nothing was written "
+                        "(check --vocabulary names words of the chosen responses, or raise --threshold)")
     return config.write(built, report)
