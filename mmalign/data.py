@@ -99,8 +99,9 @@ def resolve_path(value: str | Path, root: Path, allow_outside: bool = False, whe
         inside = not path.is_absolute() and (resolved.resolve() == root.resolve()
                                              or root.resolve() in resolved.resolve().parents)
         if not inside:
-            raise DataError(f"{where}: {str(value)!r} is {'an absolute path' if path.is_absolute() else 'outside'} "
-                            f"the data folder {root}; data files name their images relative to their folder "
+            kind = "an absolute path, not one inside" if path.is_absolute() else "outside"
+            raise DataError(f"{where}: {str(value)!r} is {kind} the data folder {root}; data files name their images "
+                            "relative to their folder "
                             "(pass --allow-outside-paths to read it anyway)")
     return resolved
 

@@ -149,8 +149,6 @@ def test_vision_dpo_refuses_malformed_input(refused, tiny_dir, data_dir, spec, f
     assert "\n\n" not in err.strip()  # one paragraph
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="mmalign.run_folder.acquire leaves its lock file in a non-empty folder it refuses")
 def test_a_folder_holding_other_files_is_left_as_it_was(refused, tiny_dir, data_dir):
     out = data_dir.parent / "run"
     out.mkdir()
