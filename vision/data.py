@@ -41,7 +41,7 @@ HIGH_BIT_DEPTH = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 """PIL's modes of 16-bit (and 32-bit integer) grey images, e.g. a 16-bit PNG."""
 
 
-def _image_entries(value: Any, record: dict) -> str | None:
+def image_entries(value: Any, record: dict) -> str | None:
     """None, or a list of PIL images, {'bytes'/'path'} dicts or path strings."""
     if value is None:
         return None
@@ -54,9 +54,9 @@ def _image_entries(value: Any, record: dict) -> str | None:
 
 
 def _retrieved_entries(value: Any, record: dict) -> str | None:
-    """rDPO's v' when the visual term needs it: a list of images (see `_image_entries`)."""
+    """rDPO's v' when the visual term needs it: a list of images (see `image_entries`)."""
     return "is missing (the retrieved visual term needs v' for every row)" if value is None else \
-        _image_entries(value, record)
+        image_entries(value, record)
 
 
 def message_text(message: dict) -> str:
@@ -129,7 +129,7 @@ def one_image(record: dict) -> list[tuple[str, str]]:
 
 VISION_ROW = Schema("TRL vision preference row", (
     Field("prompt", prompt_field), Field("chosen", completion_field), Field("rejected", completion_field),
-    Field("images", _image_entries), Field("retrieved_images", _image_entries, required=False)), (images_match,))
+    Field("images", image_entries), Field("retrieved_images", image_entries, required=False)), (images_match,))
 RETRIEVED_ROW = dataclasses.replace(VISION_ROW, name="TRL vision preference row with retrieved images", fields=(
     *VISION_ROW.fields[:-1], Field("retrieved_images", _retrieved_entries)))
 """A row for the retrieved visual term (rDPO): every row has its v'."""
@@ -409,9 +409,16 @@ def length_problem(prompt_length: int, last_image_position: int | None, completi
     return None
 
 
+CHOSEN, REJECTED, VISUAL = 0, 1, 2
+"""The row kinds of a batch of B pairs, in blocks of B rows each (row kind * B + i belongs to pair i): prompt+chosen,
+prompt+rejected, and with a visual term prompt+chosen shown the other images v'. Scores come back as [B, k] with
+one column per kind, in this order. CHOSEN and REJECTED rows show the same prompt and images."""
+SHARED_PROMPT_KINDS = 2  # the kinds that share a prompt, images included: CHOSEN and REJECTED
+
+
 def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) -> dict[str, torch.Tensor]:
     """Batch of B pairs as R = 2B rows [prompt+chosen; prompt+rejected], plus with `visual` B rows of prompt+chosen
-    shown the other images v', right-padded.
+    shown the other images v' (the row kinds CHOSEN, REJECTED, VISUAL), right-padded.
 
     The pairs' images are stacked once in `pixel_values`; `image_order` lists, row by row, which image each row's
     image tokens take (v' rows take index N + i, i.e. images appended after the N real ones: the retrieved images,

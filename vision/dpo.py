@@ -37,13 +37,13 @@ from torchvision.transforms.v2 import functional as TF
 
 from mmalign.config import option
 from mmalign.files import write_atomically
-from mmalign.objectives import PAIRWISE_KINDS, preference_loss
+from mmalign.objectives import PAIRWISE_KINDS, preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
 from mmalign.reference import AdapterDisabled, CachedScores, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
 from . import models, online, token_level
-from .data import VisionPairs, collate_pairs
+from .data import CHOSEN, REJECTED, VISUAL, VisionPairs, collate_pairs
 from .scoring import image_features, sequence_scores, token_log_probs
 
 LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
@@ -88,6 +88,8 @@ class Config(TrainConfig):
                                       "cut point); the data's rejected responses are then not used")
     bdhs_keep_prob: float = option(0.01, "online BDHS: probability that an image token stays visible")
     bdhs_max_new_tokens: int = option(32, "online BDHS: longest sampled continuation")
+    bdhs_threshold: float = option(0.97, "online BDHS: a sample whose bag-of-words cosine with the chosen response "
+                                          "reaches this is drawn again (up to 5 times)")
     gradient_checkpointing: bool = option(False, "trade compute for memory in the language model")
     learning_rate: float = option(1e-5, "peak learning rate")
 
@@ -99,6 +101,8 @@ class Config(TrainConfig):
             raise ValueError("--data (TRL preference rows with images) is required")
         if not 0 < self.beta < math.inf:
             raise ValueError(f"beta must be a positive finite number, got {self.beta}")
+        if not 0 <= self.bdhs_threshold <= 1:
+            raise ValueError(f"bdhs_threshold must be in [0, 1], got {self.bdhs_threshold}")
         if not 0 <= self.bdhs_keep_prob <= 1 or self.bdhs_max_new_tokens < 1:
             raise ValueError(f"bdhs_keep_prob must be in [0, 1] and bdhs_max_new_tokens at least 1, got "
                              f"{self.bdhs_keep_prob} and {self.bdhs_max_new_tokens}")
@@ -143,25 +147,22 @@ def vision_dpo_loss(policy: torch.Tensor, ref: torch.Tensor, lengths: torch.Tens
     """Per-pair loss [B] = w_d preference_loss(r_w, r_l) + w_v (-log s(beta (r_w - r'_w))) + w_a (-log s(beta r_w)) from
     scores [B, k] (columns chosen, rejected[, chosen under v']) and completion lengths [B, k]; plus metrics. A given
     `pairwise` [B] (a token-level objective) takes the place of preference_loss."""
-    logratio = policy - ref.detach().to(policy.dtype)
-    chosen, rejected = logratio[:, 0], logratio[:, 1]
+    logratio = policy - ref.detach().to(policy.dtype)  # [B, k]
+    chosen, rejected = logratio[:, CHOSEN], logratio[:, REJECTED]
     if config.loss == "ipo":  # TRL's IPO: per-token averages
-        chosen, rejected = chosen / lengths[:, 0].clamp(min=1), rejected / lengths[:, 1].clamp(min=1)
+        chosen, rejected = chosen / lengths[:, CHOSEN].clamp(min=1), rejected / lengths[:, REJECTED].clamp(min=1)
     dpo = pairwise if pairwise is not None else preference_loss(
         chosen, rejected, kind=config.loss, beta=config.beta, label_smoothing=config.label_smoothing)
-    inside = config.beta * (logratio[:, 0] - logratio[:, 1]).detach()
     metrics = {"dpo_loss": dpo.detach().mean(),
-               "implicit_acc": ((inside > 0).float() + 0.5 * (inside == 0).float()).mean(),
-               "reward_margin": inside.mean(), "chosen_reward": config.beta * logratio[:, 0].detach().mean(),
-               "rejected_reward": config.beta * logratio[:, 1].detach().mean(),
-               "logps_chosen": policy[:, 0].detach().mean(), "logps_rejected": policy[:, 1].detach().mean()}
+               **preference_metrics(logratio[:, CHOSEN], logratio[:, REJECTED], config.beta),
+               "logps_chosen": policy[:, CHOSEN].detach().mean(), "logps_rejected": policy[:, REJECTED].detach().mean()}
     loss = config.dpo_weight * dpo
     if config.visual_term != "none":
-        visual = -F.logsigmoid(config.beta * (logratio[:, 0] - logratio[:, 2]))
+        visual = -F.logsigmoid(config.beta * (logratio[:, CHOSEN] - logratio[:, VISUAL]))
         loss = loss + config.visual_weight * visual
         metrics["visual_loss"] = visual.detach().mean()
     if config.anchor_weight > 0:
-        anchor = -F.logsigmoid(config.beta * logratio[:, 0])
+        anchor = -F.logsigmoid(config.beta * logratio[:, CHOSEN])
         loss = loss + config.anchor_weight * anchor
         metrics["anchor_loss"] = anchor.detach().mean()
     return loss, metrics
@@ -198,7 +199,7 @@ def dpo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: Pa
     c = parts.config
     if c.online_bdhs:
         batch = online.online_rejected(model, batch, generator, parts.processor, c.bdhs_keep_prob,
-                                       c.bdhs_max_new_tokens, c.max_length)
+                                       c.bdhs_max_new_tokens, c.max_length, c.bdhs_threshold)
     batch = with_visual_images(batch, generator, c)
     features = None
     if parts.share_features:
@@ -223,15 +224,15 @@ def token_step(model, batch: dict[str, Any], features, parts: Parts) -> tuple[to
     kl = token_level.token_kl(ref_log_dist, log_dist) * mask
     rows = lambda x: x.sum(1).view(-1, pairs).T  # noqa: E731 - [R, T] -> [B, k]
     if c.token_objective == "tdpo":
-        pairwise = token_level.tdpo_loss(rows(ratio)[:, 0], rows(ratio)[:, 1], rows(kl)[:, 0], rows(kl)[:, 1],
-                                         c.beta, c.token_alpha)
+        pairwise = token_level.tdpo_loss(rows(ratio)[:, CHOSEN], rows(ratio)[:, REJECTED], rows(kl)[:, CHOSEN],
+                                         rows(kl)[:, REJECTED], c.beta, c.token_alpha)
     else:
         diff = token_level.differing_tokens(batch["input_ids"][:, -logps.shape[1]:], mask, pairs)
-        pairwise = token_level.rrpo_loss(rows(ratio * diff)[:, 0], rows(ratio * diff)[:, 1], rows(kl)[:, 0], c.beta,
-                                         c.token_alpha)
+        pairwise = token_level.rrpo_loss(rows(ratio * diff)[:, CHOSEN], rows(ratio * diff)[:, REJECTED],
+                                         rows(kl)[:, CHOSEN], c.beta, c.token_alpha)
     losses, metrics = vision_dpo_loss(rows(logps * mask), rows(ref_logps * mask), batch["completion_lengths"], c,
                                       pairwise=pairwise)
-    metrics["kl_chosen"] = rows(kl)[:, 0].detach().mean()
+    metrics["kl_chosen"] = rows(kl)[:, CHOSEN].detach().mean()
     return losses.mean(), metrics
 
 

@@ -6,6 +6,7 @@ import torch
 
 from mmalign.stats import mean_ci
 
+from .data import CHOSEN, REJECTED
 from .world import COLOURS, COUNTS, SHAPES, prompt_text
 
 CHOICES = (tuple(COLOURS), (*SHAPES, "nothing"), COUNTS)
@@ -62,5 +63,5 @@ def preference_accuracy(model, pairs, batch_size: int = 64) -> dict[str, float]:
     for start in range(0, len(pairs), batch_size):
         batch = collate_pairs([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))], pad)
         scores = sequence_scores(model, {k: v.to(device) for k, v in batch.items()})
-        wins += (scores[:, 0] > scores[:, 1]).float().tolist()
+        wins += (scores[:, CHOSEN] > scores[:, REJECTED]).float().tolist()
     return mean_ci(wins)

@@ -16,7 +16,7 @@ import torch
 from mmalign.reference import unwrap
 
 from .builders.bdhs import bow_cosine, image_attention_mask
-from .data import collate_pairs
+from .data import VISUAL, collate_pairs
 
 
 def split_rows(batch: dict[str, Any], pairs: int) -> list[dict[str, Any]]:
@@ -71,7 +71,7 @@ def online_rejected(model, batch: dict[str, Any], generator: torch.Generator, pr
             rejected = rejected[:max(1, max_length - len(item["prompt_ids"]))]
         item.update(index=int(batch["index"][i]), rejected_ids=rejected, pixel_values=None)
     model.train(model_was_training)
-    visual = batch["input_ids"].shape[0] == 3 * pairs
+    visual = batch["input_ids"].shape[0] == (VISUAL + 1) * pairs
     rebuilt = collate_pairs(items, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, visual)
     keep = {k: batch[k] for k in ("pixel_values", "retrieved_pixel_values", "image_order", "image_counts") if k in batch}
     return {**rebuilt, **keep}

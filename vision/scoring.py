@@ -16,6 +16,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmalign.reference import unwrap
 
+from .data import SHARED_PROMPT_KINDS
+
 
 def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
     """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call (on the
@@ -61,13 +63,14 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     if model.training and getattr(unwrap(model), "is_gradient_checkpointing", False):
         logps, mask, _ = token_log_probs(model, batch, features)
         return (logps * mask).sum(1).view(-1, batch["index"].shape[0]).T
-    input_ids, mask = batch["input_ids"], batch["completion_mask"]
+    input_ids, mask = batch["input_ids"], batch["completion_mask"]  # [R, L], R = k * B rows (kinds in blocks of B)
     rows, pairs = input_ids.shape[0], batch["index"].shape[0]
-    starts = mask.float().argmax(1)  # each row's prompt length
-    lengths = mask.sum(1)
+    starts = mask.float().argmax(1)  # [R] each row's prompt length
+    lengths = mask.sum(1)  # [R] completion lengths
     row = torch.arange(rows, device=input_ids.device)
-    group = row % pairs + pairs * (row >= 2 * pairs)  # chosen and rejected share prompt i; v' rows have their own
-    leaders = torch.cat([row[:pairs], row[2 * pairs:]])  # the first row of each prompt group
+    shared = SHARED_PROMPT_KINDS * pairs  # rows of the kinds that share pair i's prompt
+    group = torch.where(row < shared, row % pairs, row - shared + pairs)  # [R] prompt group of each row
+    leaders = torch.cat([row[:pairs], row[shared:]])  # [G] the first row of each prompt group
     width, span = int(starts.max()), int(lengths.max())
     prompt_ids = input_ids.new_zeros((len(leaders), width))
     prompt_mask = torch.zeros_like(prompt_ids)
@@ -79,11 +82,12 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
         per_row = batch["image_order"].split(_images_per_row(batch, rows))
         encoded = {"image": BaseModelOutputWithPooling(
             pooler_output=[features[i] for r in leaders.tolist() for i in per_row[r].tolist()])}
+    # [G, width] prompts, left-padded, run once each; their cache is then copied to every row of their group
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
                 mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_select_indices(group)
-    completion = input_ids.new_zeros((rows, span))
+    completion = input_ids.new_zeros((rows, span))  # [R, span] completions, right-padded
     completion_mask = torch.zeros_like(completion)
     for r in range(rows):
         n, s0 = int(lengths[r]), int(starts[r])
@@ -93,8 +97,8 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
                    position_ids=positions, cache=cache, use_cache=False).logits
     first = torch.log_softmax(out.logits[group, -1].float(), -1).gather(-1, completion[:, :1]).squeeze(-1)
     rest = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, completion[:, 1:, None]).squeeze(-1)
-    scores = first + (rest * completion_mask[:, 1:]).sum(1)
-    return scores.view(-1, pairs).T
+    scores = first + (rest * completion_mask[:, 1:]).sum(1)  # [R]
+    return scores.view(-1, pairs).T  # [B, k], one column per row kind
 
 
 def _images_per_row(batch: dict[str, Any], rows: int) -> list[int]:

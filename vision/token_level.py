@@ -16,6 +16,8 @@ import difflib
 import torch
 import torch.nn.functional as F
 
+from .data import CHOSEN, REJECTED
+
 
 def token_kl(ref_log_dist: torch.Tensor, log_dist: torch.Tensor) -> torch.Tensor:
     """KL(pi_ref || pi_theta) at each position: sum_v p_ref(v) (log p_ref(v) - log p_theta(v)), [R, T, V] -> [R, T]."""
@@ -23,11 +25,11 @@ def token_kl(ref_log_dist: torch.Tensor, log_dist: torch.Tensor) -> torch.Tensor
 
 
 def differing_tokens(targets: torch.Tensor, mask: torch.Tensor, pairs: int) -> torch.Tensor:
-    """[R, T] marks of the completion tokens outside the longest matching blocks of each chosen row i and rejected row
-    pairs + i (difflib.SequenceMatcher over their token ids); other rows are unmarked."""
+    """[R, T] marks of the completion tokens outside the longest matching blocks of each chosen row and its rejected
+    row (difflib.SequenceMatcher over their token ids; row layout: `data.CHOSEN`); other rows are unmarked."""
     marks = torch.zeros_like(mask, dtype=torch.bool)
     for i in range(pairs):
-        rows = (i, pairs + i)
+        rows = (CHOSEN * pairs + i, REJECTED * pairs + i)
         positions = [mask[r].nonzero().flatten() for r in rows]
         tokens = [targets[r, p].tolist() for r, p in zip(rows, positions)]
         matcher = difflib.SequenceMatcher(a=tokens[0], b=tokens[1], autojunk=False)

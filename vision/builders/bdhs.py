@@ -29,11 +29,11 @@ from mmalign.config import option
 from mmalign.data import DataError, Field, Schema
 
 from .. import models
-from ..data import _image_entries, completion_field, images_match, message_text, prompt_field, render_prompt
+from ..data import image_entries, completion_field, images_match, message_text, prompt_field, render_prompt
 from .base import BuilderConfig
 
 SOURCE_ROW = Schema("BDHS source row (prompt, chosen, images)", (
-    Field("prompt", prompt_field), Field("chosen", completion_field), Field("images", _image_entries)), (images_match,))
+    Field("prompt", prompt_field), Field("chosen", completion_field), Field("images", image_entries)), (images_match,))
 
 
 @dataclass

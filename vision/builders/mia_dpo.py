@@ -26,7 +26,7 @@ from mmalign.config import option
 from mmalign.data import DataError, Field, Schema, text
 
 from .. import models
-from ..data import _image_entries, one_image
+from ..data import image_entries, one_image
 from .base import BuilderConfig
 
 THRESHOLDS = {
@@ -196,7 +196,7 @@ class Config(BuilderConfig):
 
 
 QA_ROW = Schema("single-image QA row (question, answer, images)",
-                (Field("question", text), Field("answer", text), Field("images", _image_entries)), (one_image,))
+                (Field("question", text), Field("answer", text), Field("images", image_entries)), (one_image,))
 
 
 def run(config: Config) -> dict:

@@ -21,12 +21,12 @@ from mmalign.config import option
 from mmalign.data import DataError, Field, Schema, text
 
 from .. import models
-from ..data import _image_entries, images_match, one_image
+from ..data import image_entries, images_match, one_image
 from .base import BuilderConfig
 from .bdhs import bow_cosine
 
 SOURCE_ROW = Schema("rDPO source row (plain-text prompt and chosen, one image)", (
-    Field("prompt", text), Field("chosen", text), Field("images", _image_entries)), (images_match, one_image))
+    Field("prompt", text), Field("chosen", text), Field("images", image_entries)), (images_match, one_image))
 
 
 class RetrievalIndex:
