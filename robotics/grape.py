@@ -39,7 +39,7 @@ from torch.utils.data import Dataset, default_collate
 from mmalign import run_folder
 from mmalign.config import option
 from mmalign.errors import ConfigError, DataError
-from mmalign.objectives import preference_loss
+from mmalign.objectives import preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
 from mmalign.reference import FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
@@ -54,6 +54,8 @@ from .stages import external_reward, stages
 from .trajectories import Trajectories
 
 LOG_FLOOR = float(np.log(0.05))
+EVAL_SEED_OFFSET = 7  # the evaluation's action noise: seed + 7, apart from every round's (seed * stride + k)
+ROUND_SEED_STRIDE = 1000  # round k of seed s samples its rollouts' actions with seed s * stride + k
 
 
 def grape_score(log_probs: np.ndarray, success: np.ndarray, r_ext: np.ndarray) -> np.ndarray:
@@ -111,9 +113,8 @@ def tpo_step(policy: GaussianPolicy, batch: dict[str, torch.Tensor], generator: 
     policy_w, policy_l = window_log_probs(policy, batch)
     ref_w, ref_l = reference.scores(window_log_probs, policy, batch)
     losses = tpo_loss(policy_w, ref_w, policy_l, ref_l, beta)
-    margin = beta * ((policy_w - ref_w).sum(-1) - (policy_l - ref_l).sum(-1)).detach()
-    return losses.mean(), {"implicit_acc": (margin > 0).float().mean(), "reward_margin": margin.mean(),
-                           "sigma": policy.log_std.detach().exp().mean()}
+    metrics = preference_metrics((policy_w - ref_w).sum(-1), (policy_l - ref_l).sum(-1), beta)
+    return losses.mean(), {**metrics, "sigma": policy.log_std.detach().exp().mean()}
 
 
 @dataclass
@@ -175,8 +176,8 @@ def success_rate(policy: GaussianPolicy, config: Config, deterministic: bool) ->
     """Share of `eval_episodes` episodes from held-out initial states that succeed."""
     env = make_vector_env(config.task, min(config.num_envs, config.eval_episodes), config.max_episode_steps,
                           state_seed=config.eval_state_seed)
-    trajs = rollout(env, PolicyActor(policy, deterministic, seed=config.seed + 7), np.arange(config.eval_episodes),
-                    config.task)
+    trajs = rollout(env, PolicyActor(policy, deterministic, seed=config.seed + EVAL_SEED_OFFSET),
+                    np.arange(config.eval_episodes), config.task)
     env.close()
     return float(trajs.success().mean())
 
@@ -185,7 +186,7 @@ def rank_rollouts(policy: GaussianPolicy, config: Config, round_index: int) -> t
     """Sample rollouts from the training initial states, score them, pair best with worst per state."""
     env = make_vector_env(config.task, config.num_envs, config.max_episode_steps)
     states = np.repeat(np.arange(config.states), config.samples_per_state)
-    trajs = rollout(env, PolicyActor(policy, seed=config.seed * 1000 + round_index), states, config.task)
+    trajs = rollout(env, PolicyActor(policy, seed=config.seed * ROUND_SEED_STRIDE + round_index), states, config.task)
     env.close()
     with torch.no_grad():
         device = policy.log_std.device
