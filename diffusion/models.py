@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from mmalign.data import one_line
 from mmalign.errors import ConfigError, MissingDependencyError
 from mmalign.hub import is_repo_id, unreachable
 
@@ -36,7 +37,7 @@ def pipeline_class(model: str | Path):
         name = diffusers.DiffusionPipeline.load_config(str(model))["_class_name"]
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError(f"--model {model}: its model_index.json cannot be read "
-                          f"({' '.join(str(err).split())[:300]})") from None
+                          f"({one_line(err)})") from None
     if name not in SUPPORTED:
         raise ConfigError(f"--model {model}: pipeline class {name} is not supported here; "
                           f"supported: {', '.join(SUPPORTED)}")
@@ -74,6 +75,7 @@ def _single_file_class(path: Path):
 
 
 def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
+    """One key name or a list of them (diffusers' CHECKPOINT_KEY_NAMES holds both) as a tuple."""
     return (value,) if isinstance(value, str) else tuple(value)
 
 
@@ -94,8 +96,7 @@ def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
     except (OSError, ValueError) as err:  # a missing or broken component file (not a full disk: errno set)
         if getattr(err, "errno", None) is not None:
             raise
-        raise ConfigError(f"--model {model}: the {cls.__name__} cannot be loaded "
-                          f"({' '.join(str(err).split())[:300]})") from None
+        raise ConfigError(f"--model {model}: the {cls.__name__} cannot be loaded ({one_line(err)})") from None
 
 
 def denoiser_name(pipe) -> str:

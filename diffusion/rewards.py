@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from mmalign.config import option
+from mmalign.data import one_line
 from mmalign.errors import ConfigError
 from mmalign.hub import unreachable
 
@@ -215,7 +216,7 @@ def load_scorer(model: str | Path, pretrained: str | None = None, kind: Kind | N
         if not isinstance(err, (RuntimeError, OSError, ValueError)):
             raise
         raise ConfigError(f"cannot build the open_clip model {model} (pretrained {pretrained}): "
-                          f"{_one_line(err)}") from None
+                          f"{one_line(err, 400)}") from None
     saved = saved or {}
     kind = kind or saved.get("kind", "clip")
     head = None
@@ -233,13 +234,8 @@ def _checkpoint_problem(path: Path, model: str | Path, err: BaseException) -> st
                 "could run code; only tensors are read from checkpoints (a safetensors file, or a PyTorch file of "
                 "plain tensors)")
     if isinstance(err, RuntimeError) and "state_dict" in str(err):
-        return f"checkpoint {path} does not match the open_clip architecture of {model}: {_one_line(err)}"
-    return f"checkpoint {path} cannot be read as open_clip weights ({type(err).__name__}: {_one_line(err)})"
-
-
-def _one_line(err: BaseException) -> str:
-    """An exception's message on one line, shortened."""
-    return " ".join(str(err).split())[:400]
+        return f"checkpoint {path} does not match the open_clip architecture of {model}: {one_line(err, 400)}"
+    return f"checkpoint {path} cannot be read as open_clip weights ({type(err).__name__}: {one_line(err, 400)})"
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -330,7 +326,7 @@ def _load_head(folder: Path, saved: dict, embed_dim: int, head_hidden: Sequence[
         head.load_state_dict(load_file(str(folder / HEAD_FILE)))
     except (RuntimeError, FileNotFoundError, SafetensorError) as err:
         raise ConfigError(f"aesthetic head {folder / HEAD_FILE} does not fit embed_dim {embed_dim} and hidden widths "
-                          f"{saved.get('head_hidden', [])}: {_one_line(err)[:300]}") from None
+                          f"{saved.get('head_hidden', [])}: {one_line(err)}") from None
     return head
 
 

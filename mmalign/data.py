@@ -131,7 +131,7 @@ def _load_saved(path: Path, split: str) -> datasets.Dataset:
     try:
         loaded = datasets.load_from_disk(str(path))
     except (OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot be read as a saved `datasets` folder ({_one_line(err)})") from None
+        raise DataError(f"{path}: cannot be read as a saved `datasets` folder ({one_line(err)})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
@@ -144,7 +144,7 @@ def _concatenate(folder: Path, parts: list[datasets.Dataset]) -> datasets.Datase
     try:
         return datasets.concatenate_datasets(parts)
     except ValueError as err:
-        raise DataError(f"{folder}: its data files do not share the same fields ({_one_line(err)})") from None
+        raise DataError(f"{folder}: its data files do not share the same fields ({one_line(err)})") from None
 
 
 def _load_hub(repo_id: str, split: str) -> datasets.Dataset:
@@ -157,7 +157,7 @@ def _load_hub(repo_id: str, split: str) -> datasets.Dataset:
         try:
             return datasets.load_dataset(repo_id, split=split)
         except (OSError, ValueError) as err:
-            problem = _one_line(err)
+            problem = one_line(err)
     raise DataError(f"{repo_id}: no such file or folder here, and the hub dataset of that name cannot be loaded: "
                     f"{problem}")
 
@@ -190,9 +190,9 @@ def _file_problem(path: Path, err: BaseException) -> str:
         try:
             rows = pq.ParquetFile(path).metadata.num_rows
         except Exception as parquet_err:  # noqa: BLE001 - pyarrow's error says what is wrong with the file
-            return f"not a Parquet file ({_one_line(parquet_err)})"
-        return "holds no records" if rows == 0 else f"cannot be read ({_one_line(err)})"
-    return _json_problem(path) or f"cannot be read as JSON ({_one_line(err)})"
+            return f"not a Parquet file ({one_line(parquet_err)})"
+        return "holds no records" if rows == 0 else f"cannot be read ({one_line(err)})"
+    return _json_problem(path) or f"cannot be read as JSON ({one_line(err)})"
 
 
 def _json_problem(path: Path) -> str | None:
@@ -230,9 +230,9 @@ def read_utf8(path: Path) -> str:
                         "(e.g. `iconv -f latin1 -t utf-8`)") from None
 
 
-def _one_line(err: BaseException) -> str:
-    """An exception's message on one line, shortened."""
-    return " ".join(str(err).split())[:300] or type(err).__name__
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, shortened to `limit` characters (its type when it has no message)."""
+    return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
 def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:

@@ -45,7 +45,7 @@ def unreachable(repo_id: str, repo_type: str = "model", cached: tuple[str, ...] 
     except RepositoryNotFoundError:
         return "the hub has no such repository (or it is private: log in with `hf auth login`)"
     except HfHubHTTPError as err:
-        return f"the hub answered {' '.join(str(err).split())[:200]}"
+        return f"the hub answered {' '.join(str(err).split())[:300]}"
     except Exception as err:  # noqa: BLE001 - network failures arrive as the HTTP client's own types
         return (f"the hub cannot be reached ({type(err).__name__}: {err}); to use copies in the local cache, "
                 "set HF_HUB_OFFLINE=1")

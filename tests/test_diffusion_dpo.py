@@ -230,7 +230,7 @@ def test_from_python_bad_input_stops_before_the_run_folder_exists(tiny_sd, picka
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.scheduler.register_to_config(prediction_type="sample")
     pipe.save_pretrained(sample_model)
-    with pytest.raises(ConfigError, match="its scheduler predicts 'sample'; training supports epsilon and v_prediction"):
+    with pytest.raises(ConfigError, match="scheduler predicts 'sample'; training supports epsilon and v_prediction"):
         dpo.run(config(sample_model, pickapic, tmp_path))
     assert not (tmp_path / "run").exists()
 

@@ -78,7 +78,8 @@ def p(tmp_path_factory):
     pq.write_table(pa.table({"caption": [r["caption"] for r in pairs], "jpg_0": [r["jpg_0"] for r in pairs],
                              "jpg_1": [r["jpg_1"] for r in pairs]}), str(x.no_label))
     x.bad_label = write_pickapic([*pairs[:2], {**pairs[2], "label_0": 0.7}], data / "bad-label.parquet")
-    x.not_image = write_pickapic([pairs[0], {**pairs[1], "jpg_1": b"GIF89a but not really"}], data / "not-image.parquet")
+    x.not_image = write_pickapic([pairs[0], {**pairs[1], "jpg_1": b"GIF89a but not really"}],
+                                 data / "not-image.parquet")
     x.ties = write_pickapic([{**r, "label_0": 0.5} for r in pairs], data / "ties.parquet")
     x.prompts = root / "prompts.txt"
     x.prompts.write_text("a red circle\na blue square\n")
