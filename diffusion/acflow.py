@@ -36,11 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmalign.config import option
+from mmalign.errors import ConfigError
 from mmalign.plots import plot_metrics
 from mmalign.reference import AdapterDisabled, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
 from . import dpo
+from .data import read_prompts
 from .flow import flow_interpolate, sample_u
 from .models import LORA_TARGETS, add_lora, denoiser_of, load_pipeline, save_full, save_lora
 from .scoring import encode_prompts, is_flow, predict
@@ -92,9 +94,9 @@ def load_reward(spec: str) -> RewardFn:
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"--reward {spec}: cannot import it as module:function ({err})") from None
+        raise ConfigError(f"--reward {spec}: cannot import it as module:function ({err})") from None
     if not callable(fn):
-        raise ValueError(f"--reward {spec}: {name} is not callable")
+        raise ConfigError(f"--reward {spec}: {name} is not callable")
     return fn
 
 
@@ -170,9 +172,9 @@ def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *,
     x0, images = sample(pipe, prompts, config, generator)
     rewards = reward_fn(images, prompts).float().to(x0.device)
     if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
-        raise ValueError(f"--reward {config.reward} returned {tuple(rewards.shape)} values"
-                         f"{'' if torch.isfinite(rewards).all() else ' with NaN or inf'}; expected {len(prompts)} "
-                         "finite numbers, one per image")
+        raise ConfigError(f"--reward {config.reward} returned {tuple(rewards.shape)} values"
+                          f"{'' if torch.isfinite(rewards).all() else ' with NaN or inf'}; expected {len(prompts)} "
+                          "finite numbers, one per image")
     shaped = shape_rewards(rewards, k)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     noisy, timesteps, target = flow_interpolate(noise_scheduler, x0, noise, sample_u(len(prompts), generator, x0.device))
@@ -197,7 +199,7 @@ class Prompts(torch.utils.data.Dataset):
     """Training prompts as {'prompt': text}."""
 
     def __init__(self, path: str | Path):
-        self.prompts = dpo.read_prompts(path)
+        self.prompts = read_prompts(path)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -214,6 +216,7 @@ def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion acflow`: AC-Flow training into config.output (actor LoRA or pipeline, critic.safetensors)."""
     from safetensors.torch import save_file
 
+    prompts = Prompts(config.prompts)
     reward_fn = config.reward if callable(config.reward) else load_reward(config.reward)
     trainer = Trainer(config)
     if isinstance(getattr(reward_fn, "__self__", None), nn.Module):  # a reward model scores where training runs
@@ -221,8 +224,8 @@ def run(config: Config) -> list[dict[str, float]]:
     pipe = load_pipeline(config.model)
     pipe.set_progress_bar_config(disable=True)
     if not is_flow(pipe.scheduler):
-        raise ValueError(f"--model {config.model}: AC-Flow needs a flow-matching pipeline (SD3-style), "
-                         f"this one has {type(pipe.scheduler).__name__}")
+        raise ConfigError(f"--model {config.model}: AC-Flow needs a flow-matching pipeline (SD3-style), "
+                          f"this one has {type(pipe.scheduler).__name__}")
     noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     dtype, device = trainer.weight_dtype, trainer.device
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -236,7 +239,6 @@ def run(config: Config) -> list[dict[str, float]]:
     pooled = encode_prompts(pipe, [""], 0, device).kwargs["pooled_projections"].shape[-1]
     container = ActorCritic(actor, Critic(actor.config.in_channels, pooled, config.critic_width).to(device))
     reference = FrozenCopy(container, dtype=dtype) if config.full else AdapterDisabled()
-    prompts = Prompts(config.prompts)
     grid_prompts = prompts.prompts[:4]
     count = StepCount()
 
@@ -253,6 +255,7 @@ def run(config: Config) -> list[dict[str, float]]:
         (save_full(config.model, model.actor, output) if config.full else save_lora(pipe, model.actor, output))
         save_file({k: v.contiguous() for k, v in model.critic.state_dict().items()}, str(output / "critic.safetensors"))
 
+    trainer.begin()  # everything is checked: the run folder is created here, before the first grid is written
     if trainer.resume_from is None:
         grid("samples_before.png")
 

@@ -1,7 +1,8 @@
 """Pick-a-Pic v2 preference pairs: rows `caption, jpg_0, jpg_1, label_0`, images as bytes or file paths.
 
 label_0 = 1 means jpg_0 is preferred, 0 means jpg_1 is, 0.5 is a tie (dropped and counted). Image
-paths are resolved against the data file's folder. Every row is checked before training starts
+paths are resolved against the data file's folder and must lie inside it, unless allowed
+(`mmalign.data.resolve_path`, --allow-outside-paths). Every row is checked before training starts
 (`pickapic_schema`), and an image that fails to decode later still names its row.
 """
 
@@ -13,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from mmalign.data import DataError, Field, Schema, load_preferences
+from mmalign.data import DataError, Field, Schema, load_preferences, read_utf8, resolve_path
 from mmalign.files import write_atomically
 
 LABELS = (0.0, 0.5, 1.0)
@@ -27,23 +28,38 @@ def _data_root(path: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def image_bytes(value: Any, root: Path) -> bytes:
-    """The encoded bytes of an image given as bytes, a datasets Image dict ({'bytes', 'path'}), or a path relative to `root`."""
+def image_file(path: Path) -> bytes:
+    """The bytes of an image file; a folder or a missing file raises DataError naming it."""
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not an image file")
+    if not path.is_file():
+        raise DataError(f"image file {path} does not exist")
+    return path.read_bytes()
+
+
+def image_bytes(value: Any, root: Path, allow_outside: bool = False) -> bytes:
+    """The encoded bytes of an image given as bytes, a datasets Image dict ({'bytes', 'path'}), or a path inside the
+    data folder `root` (anywhere with `allow_outside`, see `mmalign.data.resolve_path`)."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
     if isinstance(value, str):
-        path = Path(value) if Path(value).is_absolute() else root / value
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} does not exist")
-        return path.read_bytes()
-    raise TypeError(f"expected image bytes or a file path, got {type(value).__name__}")
+        return image_file(resolve_path(value, root, allow_outside, where="image path"))
+    raise DataError(f"expected image bytes or a file path, got {type(value).__name__}")
 
 
-def open_image(value: Any, root: Path) -> Image.Image:
-    """A PIL image from PNG/JPEG bytes, a datasets Image dict ({'bytes', 'path'}), or a path relative to `root`."""
-    return Image.open(io.BytesIO(image_bytes(value, root)))
+def decode_image(data: bytes) -> Image.Image:
+    """A PIL image (decoded lazily) from encoded bytes; bytes of no image format raise DataError."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DataError("not an image: PIL recognises no image format in it") from None
+
+
+def open_image(value: Any, root: Path, allow_outside: bool = False) -> Image.Image:
+    """A PIL image from PNG/JPEG bytes, a datasets Image dict ({'bytes', 'path'}), or a path (see `image_bytes`)."""
+    return decode_image(image_bytes(value, root, allow_outside))
 
 
 def pickapic_schema(fields: tuple[str, str], check_media) -> Schema:
@@ -59,10 +75,24 @@ def pickapic_schema(fields: tuple[str, str], check_media) -> Schema:
         return None if isinstance(value, str) else f"expected text, got {type(value).__name__}"
 
     def label(value: Any, record: dict) -> str | None:
-        return None if isinstance(value, (int, float)) and float(value) in LABELS else f"must be 0, 0.5 or 1, got {value!r}"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if number and float(value) in LABELS else f"must be 0, 0.5 or 1, got {value!r}"
 
     return Schema("Pick-a-Pic", (Field("caption", caption), *(Field(name, media) for name in fields),
                                  Field("label_0", label)))
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a UTF-8 prompts file; a missing, non-UTF-8 or empty file raises DataError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"prompts file {path} is a folder; give a text file of one prompt per line")
+    if not path.is_file():
+        raise DataError(f"prompts file {path} does not exist")
+    prompts = [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
+    if not prompts:
+        raise DataError(f"prompts file {path} has no prompts")
+    return prompts
 
 
 class PreferencePairs(torch.utils.data.Dataset):
@@ -76,8 +106,10 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     fields = ("jpg_0", "jpg_1")
 
-    def __init__(self, path: str | Path, resolution: int, split: str = "train", as_stored: bool = False):
+    def __init__(self, path: str | Path, resolution: int, split: str = "train", as_stored: bool = False,
+                 allow_outside_paths: bool = False):
         self.source, self.root, self.resolution = str(path), _data_root(path), resolution
+        self.allow_outside_paths = allow_outside_paths
         records = load_preferences(path, pickapic_schema(self.fields, self.check), split)
         self.labels = np.asarray(records["label_0"], dtype=np.float64)
         self.ties = int((self.labels == 0.5).sum())
@@ -93,11 +125,11 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     def check(self, value: Any) -> None:
         """Raise if the image cannot be read (PIL's verify: headers and checksums, no full decode)."""
-        open_image(value, self.root).verify()
+        open_image(value, self.root, self.allow_outside_paths).verify()
 
     def load(self, value: Any) -> torch.Tensor:
         """Model pixels [3,R,R] in [-1, 1]."""
-        return to_model_pixels(open_image(value, self.root).convert("RGB"), self.resolution)
+        return to_model_pixels(open_image(value, self.root, self.allow_outside_paths).convert("RGB"), self.resolution)
 
     def _pixels(self, value: Any, row: int, field: str) -> torch.Tensor:
         try:

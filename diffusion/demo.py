@@ -16,10 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmalign import run_folder
 from mmalign.config import option
+from mmalign.data import DataError
 from mmalign.stats import comparison_lines, mean_ci
 
 from . import dpo, world
+from .data import read_prompts
 from .evaluate import evaluate_reward
 from .models import load_lora, load_pipeline
 from .sample import image_grid
@@ -66,10 +69,29 @@ def embedded_config(method, output: str | Path, **overrides):
                             "checkpoint_every": 0, **overrides})
 
 
+def read_captions(path: str | Path) -> list[str]:
+    """The evaluation prompts: captions of the tiny world ('a <colour> <shape>'); others raise DataError naming them."""
+    prompts = read_prompts(path)
+    for prompt in prompts:
+        try:
+            world.parse_caption(prompt)
+        except ValueError as err:
+            raise DataError(f"--sample-prompts {path}: {err}; the demo judges its samples by the tiny world's "
+                            "captions") from None
+    return prompts
+
+
 def run(config: Config) -> dict:
-    """Evaluate the base model, train, evaluate the aligned model; print and save the comparison."""
+    """Evaluate the base model, train, evaluate the aligned model; print and save the comparison. The output folder
+    is claimed for the whole run (`mmalign.run_folder`): training and the results share it."""
+    prompts = read_captions(config.sample_prompts)
+    with run_folder.claim(config.output, resuming=config.resume is not None):
+        return compare(config, prompts)
+
+
+def compare(config: Config, prompts: list[str]) -> dict:
+    """The body of `run`, in the claimed output folder."""
     start = time.time()
-    prompts = dpo.read_prompts(config.sample_prompts)
     kwargs = dict(per_prompt=config.eval_per_prompt, seed=config.eval_seed, steps=config.eval_steps,
                   guidance_scale=config.guidance_scale)
     base_pipe = load_pipeline(config.model)

@@ -30,17 +30,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from mmalign.config import option
+from mmalign.errors import ConfigError
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss
 from mmalign.plots import plot_metrics
 from mmalign.reference import AdapterDisabled, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
-from .data import CachedLatents, PreferencePairs, collate_pairs
+from .data import CachedLatents, PreferencePairs, collate_pairs, read_prompts
 from .flow import flow_noising
-from .models import (LORA_TARGETS, add_lora, denoiser_of, enable_xformers, load_pipeline, save_full,
-                     save_lora)
+from .models import (LORA_TARGETS, VIDEO_PIPELINES, add_lora, denoiser_of, enable_xformers, load_pipeline,
+                     save_full, save_lora)
 from .sample import generate, image_grid
-from .scoring import Condition, denoising_error, encode_prompts, is_flow, training_target
+from .scoring import PREDICTION_TYPES, Condition, denoising_error, encode_prompts, is_flow, training_target
 
 LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 
@@ -52,6 +53,8 @@ class Config(TrainConfig):
     model: str = option(None, "diffusers SD/SDXL/SD3 folder, hub id, or single-file checkpoint")
     data: str = option(None, "Pick-a-Pic style preference data: .parquet/.jsonl file, folder, or hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
+    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
+                                              "their folder")
     lora_rank: int = option(8, "LoRA rank of the denoiser's attention projections")
     lora_alpha: int | None = option(None, "LoRA alpha (default: the rank)")
     lora_targets: list[str] = option(list(LORA_TARGETS), "module names the LoRA adapts (diffusers' default: "
@@ -245,17 +248,6 @@ def native_resolution(pipe) -> int:
     return denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Non-empty lines of a prompts file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompts file {path} has no prompts")
-    return prompts
-
-
 def _sample_grid(trainer: Trainer, pipe, prompts: list[str], config: Config, name: str) -> None:
     if config.num_samples < 1 or not trainer.is_main:
         return
@@ -277,12 +269,29 @@ def _place(module, device, dtype) -> None:
         module.to(dtype)
 
 
+def check_pipeline(pipe, config: Config) -> None:
+    """Refuse a model this command cannot train: a scheduler target other than eps, v or flow matching, or a video
+    pipeline given to an image command (or the reverse; video configs have `num_frames`)."""
+    prediction = pipe.scheduler.config.get("prediction_type")
+    if not is_flow(pipe.scheduler) and prediction not in PREDICTION_TYPES:
+        raise ConfigError(f"--model {config.model}: its scheduler predicts {prediction!r}; training supports "
+                          f"{' and '.join(PREDICTION_TYPES)} (or flow matching)")
+    name = type(pipe).__name__
+    if name in VIDEO_PIPELINES and not hasattr(config, "num_frames"):
+        raise ConfigError(f"--model {config.model}: {name} is a text-to-video pipeline; train it on video pairs "
+                          "with `mmalign diffusion video-dpo`")
+    if name not in VIDEO_PIPELINES and hasattr(config, "num_frames"):
+        raise ConfigError(f"--model {config.model}: {name} is an image pipeline; video-dpo trains text-to-video "
+                          f"pipelines ({', '.join(VIDEO_PIPELINES)})")
+
+
 def prepare(config: Config, trainer: Trainer, reference_factory: Callable | None = None) -> tuple[Any, Parts]:
     """Load the pipeline, freeze and cast its parts, attach the LoRA and the reference (a frozen copy for --full, the
     adapter switched off for LoRA, or `reference_factory(denoiser)`) to its denoiser."""
     from diffusers import DDPMScheduler
 
     pipe = load_pipeline(config.model)
+    check_pipeline(pipe, config)
     pipe.set_progress_bar_config(disable=True)
     resolution = config.resolution or native_resolution(pipe)
     dtype, device = trainer.weight_dtype, trainer.device
@@ -325,12 +334,15 @@ def train(config: Config, make_step: StepFactory, title: str, pairs_class=Prefer
     """Train with the step `make_step(parts)` on `pairs_class(config.data, resolution, split)` (and the reference of
     `reference_factory`, see `prepare`), then write the LoRA (or full pipeline), grids and curves."""
     trainer = Trainer(config)
+    chosen_prompts = read_prompts(config.sample_prompts) if config.sample_prompts else None
     pipe, parts = prepare(config, trainer, reference_factory)
-    pairs = pairs_class(config.data, resolution=parts.resolution, split=config.split)
+    step = make_step(parts)
+    pairs = pairs_class(config.data, resolution=parts.resolution, split=config.split,
+                        allow_outside_paths=config.allow_outside_paths)
     trainer.accelerator.print(f"{len(pairs)} preference pairs from {config.data} ({pairs.ties} ties dropped)")
+    prompts = chosen_prompts or list(dict.fromkeys(pairs.caption(i) for i in range(min(len(pairs), 64))))[:4]
     dataset = cache_pair_latents(pipe.vae, pairs, parts.vae_dtype, trainer.device) if config.cache_latents else pairs
-    prompts = read_prompts(config.sample_prompts) if config.sample_prompts else \
-        list(dict.fromkeys(pairs.caption(i) for i in range(min(len(pairs), 64))))[:4]
+    trainer.begin()  # everything is checked: the run folder is created here, before the first grid is written
     if trainer.resume_from is None:
         _sample_grid(trainer, pipe, prompts, config, "samples_before.png")
 
@@ -341,7 +353,7 @@ def train(config: Config, make_step: StepFactory, title: str, pairs_class=Prefer
             save_lora(pipe, model, output)
 
     stateful = tuple(x for x in (parts.reference,) if hasattr(x, "state_dict"))
-    history = trainer.fit(denoiser_of(pipe), dataset, collate_pairs, make_step(parts), save_model=save,
+    history = trainer.fit(denoiser_of(pipe), dataset, collate_pairs, step, save_model=save,
                           stateful=stateful)
     _sample_grid(trainer, pipe, prompts, config, "samples_after.png")
     if trainer.is_main:

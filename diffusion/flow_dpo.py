@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 
+from mmalign.errors import ConfigError
+
 from . import dpo
 from .scoring import is_flow
 
@@ -20,8 +22,8 @@ Config = dpo.Config
 def make_step(parts: dpo.Parts):
     """Diffusion-DPO's step, after checking that the model is a flow-matching one."""
     if not is_flow(parts.noise_scheduler):
-        raise ValueError(f"--model {parts.config.model}: its scheduler {type(parts.noise_scheduler).__name__} is "
-                         "not a flow-matching one; use `mmalign diffusion dpo` for diffusion models")
+        raise ConfigError(f"--model {parts.config.model}: its scheduler {type(parts.noise_scheduler).__name__} is "
+                          "not a flow-matching one; use `mmalign diffusion dpo` for diffusion models")
     return functools.partial(dpo.dpo_step, parts=parts)
 
 

@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
+from mmalign import run_folder
 from mmalign.config import option
 from mmalign.reference import adapters_disabled
 
 from . import sample
+from .data import read_prompts
 from .models import denoiser_of
 
 
@@ -73,10 +75,12 @@ class Config(sample.Config):
 
 
 def run(config: Config) -> torch.Tensor:
-    """Sample `num` images per prompt with RLG; writes PNG files and grid.png."""
-    pipe = sample.load(config)
-    base = None
-    if config.base_model:
-        base = denoiser_of(sample.load(dataclasses.replace(config, model=config.base_model, lora=None)))
-    with reinforcement_guidance(pipe, config.weight, base=base):
-        return sample.write(pipe, config)
+    """Sample `num` images per prompt with RLG; writes PNG files and grid.png into a folder of their own."""
+    prompts = read_prompts(config.prompts)
+    with run_folder.claim(config.output, resuming=False):
+        pipe = sample.load(config)
+        base = None
+        if config.base_model:
+            base = denoiser_of(sample.load(dataclasses.replace(config, model=config.base_model, lora=None)))
+        with reinforcement_guidance(pipe, config.weight, base=base):
+            return sample.write(pipe, prompts, config)

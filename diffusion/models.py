@@ -6,34 +6,64 @@ from pathlib import Path
 
 import torch
 
+from mmalign.data import one_line
 from mmalign.errors import ConfigError, MissingDependencyError
+from mmalign.hub import is_repo_id, unreachable
 
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "TextToVideoSDPipeline")
+VIDEO_PIPELINES = ("TextToVideoSDPipeline",)
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", *VIDEO_PIPELINES)
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 def pipeline_class(model: str | Path):
-    """The diffusers pipeline class named by a model folder/hub id's model_index.json (SD, SDXL, SD3, text-to-video)."""
+    """The diffusers pipeline class of a model folder/hub id (its model_index.json) or a single-file checkpoint (SD,
+    SDXL, SD3, text-to-video); a model that cannot be used raises ConfigError saying why."""
     import diffusers
 
-    if Path(model).is_file():
-        return _single_file_class(Path(model))
+    path = Path(model)
+    if path.is_file():
+        return _single_file_class(path)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise ConfigError(f"--model {model}: the folder has no model_index.json, so it is not a diffusers pipeline "
+                          "(write one with `pipe.save_pretrained(folder)`)")
+    if not path.exists():
+        if not is_repo_id(str(model)):
+            raise ConfigError(f"--model {model}: no such file or folder")
+        problem = unreachable(str(model), cached=("model_index.json",))
+        if problem:
+            raise ConfigError(f"--model {model}: no such file or folder here, and the hub model of that name cannot "
+                              f"be had: {problem}")
     try:
         name = diffusers.DiffusionPipeline.load_config(str(model))["_class_name"]
-    except Exception as err:  # noqa: BLE001 - hub/IO errors arrive in many types
-        raise FileNotFoundError(f"--model {model}: not a diffusers pipeline folder or reachable hub id ({err})") from err
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"--model {model}: its model_index.json cannot be read "
+                          f"({one_line(err)})") from None
     if name not in SUPPORTED:
         raise ConfigError(f"--model {model}: pipeline class {name} is not supported here; "
-                         f"supported: {', '.join(SUPPORTED)}")
+                          f"supported: {', '.join(SUPPORTED)}")
     return getattr(diffusers, name)
 
 
 def _single_file_class(path: Path):
-    """SD, SDXL or SD3 for a single .safetensors/.ckpt checkpoint, from diffusers' own checkpoint inference."""
+    """SD, SDXL or SD3 for a single .safetensors/.ckpt checkpoint, from diffusers' own checkpoint inference; a file
+    that is not one (text, an unreadable or code-running pickle, other weights) raises ConfigError."""
     import diffusers
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+    from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, infer_diffusers_model_type,
+                                                     load_single_file_checkpoint)
 
-    kind = infer_diffusers_model_type(load_single_file_checkpoint(str(path)))
+    try:
+        checkpoint = load_single_file_checkpoint(str(path))
+    except OSError:  # diffusers' message for a file that is not tensors (torch.load with weights_only)
+        raise ConfigError(f"--model {path}: not a model checkpoint: neither a safetensors file nor a PyTorch "
+                          "checkpoint of plain tensors") from None
+    recognised = ("v1", "v2", "xl_base", "sd3")
+    keys = [key for kind in recognised for key in _as_tuple(CHECKPOINT_KEY_NAMES[kind])]
+    if not any(key in checkpoint for key in keys):
+        shown = ", ".join(list(checkpoint)[:3])
+        raise ConfigError(f"--model {path}: not a Stable Diffusion checkpoint: it holds {len(checkpoint)} tensors "
+                          f"({shown}{', ...' if len(checkpoint) > 3 else ''}) but none of the keys that mark SD 1.x/"
+                          "2.x, SDXL or SD3 weights; give a diffusers pipeline folder or a single-file SD checkpoint")
+    kind = infer_diffusers_model_type(checkpoint)
     if kind.startswith("xl_base"):
         return diffusers.StableDiffusionXLPipeline
     if kind.startswith("v1") or kind.startswith("v2"):
@@ -41,7 +71,12 @@ def _single_file_class(path: Path):
     if kind.startswith("sd3"):
         return diffusers.StableDiffusion3Pipeline
     raise ConfigError(f"--model {path}: checkpoint type {kind!r} is not supported here; "
-                     "supported: SD 1.x/2.x, SDXL base, SD3")
+                      "supported: SD 1.x/2.x, SDXL base, SD3")
+
+
+def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
+    """One key name or a list of them (diffusers' CHECKPOINT_KEY_NAMES holds both) as a tuple."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
@@ -50,12 +85,18 @@ def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if cls.__name__ == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    if Path(model).is_file():
-        return cls.from_single_file(str(model), **kwargs)
-    if cls.__name__ == "StableDiffusion3Pipeline":  # SD3 may be saved without its optional T5 encoder
-        index = cls.load_config(str(model))
-        kwargs.update({name: None for name in ("text_encoder_3", "tokenizer_3") if index.get(name, [None])[0] is None})
-    return cls.from_pretrained(str(model), **kwargs)
+    try:
+        if Path(model).is_file():
+            return cls.from_single_file(str(model), **kwargs)
+        if cls.__name__ == "StableDiffusion3Pipeline":  # SD3 may be saved without its optional T5 encoder
+            index = cls.load_config(str(model))
+            kwargs.update({name: None for name in ("text_encoder_3", "tokenizer_3")
+                           if index.get(name, [None])[0] is None})
+        return cls.from_pretrained(str(model), **kwargs)
+    except (OSError, ValueError) as err:  # a missing or broken component file (not a full disk: errno set)
+        if getattr(err, "errno", None) is not None:
+            raise
+        raise ConfigError(f"--model {model}: the {cls.__name__} cannot be loaded ({one_line(err)})") from None
 
 
 def denoiser_name(pipe) -> str:

@@ -5,8 +5,8 @@
 With tie_margin 0 this is the official Diffusion-DPO AI-feedback rule (`--choice_model`: the pair is flipped
 only when the scorer rates jpg_1 strictly higher). The new dataset keeps every row and column, with images
 embedded as bytes (so it does not depend on the source folder), adds label_0_original, score_0 and score_1,
-and goes to a new folder: the source is never touched. report.json holds the agreement of the scorer with
-the original labels (accuracy on non-tie pairs, Bradley-Terry loss, ECE) and how many labels changed.
+and goes to a new or empty folder: the source is never touched. report.json holds the agreement of the scorer
+with the original labels (accuracy on non-tie pairs, Bradley-Terry loss, ECE) and how many labels changed.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from mmalign import run_folder
 from mmalign.config import option
 
 from .data import PreferencePairs, image_bytes, write_atomically
@@ -39,7 +40,9 @@ class Config(ScorerOptions):
 
     data: str = option(None, "Pick-a-Pic style pairs to relabel: .parquet/.jsonl file, folder, or hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
-    output: Path = option(None, f"new folder for {OUTPUT_FILE} and report.json (nothing in it is overwritten)")
+    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
+                                              "their folder")
+    output: Path = option(None, f"folder for {OUTPUT_FILE} and report.json: a new or empty one")
     tie_margin: float = option(0.0, "score gap below which a pair becomes a tie (0: the official rule, no ties)")
     batch_size: int = option(64, "images per scorer forward")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "precision of the scorer")
@@ -50,17 +53,23 @@ class Config(ScorerOptions):
         if not self.data or self.output is None:
             raise ValueError("--data and --output are required")
         self.output = Path(self.output)
-        if (self.output / OUTPUT_FILE).exists():
-            raise FileExistsError(f"{self.output / OUTPUT_FILE} already exists; choose a new --output folder")
         if self.tie_margin < 0:
             raise ValueError(f"tie_margin must not be negative, got {self.tie_margin}")
 
 
 def run(config: Config) -> dict:
-    """Score every pair, write the relabelled dataset and report.json into config.output; returns the report."""
+    """Score every pair, write the relabelled dataset and report.json into config.output, a folder of its own (new or
+    empty, `mmalign.run_folder`); returns the report."""
+    with run_folder.claim(config.output, resuming=False):
+        return relabel(config)
+
+
+def relabel(config: Config) -> dict:
+    """The body of `run`, in the claimed output folder."""
     device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
     scorer = config.load_scorer(config.mixed_precision, device)
-    pairs = PreferencePairs(config.data, scorer.image_size, config.split, as_stored=True)
+    pairs = PreferencePairs(config.data, scorer.image_size, config.split, as_stored=True,
+                            allow_outside_paths=config.allow_outside_paths)
     first, second, original = score_pairs(scorer, pairs, config.batch_size)
     labels = ai_feedback_labels(first, second, config.tie_margin)
     decided = original != 0.5
@@ -73,12 +82,12 @@ def run(config: Config) -> dict:
     }
 
     def embed(record: dict, index: int) -> dict:
-        return {"jpg_0": image_bytes(record["jpg_0"], pairs.root), "jpg_1": image_bytes(record["jpg_1"], pairs.root),
+        return {"jpg_0": image_bytes(record["jpg_0"], pairs.root, config.allow_outside_paths),
+                "jpg_1": image_bytes(record["jpg_1"], pairs.root, config.allow_outside_paths),
                 "label_0": float(labels[index]), "label_0_original": float(original[index]),
                 "score_0": float(first[index]), "score_1": float(second[index])}
 
     relabelled = pairs.records.map(embed, with_indices=True, desc="relabel")
-    config.output.mkdir(parents=True, exist_ok=True)
     write_atomically(config.output / OUTPUT_FILE, lambda tmp: relabelled.to_parquet(str(tmp)))
     (config.output / "report.json").write_text(json.dumps(report, indent=2))
     print(f"relabelled {len(pairs)} pairs from {config.data}: {report['changed']} labels changed "

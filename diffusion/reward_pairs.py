@@ -22,10 +22,11 @@ from typing import Literal
 
 import torch
 
+from mmalign import run_folder
 from mmalign.config import option
+from mmalign.errors import ConfigError
 
-from .data import write_pickapic
-from .dpo import read_prompts
+from .data import read_prompts, write_pickapic
 from .models import sampling_pipeline
 from .rewards import ScorerOptions
 from .sample import generate, image_grid, to_pil
@@ -58,7 +59,7 @@ class Config(ScorerOptions):
     model: str = option(None, "diffusers SD/SDXL folder, hub id, or single-file checkpoint to sample from")
     lora: str | None = option(None, "folder or file of LoRA weights to load into the pipeline")
     prompts: str = option(None, "text file, one prompt per line")
-    output: Path = option(None, f"new folder for {OUTPUT_FILE}, report.json and ranked.png")
+    output: Path = option(None, f"folder for {OUTPUT_FILE}, report.json and ranked.png: a new or empty one")
     num_per_prompt: int = option(8, "images sampled per prompt")
     seed: int = option(0, "image i of the run uses generator seed `seed + i`")
     steps: int = option(25, "sampler steps")
@@ -79,8 +80,6 @@ class Config(ScorerOptions):
             if not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')} is required")
         self.output = Path(self.output)
-        if (self.output / OUTPUT_FILE).exists():
-            raise FileExistsError(f"{self.output / OUTPUT_FILE} already exists; choose a new --output folder")
         if self.num_per_prompt < 2:
             raise ValueError(f"num_per_prompt must be at least 2 to make a pair, got {self.num_per_prompt}")
         if min(self.batch_size, self.score_batch_size) < 1 or self.margin < 0 or self.max_pairs_per_prompt < 0:
@@ -88,7 +87,14 @@ class Config(ScorerOptions):
 
 
 def run(config: Config) -> dict:
-    """Sample, score and pair every prompt; write pairs.parquet, report.json and ranked.png; returns the report."""
+    """Sample, score and pair every prompt; write pairs.parquet, report.json and ranked.png into config.output, a
+    folder of its own (new or empty, `mmalign.run_folder`); returns the report."""
+    with run_folder.claim(config.output, resuming=False):
+        return make_pairs(config)
+
+
+def make_pairs(config: Config) -> dict:
+    """The body of `run`, in the claimed output folder."""
     prompts = read_prompts(config.prompts)
     pipe = sampling_pipeline(config.model, config.lora, config.mixed_precision, config.cpu)
     scorer = config.load_scorer(config.mixed_precision, pipe.device)
@@ -119,9 +125,8 @@ def run(config: Config) -> dict:
         seconds["pair"] += time.perf_counter() - began
         all_scores.append(scores)
     if not rows:
-        raise ValueError(f"no pair passed the filters (strategy {config.strategy}, margin {config.margin}, "
-                         f"min_chosen_score {config.min_chosen_score}) among {len(prompts) * n} samples")
-    config.output.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"no pair passed the filters (strategy {config.strategy}, margin {config.margin}, "
+                          f"min_chosen_score {config.min_chosen_score}) among {len(prompts) * n} samples")
     write_pickapic(rows, config.output / OUTPUT_FILE)
     image_grid(torch.cat(shown), columns=n, scale=max(1, 128 // shown[0].shape[-1])).save(config.output / "ranked.png")
     gaps = torch.tensor([r["score_0"] - r["score_1"] for r in rows])

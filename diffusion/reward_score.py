@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmalign.config import option
+from mmalign.errors import ConfigError, DataError, RunFolderError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.stats import expected_calibration_error, mean_ci
 
-from .data import PreferencePairs, collate_pairs, open_image, write_atomically
-from .dpo import read_prompts
+from .data import PreferencePairs, collate_pairs, decode_image, image_file, read_prompts, write_atomically
 from .rewards import Scorer, ScorerOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -68,6 +68,8 @@ class Config(ScorerOptions):
     prompts: str | None = option(None, "with --images: text file of one prompt per image, or one prompt for all")
     data: str | None = option(None, "Pick-a-Pic pairs: report the scorer's accuracy and calibration on their labels")
     split: str = option("train", "split to read from a dataset folder or hub id")
+    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
+                                              "their folder")
     output: Path | None = option(None, "JSONL file of the scores to write (must not exist)")
     writes_file: ClassVar[bool] = True  # --output is one new file, not a run folder
     batch_size: int = option(64, "images per forward")
@@ -80,8 +82,6 @@ class Config(ScorerOptions):
             raise ValueError("give either --images (with --prompts) or --data (Pick-a-Pic pairs)")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.output is not None and Path(self.output).exists():
-            raise FileExistsError(f"--output {self.output} already exists; choose a new file")
 
 
 def image_files(path: str | Path) -> list[Path]:
@@ -90,46 +90,65 @@ def image_files(path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(f"--images {path}: no such file or folder")
+        raise DataError(f"--images {path}: no such file or folder")
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"--images {path}: the folder holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        raise DataError(f"--images {path}: the folder holds no {'/'.join(IMAGE_SUFFIXES)} files")
     return files
 
 
 def load_images(files: list[Path]):
-    """RGB PIL images; a file that does not decode raises an error naming it."""
+    """RGB PIL images; a file that does not decode (or a folder) raises DataError naming it."""
     images = []
     for file in files:
+        data = image_file(file)
         try:
-            images.append(open_image(str(file.resolve()), file.parent).convert("RGB"))
+            images.append(decode_image(data).convert("RGB"))
         except Exception as err:  # noqa: BLE001 - any decoding failure is reported with its file
-            raise ValueError(f"image {file} cannot be read ({err})") from err
+            raise DataError(f"image {file} cannot be read ({err})") from None
     return images
+
+
+def check_new_file(path: Path | None) -> None:
+    """Refuse an --output that exists: scores go to a new file, nothing is overwritten."""
+    if path is not None and (path.exists() or path.is_symlink()):
+        raise RunFolderError(f"--output {path} already exists; choose a new file")
+
+
+def image_prompts(config: Config, count: int) -> list[str] | None:
+    """The --prompts for `count` images: one per image, or one for all (None without --prompts)."""
+    if config.prompts is None:
+        return None
+    prompts = read_prompts(config.prompts)
+    if len(prompts) == 1:
+        return prompts * count
+    if len(prompts) != count:
+        raise DataError(f"--prompts {config.prompts} has {len(prompts)} prompts for {count} images in "
+                        f"{config.images}; give one per image (in sorted file-name order) or a single one")
+    return prompts
 
 
 def run(config: Config) -> dict:
     """Score images (or pairs), print a summary, and write per-item scores as JSONL to --output."""
+    check_new_file(config.output)
+    if config.images is not None:  # read and checked before the scorer loads
+        files = image_files(config.images)
+        prompts = image_prompts(config, len(files))
+        images = load_images(files)
     device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
     scorer = config.load_scorer(config.mixed_precision, device)
     if config.data is not None:
-        pairs = PreferencePairs(config.data, scorer.image_size, config.split, as_stored=True)
+        pairs = PreferencePairs(config.data, scorer.image_size, config.split, as_stored=True,
+                                allow_outside_paths=config.allow_outside_paths)
         first, second, labels = score_pairs(scorer, pairs, config.batch_size)
         summary = pair_metrics(first, second, labels)
         print(f"{config.data}: {describe(summary)}")
         rows = [{"index": int(i), "score_0": float(a), "score_1": float(b), "label_0": float(y)}
                 for i, a, b, y in zip(pairs.rows, first, second, labels)]
     else:
-        files = image_files(config.images)
-        if config.prompts is None and scorer.kind == "clip":
-            raise ValueError("--prompts is required: the CLIP score compares each image with its prompt")
-        prompts = read_prompts(config.prompts) if config.prompts else None
-        if prompts is not None and len(prompts) == 1:
-            prompts = prompts * len(files)
-        if prompts is not None and len(prompts) != len(files):
-            raise ValueError(f"--prompts {config.prompts} has {len(prompts)} prompts for {len(files)} images in "
-                             f"{config.images}; give one per image (in sorted file-name order) or a single one")
-        scores = scorer.score(load_images(files), prompts, config.batch_size)
+        if prompts is None and scorer.kind == "clip":
+            raise ConfigError("--prompts is required: the CLIP score compares each image with its prompt")
+        scores = scorer.score(images, prompts, config.batch_size)
         summary = mean_ci(scores) if len(scores) > 1 else {"mean": float(scores[0]), "n": 1}
         print(f"{len(files)} images, mean score {summary['mean']:.4f}"
               + (f" (95% CI {summary['ci_low']:.4f} .. {summary['ci_high']:.4f})" if len(scores) > 1 else ""))

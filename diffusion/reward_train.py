@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Subset
 
 from mmalign.config import option
+from mmalign.errors import ConfigError, DataError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.plots import plot_metrics
 from mmalign.trainer import TrainConfig, Trainer
@@ -34,6 +35,8 @@ class Config(ScorerOptions, TrainConfig):
 
     data: str = option(None, "Pick-a-Pic style preference pairs: .parquet/.jsonl file, folder, or hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
+    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
+                                              "their folder")
     eval_data: str | None = option(None, "held-out Pick-a-Pic pairs (default: --eval-fraction of --data)")
     eval_split: str = option("test", "split of --eval-data to read from a dataset folder or hub id")
     eval_fraction: float = option(0.1, "without --eval-data: the share of --data held out (seeded by --seed)")
@@ -69,7 +72,8 @@ def select_trainable(scorer: Scorer, tune: str) -> None:
     """requires_grad for --tune. CLIP score: all = both towers and the logit scale, visual = image tower and logit
     scale. Aesthetic score: all and visual = image tower and head, head = the head alone."""
     if tune == "head" and scorer.head is None:
-        raise ValueError("--tune head trains an aesthetic head; this scorer is of the clip kind (pass --kind aesthetic)")
+        raise ConfigError("--tune head trains an aesthetic head; this scorer is of the clip kind "
+                          "(pass --kind aesthetic)")
     scorer.requires_grad_(False)
     if scorer.head is not None:
         scorer.head.requires_grad_(True)
@@ -81,13 +85,15 @@ def select_trainable(scorer: Scorer, tune: str) -> None:
 
 def split_pairs(config: Config, resolution: int) -> tuple[Any, Any]:
     """Training and held-out pairs (stored order, ties kept): --eval-data, or a seeded share of --data."""
-    pairs = PreferencePairs(config.data, resolution, config.split, as_stored=True)
+    pairs = PreferencePairs(config.data, resolution, config.split, as_stored=True,
+                            allow_outside_paths=config.allow_outside_paths)
     if config.eval_data is not None:
-        return pairs, PreferencePairs(config.eval_data, resolution, config.eval_split, as_stored=True)
+        return pairs, PreferencePairs(config.eval_data, resolution, config.eval_split, as_stored=True,
+                                      allow_outside_paths=config.allow_outside_paths)
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed)).tolist()
     held = max(1, round(config.eval_fraction * len(pairs)))
     if held >= len(pairs):
-        raise ValueError(f"{config.data}: {len(pairs)} pairs leave none to train on after holding out {held}")
+        raise DataError(f"{config.data}: {len(pairs)} pairs leave none to train on after holding out {held}")
     return Subset(pairs, order[held:]), Subset(pairs, order[:held])
 
 

@@ -22,15 +22,21 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from torch import nn
 
 from mmalign.config import option
+from mmalign.data import one_line
+from mmalign.errors import ConfigError
+from mmalign.hub import unreachable
 
 from .data import write_atomically
 
@@ -194,21 +200,23 @@ def load_scorer(model: str | Path, pretrained: str | None = None, kind: Kind | N
     """A scorer from an open_clip name/.json/hf-hub:/local-dir: id (+ pretrained tag or checkpoint) or a saved folder.
 
     kind defaults to the saved folder's, else "clip"; an aesthetic scorer without a saved head gets a fresh one
-    (widths `head_hidden`) to train.
+    (widths `head_hidden`) to train. Anything given that cannot be used raises ConfigError naming it.
     """
     import open_clip
 
     name, saved = _resolve(str(model), pretrained)
-    checkpoint = str(Path(model) / WEIGHTS_FILE) if saved is not None else pretrained
+    weights = Path(model) / WEIGHTS_FILE if saved is not None else \
+        Path(pretrained) if pretrained and Path(pretrained).is_file() else None
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, precision=precision,
                                                                     device=device)
-    except RuntimeError as err:
-        text = str(err)
-        if "state_dict" in text:
-            detail = " ".join(text.split())[:400]
-            raise ValueError(f"checkpoint {checkpoint} does not match the open_clip architecture of {model}: {detail}") from None
-        raise ValueError(f"cannot build the open_clip model {model} (pretrained {pretrained}): {text}") from None
+    except Exception as err:  # noqa: BLE001 - a weights file given by the user fails to load in many types
+        if weights is not None:
+            raise ConfigError(_checkpoint_problem(weights, model, err)) from None
+        if not isinstance(err, (RuntimeError, OSError, ValueError)):
+            raise
+        raise ConfigError(f"cannot build the open_clip model {model} (pretrained {pretrained}): "
+                          f"{one_line(err, 400)}") from None
     saved = saved or {}
     kind = kind or saved.get("kind", "clip")
     head = None
@@ -219,36 +227,92 @@ def load_scorer(model: str | Path, pretrained: str | None = None, kind: Kind | N
     return Scorer(clip, preprocess, open_clip.get_tokenizer(name), source, head)
 
 
+def _checkpoint_problem(path: Path, model: str | Path, err: BaseException) -> str:
+    """Why the checkpoint file `path` did not load into the open_clip model `model`, in one message."""
+    if isinstance(err, pickle.UnpicklingError):
+        return (f"checkpoint {path} was not loaded: it holds Python objects besides tensors, and unpickling them "
+                "could run code; only tensors are read from checkpoints (a safetensors file, or a PyTorch file of "
+                "plain tensors)")
+    if isinstance(err, RuntimeError) and "state_dict" in str(err):
+        return f"checkpoint {path} does not match the open_clip architecture of {model}: {one_line(err, 400)}"
+    return f"checkpoint {path} cannot be read as open_clip weights ({type(err).__name__}: {one_line(err, 400)})"
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; ConfigError naming the file when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{what} {path} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} {path} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _read_scorer_file(path: Path) -> dict[str, Any]:
+    """A saved folder's scorer.json ({'kind', 'head_hidden'}), checked; {} when there is none."""
+    if not path.is_file():
+        return {}
+    meta = _read_json(path, "scorer file")
+    hidden = meta.get("head_hidden", [])
+    if meta.get("kind", "clip") not in get_args(Kind):
+        raise ConfigError(f"scorer file {path}: 'kind' must be one of {', '.join(get_args(Kind))}, "
+                          f"got {meta.get('kind')!r}")
+    if not isinstance(hidden, list) or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                                               for w in hidden):
+        raise ConfigError(f"scorer file {path}: 'head_hidden' must be a list of positive integers, got {hidden!r}")
+    return meta
+
+
 def _resolve(model: str, pretrained: str | None) -> tuple[str, dict | None]:
-    """open_clip's model name for `model`, and the scorer.json of a saved folder (None when it is not one)."""
+    """open_clip's model name for `model`, and the scorer.json of a saved folder (None when it is not one); a hub
+    id or pretrained tag that cannot be downloaded now stops here (`mmalign.hub.unreachable`)."""
     import open_clip
 
     path = Path(model)
     if path.is_dir():
         if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"scorer folder {path} has no {CONFIG_FILE} (write one with `mmalign reward train` "
-                                    "or open_clip's local-dir layout)")
+            raise ConfigError(f"scorer folder {path} has no {CONFIG_FILE} (write one with `mmalign reward train` "
+                              "or open_clip's local-dir layout)")
+        if "model_cfg" not in _read_json(path / CONFIG_FILE, "open_clip config"):
+            raise ConfigError(f"open_clip config {path / CONFIG_FILE} has no 'model_cfg'")
         if pretrained:
-            raise ValueError(f"pretrained {pretrained!r} applies to an architecture name; the saved folder {path} "
-                             "holds its own weights")
-        scorer_file = path / SCORER_FILE
-        return f"local-dir:{path}", json.loads(scorer_file.read_text()) if scorer_file.is_file() else {}
+            raise ConfigError(f"pretrained {pretrained!r} applies to an architecture name; the saved folder {path} "
+                              "holds its own weights")
+        return f"local-dir:{path}", _read_scorer_file(path / SCORER_FILE)
     if path.suffix == ".json":
         if not path.is_file():
-            raise FileNotFoundError(f"architecture file {path} does not exist")
+            raise ConfigError(f"architecture file {path} does not exist")
+        _read_json(path, "architecture file")
         open_clip.add_model_config(path)
         if open_clip.get_model_config(path.stem) is None:
-            raise ValueError(f"{path} is not an open_clip architecture (it needs embed_dim, vision_cfg and text_cfg)")
+            raise ConfigError(f"{path} is not an open_clip architecture (it needs embed_dim, vision_cfg and text_cfg)")
         model = path.stem
-    elif not model.startswith(("hf-hub:", "local-dir:")) and open_clip.get_model_config(model) is None:
-        raise ValueError(f"scorer {model!r} is not an open_clip architecture (see open_clip.list_models()), an "
-                         "architecture .json file, or a folder holding open_clip_config.json")
-    if pretrained and not Path(pretrained).is_file() and pretrained.lower() not in \
-            [t.lower() for t in open_clip.list_pretrained_tags_by_model(model)]:
-        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
-        raise FileNotFoundError(f"pretrained {pretrained!r} is neither a checkpoint file nor an open_clip tag of "
-                                f"{model} (its tags: {tags})")
+    elif model.startswith("hf-hub:"):
+        _require_hub(model[len("hf-hub:"):], ("open_clip_config.json",), f"scorer {model}")
+    elif not model.startswith("local-dir:") and open_clip.get_model_config(model) is None:
+        raise ConfigError(f"scorer {model!r} is not an open_clip architecture (see open_clip.list_models()), an "
+                          "architecture .json file, or a folder holding open_clip_config.json")
+    if pretrained and not Path(pretrained).is_file():
+        if pretrained.lower() not in [t.lower() for t in open_clip.list_pretrained_tags_by_model(model)]:
+            tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+            raise ConfigError(f"pretrained {pretrained!r} is neither a checkpoint file nor an open_clip tag of "
+                              f"{model} (its tags: {tags})")
+        hub_file = open_clip.get_pretrained_cfg(model, pretrained).get("hf_hub", "")
+        if hub_file:  # open_clip's own reading: 'org/repo/' (its default weights file) or 'org/repo/file'
+            from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+            repo_id, filename = posixpath.split(hub_file)
+            _require_hub(repo_id, (filename or HF_WEIGHTS_NAME, HF_SAFE_WEIGHTS_NAME),
+                         f"pretrained {pretrained!r} of {model}")
     return model, None
+
+
+def _require_hub(repo_id: str, cached: tuple[str, ...], what: str) -> None:
+    """Raise ConfigError at once when the hub repository `repo_id` cannot be had now (`mmalign.hub.unreachable`)."""
+    problem = unreachable(repo_id, cached=cached)
+    if problem:
+        raise ConfigError(f"{what}: the hub repository {repo_id} cannot be had: {problem}")
 
 
 def _load_head(folder: Path, saved: dict, embed_dim: int, head_hidden: Sequence[int]) -> AestheticHead:
@@ -260,9 +324,9 @@ def _load_head(folder: Path, saved: dict, embed_dim: int, head_hidden: Sequence[
     head = AestheticHead(embed_dim, saved.get("head_hidden", []))
     try:
         head.load_state_dict(load_file(str(folder / HEAD_FILE)))
-    except (RuntimeError, FileNotFoundError) as err:
-        raise ValueError(f"aesthetic head {folder / HEAD_FILE} does not fit embed_dim {embed_dim} and hidden widths "
-                         f"{saved.get('head_hidden', [])}: {' '.join(str(err).split())[:300]}") from None
+    except (RuntimeError, FileNotFoundError, SafetensorError) as err:
+        raise ConfigError(f"aesthetic head {folder / HEAD_FILE} does not fit embed_dim {embed_dim} and hidden widths "
+                          f"{saved.get('head_hidden', [])}: {one_line(err)}") from None
     return head
 
 

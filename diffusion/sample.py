@@ -10,7 +10,10 @@ from typing import Literal
 import torch
 from PIL import Image
 
+from mmalign import run_folder
 from mmalign.config import option
+
+from .data import read_prompts
 
 
 @torch.no_grad()
@@ -62,7 +65,7 @@ class Config:
 
     model: str = option(None, "diffusers SD/SDXL folder, hub id, or single-file checkpoint")
     prompts: str = option(None, "text file, one prompt per line")
-    output: Path = option(None, "folder for the images and grid.png")
+    output: Path = option(None, "folder for the images and grid.png: a new or empty one")
     lora: str | None = option(None, "folder or file of LoRA weights to load (e.g. a Diffusion-DPO run directory)")
     num: int = option(4, "images per prompt")
     seed: int = option(0, "image i of the run uses generator seed `seed + i`")
@@ -88,11 +91,8 @@ def load(config: Config):
     return sampling_pipeline(config.model, config.lora, config.mixed_precision, config.cpu)
 
 
-def write(pipe, config: Config) -> torch.Tensor:
-    """Sample `num` images per prompt of `config.prompts`, write them as PNG files plus grid.png; returns them."""
-    from .dpo import read_prompts
-
-    prompts = read_prompts(config.prompts)
+def write(pipe, prompts: list[str], config: Config) -> torch.Tensor:
+    """Sample `num` images per prompt, write them as PNG files plus grid.png into config.output; returns them."""
     expanded = [p for p in prompts for _ in range(config.num)]
     images = generate(pipe, expanded, seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale,
                       batch_size=config.batch_size)
@@ -103,5 +103,7 @@ def write(pipe, config: Config) -> torch.Tensor:
 
 
 def run(config: Config) -> torch.Tensor:
-    """`mmalign diffusion sample`: fixed-seed images of each prompt."""
-    return write(load(config), config)
+    """`mmalign diffusion sample`: fixed-seed images of each prompt, in a folder of their own (new or empty)."""
+    prompts = read_prompts(config.prompts)
+    with run_folder.claim(config.output, resuming=False):
+        return write(load(config), prompts, config)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 @dataclass
 class Condition:
@@ -64,7 +66,7 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"scheduler prediction_type {kind!r} is not supported; use epsilon or v_prediction")
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported; use {' or '.join(PREDICTION_TYPES)}")
 
 
 def predict(model, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:

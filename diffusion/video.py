@@ -4,7 +4,7 @@ Winner and loser videos are encoded frame by frame into latents [C, F, h, w]; bo
 over (C, F, h, w) and ONE timestep, and the per-video error e is the mean over all of them, so the
 loss is Diffusion-DPO's -log sigmoid(-0.5 beta ((e_w - e_l) - (e'_w - e'_l))) unchanged. Data: rows
 `caption, video_0, video_1, label_0`, each video a folder of frame images (sorted by name) or a
-video file read with imageio (.gif, or .mp4 with imageio-ffmpeg), relative to the data file; every
+video file read with imageio (.gif, or .mp4 with imageio-ffmpeg), inside the data file's folder; every
 video must have exactly `num_frames` frames (checked for every row before training).
 """
 
@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 
 from mmalign.config import option
+from mmalign.data import DataError, resolve_path
+from mmalign.errors import MissingDependencyError
 
 from . import dpo
 from .data import PreferencePairs, to_model_pixels
@@ -27,20 +29,26 @@ from .data import PreferencePairs, to_model_pixels
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def read_video(value: Any, root: Path) -> list[Image.Image]:
-    """The frames of a video given as a folder of images or a video file, path relative to `root`."""
+def read_video(value: Any, root: Path, allow_outside: bool = False) -> list[Image.Image]:
+    """The frames of a video given as a folder of images or a video file, by a path inside the data folder `root`
+    (anywhere with `allow_outside`, see `mmalign.data.resolve_path`)."""
     if not isinstance(value, str):
-        raise TypeError(f"expected a path to a frame folder or a video file, got {type(value).__name__}")
-    path = Path(value) if Path(value).is_absolute() else root / value
+        raise DataError(f"expected a path to a frame folder or a video file, got {type(value).__name__}")
+    path = resolve_path(value, root, allow_outside, where="video path")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES and p.is_file())
         if not files:
-            raise FileNotFoundError(f"frame folder {path} holds no images")
+            raise DataError(f"frame folder {path} holds no {'/'.join(FRAME_SUFFIXES)} image files")
         return [Image.open(f).convert("RGB") for f in files]
     if not path.is_file():
-        raise FileNotFoundError(f"video {path} does not exist")
-    import imageio.v3 as iio
-
+        raise DataError(f"video {path} does not exist")
+    if path.suffix.lower() in FRAME_SUFFIXES:
+        raise DataError(f"{path} is one image, not a video: give a folder of frame images or a video file "
+                        "(.gif, .mp4)")
+    try:
+        import imageio.v3 as iio
+    except ImportError as err:
+        raise MissingDependencyError("video files are read with imageio: pip install 'mmalign[diffusion]'") from err
     return [Image.fromarray(np.asarray(frame)[..., :3]) for frame in iio.imiter(path)]
 
 
@@ -49,14 +57,15 @@ class VideoPairs(PreferencePairs):
 
     fields = ("video_0", "video_1")
 
-    def __init__(self, path: str | Path, resolution: int, split: str = "train", num_frames: int = 8):
+    def __init__(self, path: str | Path, resolution: int, split: str = "train", num_frames: int = 8,
+                 allow_outside_paths: bool = False):
         self.num_frames = num_frames
-        super().__init__(path, resolution, split)
+        super().__init__(path, resolution, split, allow_outside_paths=allow_outside_paths)
 
     def _frames(self, value: Any) -> list[Image.Image]:
-        frames = read_video(value, self.root)
+        frames = read_video(value, self.root, self.allow_outside_paths)
         if len(frames) != self.num_frames:
-            raise ValueError(f"has {len(frames)} frames, expected {self.num_frames} (--num-frames)")
+            raise DataError(f"has {len(frames)} frames, expected {self.num_frames} (--num-frames)")
         return frames
 
     def check(self, value: Any) -> None:

@@ -26,7 +26,7 @@ OBJECT_THRESHOLD = 60.0
 
 def render(caption: str, cx: float, cy: float, radius: float, size: int = IMAGE_SIZE) -> Image.Image:
     """Draw the caption's shape centred at (cx, cy) with the given radius, anti-aliased."""
-    colour, shape = _parse(caption)
+    colour, shape = parse_caption(caption)
     s = SUPERSAMPLE
     canvas = Image.new("RGB", (size * s, size * s), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -107,7 +107,8 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _parse(caption: str) -> tuple[str, str]:
+def parse_caption(caption: str) -> tuple[str, str]:
+    """(colour, shape) of a world caption 'a <colour> <shape>'; any other text raises ValueError."""
     words = caption.split()
     if len(words) != 3 or words[1] not in COLOURS or words[2] not in SHAPES:
         raise ValueError(f"caption {caption!r} is not of the form 'a <colour> <shape>' with colour in "
@@ -122,7 +123,7 @@ def colour_match(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
     mask = ((images - background).abs().amax(dim=1) * 255.0 > OBJECT_THRESHOLD).to(images.dtype)
     mean_colour = (images * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2)).clamp_min(1.0)[:, None]
     nearest = torch.cdist(mean_colour, palette).argmin(dim=1)
-    wanted = torch.tensor([list(COLOURS).index(_parse(c)[0]) for c in captions], device=images.device)
+    wanted = torch.tensor([list(COLOURS).index(parse_caption(c)[0]) for c in captions], device=images.device)
     return ((nearest == wanted) & (mask.sum(dim=(1, 2)) > 0)).to(images.dtype)
 
 

@@ -12,6 +12,7 @@ stops with a `DataError`. The core kinds:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterable
 import datasets
 
 from mmalign.errors import DataError
+from mmalign.hub import is_repo_id, unreachable
 
 MAX_REPORTED = 50
 
@@ -99,10 +101,9 @@ def resolve_path(value: str | Path, root: Path, allow_outside: bool = False, whe
         inside = not path.is_absolute() and (resolved.resolve() == root.resolve()
                                              or root.resolve() in resolved.resolve().parents)
         if not inside:
-            kind = "an absolute path, not one inside" if path.is_absolute() else "outside"
-            raise DataError(f"{where}: {str(value)!r} is {kind} the data folder {root}; data files name their images "
-                            "relative to their folder "
-                            "(pass --allow-outside-paths to read it anyway)")
+            problem = "is an absolute path" if path.is_absolute() else f"is outside the data folder {root}"
+            raise DataError(f"{where}: {str(value)!r} {problem}; data files name their images and videos by paths "
+                            f"relative to their own folder ({root}); pass --allow-outside-paths to read it anyway")
     return resolved
 
 
@@ -114,29 +115,124 @@ def load_records(path: str | Path, split: str = "train") -> datasets.Dataset:
         return _load_file(path)
     if path.is_dir():
         if any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if split not in loaded:
-                    raise DataError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
-                loaded = loaded[split]
-            return loaded
+            return _load_saved(path, split)
         for pattern in (f"*{split}*.parquet", "*.parquet", f"*{split}*.jsonl", "*.jsonl"):
             files = sorted(path.rglob(pattern))
             if files:
-                return datasets.concatenate_datasets([_load_file(f) for f in files])
+                return _concatenate(path, [_load_file(f) for f in files])
         raise DataError(f"{path}: folder holds no .parquet or .jsonl files and is not a saved `datasets` folder")
-    if path_str.count("/") == 1 and not path_str.startswith((".", "/")):
-        return datasets.load_dataset(path_str, split=split)
+    if is_repo_id(path_str):
+        return _load_hub(path_str, split)
     raise DataError(f"{path}: no such file or folder")
 
 
+def _load_saved(path: Path, split: str) -> datasets.Dataset:
+    """A folder written by `save_to_disk`, or its `split` when it holds a DatasetDict."""
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot be read as a saved `datasets` folder ({one_line(err)})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split {split!r}; it has {', '.join(loaded)}")
+        loaded = loaded[split]
+    return loaded
+
+
+def _concatenate(folder: Path, parts: list[datasets.Dataset]) -> datasets.Dataset:
+    """The files of a folder as one dataset; files with different fields raise DataError."""
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as err:
+        raise DataError(f"{folder}: its data files do not share the same fields ({one_line(err)})") from None
+
+
+def _load_hub(repo_id: str, split: str) -> datasets.Dataset:
+    """A split of a hub dataset; fails at once, with the reason, when the hub cannot provide it (`mmalign.hub`)."""
+    from huggingface_hub import constants
+
+    # offline, `datasets` looks in its own cache at once; online, ask the hub once instead of retrying for a minute
+    problem = None if constants.HF_HUB_OFFLINE else unreachable(repo_id, "dataset", cached=("README.md",))
+    if problem is None:
+        try:
+            return datasets.load_dataset(repo_id, split=split)
+        except (OSError, ValueError) as err:
+            problem = one_line(err)
+    raise DataError(f"{repo_id}: no such file or folder here, and the hub dataset of that name cannot be loaded: "
+                    f"{problem}")
+
+
 def _load_file(path: Path) -> datasets.Dataset:
+    """One .jsonl/.json or .parquet file; a file that cannot be read raises DataError naming it (and the line)."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return datasets.Dataset.from_json(str(path))
-    if suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path))
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    if suffix not in (".jsonl", ".json", ".parquet"):
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its error log would repeat ours
+    try:
+        if suffix == ".parquet":
+            records = datasets.Dataset.from_parquet(str(path))
+        else:
+            records = datasets.Dataset.from_json(str(path))
+            records.data.validate(full=True)  # text that is not UTF-8 loads, and fails only when read
+    except Exception as err:  # noqa: BLE001 - the readers fail in many types; the file is then diagnosed
+        raise DataError(f"{path}: {_file_problem(path, err)}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    return records
+
+
+def _file_problem(path: Path, err: BaseException) -> str:
+    """What is wrong with a data file its reader failed on: its first bad line, emptiness, or the reader's error."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as parquet_err:  # noqa: BLE001 - pyarrow's error says what is wrong with the file
+            return f"not a Parquet file ({one_line(parquet_err)})"
+        return "holds no records" if rows == 0 else f"cannot be read ({one_line(err)})"
+    return _json_problem(path) or f"cannot be read as JSON ({one_line(err)})"
+
+
+def _json_problem(path: Path) -> str | None:
+    """The first line of a JSON Lines (or JSON) file that is not a JSON object, or 'holds no records' when it holds
+    only blank lines; None when every line parses. A file that is not UTF-8 raises DataError (`read_utf8`)."""
+    text = read_utf8(path)
+    if not text.strip():
+        return "holds no records (it is empty or holds only blank lines)"
+    if text.lstrip().startswith("["):  # one JSON document: a list of records
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno}, column {err.colno}: not valid JSON ({err.msg})"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number}, column {err.colno}: not valid JSON ({err.msg})"
+        if not isinstance(value, dict):
+            return f"line {number}: expected a JSON object of fields, got {type(value).__name__}"
+    return None
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a file; one that is not UTF-8 raises DataError naming the file and the first bad line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8 "
+                        "(e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, shortened to `limit` characters (its type when it has no message)."""
+    return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
 def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:

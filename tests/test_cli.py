@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -60,3 +61,32 @@ def test_sample_writes_fixed_seed_images(tiny_sd, tmp_path, capsys):
     assert len(files) == 6 and (tmp_path / "a" / "grid.png").is_file()
     for f in files:
         assert (torch.tensor(list(Image.open(f).getdata())) == torch.tensor(list(Image.open(tmp_path / "b" / f.name).getdata()))).all()
+
+
+def test_a_hub_model_that_cannot_be_had_fails_at_once(monkeypatch):
+    """Offline (HF_HUB_OFFLINE, set for the tests) and not cached: refused without a request. Online without a network:
+    one request, no retries. Cached: no request at all (the libraries read the cache)."""
+    import huggingface_hub
+
+    from mmalign.diffusion.models import pipeline_class
+    from mmalign.errors import ConfigError
+    from mmalign.hub import unreachable
+
+    calls = []
+
+    def no_network(self, repo_id, **kwargs):
+        calls.append(repo_id)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", no_network)
+    with pytest.raises(ConfigError, match="--model someone/some-model: no such file or folder here, and the hub "
+                                          "model of that name cannot be had: HF_HUB_OFFLINE is set"):
+        pipeline_class("someone/some-model")
+    assert calls == []
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ConfigError, match=r"the hub cannot be reached \(ConnectionError: Name or service not known\)"):
+        pipeline_class("someone/some-model")
+    assert calls == ["someone/some-model"]
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, filename, **kwargs: f"/cache/{repo_id}/{filename}")
+    assert unreachable("someone/some-model", cached=("model_index.json",)) is None and len(calls) == 1

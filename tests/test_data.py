@@ -118,3 +118,74 @@ def test_truncated_image_fails_at_load_naming_the_row(tmp_path):
     with pytest.raises(DataError, match="record 0, field 'jpg_1'"):
         pairs = PreferencePairs(write_pickapic(rows, tmp_path / "t.parquet"), resolution=32)
         pairs[0]
+
+
+UNREADABLE = [  # a file name, its bytes, and the error expected
+    ("broken.jsonl", b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n\n{"prompt": "p", "chosen": \n',
+     r"broken.jsonl: line 3, column 27: not valid JSON"),
+    ("empty.jsonl", b"", "empty.jsonl: holds no records"),
+    ("blank.jsonl", b"\n  \n", "blank.jsonl: holds no records"),
+    ("latin1.jsonl", '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "café"}\n'.encode("latin-1"),
+     r"latin1.jsonl: line 2 is not UTF-8 text \(byte 0xe9\)"),
+    ("list.jsonl", b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n["p", "a", "b"]\n',
+     "list.jsonl: line 2: expected a JSON object"),
+    ("broken.json", b'[{"prompt": "p", "chosen": "a", "rejected": "b"},\n {"prompt": }]',
+     r"broken.json: line 2, column"),
+    ("empty.parquet", b"", "empty.parquet: not a Parquet file"),
+]
+
+
+@pytest.mark.parametrize("name, content, problem", UNREADABLE, ids=[case[0] for case in UNREADABLE])
+def test_a_file_that_cannot_be_read_names_itself_and_the_line(tmp_path, name, content, problem):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=problem):
+        load_records(tmp_path / name)
+
+
+def test_a_parquet_file_without_rows_holds_no_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), str(tmp_path / "zero.parquet"))
+    with pytest.raises(DataError, match="zero.parquet: holds no records"):
+        load_records(tmp_path / "zero.parquet")
+
+
+def test_a_hub_dataset_that_cannot_be_had_fails_at_once(monkeypatch):
+    """Offline (HF_HUB_OFFLINE, set for the tests): `datasets` looks in its cache and stops. Online without a network:
+    one request to the hub, no retries."""
+    import time
+
+    import huggingface_hub
+
+    start = time.monotonic()
+    with pytest.raises(DataError, match="someone/no-such-dataset: no such file or folder here, and the hub dataset"):
+        load_records("someone/no-such-dataset")
+    calls = []
+
+    def no_network(self, repo_id, **kwargs):
+        calls.append(repo_id)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", no_network)
+    with pytest.raises(DataError, match=r"the hub cannot be reached \(ConnectionError: Name or service not known\); "
+                                        "to use copies in the local cache, set HF_HUB_OFFLINE=1"):
+        load_records("someone/no-such-dataset")
+    assert calls == ["someone/no-such-dataset"]
+    assert time.monotonic() - start < 10
+
+
+def test_image_paths_stay_inside_the_data_folder_unless_allowed(tmp_path):
+    render("a red circle", 8, 16, 6).save(tmp_path / "left.png")
+    (tmp_path / "data").mkdir()
+    render("a red circle", 24, 16, 6).save(tmp_path / "data" / "right.png")
+    path = write_jsonl(tmp_path / "data" / "pairs.jsonl", [{"caption": "a red circle", "jpg_0": "../left.png",
+                                                            "jpg_1": str(tmp_path / "data" / "right.png"),
+                                                            "label_0": 1}])
+    with pytest.raises(DataError) as err:
+        PreferencePairs(path, resolution=16)
+    message = str(err.value)
+    assert "record 0, field 'jpg_0': cannot be read (image path: '../left.png' is outside the data folder" in message
+    assert "record 0, field 'jpg_1': cannot be read (image path: " in message and "is an absolute path" in message
+    assert PreferencePairs(path, resolution=16, allow_outside_paths=True)[0]["pixel_values"].shape == (2, 3, 16, 16)

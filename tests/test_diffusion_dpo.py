@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from mmalign.diffusion import dpo
 from mmalign.diffusion.data import PreferencePairs, collate_pairs
 from mmalign.diffusion.sample import generate
+from mmalign.errors import ConfigError, DataError, RunFolderError
 from mmalign.reference import FrozenCopy
 from mmalign.trainer import Trainer, step_generator
 
@@ -213,3 +214,37 @@ def test_a_compiled_denoiser_gives_the_eager_run_and_saves_a_loadable_lora(tiny_
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-5)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.load_lora_weights(compiled.output)
+
+
+def test_from_python_bad_input_stops_before_the_run_folder_exists(tiny_sd, pickapic, tmp_path):
+    """Trainer creation writes nothing; the data, the grid prompts and the model are checked before `trainer.begin`."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "a red circle", "jpg_0": "gone.png", "jpg_1": "gone.png", "label_0": 1}\n')
+    with pytest.raises(DataError, match="record 0, field 'jpg_0': cannot be read"):
+        dpo.run(config(tiny_sd, bad, tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("un carré rouge\n".encode("latin-1"))
+    with pytest.raises(DataError, match="prompts.txt: line 1 is not UTF-8"):
+        dpo.run(config(tiny_sd, pickapic, tmp_path, sample_prompts=str(prompts), num_samples=1))
+    sample_model = tmp_path / "sample-prediction"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.scheduler.register_to_config(prediction_type="sample")
+    pipe.save_pretrained(sample_model)
+    with pytest.raises(ConfigError, match="scheduler predicts 'sample'; training supports epsilon and v_prediction"):
+        dpo.run(config(sample_model, pickapic, tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_checks_its_captions_and_claims_its_folder(tmp_path):
+    from mmalign.diffusion import demo
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na purple dragon\n")
+    with pytest.raises(DataError, match="'a purple dragon' is not of the form 'a <colour> <shape>'"):
+        demo.run(demo.Config(output=tmp_path / "new", sample_prompts=str(prompts)))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("the user's notes\n")
+    with pytest.raises(RunFolderError, match="is not empty"):
+        demo.run(demo.Config(output=tmp_path / "full"))
+    assert (tmp_path / "full" / "notes.txt").read_text() == "the user's notes\n"

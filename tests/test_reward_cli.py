@@ -76,7 +76,7 @@ def test_relabel_writes_a_new_dataset_and_reports_agreement(scorer_dir, pickapic
 
     code, _, err = run_cli(capsys, "reward", "relabel", "--scorer", scorer_dir, "--data", pickapic,
                            "--output", tmp_path / "ai")
-    assert code == 1 and "already exists" in err
+    assert code == 1 and "is not empty" in err
 
 
 def test_relabel_embeds_images_given_as_paths(scorer_dir, tmp_path, capsys):
@@ -106,7 +106,7 @@ def test_pairs_from_a_pipeline_train_diffusion_dpo_directly(tiny_sd, scorer_dir,
     assert (tmp_path / "pairs" / "ranked.png").is_file()
 
     code, _, err = run_cli(capsys, *args, "--output", tmp_path / "pairs")
-    assert code == 1 and "already exists" in err
+    assert code == 1 and "is not empty" in err
     code, _, err = run_cli(capsys, *args, "--output", tmp_path / "none", "--margin", 1e6)
     assert code == 1 and "no pair passed the filters" in err
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.diffusion import world
+from mmalign.errors import ConfigError
 from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
 from mmalign.diffusion.relabel import ai_feedback_labels
 from mmalign.diffusion.reward_pairs import select_pairs
@@ -107,14 +108,14 @@ def test_bad_input_gets_clear_errors(saved, tmp_path):
     other_arch = tmp_path / "tiny-clip-narrow.json"
     other_arch.write_text(json.dumps(other))
     checkpoint = saved["clip"] / "open_clip_model.safetensors"
-    with pytest.raises(ValueError, match=rf"checkpoint {checkpoint} does not match the open_clip architecture of "
-                                         rf".*tiny-clip-narrow.json.*size mismatch"):
+    with pytest.raises(ConfigError, match=rf"checkpoint {checkpoint} does not match the open_clip architecture of "
+                                          rf".*tiny-clip-narrow.json.*size mismatch"):
         load_scorer(other_arch, pretrained=str(checkpoint))
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint file nor an open_clip tag of ViT-B-32"):
+    with pytest.raises(ConfigError, match="neither a checkpoint file nor an open_clip tag of ViT-B-32"):
         load_scorer("ViT-B-32", pretrained="no-such-tag")
-    with pytest.raises(ValueError, match="'ViT-Nope' is not an open_clip architecture"):
+    with pytest.raises(ConfigError, match="'ViT-Nope' is not an open_clip architecture"):
         load_scorer("ViT-Nope")
-    with pytest.raises(FileNotFoundError, match="has no open_clip_config.json"):
+    with pytest.raises(ConfigError, match="has no open_clip_config.json"):
         load_scorer(tmp_path)
     (saved["aesthetic"] / "broken").mkdir()
     broken = saved["aesthetic"] / "broken"
@@ -122,8 +123,39 @@ def test_bad_input_gets_clear_errors(saved, tmp_path):
         (broken / name).write_bytes((saved["aesthetic"] / name).read_bytes())
     (broken / "scorer.json").write_text(json.dumps({"kind": "aesthetic", "head_hidden": [8]}))
     (broken / "aesthetic_head.safetensors").write_bytes((saved["aesthetic"] / "aesthetic_head.safetensors").read_bytes())
-    with pytest.raises(ValueError, match="aesthetic head .* does not fit embed_dim 32 and hidden widths \\[8\\]"):
+    with pytest.raises(ConfigError, match="aesthetic head .* does not fit embed_dim 32 and hidden widths \\[8\\]"):
         load_scorer(broken)
+    (broken / "scorer.json").write_text('{"kind": "aesthetic", ')
+    with pytest.raises(ConfigError, match=r"scorer file .*broken/scorer.json is not valid JSON"):
+        load_scorer(broken)
+    (broken / "scorer.json").write_text(json.dumps({"kind": "aesthetic", "head_hidden": [0]}))
+    with pytest.raises(ConfigError, match=r"broken/scorer.json: 'head_hidden' must be a list of positive integers"):
+        load_scorer(broken)
+    (broken / "open_clip_config.json").write_text("[]")
+    with pytest.raises(ConfigError, match=r"open_clip config .*broken/open_clip_config.json must hold a JSON object"):
+        load_scorer(broken)
+
+
+class RunsCode:
+    """A pickle payload: unpickling it would create the file `path` (arbitrary code)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_naming_it(tmp_path):
+    evidence = tmp_path / "code-ran"
+    checkpoint = tmp_path / "evil.pt"
+    torch.save({"state_dict": RunsCode(evidence)}, checkpoint)
+    torch.load(checkpoint, weights_only=False)  # the payload works: unpickling it creates the file
+    assert evidence.exists()
+    evidence.unlink()
+    with pytest.raises(ConfigError, match=rf"checkpoint {checkpoint} was not loaded: it holds Python objects"):
+        load_scorer(ARCH, pretrained=str(checkpoint))
+    assert not evidence.exists()
 
 
 def test_expected_calibration_error_by_hand():

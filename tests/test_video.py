@@ -58,16 +58,34 @@ def test_frame_folders_and_video_files_load(video_data):
 
 
 def test_wrong_frame_count_names_the_row(video_data, tmp_path):
-    short = write_clip(tmp_path / "short", 10, 1, frames=2)
     rows = [json.loads(x) for x in video_data.read_text().splitlines()]
-    rows[2]["video_1"] = str(tmp_path / short)
-    rows[3]["video_0"] = str(tmp_path / "missing")
+    rows[2]["video_1"] = write_clip(video_data.parent / "short", 10, 1, frames=2)
+    rows[3]["video_0"] = "missing"
+    rows[1]["video_1"] = "short/000.png"
     bad = video_data.with_name("bad.jsonl")
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError) as err:
         video.VideoPairs(bad, resolution=32, num_frames=FRAMES)
     assert "record 2, field 'video_1': cannot be read (has 2 frames, expected 3" in str(err.value)
     assert "record 3, field 'video_0': cannot be read (video" in str(err.value)
+    assert "record 1, field 'video_1': cannot be read (" in str(err.value)
+    assert "short/000.png is one image, not a video" in str(err.value)
+
+
+def test_video_paths_stay_inside_the_data_folder_unless_allowed(video_data, tmp_path):
+    outside = write_clip(tmp_path / "outside", 10, 1)
+    rows = [json.loads(x) for x in video_data.read_text().splitlines()]
+    rows[0]["video_0"] = str(tmp_path / outside)
+    data = tmp_path / "data" / "pairs.jsonl"
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:1]))
+    with pytest.raises(DataError, match=r"record 0, field 'video_0': cannot be read \(video path: '.*outside' is an "
+                                        "absolute path"):
+        video.VideoPairs(data, resolution=32, num_frames=FRAMES)
+    rows[0]["video_1"] = "../" + outside
+    rows[0]["video_0"] = str(tmp_path / outside)
+    data.write_text(json.dumps(rows[0]) + "\n")
+    assert len(video.VideoPairs(data, resolution=32, num_frames=FRAMES, allow_outside_paths=True)) == 1
 
 
 def test_video_latents_are_encoded_frame_by_frame(tiny_video, video_data):
