@@ -81,6 +81,7 @@ def acquire(folder: str | Path, resuming: bool) -> Lock:
     if held(folder):
         folder.mkdir(parents=True, exist_ok=True)
         return Lock(folder)
+    check(folder, resuming)  # before anything is made; again below, under the lock
     lock = folder / LOCK_FILE
     new_lock = not lock.exists()
     new_folders = tuple(p for p in (*reversed(folder.parents), folder) if not p.exists())

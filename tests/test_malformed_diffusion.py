@@ -235,18 +235,8 @@ CASES = [
 ]
 
 
-# run_folder.acquire creates the folder before checking it, so an --output that is a file ends in FileExistsError;
-# refusing a non-empty folder leaves the lock file it made there
-FILE = pytest.mark.xfail(strict=True, raises=FileExistsError,
-                         reason="run_folder.acquire mkdirs an --output that is a file before its check")
-FULL = pytest.mark.xfail(strict=True, raises=AssertionError,
-                         reason="run_folder.acquire leaves .mmalign.lock in a non-empty folder it refuses")
-KNOWN = {"output-is-a-file": FILE, "sample-output-is-a-file": FILE, "output-not-empty": FULL,
-         "reward-relabel-output-not-empty": FULL}
-
-
 @pytest.mark.parametrize("argv, before, words", [
-    pytest.param(*case[1:], id=case[0], marks=[KNOWN[case[0]]] if case[0] in KNOWN else []) for case in CASES])
+    pytest.param(*case[1:], id=case[0]) for case in CASES])
 def test_malformed_input_is_refused_with_one_clear_message(argv, before, words, p, tiny_sd, tmp_path, refused):
     output = tmp_path / "out"
     if before == "file":

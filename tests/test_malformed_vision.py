@@ -21,9 +21,6 @@ CHAT = {"prompt": [{"role": "user", "content": "what colour is the circle ?"}],
         "images": ["a.png"]}
 QA = {"question": "what colour is the circle ?", "answer": "red", "images": ["a.png"]}
 SOURCE = {k: ROW[k] for k in ("prompt", "chosen", "images")}
-CORE_LOADER = "mmalign.data.load_records does not yet turn an unreadable data file into a DataError"
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llava")
@@ -109,12 +106,9 @@ DPO_CASES = [
                  id="images-not-a-list"),
     pytest.param([{k: v for k, v in ROW.items() if k != "rejected"}], [], ["need field(s) rejected"],
                  id="missing-field"),
-    pytest.param(json.dumps(ROW) + "\n{\"prompt\": broken\n", [], ["train.jsonl"], id="broken-jsonl-line",
-                 marks=pytest.mark.xfail(strict=True, reason=CORE_LOADER)),
-    pytest.param("", [], ["train.jsonl"], id="empty-jsonl",
-                 marks=pytest.mark.xfail(strict=True, reason=CORE_LOADER)),
-    pytest.param(empty_parquet, [], ["train.parquet"], id="parquet-without-rows",
-                 marks=pytest.mark.xfail(strict=True, reason=CORE_LOADER)),
+    pytest.param(json.dumps(ROW) + "\n{\"prompt\": broken\n", [], ["train.jsonl"], id="broken-jsonl-line"),
+    pytest.param("", [], ["train.jsonl"], id="empty-jsonl"),
+    pytest.param(empty_parquet, [], ["train.parquet"], id="parquet-without-rows"),
     pytest.param([{**ROW, "images": ["../outside.png"]}], [],
                  ["record 0, field 'images'", "'../outside.png'", "outside the data folder", "--allow-outside-paths"],
                  id="path-outside-data-folder"),
