@@ -1,0 +1,215 @@
+"""What every diffusion method shares: the denoiser it fine-tunes and how it is set up, shown and saved.
+
+A method's Config extends `DenoiserConfig` (the model, LoRA or full fine-tune, the reference, memory and speed
+options, the before/after grids). Its run:
+
+    trainer = Trainer(config)
+    pipe, parts = prepare(config, trainer)         # frozen parts placed and cast, LoRA attached, reference built
+    ...                                            # the method's data, checked
+    trainer.begin()                                # the run folder is written from here on
+    sample_grid(trainer, parts, prompts, "samples_before.png")
+    trainer.fit(denoiser_of(pipe), data, collate, step, save_model=lambda m, out: save_result(parts, m, out))
+    sample_grid(trainer, parts, prompts, "samples_after.png")
+
+What a method needs of the model is stated on its Config class: `schedule` ("flow" or "diffusion" when it
+works with one kind only) and `video` (a text-to-video pipeline instead of an image one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Generic, Iterable, Literal, TypeVar
+
+import torch
+
+from mmalign.config import option
+from mmalign.errors import ConfigError
+from mmalign.reference import AdapterDisabled, FrozenCopy, Reference
+from mmalign.trainer import TrainConfig, Trainer
+
+from .data import read_prompts
+from .models import (LORA_TARGETS, VIDEO_PIPELINES, add_lora, denoiser_of, enable_xformers, load_pipeline, save_full,
+                     save_lora)
+from .sample import generate, image_grid
+from .scoring import PREDICTION_TYPES, is_flow
+
+FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+GRID_PROMPTS = 4  # prompts in the before/after grids when no --sample-prompts file is given
+
+
+@dataclass
+class DenoiserConfig(TrainConfig):
+    """The denoiser being fine-tuned and how (plus the training loop's settings)."""
+
+    schedule: ClassVar[Literal["flow", "diffusion"] | None] = None  # the one kind of model a method trains, if any
+    video: ClassVar[bool] = False  # a text-to-video pipeline (frames) instead of an image one
+
+    model: str = option(None, "diffusers pipeline folder, hub id, or single-file checkpoint")
+    lora_rank: int = option(8, "LoRA rank of the denoiser's attention projections")
+    lora_alpha: int | None = option(None, "LoRA alpha (default: the rank)")
+    lora_targets: list[str] = option(list(LORA_TARGETS), "module names the LoRA adapts (diffusers' default: "
+                                     "attention projections; add conv1 conv2 to adapt the ResNet convolutions)")
+    full: bool = option(False, "fine-tune the whole denoiser against a frozen copy instead of a LoRA")
+    resolution: int | None = option(None, "training resolution (default: the model's native size)")
+    reference_in_training_dtype: bool = option(True, "--full: keep the frozen reference in the mixed-precision dtype")
+    offload_reference: bool = option(False, "--full: keep the frozen reference on the CPU, streamed per forward")
+    channels_last: bool = option(True, "channels-last memory format for the UNet (faster convolutions)")
+    gradient_checkpointing: bool = option(False, "trade compute for memory in the denoiser")
+    compile: bool = option(False, "torch.compile the policy denoiser in place (inductor): a slower start "
+                                  "(minutes on a CPU), faster steps")
+    xformers: bool = option(False, "xformers attention (GPU and the [gpu] extra); default PyTorch SDPA")
+    sample_prompts: str | None = option(None, "text file of prompts for the before/after grids (default: the "
+                                              "first prompts of the training data)")
+    num_samples: int = option(4, "images per prompt in the before/after grids (0: no grids)")
+    sample_steps: int = option(25, "sampler steps for the grids")
+    guidance_scale: float = option(5.0, "classifier-free guidance for the grids")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("--model (a pipeline folder, hub id or checkpoint file) is required")
+        if not self.full and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1 (or pass --full), got {self.lora_rank}")
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """What the pipeline's sampler needs besides prompts, steps and guidance (a video's frame count)."""
+        return {}
+
+
+ConfigT = TypeVar("ConfigT", bound=DenoiserConfig)
+
+
+@dataclass
+class Parts(Generic[ConfigT]):
+    """What a training step needs besides the policy denoiser."""
+
+    pipe: Any
+    noise_scheduler: Any
+    reference: Reference
+    config: ConfigT
+    resolution: int
+    vae_dtype: torch.dtype
+
+
+ReferenceFactory = Callable[[torch.nn.Module, "torch.dtype | None"], Reference]
+
+
+def place(module, device, dtype) -> None:
+    """Move to the device; cast only when the dtype differs (diffusers warns on every cast)."""
+    module.to(device)
+    if module.dtype != dtype:
+        module.to(dtype)
+
+
+def native_resolution(pipe) -> int:
+    """The pixel size the denoiser was built for: sample_size x VAE scale factor."""
+    return denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
+
+
+def check_pipeline(pipe, config: DenoiserConfig) -> None:
+    """Refuse a model the method cannot train: a scheduler target other than eps, v or flow matching, a diffusion
+    model for a flow method (or the reverse), a video pipeline for an image method (or the reverse)."""
+    flow, prediction = is_flow(pipe.scheduler), pipe.scheduler.config.get("prediction_type")
+    if not flow and prediction not in PREDICTION_TYPES:
+        raise ConfigError(f"--model {config.model}: its scheduler predicts {prediction!r}; training supports "
+                          f"{' and '.join(PREDICTION_TYPES)} (or flow matching)")
+    kind = "flow" if flow else "diffusion"
+    if config.schedule is not None and config.schedule != kind:
+        raise ConfigError(f"--model {config.model}: its scheduler {type(pipe.scheduler).__name__} is a {kind} one; "
+                          f"this method trains {config.schedule} models only ("
+                          + ("SD3-style flow matching; use `mmalign diffusion dpo` for diffusion models)"
+                             if config.schedule == "flow" else "DDPM-style diffusion; use `mmalign diffusion dpo` or "
+                             "`flow-dpo` for flow-matching models)"))
+    name = type(pipe).__name__
+    if (name in VIDEO_PIPELINES) != config.video:
+        raise ConfigError(f"--model {config.model}: {name} is "
+                          + (f"a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`"
+                             if name in VIDEO_PIPELINES else
+                             f"an image pipeline; this method trains text-to-video pipelines "
+                             f"({', '.join(VIDEO_PIPELINES)})"))
+
+
+def training_scheduler(pipe):
+    """The scheduler that noises training latents: the pipeline's own for flow models, else DDPM on its config."""
+    from diffusers import DDPMScheduler
+
+    scheduler = pipe.scheduler
+    return type(scheduler).from_config(scheduler.config) if is_flow(scheduler) else \
+        DDPMScheduler.from_config(scheduler.config)
+
+
+def prepare(config: ConfigT, trainer: Trainer, reference_factory: ReferenceFactory | None = None
+            ) -> tuple[Any, Parts[ConfigT]]:
+    """Load and check the pipeline, freeze and cast its other parts, make its denoiser trainable (a LoRA, or every
+    weight with --full) and build the reference: the adapter switched off (LoRA), a frozen copy (--full), or
+    `reference_factory(denoiser, dtype)`."""
+    pipe = load_pipeline(config.model)
+    check_pipeline(pipe, config)
+    pipe.set_progress_bar_config(disable=True)
+    dtype, device = trainer.weight_dtype, trainer.device
+    for name in FROZEN_PARTS:
+        part = getattr(pipe, name, None)
+        if part is not None:
+            place(part.requires_grad_(False), device, dtype)
+    model = denoiser_of(pipe)
+    place(model, device, torch.float32 if config.full else dtype)
+    if config.channels_last and type(model).__name__ == "UNet2DConditionModel":
+        model.to(memory_format=torch.channels_last)
+    if config.xformers:
+        enable_xformers(model)
+    if config.full:
+        model.requires_grad_(True)
+    else:
+        add_lora(model, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
+    reference_dtype = dtype if config.reference_in_training_dtype else None
+    reference: Reference
+    if reference_factory is not None:
+        reference = reference_factory(model, reference_dtype)
+    elif config.full:
+        reference = FrozenCopy(model, dtype=reference_dtype, offload=config.offload_reference, device=device)
+    else:
+        reference = AdapterDisabled()
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if config.compile:
+        model.compile()
+    resolution = config.resolution or native_resolution(pipe)
+    return pipe, Parts(pipe, training_scheduler(pipe), reference, config, resolution, vae_dtype=dtype)
+
+
+def grid_prompts(config: DenoiserConfig, candidates: Iterable[str]) -> list[str]:
+    """The grids' prompts: the --sample-prompts file, else the first distinct `candidates` (training prompts)."""
+    if config.sample_prompts:
+        return read_prompts(config.sample_prompts)
+    distinct: list[str] = []
+    for prompt in candidates:
+        if prompt not in distinct:
+            distinct.append(prompt)
+        if len(distinct) == GRID_PROMPTS:
+            break
+    return distinct
+
+
+def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str) -> None:
+    """Fixed-seed samples of the current denoiser, `num_samples` per prompt (one row of frames per video), saved as
+    config.output/name by the main process."""
+    config = parts.config
+    if config.num_samples < 1 or not trainer.is_main:
+        return
+    expanded = [p for p in prompts for _ in range(config.num_samples)]
+    with trainer.accelerator.autocast():
+        images = generate(parts.pipe, expanded, seed=config.seed, steps=config.sample_steps,
+                          guidance_scale=config.guidance_scale, **config.sampling_kwargs())
+    columns = config.num_samples
+    if images.dim() == 5:  # videos [N,F,3,H,W]: one row of frames per video
+        columns, images = images.shape[1], images.flatten(0, 1)
+    image_grid(images, columns=columns, scale=max(1, 256 // images.shape[-1])).save(config.output / name)
+
+
+def save_result(parts: Parts, model, output: Path) -> None:
+    """The trained denoiser: its LoRA in the family's format, or with --full the whole pipeline."""
+    if parts.config.full:
+        save_full(parts.config.model, model, output)
+    else:
+        save_lora(parts.pipe, model, output)
