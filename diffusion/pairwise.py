@@ -30,7 +30,8 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import Stateful
 from mmalign.trainer import Trainer
 
-from .base import DenoiserConfig, Parts, ReferenceFactory, grid_prompts, prepare, sample_grid, save_result
+from .base import (DenoiserConfig, Parts, ReferenceFactory, first_prompts, given_grid_prompts, prepare, sample_grid,
+                   save_result)
 from .data import CachedLatents, PreferencePairs, collate_pairs
 from .flow import flow_noising
 from .latents import encode, to_latents
@@ -177,12 +178,13 @@ def train(config: PairwiseConfig, make_step: Callable[[PairParts], Step], title:
     `cache_latents`; the reference of `reference_factory`, see `base.prepare`), then write the LoRA (or full
     pipeline), grids and curves."""
     trainer = Trainer(config)
+    given = given_grid_prompts(config)
     pipe, parts = prepare(config, trainer, reference_factory)
     step = make_step(parts)
     pairs = pairs_class(config.data, resolution=parts.resolution, split=config.split,
                         allow_outside_paths=config.allow_outside_paths)
     trainer.accelerator.print(f"{len(pairs)} preference pairs from {config.data} ({pairs.ties} ties dropped)")
-    prompts = grid_prompts(config, (pairs.caption(i) for i in range(len(pairs))))
+    prompts = given or first_prompts(pairs.caption(i) for i in range(len(pairs)))
     dataset: Dataset = cache_pair_latents(pipe.vae, pairs, parts.vae_dtype, trainer.device) if cache_latents \
         else pairs
     trainer.begin()  # everything is checked: the run folder is created here, before the first grid is written

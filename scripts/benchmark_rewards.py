@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mmalign.diffusion import reward_pairs, world
+from mmalign.diffusion import world
+from mmalign.diffusion.rewards import pairs as reward_pairs
 from mmalign.diffusion.rewards import load_scorer, save_scorer
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -9,7 +9,7 @@ import torch
 
 from mmalign.cli import main
 from mmalign.diffusion.data import PreferencePairs
-from mmalign.diffusion.relabel import ai_feedback_labels
+from mmalign.diffusion.rewards.relabel import ai_feedback_labels
 from mmalign.diffusion.rewards import load_scorer, save_scorer
 from mmalign.diffusion.world import render
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmalign.diffusion import dpo, seppo
+from mmalign.diffusion import dpo, pairwise, seppo
 from mmalign.diffusion.models import load_pipeline
 from mmalign.reference import Snapshots
 
@@ -20,7 +20,7 @@ def test_adaptive_flipper_and_signed_loss_by_hand():
     sign = seppo.adaptive_flipper(model_err, ref_err)
     assert sign.tolist() == [-1.0, 1.0]  # the reference fits anchor 0 better (0.4 < 0.5), anchor 1 worse
     beta = 50.0
-    losses, stats = dpo.dpo_loss(model_err, ref_err, beta=beta, loser_sign=sign)
+    losses, stats = pairwise.dpo_loss(model_err, ref_err, beta=beta, loser_sign=sign)
     d_w, d_r = model_err[:2] - ref_err[:2], model_err[2:] - ref_err[2:]
     torch.testing.assert_close(losses, -F.logsigmoid(-0.5 * beta * (d_w - sign * d_r)))
     assert stats["flip_rate"].item() == 0.5

@@ -38,7 +38,7 @@ from mmalign.data import one_line
 from mmalign.errors import ConfigError
 from mmalign.hub import unreachable
 
-from .data import write_atomically
+from ..data import write_atomically
 
 Kind = Literal["clip", "aesthetic"]
 CONFIG_FILE = "open_clip_config.json"

@@ -21,8 +21,8 @@ from mmalign.errors import ConfigError, DataError, RunFolderError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.stats import expected_calibration_error, mean_ci
 
-from .data import PreferencePairs, collate_pairs, decode_image, image_file, read_prompts, write_atomically
-from .rewards import Scorer, ScorerOptions
+from ..data import PreferencePairs, collate_pairs, decode_image, image_file, read_prompts, write_atomically
+from .scorers import Scorer, ScorerOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 

@@ -21,9 +21,9 @@ import torch
 from mmalign import run_folder
 from mmalign.config import option
 
-from .data import PreferencePairs, image_bytes, write_atomically
-from .reward_score import describe, pair_metrics, score_pairs
-from .rewards import ScorerOptions
+from ..data import PreferencePairs, image_bytes, write_atomically
+from .score import describe, pair_metrics, score_pairs
+from .scorers import ScorerOptions
 
 OUTPUT_FILE = "pairs.parquet"
 

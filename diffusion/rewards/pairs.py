@@ -26,11 +26,11 @@ from mmalign import run_folder
 from mmalign.config import option
 from mmalign.errors import ConfigError
 
-from .data import read_prompts, write_pickapic
-from .models import sampling_pipeline
-from .rewards import ScorerOptions
-from .sample import generate, image_grid, to_pil
-from .world import png_bytes
+from ..data import read_prompts, write_pickapic
+from ..models import sampling_pipeline
+from .scorers import ScorerOptions
+from ..sample import generate, image_grid, to_pil
+from ..world import png_bytes
 
 OUTPUT_FILE = "pairs.parquet"
 GRID_PROMPTS = 16
