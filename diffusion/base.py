@@ -17,9 +17,10 @@ works with one kind only) and `video` (a text-to-video pipeline instead of an im
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Generic, Iterable, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
@@ -29,8 +30,16 @@ from mmalign.reference import AdapterDisabled, FrozenCopy, Reference
 from mmalign.trainer import TrainConfig, Trainer
 
 from .data import read_prompts
-from .models import (LORA_TARGETS, VIDEO_PIPELINES, add_lora, denoiser_of, enable_xformers, load_pipeline, save_full,
-                     save_lora)
+from .models import (
+    LORA_TARGETS,
+    VIDEO_PIPELINES,
+    add_lora,
+    denoiser_of,
+    enable_xformers,
+    load_pipeline,
+    save_full,
+    save_lora,
+)
 from .sample import generate, image_grid
 from .scoring import PREDICTION_TYPES, is_flow
 
@@ -125,7 +134,7 @@ def check_pipeline(pipe, config: DenoiserConfig) -> None:
     name = type(pipe).__name__
     if (name in VIDEO_PIPELINES) != config.video:
         raise ConfigError(f"--model {config.model}: {name} is "
-                          + (f"a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`"
+                          + ("a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`"
                              if name in VIDEO_PIPELINES else
                              f"an image pipeline; video-dpo trains text-to-video pipelines "
                              f"({', '.join(VIDEO_PIPELINES)})"))

@@ -48,8 +48,11 @@ def _single_file_class(path: Path):
     """SD, SDXL or SD3 for a single .safetensors/.ckpt checkpoint, from diffusers' own checkpoint inference; a file
     that is not one (text, an unreadable or code-running pickle, other weights) raises ConfigError."""
     import diffusers
-    from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, infer_diffusers_model_type,
-                                                     load_single_file_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        CHECKPOINT_KEY_NAMES,
+        infer_diffusers_model_type,
+        load_single_file_checkpoint,
+    )
 
     try:
         checkpoint = load_single_file_checkpoint(str(path))

@@ -17,8 +17,9 @@ reward_margin (beta*(r_w - r_l)), chosen_reward, rejected_reward, model_mse, ref
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -30,8 +31,16 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import Stateful
 from mmalign.trainer import Trainer
 
-from .base import (DenoiserConfig, Parts, ReferenceFactory, first_prompts, given_grid_prompts, prepare, sample_grid,
-                   save_result)
+from .base import (
+    DenoiserConfig,
+    Parts,
+    ReferenceFactory,
+    first_prompts,
+    given_grid_prompts,
+    prepare,
+    sample_grid,
+    save_result,
+)
 from .data import CachedLatents, PreferencePairs, collate_pairs
 from .flow import flow_noising
 from .latents import encode, to_latents

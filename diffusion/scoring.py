@@ -22,7 +22,7 @@ class Condition:
     kwargs: dict[str, object]
     sample_key: str = "sample"
 
-    def repeat(self, times: int) -> "Condition":
+    def repeat(self, times: int) -> Condition:
         """The same conditions for `times` stacked copies of the batch ([c, c, ...])."""
         def rep(value):
             if torch.is_tensor(value):

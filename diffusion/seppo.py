@@ -29,10 +29,10 @@ import torch
 from mmalign.config import option
 from mmalign.reference import Snapshots
 
+from .base import Parts
 from .data import PreferencePairs
 from .latents import encode, to_latents
 from .models import denoiser_name
-from .base import Parts
 from .pairwise import PairwiseConfig, pair_condition, pair_loss, pair_noising, random_flip, train
 
 

@@ -48,8 +48,13 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
     without T5, a flow-matching Euler scheduler.
     video: a UNet3DConditionModel (text-to-video) with the image VAE applied per frame.
     """
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           UNet2DConditionModel, UNet3DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+        UNet3DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if kind not in ("sd", "sdxl", "sd3", "video"):

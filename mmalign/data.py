@@ -13,10 +13,11 @@ stops with a `DataError`. The core kinds:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import datasets
 

@@ -26,7 +26,6 @@ from .policies import PolicyActor, load_policy
 from .rollout import NoisyExpert, RandomPolicy, rollout
 from .trajectories import Trajectories
 
-
 Camera = Literal[CAMERAS]  # type: ignore[valid-type]
 
 

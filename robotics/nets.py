@@ -34,7 +34,7 @@ class Standardize(nn.Module):
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
-    def fit(self, data: np.ndarray) -> "Standardize":
+    def fit(self, data: np.ndarray) -> Standardize:
         """Set mean and std from `data` [..., dim]; constant features keep std 1."""
         flat = torch.as_tensor(np.asarray(data, dtype=np.float32).reshape(-1, self.mean.numel()))
         std = flat.std(0)

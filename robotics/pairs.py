@@ -74,7 +74,7 @@ class Pairs:
         return write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
     @classmethod
-    def load(cls, path: str | Path, segments: Trajectories) -> "Pairs":
+    def load(cls, path: str | Path, segments: Trajectories) -> Pairs:
         """Read and validate pair records against the segments they index (DataError names the line or record)."""
         check_json_lines(path)
         records = load_preferences(path, pair_schema(len(segments)))

@@ -45,8 +45,7 @@ from mmalign.errors import DataError
 from mmalign.trainer import Trainer
 
 from .pairs import Pairs
-from .reward import (RewardConfig, check_batch, load_held_out, load_labelled, report_reward_model,
-                     train_reward_model)
+from .reward import RewardConfig, check_batch, load_held_out, load_labelled, report_reward_model, train_reward_model
 from .trajectories import Trajectories
 
 HAND = slice(0, 4)  # end-effector xyz and gripper opening in every Meta-World observation

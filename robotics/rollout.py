@@ -9,7 +9,7 @@ environment's full `max_episode_steps` (success does not end it); episodes run i
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 import numpy as np

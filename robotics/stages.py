@@ -18,8 +18,8 @@ state). The product over stages equals exp of minus the summed penalties of all 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

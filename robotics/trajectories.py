@@ -137,14 +137,14 @@ class Trajectories:
         """Whether each trajectory succeeded at any step [N]."""
         return self.successes.any(axis=1)
 
-    def select(self, indices) -> "Trajectories":
+    def select(self, indices) -> Trajectories:
         """The trajectories at `indices`, in that order."""
         indices = np.asarray(indices, dtype=np.int64)
         return Trajectories(self.task, self.observations[indices], self.actions[indices], self.rewards[indices],
                             self.successes[indices], None if self.frames is None else self.frames[indices],
                             {k: v[indices] for k, v in self.info.items()}, dict(self.meta), self.source)
 
-    def fragment(self, length: int, num: int, seed: int = 0) -> "Trajectories":
+    def fragment(self, length: int, num: int, seed: int = 0) -> Trajectories:
         """`num` segments of `length` steps, each from a random trajectory at a random start (info: source, start).
 
         Frames are not carried into segments; segments keep their trajectory's other info columns.
@@ -184,7 +184,7 @@ class Trajectories:
         return write_atomically(path, write)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Trajectories":
+    def load(cls, path: str | Path) -> Trajectories:
         """Read and validate a file written by `save` (errors name the file and field)."""
         path = Path(path)
         if not path.is_file():

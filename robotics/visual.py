@@ -133,7 +133,7 @@ class VisualEncoder(nn.Module):
         images = (to_images(frames.reshape(-1, *frames.shape[-3:])) - self.mean) / self.std
         return self.head(self.backbone(images)).reshape(*lead, -1)
 
-    def train(self, mode: bool = True) -> "VisualEncoder":
+    def train(self, mode: bool = True) -> VisualEncoder:
         """Train mode for what trains; a frozen backbone stays in eval mode (its BatchNorm statistics fixed)."""
         super().train(mode)
         if not any(p.requires_grad for p in self.backbone.parameters()):

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from mmalign.diffusion import dpo, world
-from mmalign.diffusion.rewards import pairs as reward_pairs
-from mmalign.diffusion.rewards import train as reward_train
 from mmalign.diffusion.data import PreferencePairs
 from mmalign.diffusion.evaluate import evaluate_reward
 from mmalign.diffusion.models import load_pipeline
+from mmalign.diffusion.rewards import pairs as reward_pairs
+from mmalign.diffusion.rewards import train as reward_train
 from mmalign.stats import mean_ci
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from mmalign.diffusion import world
-from mmalign.diffusion.rewards import pairs as reward_pairs
 from mmalign.diffusion.rewards import load_scorer, save_scorer
+from mmalign.diffusion.rewards import pairs as reward_pairs
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

@@ -8,7 +8,7 @@ import torch
 
 from mmalign.data import LIST, PAIR, TRL_ROW, DataError, load_preferences, load_records
 from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
-from mmalign.diffusion.world import preference_pairs, render, png_bytes
+from mmalign.diffusion.world import png_bytes, preference_pairs, render
 
 ROWS = [{"prompt": "p0", "chosen": "a", "rejected": "b"}, {"prompt": "p1", "chosen": "c", "rejected": "d"}]
 

@@ -99,13 +99,14 @@ def test_lora_run_starts_at_ln2_and_round_trips_through_diffusers(tiny_sd, picka
     # the same LoRA applied in-process by peft, without the diffusers file round trip
     trained = StableDiffusionPipeline.from_pretrained(tiny_sd)
     trained.set_progress_bar_config(disable=True)
-    from mmalign.diffusion.models import add_lora
     from safetensors.torch import load_file
+
+    from mmalign.diffusion.models import add_lora
 
     add_lora(trained.unet, rank=4)
     state = load_file(str(cfg.output / "pytorch_lora_weights.safetensors"))
-    from peft.utils import set_peft_model_state_dict
     from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
 
     set_peft_model_state_dict(trained.unet, convert_unet_state_dict_to_peft(
         {k.removeprefix("unet."): v for k, v in state.items()}))

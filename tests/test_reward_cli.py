@@ -9,8 +9,8 @@ import torch
 
 from mmalign.cli import main
 from mmalign.diffusion.data import PreferencePairs
-from mmalign.diffusion.rewards.relabel import ai_feedback_labels
 from mmalign.diffusion.rewards import load_scorer, save_scorer
+from mmalign.diffusion.rewards.relabel import ai_feedback_labels
 from mmalign.diffusion.world import render
 
 ARCH = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from mmalign.diffusion import dpo, world
+from mmalign.diffusion.data import PreferencePairs
 from mmalign.diffusion.rewards import pairs as reward_pairs
 from mmalign.diffusion.rewards import train as reward_train
-from mmalign.diffusion.data import PreferencePairs
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.diffusion import world
-from mmalign.errors import ConfigError
 from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
-from mmalign.diffusion.rewards.relabel import ai_feedback_labels
+from mmalign.diffusion.rewards import load_scorer, save_scorer
 from mmalign.diffusion.rewards.pairs import select_pairs
+from mmalign.diffusion.rewards.relabel import ai_feedback_labels
 from mmalign.diffusion.rewards.score import pair_metrics, score_pairs
 from mmalign.diffusion.rewards.train import bradley_terry_step, select_trainable
-from mmalign.diffusion.rewards import load_scorer, save_scorer
+from mmalign.errors import ConfigError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.stats import expected_calibration_error
 

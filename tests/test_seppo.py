@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmalign.diffusion import dpo, pairwise, seppo
+from mmalign.diffusion import pairwise, seppo
 from mmalign.diffusion.models import load_pipeline
 from mmalign.reference import Snapshots
 

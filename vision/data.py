@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import pyarrow.compute as pc
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmalign.data import (MAX_REPORTED, DataError, Field, Schema, load_records, resolve_path, text_or_messages,
-                          validate)
+from mmalign.data import MAX_REPORTED, DataError, Field, Schema, load_records, resolve_path, text_or_messages, validate
 from mmalign.files import write_atomically
 
 IMAGE_FIELDS = ("images", "retrieved_images")
@@ -295,7 +295,7 @@ class VisionPairs(torch.utils.data.Dataset):
 
     @classmethod
     def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
-             retrieved: bool = False, allow_outside: bool = False) -> "VisionPairs":
+             retrieved: bool = False, allow_outside: bool = False) -> VisionPairs:
         """Load and check every row of `path` up front: fields and images (see `load_rows`), then how each renders
         and fits max_length (see `check_rows`)."""
         records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split, allow_outside)

@@ -28,9 +28,9 @@ from mmalign.errors import ConfigError
 
 from ..data import read_prompts, write_pickapic
 from ..models import sampling_pipeline
-from .scorers import ScorerOptions
 from ..sample import generate, image_grid, to_pil
 from ..world import png_bytes
+from .scorers import ScorerOptions
 
 OUTPUT_FILE = "pairs.parquet"
 GRID_PROMPTS = 16

@@ -24,9 +24,10 @@ import json
 import math
 import pickle
 import posixpath
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from PIL import Image
@@ -69,7 +70,7 @@ class ScorerOptions:
         if any(width < 1 for width in self.head_hidden):
             raise ValueError(f"head_hidden widths must be positive, got {self.head_hidden}")
 
-    def load_scorer(self, mixed_precision: str = "no", device: str | torch.device = "cpu") -> "Scorer":
+    def load_scorer(self, mixed_precision: str = "no", device: str | torch.device = "cpu") -> Scorer:
         """The scorer these settings name, in open_clip's precision for `mixed_precision` (no/fp16/bf16)."""
         return load_scorer(self.scorer, self.pretrained, self.kind, self.head_hidden, PRECISIONS[mixed_precision], device)
 

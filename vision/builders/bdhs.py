@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -29,7 +29,7 @@ from mmalign.config import option
 from mmalign.data import DataError, Field, Schema
 
 from .. import models
-from ..data import image_entries, completion_field, images_match, message_text, prompt_field, render_prompt
+from ..data import completion_field, image_entries, images_match, message_text, prompt_field, render_prompt
 from .base import BuilderConfig
 
 SOURCE_ROW = Schema("BDHS source row (prompt, chosen, images)", (

@@ -12,8 +12,8 @@ The paper finds object/attribute words with a tagger; none ships here offline, s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
