@@ -126,7 +126,8 @@ def check_pipeline(pipe, config: DenoiserConfig) -> None:
     scheduler = type(pipe.scheduler).__name__
     if config.schedule == "flow" and not flow:
         raise ConfigError(f"--model {config.model}: its scheduler {scheduler} is not a flow-matching one; this method "
-                          "needs a flow-matching pipeline (SD3-style); use `mmalign diffusion dpo` for diffusion models")
+                          "needs a flow-matching pipeline (SD3-style); use `mmalign diffusion dpo` for "
+                          "diffusion models")
     if config.schedule == "diffusion" and flow:
         raise ConfigError(f"--model {config.model}: its scheduler {scheduler} is a flow-matching one; this method "
                           "needs a DDPM-style diffusion pipeline; use `mmalign diffusion dpo` or `flow-dpo` for "

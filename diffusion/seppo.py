@@ -88,7 +88,8 @@ def always_loser(model_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Tensor
     return torch.ones_like(model_err.chunk(2)[0])
 
 
-def seppo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: SeppoParts) -> tuple[torch.Tensor, dict]:
+def seppo_step(model, batch: dict[str, Any], generator: torch.Generator,
+               parts: SeppoParts) -> tuple[torch.Tensor, dict]:
     """One SePPO micro-step on a batch of winners [B,1,3,R,R]: x_ref from the chosen snapshot takes the loser slot."""
     reference = parts.reference
     assert isinstance(reference, Snapshots)  # the reference `snapshots(config)` made

@@ -68,7 +68,8 @@ def present(value: Any, record: dict) -> str | None:
 
 def number_list(value: Any, record: dict) -> str | None:
     """A non-empty list of numbers."""
-    if not isinstance(value, list) or not value or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value):
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)):
         return "expected a non-empty list of numbers"
     return None
 

@@ -111,7 +111,8 @@ class EpochBatchSampler(Sampler):
         batch = self.start_batch
         while True:
             epoch, position = divmod(batch, self.per_epoch)
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch))
+            generator = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
+            order = torch.randperm(self.size, generator=generator)
             start = (position * self.num_processes + self.rank) * self.batch_size
             yield order[start:start + self.batch_size].tolist()
             batch += 1
@@ -402,7 +403,7 @@ class Trainer:
         return objects
 
     def load_checkpoint(self, folder: Path) -> int:
-        """Restore the state `save_checkpoint` wrote into `folder`; returns its step. Reads safetensors and JSON only."""
+        """Restore the state `save_checkpoint` wrote to `folder`; returns its step. Reads safetensors and JSON only."""
         state = read_trainer_state(folder)
         model = unwrap(self._training["model"])
         try:

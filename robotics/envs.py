@@ -4,8 +4,9 @@ An MT1 task has 50 initial states (object and goal positions), drawn when the en
 from `state_seed` (Meta-World's `seed` argument; without it every instance draws its own). Meta-World
 then picks one at random on every reset from a generator that the reset's own seed has not touched
 yet, so `reset(seed=s)` is not reproducible by itself; `InitialState` makes it so: `reset(seed=s)`
-puts the task in initial state `s mod 50`, and `reset(options={"initial_state": k})` in state k. Episodes last `max_episode_steps`
-(success does not end them), so a vectorised batch of episodes runs in lockstep.
+puts the task in initial state `s mod 50`, and `reset(options={"initial_state": k})` in state k.
+Episodes last `max_episode_steps` (success does not end them), so a vectorised batch of episodes runs
+in lockstep.
 
 Frames: MuJoCo renders offscreen through EGL unless MUJOCO_GL says otherwise (set before the first
 import of mujoco); shadows and multisampling are switched off, which makes small frames several

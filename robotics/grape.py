@@ -9,7 +9,8 @@ cloning on noisy scripted-expert demonstrations (or loads one, `--policy`), then
    with R_ext the stage-cost term of `stages.py`; the best and the worst form a (chosen, rejected) pair
    that shares task and initial state (GRAPE, TPO-Train/finetune.py);
 3. TPO against the round's starting policy as the frozen reference (core `FrozenCopy`), beta 0.1:
-       loss = -log sigmoid(beta * sum_{t in window} [(log pi - log pi_ref)(a^w_t|s^w_t) - (log pi - log pi_ref)(a^l_t|s^l_t)])
+       loss = -log sigmoid(beta * sum_{t in window} [(log pi - log pi_ref)(a^w_t|s^w_t)
+                                                     - (log pi - log pi_ref)(a^l_t|s^l_t)])
    i.e. the core sigmoid objective on log-ratios summed over a window of `--window` steps (8, GRAPE's
    chunk; the same random offset in both trajectories; 0: the whole trajectory).
 
@@ -64,7 +65,7 @@ def grape_score(log_probs: np.ndarray, success: np.ndarray, r_ext: np.ndarray) -
 
 
 def best_and_worst(scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per group (initial state), the index of the highest and of the lowest score; groups whose scores all tie give none."""
+    """Per group (initial state), the index of its highest and of its lowest score; none where the scores all tie."""
     chosen, rejected = [], []
     for group in np.unique(groups):
         members = np.flatnonzero(groups == group)
@@ -182,7 +183,8 @@ def success_rate(policy: GaussianPolicy, config: Config, deterministic: bool) ->
     return float(trajs.success().mean())
 
 
-def rank_rollouts(policy: GaussianPolicy, config: Config, round_index: int) -> tuple[Trajectories, np.ndarray, np.ndarray, dict]:
+def rank_rollouts(policy: GaussianPolicy, config: Config,
+                  round_index: int) -> tuple[Trajectories, np.ndarray, np.ndarray, dict]:
     """Sample rollouts from the training initial states, score them, pair best with worst per state."""
     env = make_vector_env(config.task, config.num_envs, config.max_episode_steps)
     states = np.repeat(np.arange(config.states), config.samples_per_state)

@@ -54,7 +54,9 @@ def agreement(pairs: Pairs, segments: Trajectories) -> float:
     """Share of strictly labelled pairs whose chosen segment has the higher true return."""
     returns = segments.returns()
     strict = pairs.label != 0.5
-    return float(np.mean(returns[pairs.chosen[strict]] > returns[pairs.rejected[strict]])) if strict.any() else float("nan")
+    if not strict.any():
+        return float("nan")
+    return float(np.mean(returns[pairs.chosen[strict]] > returns[pairs.rejected[strict]]))
 
 
 def run(config: Config) -> Pairs:

@@ -52,7 +52,8 @@ def save_module(module: nn.Module, arch: Any, folder: str | Path, name: str) -> 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, folder / f"{name}.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+              folder / f"{name}.safetensors")
     (folder / f"{name}.json").write_text(json.dumps(asdict(arch), indent=1))
 
 

@@ -120,7 +120,7 @@ def label_accuracy(z_target: np.ndarray, true_returns: np.ndarray) -> float:
 
 
 def target_pairs(z_target: np.ndarray, num: int, seed: int, task: str) -> Pairs:
-    """`num` random target pairs labelled with Z_t (chosen: the side with Z >= 0.5); pairs without weight are skipped."""
+    """`num` random target pairs labelled with Z_t (chosen: the side with Z >= 0.5), skipping pairs without weight."""
     rng = np.random.default_rng(seed)
     n = len(z_target)
     a = rng.integers(n, size=num)
@@ -151,14 +151,16 @@ class Config(RewardConfig):
         if not self.source or not self.target:
             raise ValueError("--source (a labelled folder) and --target (a trajectory file) are required")
         if not self.epsilon > 0 or self.restarts < 1:
-            raise ValueError(f"epsilon must be positive and restarts at least 1, got {self.epsilon} and {self.restarts}")
+            raise ValueError(f"epsilon must be positive and restarts at least 1, got {self.epsilon} and "
+                             f"{self.restarts}")
         if self.target_segments < 2 or self.target_pairs < 1:
             raise ValueError(f"target_segments must be at least 2 and target_pairs at least 1, got "
                              f"{self.target_segments} and {self.target_pairs}")
 
 
 def align(source: Trajectories, source_pairs: Pairs, target: Trajectories, features: str = "hand",
-          entropic: bool = True, epsilon: float = 5e-3, restarts: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+          entropic: bool = True, epsilon: float = 5e-3, restarts: int = 5,
+          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """CPA: the GW coupling of source and target segments and the transferred label matrix Z_t."""
     coupling = gw_coupling(distance_matrix(segment_features(source, features)),
                            distance_matrix(segment_features(target, features)), entropic, epsilon, restarts, seed)

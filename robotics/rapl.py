@@ -1,4 +1,4 @@
-"""RAPL (Tian et al. 2024): align a visual encoder with preferences, then reward = OT feature matching to a demonstration.
+"""RAPL (Tian et al. 2024): align a visual encoder with preferences; reward = OT feature matching to a demonstration.
 
 `mmalign robotics rapl --data TRAIN.npz --eval-data HELD_OUT.npz --output RUN` (trajectory files with frames).
 
@@ -58,7 +58,7 @@ PRETRAIN_BATCH = 64  # frames per autoencoder pretraining step
 
 
 def ot_rewards_from_cost(cost: torch.Tensor, reg: float = 0.1) -> torch.Tensor:
-    """Per-frame rewards [B, F] r_t = -sum_t' P*[t,t'] C[t,t'] for costs [B, F, F'], P* the entropic plan (held fixed)."""
+    """Per-frame rewards [B, F] r_t = -sum_t' P*[t,t'] C[t,t'] for costs [B, F, F'], P* the entropic plan (fixed)."""
     plan = ot.solve_batch(cost.detach(), reg=reg, method="log_sinkhorn", grad="detach").plan
     return -(plan * cost).sum(-1)
 
@@ -179,7 +179,8 @@ def load_inputs(config: Config) -> tuple[Trajectories, Trajectories, Trajectorie
     return train, held_out, demos
 
 
-def spearman_of(encoder: VisualEncoder, held_out: Trajectories, demos: Trajectories, reg: float) -> tuple[float, np.ndarray]:
+def spearman_of(encoder: VisualEncoder, held_out: Trajectories, demos: Trajectories,
+                reg: float) -> tuple[float, np.ndarray]:
     """Spearman between the OT reward (best demonstration) and the true return of held-out trajectories."""
     rewards = trajectory_rewards(encoder.embed(held_out.frames), encoder.embed(demos.frames), reg).numpy()
     return spearman(rewards, held_out.returns()), rewards

@@ -21,7 +21,7 @@ Policy = Callable[[np.ndarray], np.ndarray]
 
 
 class NoisyExpert:
-    """a = clip(expert(o) + sigma_e * N(0, I), -1, 1), sigma_e the noise of episode e (one value, or one per episode)."""
+    """a = clip(expert(o) + sigma_e * N(0, I), -1, 1), sigma_e the noise of episode e (one value or one per episode)."""
 
     def __init__(self, task: str, noise: float | np.ndarray = 0.0, seed: int = 0):
         self.expert = scripted_expert(task)

@@ -95,8 +95,9 @@ class Trajectories:
         for name in ("actions", "rewards", "successes"):
             shape = getattr(self, name).shape
             if shape[:2] != (n, t) or (name != "actions" and len(shape) != 2):
+                expected = "[N, T, A]" if name == "actions" else "[N, T]"
                 problems.append((name, f"shape {shape} does not match observations {self.observations.shape} "
-                                       f"(expected {'[N, T, A]' if name == 'actions' else '[N, T]'} with N={n}, T={t})"))
+                                       f"(expected {expected} with N={n}, T={t})"))
         if self.frames is not None:
             every = self.meta.get("frame_every", 1)
             want = (n, -(-t // every))

@@ -171,7 +171,8 @@ class Autoencoder(nn.Module):
         self.encoder, self.decoder = SmallCNN(), Decoder()
 
 
-def reconstruction_step(model: Autoencoder, batch: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+def reconstruction_step(model: Autoencoder, batch: list[torch.Tensor],
+                        generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
     """Mean squared error of the reconstructed frames."""
     images = to_images(batch[0])
     return torch.mean((model.decoder(model.encoder.feature_map(images)) - images) ** 2), {}

@@ -55,7 +55,8 @@ def main() -> None:
                                    ("AC-Flow", acflow, dict(model=str(sd3), prompts=str(ASSETS / "tiny-sd-prompts.txt"),
                                                             batch_size=2, samples_per_prompt=4))]),
         }
-        lines = ["| model | method | s/step | Diffusion-DPO s/step | method / DPO (median) |", "|---|---|---:|---:|---:|"]
+        lines = ["| model | method | s/step | Diffusion-DPO s/step | method / DPO (median) |",
+                 "|---|---|---:|---:|---:|"]
         for model, (dpo_settings, methods) in groups.items():
             for name, method, own in methods:
                 settings = own or dpo_settings

@@ -56,7 +56,8 @@ def score_overhead(arch: str, batch: int, size: int, repeats: int, distinct: boo
         peer.append(t_peer)
         ratios.append(t_ours / t_peer)
     return {"arch": arch, "batch": batch, "input_px": size, "distinct_prompts": distinct,
-            "ours_images_per_s": batch / statistics.median(ours), "direct_images_per_s": batch / statistics.median(peer),
+            "ours_images_per_s": batch / statistics.median(ours),
+            "direct_images_per_s": batch / statistics.median(peer),
             "time_ratio_median": statistics.median(ratios), "time_ratio_min_max": [min(ratios), max(ratios)]}
 
 

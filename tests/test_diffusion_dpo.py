@@ -125,7 +125,8 @@ def test_full_fine_tune_keeps_a_frozen_reference_and_saves_a_pipeline(tiny_sd, p
     dpo.run(cfg2)
     saved = StableDiffusionPipeline.from_pretrained(cfg2.output)
     original = StableDiffusionPipeline.from_pretrained(tiny_sd)
-    changed = [n for (n, a), b in zip(saved.unet.named_parameters(), original.unet.parameters()) if not torch.equal(a, b)]
+    changed = [n for (n, a), b in zip(saved.unet.named_parameters(), original.unet.parameters())
+               if not torch.equal(a, b)]
     assert changed, "the saved UNet is the trained one"
     for a, b in zip(saved.vae.parameters(), original.vae.parameters()):
         assert torch.equal(a, b)

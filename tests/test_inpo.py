@@ -1,4 +1,4 @@
-"""InPO: DDIM inversion by hand, one timestep per batch, inversion forwards without gradients, ln 2 at step 0, learning."""
+"""InPO: DDIM inversion by hand, one timestep per batch, inversion without gradients, ln 2 at step 0, learning."""
 
 import json
 import math

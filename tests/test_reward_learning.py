@@ -1,4 +1,4 @@
-"""Learning tests: a reward model learns the world's preference from pairs alone, and its AI feedback aligns a generator.
+"""Learning tests: a reward model learns the world's preference from pairs alone; its AI feedback aligns a generator.
 
 The world prefers objects on the LEFT. A tiny open_clip ViT trained from scratch on the world's human pairs
 must rank held-out pairs the same way; then it ranks the base model's own samples into pairs, Diffusion-DPO

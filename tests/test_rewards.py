@@ -122,7 +122,8 @@ def test_bad_input_gets_clear_errors(saved, tmp_path):
     for name in ("open_clip_config.json", "open_clip_model.safetensors", "scorer.json"):
         (broken / name).write_bytes((saved["aesthetic"] / name).read_bytes())
     (broken / "scorer.json").write_text(json.dumps({"kind": "aesthetic", "head_hidden": [8]}))
-    (broken / "aesthetic_head.safetensors").write_bytes((saved["aesthetic"] / "aesthetic_head.safetensors").read_bytes())
+    head = "aesthetic_head.safetensors"
+    (broken / head).write_bytes((saved["aesthetic"] / head).read_bytes())
     with pytest.raises(ConfigError, match="aesthetic head .* does not fit embed_dim 32 and hidden widths \\[8\\]"):
         load_scorer(broken)
     (broken / "scorer.json").write_text('{"kind": "aesthetic", ')

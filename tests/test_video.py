@@ -109,7 +109,8 @@ def test_video_step_shares_noise_and_starts_at_ln2(tiny_video, video_data, tmp_p
     seen = []
     forward = type(pipe.unet).forward
     monkeypatch.setattr(type(pipe.unet), "forward",
-                        lambda self, sample, timestep, *a, **k: seen.append(sample) or forward(self, sample, timestep, *a, **k))
+                        lambda self, sample, timestep, *a, **k: (seen.append(sample)
+                                                                 or forward(self, sample, timestep, *a, **k)))
     loss, stats = dpo.dpo_step(pipe.unet, batch, step_generator(0, 0, 0, "cpu"), parts)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert seen[0].shape == (4, 4, FRAMES, 16, 16) and len(seen) == 2

@@ -48,7 +48,8 @@ def image_entries(value: Any, record: dict) -> str | None:
     if not isinstance(value, list):
         return f"expected a list of images, got {type(value).__name__}"
     for image in value:
-        if not (isinstance(image, (Image.Image, str)) or (isinstance(image, dict) and (image.get("bytes") or image.get("path")))):
+        if not (isinstance(image, (Image.Image, str))
+                or (isinstance(image, dict) and (image.get("bytes") or image.get("path")))):
             return f"holds a {type(image).__name__}, not an image, a {{'bytes'/'path'}} dict or a file path"
     return None
 
@@ -330,9 +331,11 @@ class VisionPairs(torch.utils.data.Dataset):
         tok = self.processor.tokenizer
         item = {"index": index, "prompt_ids": prompt_ids, "pixel_values": pixels}
         for key, text in (("chosen", chosen), ("rejected", rejected)):
-            item[f"{key}_ids"] = self._truncate(prompt_ids, tok(text, add_special_tokens=False)["input_ids"], index, key)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            item[f"{key}_ids"] = self._truncate(prompt_ids, ids, index, key)
         if self.retrieved:
-            item["retrieved_pixel_values"] = self._encode(prompt, record["retrieved_images"], index, "retrieved_images")[1]
+            retrieved = self._encode(prompt, record["retrieved_images"], index, "retrieved_images")
+            item["retrieved_pixel_values"] = retrieved[1]
         return item
 
     def _truncate(self, prompt_ids: list[int], completion: list[int], index: int, key: str) -> list[int]:
@@ -456,7 +459,7 @@ def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) ->
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:
-    """Write TRL rows (PIL images in 'images'/'retrieved_images') as Parquet with `datasets` Image features, atomically."""
+    """Write TRL rows (PIL images in 'images'/'retrieved_images') atomically as Parquet with `datasets` Image types."""
     records = datasets.Dataset.from_list(rows)
     features = records.features.copy()
     for name in IMAGE_FIELDS:

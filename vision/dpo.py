@@ -119,7 +119,8 @@ class Config(TrainConfig):
         if self.reference == "frozen" and not self.full:
             raise ValueError("--reference frozen is for --full; a LoRA's reference is the model with its adapter off")
         if self.reference == "cached" and self.visual_term == "corrupted":
-            raise ValueError("--reference cached needs fixed images; the corrupted visual term draws new crops each step")
+            raise ValueError("--reference cached needs fixed images; the corrupted visual term draws new crops each "
+                             "step")
         if self.online_bdhs and self.reference == "cached":
             raise ValueError("--online-bdhs samples new rejected responses every step; their reference scores cannot "
                              "be cached")
@@ -261,7 +262,8 @@ def prepare(config: Config, trainer: Trainer, processor):
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    reference = FrozenCopy(model, dtype=trainer.weight_dtype, device=trainer.device) if config.full else AdapterDisabled()
+    reference = (FrozenCopy(model, dtype=trainer.weight_dtype, device=trainer.device) if config.full
+                 else AdapterDisabled())
     return model, Parts(reference, config, models.vision_is_frozen(model), processor)
 
 

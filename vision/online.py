@@ -73,6 +73,7 @@ def online_rejected(model, batch: dict[str, Any], generator: torch.Generator, pr
     model.train(model_was_training)
     visual = batch["input_ids"].shape[0] == (VISUAL + 1) * pairs
     rebuilt = collate_pairs(items, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, visual)
-    keep = {k: batch[k] for k in ("pixel_values", "retrieved_pixel_values", "image_order", "image_counts") if k in batch}
+    keep = {k: batch[k] for k in ("pixel_values", "retrieved_pixel_values", "image_order", "image_counts")
+            if k in batch}
     return {**rebuilt, **keep}
 

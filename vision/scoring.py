@@ -50,8 +50,8 @@ def token_log_probs(model, batch: dict[str, Any], features: list[torch.Tensor] |
 
 
 def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen, rejected,
-    chosen under the other images); `features` from `image_features` are reused when given.
+    """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen,
+    rejected, chosen under the other images); `features` from `image_features` are reused when given.
 
     Rows that share a prompt and images (chosen and rejected) share its forward: each distinct prompt runs once,
     left-padded, keeping its key/value cache, and every row's completion runs on a copy of its prompt's cache

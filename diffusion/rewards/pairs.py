@@ -38,7 +38,7 @@ GRID_PROMPTS = 16
 
 def select_pairs(scores: torch.Tensor, strategy: str = "best-worst", margin: float = 0.0, max_pairs: int = 0,
                  min_chosen_score: float | None = None) -> list[tuple[int, int]]:
-    """(chosen, rejected) indices among one prompt's N sample scores: best vs worst, or all pairs with a gap >= margin."""
+    """(chosen, rejected) indices among one prompt's N sample scores: best vs worst, or all pairs >= margin apart."""
     order = scores.argsort(descending=True).tolist()
     if strategy == "best-worst":
         candidates = [(order[0], order[-1])]

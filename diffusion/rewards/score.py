@@ -28,8 +28,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @torch.no_grad()
-def score_pairs(scorer: Scorer, pairs: Dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores s_0, s_1 of both images of every pair, and label_0, from PreferencePairs(..., as_stored=True) or a subset."""
+def score_pairs(scorer: Scorer, pairs: Dataset,
+                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores s_0, s_1 of each pair's two images and label_0, from PreferencePairs(..., as_stored=True) or a subset."""
     first, second, labels = [], [], []
     for batch in DataLoader(pairs, batch_size=batch_size, collate_fn=collate_pairs):
         images = (batch["pixel_values"] + 1) / 2

@@ -2,7 +2,8 @@
 
     CLIP score       s(x, y) = exp(t) * cos(E_img(x), E_txt(y))  (+ b for models with a logit bias, SigLIP)
     aesthetic score  s(x)    = h(E_img(x) / ||E_img(x)||),  h a linear layer or an MLP (LAION aesthetic predictor)
-    pair ranking     P(a preferred to b | y) = sigmoid(s(a, y) - s(b, y))   (Bradley-Terry; PickScore's softmax over two)
+    pair ranking     P(a preferred to b | y) = sigmoid(s(a, y) - s(b, y))
+                     (Bradley-Terry; PickScore's softmax over two)
     video            s(x_1..x_T, y) = mean_t s(x_t, y)   (every frame scored, then averaged)
 
 PickScore and HPSv2 are fine-tuned open_clip ViT-H-14 models scored this way (HPSv2 reports 100 * cos).
@@ -72,10 +73,11 @@ class ScorerOptions:
 
     def load_scorer(self, mixed_precision: str = "no", device: str | torch.device = "cpu") -> Scorer:
         """The scorer these settings name, in open_clip's precision for `mixed_precision` (no/fp16/bf16)."""
-        return load_scorer(self.scorer, self.pretrained, self.kind, self.head_hidden, PRECISIONS[mixed_precision], device)
+        return load_scorer(self.scorer, self.pretrained, self.kind, self.head_hidden, PRECISIONS[mixed_precision],
+                           device)
 
 class AestheticHead(nn.Sequential):
-    """h(e): Linear layers through the `hidden` widths down to one output, ReLU between them; no hidden widths: linear."""
+    """h(e): Linear layers through the `hidden` widths down to one output, ReLU between; no hidden widths: linear."""
 
     def __init__(self, embed_dim: int, hidden: Sequence[int] = ()):
         widths = [embed_dim, *hidden, 1]
@@ -153,11 +155,12 @@ class Scorer(nn.Module):
             self.train(training)
 
     def rank(self, prompt: str | list[str], image_a, image_b) -> torch.Tensor:
-        """P(a preferred to b) = sigmoid(s(a) - s(b)): one prompt and single images give a 0-d tensor, lists give [B]."""
+        """P(a preferred to b) = sigmoid(s(a) - s(b)): a prompt and single images give a 0-d tensor, lists give [B]."""
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if single:
-            image_a, image_b = ([image_a], [image_b]) if isinstance(image_a, Image.Image) else (image_a[None], image_b[None])
+            image_a, image_b = (([image_a], [image_b]) if isinstance(image_a, Image.Image)
+                                else (image_a[None], image_b[None]))
         if len(image_a) != len(image_b):
             raise ValueError(f"rank needs as many images b as images a; got {len(image_b)} and {len(image_a)}")
         both = image_a + image_b if isinstance(image_a, list) else torch.cat([image_a, image_b])
@@ -181,7 +184,8 @@ def _flatten_frames(images: torch.Tensor | list[Image.Image]) -> tuple[torch.Ten
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("images hold NaN or infinite values")
     if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(f"images must lie in [0, 1]; these span [{low:.3f}, {high:.3f}] (for [-1, 1] pixels pass (x + 1) / 2)")
+        raise ValueError(f"images must lie in [0, 1]; these span [{low:.3f}, {high:.3f}] "
+                         "(for [-1, 1] pixels pass (x + 1) / 2)")
     frames = images.shape[1] if images.dim() == 5 else 1
     return images.reshape(-1, *images.shape[-3:]), frames
 

@@ -85,8 +85,8 @@ def build_rows(model, processor, rows: list[dict], vocabulary: set[str],
         built.append({**row, "rejected": rejected, "retrieved_images": [images[j]]})
         if len(examples) < 5:
             examples.append({"chosen": row["chosen"], "rejected": rejected, "retrieved": j})
-    report = {"method": "rDPO", "rows": len(rows), "pairs": len(built), "acceptance_rate": len(built) / max(1, len(rows)),
-              "threshold": threshold, "examples": examples}
+    report = {"method": "rDPO", "rows": len(rows), "pairs": len(built),
+              "acceptance_rate": len(built) / max(1, len(rows)), "threshold": threshold, "examples": examples}
     return built, report
 
 
