@@ -28,6 +28,7 @@ last one and replays the rollouts from the same seeds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -93,8 +94,9 @@ class TrajectoryPairs(Dataset):
         return len(self.chosen)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        w, l = int(self.chosen[i]), int(self.rejected[i])
-        return {"obs_w": self.obs[w], "act_w": self.act[w], "obs_l": self.obs[l], "act_l": self.act[l]}
+        winner, loser = int(self.chosen[i]), int(self.rejected[i])
+        return {"obs_w": self.obs[winner], "act_w": self.act[winner],
+                "obs_l": self.obs[loser], "act_l": self.act[loser]}
 
 
 def window_log_probs(model: GaussianPolicy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +253,7 @@ def run(config: Config) -> dict[str, Any]:
                 policy.to(trainer.device).train()
                 reference = FrozenCopy(policy)
                 trainer.fit(policy, TrajectoryPairs(trajs, chosen, rejected), default_collate,
-                            lambda m, b, g: tpo_step(m, b, g, reference, config.beta, config.window))
+                            functools.partial(tpo_step, reference=reference, beta=config.beta, window=config.window))
                 policy.eval()
             else:
                 print(f"round {k}: {len(chosen)} pair(s), fewer than one batch (--batch-size {config.batch_size}); "

@@ -136,6 +136,7 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        w, l = int(self.pairs.chosen[i]), int(self.pairs.rejected[i])
-        return {"obs_w": self.obs[w], "act_w": self.act[w], "obs_l": self.obs[l], "act_l": self.act[l],
+        winner, loser = int(self.pairs.chosen[i]), int(self.pairs.rejected[i])
+        return {"obs_w": self.obs[winner], "act_w": self.act[winner],
+                "obs_l": self.obs[loser], "act_l": self.act[loser],
                 "label": torch.tensor(float(self.pairs.label[i]))}

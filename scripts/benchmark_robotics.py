@@ -40,12 +40,12 @@ def steps_per_second(task: str, num_envs: int, mode: str, episodes: int, horizon
 
 
 def transfer_loop(coupling: np.ndarray, z_source: np.ndarray, mask: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Z_t[k, l] = T[:,k]^T (M*Z_s) T[:,l] / T[:,k]^T M T[:,l], one target pair (k, l) at a time."""
+    """Z_t[k, m] = T[:,k]^T (M*Z_s) T[:,m] / T[:,k]^T M T[:,m], one target pair (k, m) at a time."""
     weighted, out = mask * z_source, np.full(len(pairs), 0.5)
-    for i, (k, l) in enumerate(pairs):
-        denominator = coupling[:, k] @ mask @ coupling[:, l]
+    for i, (k, m) in enumerate(pairs):
+        denominator = coupling[:, k] @ mask @ coupling[:, m]
         if denominator > 1e-300:
-            out[i] = (coupling[:, k] @ weighted @ coupling[:, l]) / denominator
+            out[i] = (coupling[:, k] @ weighted @ coupling[:, m]) / denominator
     return out
 
 

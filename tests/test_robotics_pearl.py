@@ -8,18 +8,18 @@ from mmalign.robotics.pairs import Pairs
 
 
 def brute_force_transfer(coupling, z_source, mask):
-    """Z_t[k, l] = sum_ij T[i,k] T[j,l] M[i,j] Z_s[i,j] / sum_ij T[i,k] T[j,l] M[i,j], one term at a time."""
+    """Z_t[k, m] = sum_ij T[i,k] T[j,m] M[i,j] Z_s[i,j] / sum_ij T[i,k] T[j,m] M[i,j], one term at a time."""
     n_s, n_t = coupling.shape
     out = np.zeros((n_t, n_t))
     for k in range(n_t):
-        for l in range(n_t):
+        for m in range(n_t):
             numerator = denominator = 0.0
             for i in range(n_s):
                 for j in range(n_s):
-                    weight = coupling[i, k] * coupling[j, l] * mask[i, j]
+                    weight = coupling[i, k] * coupling[j, m] * mask[i, j]
                     numerator += weight * z_source[i, j]
                     denominator += weight
-            out[k, l] = numerator / denominator
+            out[k, m] = numerator / denominator
     return out
 
 

@@ -31,7 +31,7 @@ def test_snapshots_record_select_and_restore():
     policy = nn.Linear(2, 2)
     pool = Snapshots(policy, keep=2, every=2, selection="latest")
     states = []
-    for step in range(5):
+    for _ in range(5):
         pool.tick(policy)
         states.append(policy.weight.detach().clone())
         with torch.no_grad():

@@ -47,8 +47,9 @@ def select_pairs(scores: torch.Tensor, strategy: str = "best-worst", margin: flo
                             key=lambda pair: float(scores[pair[1]] - scores[pair[0]]))
     else:
         raise ValueError(f"unknown pairing strategy {strategy!r}; choose best-worst or margin")
-    kept = [(w, l) for w, l in candidates if scores[w] > scores[l] and scores[w] - scores[l] >= margin
-            and (min_chosen_score is None or scores[w] >= min_chosen_score)]
+    kept = [(chosen, rejected) for chosen, rejected in candidates
+            if scores[chosen] > scores[rejected] and scores[chosen] - scores[rejected] >= margin
+            and (min_chosen_score is None or scores[chosen] >= min_chosen_score)]
     return kept[:max_pairs] if max_pairs > 0 else kept
 
 
@@ -115,11 +116,11 @@ def make_pairs(config: Config) -> dict:
         began = time.perf_counter()
         pictures = to_pil(images)
         for k, prompt in enumerate(part):
-            for w, l in select_pairs(scores[k], config.strategy, config.margin, config.max_pairs_per_prompt,
-                                     config.min_chosen_score):
-                rows.append({"caption": prompt, "jpg_0": png_bytes(pictures[k * n + w]),
-                             "jpg_1": png_bytes(pictures[k * n + l]), "label_0": 1.0,
-                             "score_0": float(scores[k, w]), "score_1": float(scores[k, l])})
+            for chosen, rejected in select_pairs(scores[k], config.strategy, config.margin,
+                                                 config.max_pairs_per_prompt, config.min_chosen_score):
+                rows.append({"caption": prompt, "jpg_0": png_bytes(pictures[k * n + chosen]),
+                             "jpg_1": png_bytes(pictures[k * n + rejected]), "label_0": 1.0,
+                             "score_0": float(scores[k, chosen]), "score_1": float(scores[k, rejected])})
             if start + k < GRID_PROMPTS:
                 shown.append(images[k * n:(k + 1) * n][scores[k].argsort(descending=True)])
         seconds["pair"] += time.perf_counter() - began
