@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ from mmalign.files import follow_umask, write_atomically
 from mmalign.reference import Stateful, unwrap
 from mmalign.state import StateFormatError, load_state, save_state
 
-StepFn = Callable[[nn.Module, Any, torch.Generator], "tuple[torch.Tensor, dict[str, Any]]"]
+ModelT = TypeVar("ModelT", bound=nn.Module)
+StepFn = Callable[[ModelT, Any, torch.Generator], "tuple[torch.Tensor, dict[str, Any]]"]
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -249,8 +250,8 @@ class Trainer:
         return torch.optim.AdamW(params, lr=c.learning_rate, betas=betas, weight_decay=c.weight_decay,
                                  eps=c.adam_epsilon)
 
-    def fit(self, model: nn.Module, dataset: Any, collate: Callable, step_fn: StepFn,
-            save_model: Callable[[nn.Module, Path], None] | None = None, stateful: tuple[Stateful, ...] = ()
+    def fit(self, model: ModelT, dataset: Any, collate: Callable, step_fn: StepFn[ModelT],
+            save_model: Callable[[ModelT, Path], object] | None = None, stateful: tuple[Stateful, ...] = ()
             ) -> list[dict[str, float]]:
         """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics.
 
