@@ -251,3 +251,10 @@ def test_the_demo_checks_its_captions_and_claims_its_folder(tmp_path):
     with pytest.raises(RunFolderError, match="is not empty"):
         demo.run(demo.Config(output=tmp_path / "full"))
     assert (tmp_path / "full" / "notes.txt").read_text() == "the user's notes\n"
+
+
+def test_the_demo_needs_its_evaluation_prompts(tmp_path, refused):
+    config = tmp_path / "demo.yaml"
+    config.write_text("sample_prompts: null\n")
+    message = refused("demo", "--config", config, "--output", tmp_path / "run", output=tmp_path / "run")
+    assert "key 'sample_prompts': a value is required" in message
