@@ -188,8 +188,10 @@ def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *,
     noisy, timesteps, target = flow_interpolate(parts.noise_scheduler, x0, noise, u)
     condition = encode_prompts(parts.pipe, prompts, parts.resolution, x0.device)
     velocity, value = container(noisy, timesteps, condition)
+    actor_critic = unwrap(container)
+    assert isinstance(actor_critic, ActorCritic)  # what `run` trains, inside any DDP/compile wrapper
     reference_velocity = parts.reference.scores(lambda m, _: predict(m, noisy, timesteps, condition),
-                                                unwrap(container).actor, batch)
+                                                actor_critic.actor, batch)
     warm = count.micro_steps < config.critic_warmup * config.gradient_accumulation_steps
     count.micro_steps += 1
     advantage = (shaped if warm else shaped - value.detach()).clamp(-config.advantage_clip, config.advantage_clip)
@@ -229,8 +231,9 @@ def run(config: Config) -> list[dict[str, float]]:
     shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
     reward_fn = config.reward if callable(config.reward) else load_reward(config.reward)
     trainer = Trainer(config)
-    if isinstance(getattr(reward_fn, "__self__", None), nn.Module):  # a reward model scores where training runs
-        reward_fn.__self__.to(trainer.device)
+    owner = getattr(reward_fn, "__self__", None)
+    if isinstance(owner, nn.Module):  # a reward model scores where training runs
+        owner.to(trainer.device)
     pipe, parts = prepare(config, trainer)
     actor = denoiser_of(pipe)
     pooled = encode_prompts(pipe, [""], parts.resolution, trainer.device).kwargs["pooled_projections"].shape[-1]

@@ -86,17 +86,18 @@ class DenoiserConfig(TrainConfig):
         return {}
 
 
-ConfigT = TypeVar("ConfigT", bound=DenoiserConfig, covariant=True)
+ConfigT = TypeVar("ConfigT", bound=DenoiserConfig)
+ConfigT_co = TypeVar("ConfigT_co", bound=DenoiserConfig, covariant=True)
 
 
 @dataclass(frozen=True)
-class Parts(Generic[ConfigT]):
+class Parts(Generic[ConfigT_co]):
     """What a training step needs besides the policy denoiser."""
 
     pipe: Any
     noise_scheduler: Any
     reference: Reference
-    config: ConfigT
+    config: ConfigT_co
     resolution: int
     vae_dtype: torch.dtype
 

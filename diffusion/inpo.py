@@ -26,7 +26,8 @@ import torch
 from mmalign.config import option
 
 from . import dpo
-from .pairwise import PairParts, pair_condition, pair_latents, pair_loss, train
+from .base import Parts
+from .pairwise import pair_condition, pair_latents, pair_loss, train
 from .scoring import predict, training_target
 
 
@@ -48,6 +49,9 @@ class Config(dpo.Config):
             raise ValueError(f"inversion_eta must not be negative, got {self.inversion_eta}")
 
 
+InpoParts = Parts[Config]
+
+
 @torch.no_grad()
 def ddim_invert(unet, x0: torch.Tensor, t: int, condition, inverse, generator: torch.Generator,
                 eta: float) -> torch.Tensor:
@@ -64,7 +68,7 @@ def ddim_invert(unet, x0: torch.Tensor, t: int, condition, inverse, generator: t
     return x
 
 
-def inpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: PairParts,
+def inpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: InpoParts,
               inverse) -> tuple[torch.Tensor, dict]:
     """One InPO micro-step: one t for the batch, x_t by DDIM inversion of [w; l], target eps_hat, DPO loss."""
     scheduler, c = parts.noise_scheduler, parts.config
@@ -80,7 +84,7 @@ def inpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: Pa
     return pair_loss(unet, batch, noisy, timesteps, condition, target, parts)
 
 
-def make_step(parts: PairParts):
+def make_step(parts: InpoParts):
     """The InPO step bound to its inverse DDIM scheduler (built from the pipeline's scheduler config)."""
     from diffusers import DDIMInverseScheduler
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -51,6 +51,7 @@ LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 PairParts = Parts["PairwiseConfig"]
 Step = Callable[[Any, dict, torch.Generator], "tuple[torch.Tensor, dict]"]
 LoserSign = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PairConfigT = TypeVar("PairConfigT", bound="PairwiseConfig")
 
 
 @dataclass
@@ -179,7 +180,7 @@ def pair_loss(model, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torc
     return losses.mean(), metrics
 
 
-def train(config: PairwiseConfig, make_step: Callable[[PairParts], Step], title: str,
+def train(config: PairConfigT, make_step: Callable[[Parts[PairConfigT]], Step], title: str,
           pairs_class: Callable[..., PreferencePairs] = PreferencePairs,
           reference_factory: ReferenceFactory | None = None, cache_latents: bool = False,
           curves: tuple[str, ...] = ()) -> list[dict[str, float]]:

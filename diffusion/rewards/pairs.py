@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -101,7 +101,8 @@ def make_pairs(config: Config) -> dict:
     scorer = config.load_scorer(config.mixed_precision, pipe.device)
     n = config.num_per_prompt
     chunk = max(1, config.batch_size // n)
-    rows, shown, all_scores = [], [], []
+    rows: list[dict[str, Any]] = []
+    shown, all_scores = [], []
     seconds = {"generate": 0.0, "score": 0.0, "pair": 0.0}
     for start in range(0, len(prompts), chunk):
         part = prompts[start:start + chunk]
@@ -132,7 +133,7 @@ def make_pairs(config: Config) -> dict:
     image_grid(torch.cat(shown), columns=n, scale=max(1, 128 // shown[0].shape[-1])).save(config.output / "ranked.png")
     gaps = torch.tensor([r["score_0"] - r["score_1"] for r in rows])
     total = sum(seconds.values())
-    report = {
+    report: dict[str, Any] = {
         "prompts": len(prompts), "samples": len(prompts) * n, "pairs": len(rows),
         "prompts_with_pairs": len({r["caption"] for r in rows}),
         "score": {"mean": float(torch.cat(all_scores).mean()), "mean_pair_gap": float(gaps.mean())},

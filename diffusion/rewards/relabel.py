@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -73,7 +73,7 @@ def relabel(config: Config) -> dict:
     first, second, original = score_pairs(scorer, pairs, config.batch_size)
     labels = ai_feedback_labels(first, second, config.tie_margin)
     decided = original != 0.5
-    report = {
+    report: dict[str, Any] = {
         "source": config.data, "pairs": len(pairs),
         "agreement_with_original": pair_metrics(first, second, original),
         "changed": int((labels != original.double()).sum()),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -138,6 +138,7 @@ def run(config: Config) -> dict:
         images = load_images(files)
     device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
     scorer = config.load_scorer(config.mixed_precision, device)
+    rows: list[dict[str, Any]]
     if config.data is not None:
         pairs = PreferencePairs(config.data, scorer.image_size, config.split, as_stored=True,
                                 allow_outside_paths=config.allow_outside_paths)

@@ -92,6 +92,8 @@ class AestheticHead(nn.Sequential):
 class Scorer(nn.Module):
     """An open_clip model with its eval transform and tokenizer: the CLIP score, or with `head` the aesthetic score."""
 
+    clip: Any  # an open_clip model (CLIP, CustomTextCLIP, ...); open_clip ships no type information
+
     def __init__(self, clip: nn.Module, preprocess: Callable, tokenizer: Callable, source: dict[str, Any],
                  head: AestheticHead | None = None):
         super().__init__()
@@ -135,6 +137,7 @@ class Scorer(nn.Module):
         if self.head is not None:
             scores = self.head(image.to(self.head[0].weight.dtype)).squeeze(-1)
         else:
+            assert prompts is not None  # _check_prompts requires them for the CLIP score
             text = self.text_embeddings(prompts).repeat_interleave(frames, dim=0)
             scores = self.clip.logit_scale.exp() * (image * text).sum(-1)
             if getattr(self.clip, "logit_bias", None) is not None:
@@ -157,7 +160,7 @@ class Scorer(nn.Module):
     def rank(self, prompt: str | list[str], image_a, image_b) -> torch.Tensor:
         """P(a preferred to b) = sigmoid(s(a) - s(b)): a prompt and single images give a 0-d tensor, lists give [B]."""
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if single:
             image_a, image_b = (([image_a], [image_b]) if isinstance(image_a, Image.Image)
                                 else (image_a[None], image_b[None]))
@@ -348,8 +351,9 @@ def save_scorer(scorer: Scorer, folder: str | Path) -> Path:
     write_atomically(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(scorer.source, indent=2)))
     write_atomically(folder / WEIGHTS_FILE, lambda p: save_file(tensors(scorer.clip), str(p)))
     meta: dict[str, Any] = {"kind": scorer.kind}
-    if scorer.head is not None:
-        write_atomically(folder / HEAD_FILE, lambda p: save_file(tensors(scorer.head), str(p)))
-        meta["head_hidden"] = scorer.head.hidden
+    head = scorer.head
+    if head is not None:
+        write_atomically(folder / HEAD_FILE, lambda p: save_file(tensors(head), str(p)))
+        meta["head_hidden"] = head.hidden
     write_atomically(folder / SCORER_FILE, lambda p: p.write_text(json.dumps(meta)))
     return folder
