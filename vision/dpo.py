@@ -224,13 +224,15 @@ def token_step(model, batch: dict[str, Any], features, parts: Parts) -> tuple[to
     ratio = (logps - ref_logps) * mask
     kl = token_level.token_kl(ref_log_dist, log_dist) * mask
     rows = lambda x: x.sum(1).view(-1, pairs).T  # noqa: E731 - [R, T] -> [B, k]
+    alpha = c.token_alpha
+    assert alpha is not None  # Config.__post_init__ resolves the default
     if c.token_objective == "tdpo":
         pairwise = token_level.tdpo_loss(rows(ratio)[:, CHOSEN], rows(ratio)[:, REJECTED], rows(kl)[:, CHOSEN],
-                                         rows(kl)[:, REJECTED], c.beta, c.token_alpha)
+                                         rows(kl)[:, REJECTED], c.beta, alpha)
     else:
         diff = token_level.differing_tokens(batch["input_ids"][:, -logps.shape[1]:], mask, pairs)
         pairwise = token_level.rrpo_loss(rows(ratio * diff)[:, CHOSEN], rows(ratio * diff)[:, REJECTED],
-                                         rows(kl)[:, CHOSEN], c.beta, c.token_alpha)
+                                         rows(kl)[:, CHOSEN], c.beta, alpha)
     losses, metrics = vision_dpo_loss(rows(logps * mask), rows(ref_logps * mask), batch["completion_lengths"], c,
                                       pairwise=pairwise)
     metrics["kl_chosen"] = rows(kl)[:, CHOSEN].detach().mean()

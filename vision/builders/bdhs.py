@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -118,7 +119,8 @@ def build_rows(model, processor, rows: list[dict], config: Config, similarity: C
     """(TRL rows with BDHS rejected responses, report) for source rows {prompt, chosen, images}; image paths are read
     inside config.root (see `BuilderConfig.image`)."""
     generator = torch.Generator().manual_seed(config.seed)
-    built, dropped, draws, examples = [], 0, 0, []
+    built, dropped, draws = [], 0, 0
+    examples: list[dict[str, Any]] = []
     for index, row in enumerate(rows):
         images = [config.image(image, f"record {index}, image {i + 1}")
                   for i, image in enumerate(row.get("images") or [])]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,7 +78,8 @@ def build_rows(model, processor, rows: list[dict], vocabulary: set[str],
     images = [row["images"][0] for row in rows]
     embeddings = embed(images) if embed is not None else vision_tower_embeddings(model, processor, images)
     nearest = RetrievalIndex(embeddings).nearest(embeddings, k=1, exclude=torch.arange(len(rows)))[:, 0].tolist()
-    built, examples = [], []
+    built = []
+    examples: list[dict[str, Any]] = []
     for row, j in zip(rows, nearest):
         rejected = fill_masked(model, processor, row["prompt"], images[j], row["chosen"], vocabulary)
         if bow_cosine(rejected, row["chosen"]) >= threshold:
