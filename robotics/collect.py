@@ -83,6 +83,7 @@ def make_policy(config: Config):
         return NoisyExpert(config.task, noise, seed=config.seed), {"noise": noise}
     if config.policy == "random":
         return RandomPolicy(seed=config.seed), {}
+    assert config.policy_path is not None  # Config requires it for --policy learned
     return PolicyActor(load_policy(config.policy_path), config.deterministic, seed=config.seed), {}
 
 

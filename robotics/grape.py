@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from mmalign import run_folder
@@ -99,8 +100,9 @@ class TrajectoryPairs(Dataset):
                 "obs_l": self.obs[loser], "act_l": self.act[loser]}
 
 
-def window_log_probs(model: GaussianPolicy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def window_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi of the chosen and rejected actions inside each pair's window, [B, W] each."""
+    assert isinstance(model, GaussianPolicy)  # the policy, or its frozen copy as the reference scores it
     return model.log_prob(batch["obs_w"], batch["act_w"]), model.log_prob(batch["obs_l"], batch["act_l"])
 
 

@@ -23,7 +23,8 @@ from .pairs import Pairs, label_pairs
 from .teachers import TEACHERS, teacher
 from .trajectories import Trajectories
 
-TeacherName = Literal[tuple(TEACHERS)]  # type: ignore[valid-type]
+TEACHER_NAMES = tuple(TEACHERS)
+TeacherName = Literal[TEACHER_NAMES]  # type: ignore[valid-type]
 
 
 @dataclass

@@ -29,6 +29,9 @@ def mlp(inputs: int, hidden: int, layers: int, outputs: int) -> nn.Sequential:
 class Standardize(nn.Module):
     """x -> (x - mean) / std with statistics fixed from data (saved with the model as buffers)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))

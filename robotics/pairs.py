@@ -29,7 +29,7 @@ from .trajectories import Trajectories
 
 
 def _probability(value: Any, record: dict) -> str | None:
-    if not isinstance(value, Real) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+    if not isinstance(value, Real) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
         return f"expected a probability in [0, 1], got {value!r}"
     return None
 

@@ -41,7 +41,7 @@ import ot
 
 from mmalign import run_folder
 from mmalign.config import option
-from mmalign.errors import DataError
+from mmalign.errors import ConfigError, DataError
 from mmalign.trainer import Trainer
 
 from .pairs import Pairs
@@ -88,6 +88,9 @@ def gw_coupling(c_source: np.ndarray, c_target: np.ndarray, entropic: bool = Tru
             coupling, log = ot.gromov.gromov_wasserstein(c_source, c_target, p, q, "square_loss", G0=start, log=True)
         if log["gw_dist"] < best_loss:
             best, best_loss = coupling, log["gw_dist"]
+    if best is None:
+        raise ConfigError(f"the Gromov-Wasserstein objective was not finite in any of {restarts} solve(s) "
+                          f"({'entropic, epsilon ' + str(epsilon) if entropic else 'exact'}); try a larger --epsilon")
     return best
 
 

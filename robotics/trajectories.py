@@ -136,7 +136,7 @@ class Trajectories:
 
     def success(self) -> np.ndarray:
         """Whether each trajectory succeeded at any step [N]."""
-        return self.successes.any(axis=1)
+        return np.any(self.successes, axis=1)
 
     def select(self, indices) -> Trajectories:
         """The trajectories at `indices`, in that order."""
@@ -199,7 +199,8 @@ class Trajectories:
         if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
             raise DataError(f"{path}: field 'meta' must be a JSON object with a 'task' name")
         info = {k[len("info."):]: arrays.pop(k) for k in list(arrays) if k.startswith("info.")}
-        return cls(meta.pop("task"), *(arrays[k] for k in REQUIRED), arrays.get("frames"), info, meta, str(path))
+        return cls(meta.pop("task"), **{k: arrays[k] for k in REQUIRED}, frames=arrays.get("frames"), info=info,
+                   meta=meta, source=str(path))
 
 
 def _read_npz(path: Path) -> dict[str, Any]:
@@ -255,9 +256,9 @@ def concatenate(parts: list[Trajectories]) -> Trajectories:
                             f"to {first.task} trajectories of shape {first.observations.shape}")
     keys = set.intersection(*(set(p.info) for p in parts))
     frames = None if any(p.frames is None for p in parts) else np.concatenate([p.frames for p in parts])
-    return Trajectories(first.task, *(np.concatenate([getattr(p, k) for p in parts]) for k in REQUIRED), frames,
-                        {k: np.concatenate([p.info[k] for p in parts]) for k in sorted(keys)}, dict(first.meta),
-                        first.source)
+    return Trajectories(first.task, **{k: np.concatenate([getattr(p, k) for p in parts]) for k in REQUIRED},
+                        frames=frames, info={k: np.concatenate([p.info[k] for p in parts]) for k in sorted(keys)},
+                        meta=dict(first.meta), source=first.source)
 
 
 def _error(source: str, problems: list[tuple[str, str]]) -> DataError:

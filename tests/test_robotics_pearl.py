@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from mmalign.errors import ConfigError
 from mmalign.robotics import collect, label, pearl
 from mmalign.robotics.pairs import Pairs
 
@@ -57,6 +58,16 @@ def test_gw_on_isometric_point_sets_recovers_the_permutation(entropic):
     coupling = pearl.gw_coupling(pearl.distance_matrix(points), pearl.distance_matrix(moved), entropic, epsilon=1e-3)
     np.testing.assert_array_equal(coupling.argmax(0), perm)
     np.testing.assert_allclose(coupling.sum(0), np.full(12, 1 / 12), atol=1e-6)
+
+
+def test_gw_without_a_finite_objective_is_refused(monkeypatch):
+    def solver(c_source, c_target, p, q, loss, **kwargs):
+        return np.outer(p, q), {"gw_dist": np.nan}
+
+    monkeypatch.setattr(pearl.ot.gromov, "entropic_gromov_wasserstein", solver)
+    square = pearl.distance_matrix(np.random.default_rng(0).normal(size=(4, 3)))
+    with pytest.raises(ConfigError, match="not finite in any of 2 solve"):
+        pearl.gw_coupling(square, square, entropic=True, restarts=2)
 
 
 def test_label_matrix_from_pair_records():
