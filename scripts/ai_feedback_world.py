@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         colour[name] = world.colour_match(images, captions).mean().item()
     seconds["evaluate"] = time.time() - began
 
-    result = {
+    result: dict[str, Any] = {
         "scorer_held_out": {k: scorer_run[k] for k in ("before", "after")},
         "pairs": {k: pairs[k] for k in ("samples", "pairs", "images_per_second")},
         "ai_label_agreement_with_world": world.placement_agreement(PreferencePairs(out / "pairs", resolution=32)),

@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,8 +63,8 @@ def score_overhead(arch: str, batch: int, size: int, repeats: int, distinct: boo
 
 
 def pairs_throughput(prompts_per_caption: int, n: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
         torch.manual_seed(0)
         save_scorer(load_scorer(ASSETS / "tiny-clip.json"), tmp / "scorer")
         (tmp / "prompts.txt").write_text("\n".join(list(world.CAPTIONS) * prompts_per_caption) + "\n")
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--pairs-repeats", type=int, default=4, help="copies of the 12 captions for the pairs run "
                                                                        "(0: no pairs run)")
     args = parser.parse_args()
-    results = {"torch_threads": torch.get_num_threads()}
+    results: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     if not args.pairs_only:
         results["score"] = [score_overhead(args.arch, args.batch, args.size, args.repeats, distinct)
                             for distinct in (True, False)]

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SIZES = {  # image px, patch, vision width/layers, language width/layers
     "tiny": dict(image_size=32, patch_size=8, vision_hidden=32, hidden=64, layers=2),
@@ -117,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, data = build(Path(tmp), args.size, args.rows)
         model = args.model or model
-        results = {"ours": [], "trl": []}
+        results: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
         for repeat in range(args.repeats):
             for tool in (("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")):
                 out = subprocess.run([sys.executable, __file__, "--child", tool, "--model", str(model),

@@ -56,7 +56,9 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float, kl_weight: float = 1e
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, images) + kl_weight * posterior.kl().mean()
         loss.backward()
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
         if step % 100 == 0 or step == steps - 1:
             print(f"vae step {step} loss {loss.item():.5f}", flush=True)
     vae.eval()
@@ -104,7 +106,9 @@ def train_denoiser(pipe, pool, steps: int, batch: int, lr: float, drop_prob: flo
         loss = F.mse_loss(predict(model, noisy, t, condition), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
         ema.step(model.parameters())
         if step % 200 == 0 or step == steps - 1:
             print(f"denoiser step {step} loss {loss.item():.5f}", flush=True)
