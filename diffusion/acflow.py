@@ -25,11 +25,13 @@ pixel distance among a prompt's K samples).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,23 +40,27 @@ from torch import nn
 from mmalign.config import option
 from mmalign.errors import ConfigError
 from mmalign.plots import plot_metrics
-from mmalign.reference import AdapterDisabled, FrozenCopy
-from mmalign.trainer import TrainConfig, Trainer
+from mmalign.reference import unwrap
+from mmalign.trainer import Trainer
 
-from . import dpo
+from .base import DenoiserConfig, Parts, first_prompts, given_grid_prompts, prepare, sample_grid, save_result
 from .data import read_prompts
 from .flow import flow_interpolate, sample_u
-from .models import LORA_TARGETS, add_lora, denoiser_of, load_pipeline, save_full, save_lora
-from .scoring import encode_prompts, is_flow, predict
+from .latents import from_latents
+from .models import denoiser_of
+from .scoring import encode_prompts, predict
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+TIME_FREQUENCIES = 8  # the critic sees sigma through sin and cos at 8 frequencies (16 features)
+TIME_SCALE = 1000  # sigma in [0, 1] scaled to the range of diffusion timesteps before the sinusoids
 
 
 @dataclass
-class Config(TrainConfig):
-    """AC-Flow settings (plus the training loop's); batch_size counts prompts per step."""
+class Config(DenoiserConfig):
+    """AC-Flow settings (plus the denoiser's and the training loop's); batch_size counts prompts per step."""
 
-    model: str = option(None, "a flow-matching pipeline (SD3-style): folder, hub id or single file")
+    schedule: ClassVar[Literal["flow", "diffusion"] | None] = "flow"
+
     prompts: str = option(None, "text file of training prompts, one per line")
     reward: str | RewardFn = option("mmalign.diffusion.world:reward", "reward callable as module:function, a reward-"
                                     "model folder (`mmalign reward train`), or from Python the callable itself; "
@@ -68,16 +74,12 @@ class Config(TrainConfig):
     critic_warmup: int = option(20, "optimizer steps during which only the critic learns to weight (A = r~)")
     critic_weight: float = option(1.0, "weight of the critic's regression loss")
     critic_width: int = option(64, "channels of the critic network")
-    lora_rank: int = option(8, "LoRA rank of the actor")
-    full: bool = option(False, "fine-tune the whole actor against a frozen copy instead of a LoRA")
-    num_samples: int = option(4, "images per prompt in the before/after grids (0: none)")
     learning_rate: float = option(1e-4, "peak learning rate of actor and critic")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("model", "prompts"):
-            if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
+        if not self.prompts:
+            raise ValueError("--prompts is required")
         if self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be at least 2 (rewards are standardised per prompt)")
         if self.sample_steps < 1 or self.critic_warmup < 0 or self.advantage_clip <= 0:
@@ -109,11 +111,13 @@ class Critic(nn.Module):
             nn.Conv2d(latent_channels, width, 3, padding=1), nn.SiLU(),
             nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(width + prompt_dim + 16, width), nn.SiLU(), nn.Linear(width, 1))
+        self.head = nn.Sequential(nn.Linear(width + prompt_dim + 2 * TIME_FREQUENCIES, width), nn.SiLU(),
+                                  nn.Linear(width, 1))
 
     def forward(self, latents: torch.Tensor, sigma: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        freqs = torch.exp(torch.arange(8, device=latents.device, dtype=latents.dtype) * -math.log(1000) / 8)
-        angle = sigma.to(latents.dtype)[:, None] * 1000 * freqs
+        steps = torch.arange(TIME_FREQUENCIES, device=latents.device, dtype=latents.dtype)
+        freqs = torch.exp(steps * -math.log(TIME_SCALE) / TIME_FREQUENCIES)
+        angle = sigma.to(latents.dtype)[:, None] * TIME_SCALE * freqs
         time = torch.cat([angle.sin(), angle.cos()], dim=1)
         return self.head(torch.cat([self.features(latents), prompt.to(latents.dtype), time], dim=1)).squeeze(1)
 
@@ -121,13 +125,14 @@ class Critic(nn.Module):
 class ActorCritic(nn.Module):
     """The trained modules together (the actor is the pipeline's denoiser); one forward gives velocity and value."""
 
-    def __init__(self, actor: nn.Module, critic: Critic):
+    def __init__(self, actor: nn.Module, critic: Critic, num_train_timesteps: int):
         super().__init__()
-        self.actor, self.critic = actor, critic
+        self.actor, self.critic, self.num_train_timesteps = actor, critic, num_train_timesteps
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition) -> tuple[torch.Tensor, torch.Tensor]:
         velocity = predict(self.actor, noisy, timesteps, condition)
-        return velocity, self.critic(noisy, timesteps / 1000, condition.kwargs["pooled_projections"])
+        sigma = timesteps / self.num_train_timesteps  # diffusers' flow timesteps are sigma * num_train_timesteps
+        return velocity, self.critic(noisy, sigma, condition.kwargs["pooled_projections"])
 
 
 class StepCount:
@@ -157,19 +162,21 @@ def diversity(images: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], config: Config, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(parts: Parts[Config], prompts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The actor's samples as training latents x0 and as images in [0, 1]."""
-    latents = pipe(prompt=prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale,
-                   generator=generator, output_type="latent").images
-    return latents, dpo.from_latents(latents, pipe.vae)
+    c = parts.config
+    latents = parts.pipe(prompt=prompts, num_inference_steps=c.sample_steps, guidance_scale=c.guidance_scale,
+                         height=parts.resolution, width=parts.resolution, generator=generator,
+                         output_type="latent").images
+    return latents, from_latents(latents, parts.pipe.vae)
 
 
-def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *, pipe, noise_scheduler, reference,
-                reward_fn: RewardFn, config: Config, count: StepCount) -> tuple[torch.Tensor, dict]:
+def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *, parts: Parts[Config],
+                reward_fn: RewardFn, count: StepCount) -> tuple[torch.Tensor, dict]:
     """One AC-Flow micro-step: sample, score, shape, critic regression, critic-weighted flow matching + W2."""
-    k = config.samples_per_prompt
+    config, k = parts.config, parts.config.samples_per_prompt
     prompts = [p for p in batch["prompt"] for _ in range(k)]
-    x0, images = sample(pipe, prompts, config, generator)
+    x0, images = sample(parts, prompts, generator)
     rewards = reward_fn(images, prompts).float().to(x0.device)
     if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
         raise ConfigError(f"--reward {config.reward} returned {tuple(rewards.shape)} values"
@@ -177,10 +184,14 @@ def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *,
                           "finite numbers, one per image")
     shaped = shape_rewards(rewards, k)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    noisy, timesteps, target = flow_interpolate(noise_scheduler, x0, noise, sample_u(len(prompts), generator, x0.device))
-    condition = encode_prompts(pipe, prompts, dpo.native_resolution(pipe), x0.device)
+    u = sample_u(len(prompts), generator, x0.device)
+    noisy, timesteps, target = flow_interpolate(parts.noise_scheduler, x0, noise, u)
+    condition = encode_prompts(parts.pipe, prompts, parts.resolution, x0.device)
     velocity, value = container(noisy, timesteps, condition)
-    reference_velocity = reference.scores(lambda m, _: predict(m.actor, noisy, timesteps, condition), container, batch)
+    actor_critic = unwrap(container)
+    assert isinstance(actor_critic, ActorCritic)  # what `run` trains, inside any DDP/compile wrapper
+    reference_velocity = parts.reference.scores(lambda m, _: predict(m, noisy, timesteps, condition),
+                                                actor_critic.actor, batch)
     warm = count.micro_steps < config.critic_warmup * config.gradient_accumulation_steps
     count.micro_steps += 1
     advantage = (shaped if warm else shaped - value.detach()).clamp(-config.advantage_clip, config.advantage_clip)
@@ -217,54 +228,29 @@ def run(config: Config) -> list[dict[str, float]]:
     from safetensors.torch import save_file
 
     prompts = Prompts(config.prompts)
+    shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
     reward_fn = config.reward if callable(config.reward) else load_reward(config.reward)
     trainer = Trainer(config)
-    if isinstance(getattr(reward_fn, "__self__", None), nn.Module):  # a reward model scores where training runs
-        reward_fn.__self__.to(trainer.device)
-    pipe = load_pipeline(config.model)
-    pipe.set_progress_bar_config(disable=True)
-    if not is_flow(pipe.scheduler):
-        raise ConfigError(f"--model {config.model}: AC-Flow needs a flow-matching pipeline (SD3-style), "
-                          f"this one has {type(pipe.scheduler).__name__}")
-    noise_scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    dtype, device = trainer.weight_dtype, trainer.device
-    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        part = getattr(pipe, name, None)
-        if part is not None:
-            part.requires_grad_(False).to(device, dtype)
-    actor = denoiser_of(pipe).to(device)
-    if not config.full:
-        actor.to(dtype)
-        add_lora(actor, config.lora_rank, targets=LORA_TARGETS)
-    pooled = encode_prompts(pipe, [""], 0, device).kwargs["pooled_projections"].shape[-1]
-    container = ActorCritic(actor, Critic(actor.config.in_channels, pooled, config.critic_width).to(device))
-    reference = FrozenCopy(container, dtype=dtype) if config.full else AdapterDisabled()
-    grid_prompts = prompts.prompts[:4]
+    owner = getattr(reward_fn, "__self__", None)
+    if isinstance(owner, nn.Module):  # a reward model scores where training runs
+        owner.to(trainer.device)
+    pipe, parts = prepare(config, trainer)
+    actor = denoiser_of(pipe)
+    pooled = encode_prompts(pipe, [""], parts.resolution, trainer.device).kwargs["pooled_projections"].shape[-1]
+    critic = Critic(actor.config.in_channels, pooled, config.critic_width).to(trainer.device)
+    container = ActorCritic(actor, critic, parts.noise_scheduler.config.num_train_timesteps)
     count = StepCount()
 
-    def grid(name: str) -> None:
-        if config.num_samples and trainer.is_main:
-            from .sample import generate, image_grid
-
-            images = generate(pipe, [p for p in grid_prompts for _ in range(config.num_samples)], seed=config.seed,
-                              steps=config.sample_steps, guidance_scale=config.guidance_scale)
-            image_grid(images, columns=config.num_samples, scale=max(1, 256 // images.shape[-1])).save(
-                config.output / name)
-
-    def save(model, output: Path) -> None:
-        (save_full(config.model, model.actor, output) if config.full else save_lora(pipe, model.actor, output))
+    def save(model: ActorCritic, output: Path) -> None:
+        save_result(parts, model.actor, output)
         save_file({k: v.contiguous() for k, v in model.critic.state_dict().items()}, str(output / "critic.safetensors"))
 
     trainer.begin()  # everything is checked: the run folder is created here, before the first grid is written
     if trainer.resume_from is None:
-        grid("samples_before.png")
-
-    def step(model, batch, generator):
-        return acflow_step(model, batch, generator, pipe=pipe, noise_scheduler=noise_scheduler, reference=reference,
-                           reward_fn=reward_fn, config=config, count=count)
-
+        sample_grid(trainer, parts, shown, "samples_before.png")
+    step = functools.partial(acflow_step, parts=parts, reward_fn=reward_fn, count=count)
     history = trainer.fit(container, prompts, collate_prompts, step, save_model=save, stateful=(count,))
-    grid("samples_after.png")
+    sample_grid(trainer, parts, shown, "samples_after.png")
     if trainer.is_main:
         plot_metrics(history, ["reward", "diversity", "critic_loss", "advantage", "w2", "loss"],
                      config.output / "curves.png", title="AC-Flow")

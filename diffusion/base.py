@@ -17,9 +17,10 @@ works with one kind only) and `video` (a text-to-video pipeline instead of an im
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Generic, Iterable, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
@@ -29,8 +30,16 @@ from mmalign.reference import AdapterDisabled, FrozenCopy, Reference
 from mmalign.trainer import TrainConfig, Trainer
 
 from .data import read_prompts
-from .models import (LORA_TARGETS, VIDEO_PIPELINES, add_lora, denoiser_of, enable_xformers, load_pipeline, save_full,
-                     save_lora)
+from .models import (
+    LORA_TARGETS,
+    VIDEO_PIPELINES,
+    add_lora,
+    denoiser_of,
+    enable_xformers,
+    load_pipeline,
+    save_full,
+    save_lora,
+)
 from .sample import generate, image_grid
 from .scoring import PREDICTION_TYPES, is_flow
 
@@ -78,16 +87,17 @@ class DenoiserConfig(TrainConfig):
 
 
 ConfigT = TypeVar("ConfigT", bound=DenoiserConfig)
+ConfigT_co = TypeVar("ConfigT_co", bound=DenoiserConfig, covariant=True)
 
 
-@dataclass
-class Parts(Generic[ConfigT]):
+@dataclass(frozen=True)
+class Parts(Generic[ConfigT_co]):
     """What a training step needs besides the policy denoiser."""
 
     pipe: Any
     noise_scheduler: Any
     reference: Reference
-    config: ConfigT
+    config: ConfigT_co
     resolution: int
     vae_dtype: torch.dtype
 
@@ -114,19 +124,21 @@ def check_pipeline(pipe, config: DenoiserConfig) -> None:
     if not flow and prediction not in PREDICTION_TYPES:
         raise ConfigError(f"--model {config.model}: its scheduler predicts {prediction!r}; training supports "
                           f"{' and '.join(PREDICTION_TYPES)} (or flow matching)")
-    kind = "flow" if flow else "diffusion"
-    if config.schedule is not None and config.schedule != kind:
-        raise ConfigError(f"--model {config.model}: its scheduler {type(pipe.scheduler).__name__} is a {kind} one; "
-                          f"this method trains {config.schedule} models only ("
-                          + ("SD3-style flow matching; use `mmalign diffusion dpo` for diffusion models)"
-                             if config.schedule == "flow" else "DDPM-style diffusion; use `mmalign diffusion dpo` or "
-                             "`flow-dpo` for flow-matching models)"))
+    scheduler = type(pipe.scheduler).__name__
+    if config.schedule == "flow" and not flow:
+        raise ConfigError(f"--model {config.model}: its scheduler {scheduler} is not a flow-matching one; this method "
+                          "needs a flow-matching pipeline (SD3-style); use `mmalign diffusion dpo` for "
+                          "diffusion models")
+    if config.schedule == "diffusion" and flow:
+        raise ConfigError(f"--model {config.model}: its scheduler {scheduler} is a flow-matching one; this method "
+                          "needs a DDPM-style diffusion pipeline; use `mmalign diffusion dpo` or `flow-dpo` for "
+                          "flow-matching models")
     name = type(pipe).__name__
     if (name in VIDEO_PIPELINES) != config.video:
         raise ConfigError(f"--model {config.model}: {name} is "
-                          + (f"a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`"
+                          + ("a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`"
                              if name in VIDEO_PIPELINES else
-                             f"an image pipeline; this method trains text-to-video pipelines "
+                             f"an image pipeline; video-dpo trains text-to-video pipelines "
                              f"({', '.join(VIDEO_PIPELINES)})"))
 
 
@@ -178,10 +190,13 @@ def prepare(config: ConfigT, trainer: Trainer, reference_factory: ReferenceFacto
     return pipe, Parts(pipe, training_scheduler(pipe), reference, config, resolution, vae_dtype=dtype)
 
 
-def grid_prompts(config: DenoiserConfig, candidates: Iterable[str]) -> list[str]:
-    """The grids' prompts: the --sample-prompts file, else the first distinct `candidates` (training prompts)."""
-    if config.sample_prompts:
-        return read_prompts(config.sample_prompts)
+def given_grid_prompts(config: DenoiserConfig) -> list[str] | None:
+    """The --sample-prompts file, read and checked (a method reads it before anything slower), or None."""
+    return read_prompts(config.sample_prompts) if config.sample_prompts else None
+
+
+def first_prompts(candidates: Iterable[str]) -> list[str]:
+    """The grids' default prompts: the first GRID_PROMPTS distinct `candidates` (training prompts)."""
     distinct: list[str] = []
     for prompt in candidates:
         if prompt not in distinct:

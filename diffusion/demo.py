@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mmalign import run_folder
 from mmalign.config import option
@@ -37,7 +38,7 @@ class Config(dpo.Config):
     model: str = option(str(ASSETS / "tiny-sd"), "the embedded tiny pipeline")
     data: str = option(str(ASSETS / "tiny-sd-prefs" / "train.parquet"), "the embedded preference pairs")
     output: Path = option(None, "run directory (default: runs/demo-<date-time>)")
-    sample_prompts: str | None = option(str(ASSETS / "tiny-sd-prompts.txt"), "prompts of the grids and evaluation")
+    sample_prompts: str = option(str(ASSETS / "tiny-sd-prompts.txt"), "prompts of the grids and evaluation")
     eval_per_prompt: int = option(8, "fixed-seed samples per held-out prompt (12 prompts)")
     eval_steps: int = option(20, "sampler steps of the evaluation")
     eval_seed: int = option(1000, "first evaluation seed")
@@ -92,8 +93,8 @@ def run(config: Config) -> dict:
 def compare(config: Config, prompts: list[str]) -> dict:
     """The body of `run`, in the claimed output folder."""
     start = time.time()
-    kwargs = dict(per_prompt=config.eval_per_prompt, seed=config.eval_seed, steps=config.eval_steps,
-                  guidance_scale=config.guidance_scale)
+    kwargs: dict[str, Any] = dict(per_prompt=config.eval_per_prompt, seed=config.eval_seed, steps=config.eval_steps,
+                                  guidance_scale=config.guidance_scale)
     base_pipe = load_pipeline(config.model)
     base_pipe.set_progress_bar_config(disable=True)
     base, base_rewards, base_images = evaluate_reward(base_pipe, prompts, world.reward, **kwargs)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -14,8 +14,9 @@ RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
 def evaluate_reward(pipe, prompts: list[str], reward_fn: RewardFn, per_prompt: int = 8, seed: int = 1000,
-                    steps: int = 20, guidance_scale: float = 5.0) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """Sample `per_prompt` images per prompt (sample i uses seed `seed + i`), score them; returns summary, rewards, images."""
+                    steps: int = 20, guidance_scale: float = 5.0
+                    ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Sample `per_prompt` images per prompt (sample i with seed `seed + i`), score them: summary, rewards, images."""
     expanded = [p for p in prompts for _ in range(per_prompt)]
     images = generate(pipe, expanded, seed=seed, steps=steps, guidance_scale=guidance_scale)
     rewards = reward_fn(images, expanded).float()
@@ -24,7 +25,8 @@ def evaluate_reward(pipe, prompts: list[str], reward_fn: RewardFn, per_prompt: i
     return mean_ci(rewards), rewards, images
 
 
-def paired_gain(base, tuned, prompts: list[str], reward_fn: RewardFn, **sampling) -> tuple[dict[str, float], torch.Tensor]:
+def paired_gain(base, tuned, prompts: list[str], reward_fn: RewardFn,
+                **sampling) -> tuple[dict[str, float], torch.Tensor]:
     """Mean and 95% CI of r(tuned sample) - r(base sample) over the same seeds and prompts; also the tuned images.
 
     `sampling` goes to `evaluate_reward` (per_prompt, seed, steps, guidance_scale)."""

@@ -13,7 +13,7 @@ import torch
 from .scoring import training_target
 
 
-def sample_u(n: int, generator: torch.Generator, device, sampling: str = "uniform", logit_mean: float = 0.0,
+def sample_u(n: int, generator: torch.Generator | None, device, sampling: str = "uniform", logit_mean: float = 0.0,
              logit_std: float = 1.0) -> torch.Tensor:
     """u in (0, 1) that picks each training sigma: U(0, 1), or sigmoid(N(m, s^2)) for "logit_normal"."""
     if sampling == "logit_normal":

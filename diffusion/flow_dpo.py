@@ -9,24 +9,19 @@ public); the default here stays at Diffusion-DPO's 5000 in the -0.5*beta form.
 
 from __future__ import annotations
 
-import functools
-
-from mmalign.errors import ConfigError
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from . import dpo
-from .scoring import is_flow
-
-Config = dpo.Config
 
 
-def make_step(parts: dpo.Parts):
-    """Diffusion-DPO's step, after checking that the model is a flow-matching one."""
-    if not is_flow(parts.noise_scheduler):
-        raise ConfigError(f"--model {parts.config.model}: its scheduler {type(parts.noise_scheduler).__name__} is "
-                          "not a flow-matching one; use `mmalign diffusion dpo` for diffusion models")
-    return functools.partial(dpo.dpo_step, parts=parts)
+@dataclass
+class Config(dpo.Config):
+    """Flow-DPO settings: Diffusion-DPO's, on flow-matching models only."""
+
+    schedule: ClassVar[Literal["flow", "diffusion"] | None] = "flow"
 
 
 def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion flow-dpo`: Flow-DPO training of an SD3-style pipeline into config.output."""
-    return dpo.train(config, make_step, "Flow-DPO")
+    return dpo.run(config)

@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from mmalign.config import option
 
 from . import dpo
+from .base import Parts
+from .pairwise import pair_condition, pair_latents, pair_loss, train
 from .scoring import predict, training_target
 
 
 @dataclass
 class Config(dpo.Config):
-    """InPO settings (plus Diffusion-DPO's and the training loop's)."""
+    """InPO settings (plus Diffusion-DPO's and the training loop's); DDPM-style diffusion models only."""
+
+    schedule: ClassVar[Literal["flow", "diffusion"] | None] = "diffusion"
 
     beta: float = option(2000.0, "KL strength in the -0.5*beta form (paper: 2000 for SD 1.5, 5000 for SDXL)")
     inversion_steps: int = option(10, "DDIM inversion grid size over the training timesteps")
@@ -43,6 +47,9 @@ class Config(dpo.Config):
             raise ValueError(f"inversion_steps must be at least 1, got {self.inversion_steps}")
         if self.inversion_eta < 0:
             raise ValueError(f"inversion_eta must not be negative, got {self.inversion_eta}")
+
+
+InpoParts = Parts[Config]
 
 
 @torch.no_grad()
@@ -61,23 +68,23 @@ def ddim_invert(unet, x0: torch.Tensor, t: int, condition, inverse, generator: t
     return x
 
 
-def inpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: dpo.Parts,
+def inpo_step(unet, batch: dict[str, Any], generator: torch.Generator, parts: InpoParts,
               inverse) -> tuple[torch.Tensor, dict]:
     """One InPO micro-step: one t for the batch, x_t by DDIM inversion of [w; l], target eps_hat, DPO loss."""
     scheduler, c = parts.noise_scheduler, parts.config
-    x0 = dpo.pair_latents(batch, generator, parts)
+    x0 = pair_latents(batch, generator, parts)
     device = x0.device
     t = int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator, device=device))
     timesteps = torch.full((x0.shape[0],), t, device=device)
-    condition = dpo.pair_condition(batch, generator, parts, device)
+    condition = pair_condition(batch, generator, parts, device)
     noisy = ddim_invert(unet, x0, t, condition, inverse, generator, c.inversion_eta)
     abar_t = scheduler.alphas_cumprod[t].to(device)
     eps_hat = (noisy - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
     target = training_target(scheduler, x0, eps_hat, timesteps)
-    return dpo.pair_loss(unet, batch, noisy, timesteps, condition, target, parts)
+    return pair_loss(unet, batch, noisy, timesteps, condition, target, parts)
 
 
-def make_step(parts: dpo.Parts):
+def make_step(parts: InpoParts):
     """The InPO step bound to its inverse DDIM scheduler (built from the pipeline's scheduler config)."""
     from diffusers import DDIMInverseScheduler
 
@@ -88,4 +95,4 @@ def make_step(parts: dpo.Parts):
 
 def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion inpo`: InPO training into config.output (same outputs as Diffusion-DPO)."""
-    return dpo.train(config, make_step, "InPO")
+    return train(config, make_step, "InPO", cache_latents=config.cache_latents)

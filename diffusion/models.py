@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,8 +50,11 @@ def _single_file_class(path: Path):
     """SD, SDXL or SD3 for a single .safetensors/.ckpt checkpoint, from diffusers' own checkpoint inference; a file
     that is not one (text, an unreadable or code-running pickle, other weights) raises ConfigError."""
     import diffusers
-    from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, infer_diffusers_model_type,
-                                                     load_single_file_checkpoint)
+    from diffusers.loaders.single_file_utils import (
+        CHECKPOINT_KEY_NAMES,
+        infer_diffusers_model_type,
+        load_single_file_checkpoint,
+    )
 
     try:
         checkpoint = load_single_file_checkpoint(str(path))
@@ -74,7 +79,7 @@ def _single_file_class(path: Path):
                       "supported: SD 1.x/2.x, SDXL base, SD3")
 
 
-def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
+def _as_tuple(value: str | Sequence[str]) -> tuple[str, ...]:
     """One key name or a list of them (diffusers' CHECKPOINT_KEY_NAMES holds both) as a tuple."""
     return (value,) if isinstance(value, str) else tuple(value)
 
@@ -82,7 +87,7 @@ def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
 def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
     """A supported pipeline from a local folder, a hub id, or a single-file checkpoint, without a safety checker."""
     cls = pipeline_class(model)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs: dict[str, Any] = {"torch_dtype": dtype} if dtype is not None else {}
     if cls.__name__ == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -176,9 +181,9 @@ def load_lora(pipe, path: str | Path) -> None:
     model = denoiser_of(pipe)
     inject_adapter_in_model(LoraConfig.from_pretrained(str(path)), model)
     loaded = set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
-    if loaded.unexpected_keys:
-        raise ConfigError(f"{path}: LoRA weights do not match {type(model).__name__} "
-                         f"(unexpected {loaded.unexpected_keys[:3]})")
+    unexpected = loaded.unexpected_keys  # type: ignore[attr-defined]  # peft annotates the result as a bare namedtuple
+    if unexpected:
+        raise ConfigError(f"{path}: LoRA weights do not match {type(model).__name__} (unexpected {unexpected[:3]})")
 
 
 def save_full(model_path: str | Path, model, output: Path) -> None:

@@ -17,8 +17,9 @@ reward_margin (beta*(r_w - r_l)), chosen_reward, rejected_reward, model_mse, ref
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -30,7 +31,16 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import Stateful
 from mmalign.trainer import Trainer
 
-from .base import DenoiserConfig, Parts, ReferenceFactory, grid_prompts, prepare, sample_grid, save_result
+from .base import (
+    DenoiserConfig,
+    Parts,
+    ReferenceFactory,
+    first_prompts,
+    given_grid_prompts,
+    prepare,
+    sample_grid,
+    save_result,
+)
 from .data import CachedLatents, PreferencePairs, collate_pairs
 from .flow import flow_noising
 from .latents import encode, to_latents
@@ -41,6 +51,7 @@ LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 PairParts = Parts["PairwiseConfig"]
 Step = Callable[[Any, dict, torch.Generator], "tuple[torch.Tensor, dict]"]
 LoserSign = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+PairConfigT = TypeVar("PairConfigT", bound="PairwiseConfig")
 
 
 @dataclass
@@ -169,7 +180,7 @@ def pair_loss(model, batch: dict[str, Any], noisy: torch.Tensor, timesteps: torc
     return losses.mean(), metrics
 
 
-def train(config: PairwiseConfig, make_step: Callable[[PairParts], Step], title: str,
+def train(config: PairConfigT, make_step: Callable[[Parts[PairConfigT]], Step], title: str,
           pairs_class: Callable[..., PreferencePairs] = PreferencePairs,
           reference_factory: ReferenceFactory | None = None, cache_latents: bool = False,
           curves: tuple[str, ...] = ()) -> list[dict[str, float]]:
@@ -177,12 +188,13 @@ def train(config: PairwiseConfig, make_step: Callable[[PairParts], Step], title:
     `cache_latents`; the reference of `reference_factory`, see `base.prepare`), then write the LoRA (or full
     pipeline), grids and curves."""
     trainer = Trainer(config)
+    given = given_grid_prompts(config)
     pipe, parts = prepare(config, trainer, reference_factory)
     step = make_step(parts)
     pairs = pairs_class(config.data, resolution=parts.resolution, split=config.split,
                         allow_outside_paths=config.allow_outside_paths)
     trainer.accelerator.print(f"{len(pairs)} preference pairs from {config.data} ({pairs.ties} ties dropped)")
-    prompts = grid_prompts(config, (pairs.caption(i) for i in range(len(pairs))))
+    prompts = given or first_prompts(pairs.caption(i) for i in range(len(pairs)))
     dataset: Dataset = cache_pair_latents(pipe.vae, pairs, parts.vae_dtype, trainer.device) if cache_latents \
         else pairs
     trainer.begin()  # everything is checked: the run folder is created here, before the first grid is written

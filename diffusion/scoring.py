@@ -9,6 +9,7 @@ velocity eps - x0 for flow matching (x_t = (1 - sigma) x0 + sigma eps, SD3's Flo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,10 +20,10 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 class Condition:
     """A batch's conditioning as the denoiser's keyword arguments, and the name of its noisy-input argument."""
 
-    kwargs: dict[str, object]
+    kwargs: dict[str, Any]
     sample_key: str = "sample"
 
-    def repeat(self, times: int) -> "Condition":
+    def repeat(self, times: int) -> Condition:
         """The same conditions for `times` stacked copies of the batch ([c, c, ...])."""
         def rep(value):
             if torch.is_tensor(value):

@@ -29,14 +29,17 @@ import torch
 from mmalign.config import option
 from mmalign.reference import Snapshots
 
-from . import dpo
+from .base import Parts
 from .data import PreferencePairs
+from .latents import encode, to_latents
 from .models import denoiser_name
+from .pairwise import PairwiseConfig, pair_condition, pair_loss, pair_noising, random_flip, train
 
 
 @dataclass
-class Config(dpo.Config):
-    """SePPO settings (plus Diffusion-DPO's and the training loop's); data: Pick-a-Pic rows, winners only are read."""
+class Config(PairwiseConfig):
+    """SePPO settings (plus the pairs', the denoiser's and the training loop's); data: Pick-a-Pic rows, winners only
+    are read."""
 
     snapshots: int = option(7, "how many earlier policy snapshots the reference is drawn from (K)")
     snapshot_every: int = option(30, "optimizer steps between snapshots")
@@ -48,8 +51,9 @@ class Config(dpo.Config):
         super().__post_init__()
         if self.snapshots < 1 or self.snapshot_every < 1 or self.reference_steps < 1:
             raise ValueError("snapshots, snapshot_every and reference_steps must be at least 1")
-        if self.cache_latents:
-            raise ValueError("cache_latents does not apply to SePPO: only winners are encoded")
+
+
+SeppoParts = Parts[Config]
 
 
 class Winners(PreferencePairs):
@@ -64,10 +68,11 @@ class Winners(PreferencePairs):
 
 
 @torch.no_grad()
-def reference_samples(parts: dpo.Parts, captions: list[str], generator: torch.Generator) -> torch.Tensor:
+def reference_samples(parts: SeppoParts, reference: Snapshots, captions: list[str], generator: torch.Generator
+                      ) -> torch.Tensor:
     """x_ref: the reference model's own latents for the captions (the pipeline's sampler, output_type="latent")."""
     pipe, c = parts.pipe, parts.config
-    sampler = type(pipe)(**{**pipe.components, denoiser_name(pipe): parts.reference.model})
+    sampler = type(pipe)(**{**pipe.components, denoiser_name(pipe): reference.model})
     sampler.set_progress_bar_config(disable=True)
     return sampler(prompt=captions, num_inference_steps=c.reference_steps, guidance_scale=c.guidance_scale,
                    generator=generator, output_type="latent").images
@@ -83,19 +88,22 @@ def always_loser(model_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Tensor
     return torch.ones_like(model_err.chunk(2)[0])
 
 
-def seppo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: dpo.Parts) -> tuple[torch.Tensor, dict]:
+def seppo_step(model, batch: dict[str, Any], generator: torch.Generator,
+               parts: SeppoParts) -> tuple[torch.Tensor, dict]:
     """One SePPO micro-step on a batch of winners [B,1,3,R,R]: x_ref from the chosen snapshot takes the loser slot."""
     reference = parts.reference
+    assert isinstance(reference, Snapshots)  # the reference `snapshots(config)` made
     reference.tick(model)
     index = reference.select(generator)
-    winners = dpo.to_latents(*dpo.encode(parts.pipe.vae, batch["pixel_values"][:, 0], parts.vae_dtype), generator,
-                             parts)
-    latents = torch.cat([winners, reference_samples(parts, batch["caption"], generator).to(winners.dtype)])
-    noisy, timesteps, target = dpo.pair_noising(parts.noise_scheduler, latents, generator,
-                                                parts.config.timestep_sampling)
-    condition = dpo.pair_condition(batch, generator, parts, latents.device)
-    loss, metrics = dpo.pair_loss(model, batch, noisy, timesteps, condition, target, parts,
-                                  loser_sign=adaptive_flipper if parts.config.adaptive_flipper else always_loser)
+    pixels = batch["pixel_values"][:, 0]
+    if parts.config.random_flip:
+        pixels = random_flip(pixels, generator)
+    winners = to_latents(*encode(parts.pipe.vae, pixels, parts.vae_dtype), generator, parts.pipe.vae)
+    latents = torch.cat([winners, reference_samples(parts, reference, batch["caption"], generator).to(winners.dtype)])
+    noisy, timesteps, target = pair_noising(parts.noise_scheduler, latents, generator, parts.config.timestep_sampling)
+    condition = pair_condition(batch, generator, parts, latents.device)
+    loss, metrics = pair_loss(model, batch, noisy, timesteps, condition, target, parts,
+                              loser_sign=adaptive_flipper if parts.config.adaptive_flipper else always_loser)
     return loss, {**metrics, "reference_index": torch.tensor(float(index))}
 
 
@@ -108,5 +116,5 @@ def snapshots(config: Config):
 
 def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion seppo`: SePPO training from the winners of Pick-a-Pic pairs into config.output."""
-    return dpo.train(config, lambda parts: functools.partial(seppo_step, parts=parts), "SePPO", pairs_class=Winners,
-                     reference_factory=snapshots(config), curves=("flip_rate",))
+    return train(config, lambda parts: functools.partial(seppo_step, parts=parts), "SePPO", pairs_class=Winners,
+                 reference_factory=snapshots(config), curves=("flip_rate",))

@@ -27,7 +27,8 @@ def clip_tokenizer(model_max_length: int = 16):
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=model_max_length)
+        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                             model_max_length=model_max_length)
 
 
 def sd_scheduler(prediction_type: str = "epsilon"):
@@ -48,8 +49,13 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
     without T5, a flow-matching Euler scheduler.
     video: a UNet3DConditionModel (text-to-video) with the image VAE applied per frame.
     """
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           UNet2DConditionModel, UNet3DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+        UNet3DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if kind not in ("sd", "sdxl", "sd3", "video"):
@@ -78,11 +84,12 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
                 "text_encoder_3": None, "tokenizer_3": None}
     scheduler = sd_scheduler(prediction_type)
     if kind == "video":
-        unet = UNet3DConditionModel(
+        video_unet = UNet3DConditionModel(
             sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 64), norm_num_groups=16, cross_attention_dim=text_dim, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
-        return {"unet": unet, "vae": vae, "text_encoder": CLIPTextModel(text_config), "tokenizer": tokenizer,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+        return {"unet": video_unet, "vae": vae, "text_encoder": CLIPTextModel(text_config), "tokenizer": tokenizer,
                 "scheduler": scheduler}
     xl_unet = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
                    projection_class_embeddings_input_dim=6 * 8 + text_dim) if kind == "sdxl" else {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -23,8 +23,9 @@ from mmalign.config import option
 from mmalign.data import DataError, resolve_path
 from mmalign.errors import MissingDependencyError
 
-from . import dpo
 from .data import PreferencePairs, to_model_pixels
+from .dpo import dpo_step
+from .pairwise import PairwiseConfig, train
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -76,8 +77,10 @@ class VideoPairs(PreferencePairs):
 
 
 @dataclass
-class Config(dpo.Config):
-    """Video Diffusion-DPO settings (plus Diffusion-DPO's and the training loop's)."""
+class Config(PairwiseConfig):
+    """Video Diffusion-DPO settings (plus the pairs', the denoiser's and the training loop's)."""
+
+    video: ClassVar[bool] = True
 
     num_frames: int = option(8, "frames per video; every training video must have exactly this many")
 
@@ -85,11 +88,12 @@ class Config(dpo.Config):
         super().__post_init__()
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}")
-        if self.cache_latents:
-            raise ValueError("cache_latents is for image pairs; video latents are encoded each step")
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        return {"num_frames": self.num_frames}
 
 
 def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion video-dpo`: Diffusion-DPO of a text-to-video pipeline on video preference pairs."""
-    return dpo.train(config, lambda parts: functools.partial(dpo.dpo_step, parts=parts), "Video Diffusion-DPO",
-                     pairs_class=functools.partial(VideoPairs, num_frames=config.num_frames))
+    return train(config, lambda parts: functools.partial(dpo_step, parts=parts), "Video Diffusion-DPO",
+                 pairs_class=functools.partial(VideoPairs, num_frames=config.num_frames))

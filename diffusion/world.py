@@ -41,7 +41,8 @@ def render(caption: str, cx: float, cy: float, radius: float, size: int = IMAGE_
     return canvas.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def random_scene(rng: np.random.Generator, caption: str | None = None, size: int = IMAGE_SIZE) -> tuple[str, Image.Image]:
+def random_scene(rng: np.random.Generator, caption: str | None = None,
+                 size: int = IMAGE_SIZE) -> tuple[str, Image.Image]:
     """A caption (drawn uniformly unless given) and its rendering at a uniformly random place and size."""
     caption = caption if caption is not None else CAPTIONS[rng.integers(len(CAPTIONS))]
     radius = rng.uniform(0.15, 0.25) * size
@@ -61,13 +62,13 @@ def placement_reward(images: torch.Tensor) -> torch.Tensor:
 
 
 def placement_agreement(pairs) -> float:
-    """Share of pairs (items {'pixel_values': [2,3,H,W] in [-1, 1], winner first}) whose winner placement_reward prefers."""
+    """Share of pairs ({'pixel_values': [2,3,H,W] in [-1, 1], winner first}) whose winner placement_reward prefers."""
     agree = [bool(placement_reward((pairs[i]["pixel_values"] + 1) / 2).diff() < 0) for i in range(len(pairs))]
     return sum(agree) / len(agree)
 
 
 def preference_pairs(n: int, seed: int, tie_margin: float = 0.03) -> list[dict]:
-    """`n` Pick-a-Pic rows (caption, jpg_0, jpg_1 as PNG bytes, label_0) labelled by placement_reward; close calls are ties."""
+    """`n` Pick-a-Pic rows (caption, jpg_0, jpg_1 as PNG bytes, label_0) labelled by placement_reward, ties if close."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
@@ -82,7 +83,8 @@ def preference_pairs(n: int, seed: int, tie_margin: float = 0.03) -> list[dict]:
 
 def model_pairs(pipe, k: int, keep: int, seed: int = 100_000) -> list[dict]:
     """Pick-a-Pic rows from a pipeline's own samples: per caption, of `k` fixed-seed samples (20 steps) ranked by
-    placement_reward, the i-th best beats the i-th worst for i < `keep` (winners drawn by the model, as Pick-a-Pic's)."""
+    placement_reward, the i-th best beats the i-th worst for i < `keep` (winners drawn by the model, as
+    Pick-a-Pic's)."""
     from .sample import generate, to_pil
 
     rows = []
@@ -117,7 +119,7 @@ def parse_caption(caption: str) -> tuple[str, str]:
 
 
 def colour_match(images: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """1 where the object's mean colour is nearest to the caption's colour among COLOURS, else 0; images [B,3,H,W] in [0,1]."""
+    """1 where the object's mean colour is nearest the caption's among COLOURS, else 0; images [B,3,H,W] in [0,1]."""
     palette = torch.tensor(list(COLOURS.values()), dtype=images.dtype, device=images.device) / 255.0
     background = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1) / 255.0
     mask = ((images - background).abs().amax(dim=1) * 255.0 > OBJECT_THRESHOLD).to(images.dtype)

@@ -13,10 +13,11 @@ stops with a `DataError`. The core kinds:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import datasets
 
@@ -67,7 +68,8 @@ def present(value: Any, record: dict) -> str | None:
 
 def number_list(value: Any, record: dict) -> str | None:
     """A non-empty list of numbers."""
-    if not isinstance(value, list) or not value or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value):
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)):
         return "expected a non-empty list of numbers"
     return None
 

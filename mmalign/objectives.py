@@ -113,7 +113,8 @@ def lipo_lambda_loss(scores: Tensor, labels: Tensor, mask: Tensor | None = None)
         rank = order_scores.argsort(dim=1, descending=True).argsort(dim=1).to(scores.dtype) + 1
         gain = 2.0 ** labels.to(scores.dtype) - 1
         inv_discount = 1.0 / torch.log1p(rank)
-        weight = (gain[:, :, None] - gain[:, None, :]).abs() * (inv_discount[:, :, None] - inv_discount[:, None, :]).abs()
+        weight = ((gain[:, :, None] - gain[:, None, :]).abs()
+                  * (inv_discount[:, :, None] - inv_discount[:, None, :]).abs())
         valid = (labels[:, :, None] > labels[:, None, :]) & mask[:, :, None] & mask[:, None, :]
     pair_loss = -F.logsigmoid(scores[:, :, None] - scores[:, None, :])
     return (weight * pair_loss).masked_fill(~valid, 0.0).sum(dim=(1, 2))

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -116,7 +117,7 @@ class CachedScores:
     @classmethod
     @torch.no_grad()
     def build(cls, reference: AdapterDisabled | FrozenCopy, score_fn: ScoreFn, policy: nn.Module,
-              batches: Any, size: int) -> "CachedScores":
+              batches: Any, size: int) -> CachedScores:
         """Score every batch (each carrying 'index') once with `reference`; the result is [size, ...] on the CPU."""
         table: torch.Tensor | None = None
         filled = torch.zeros(size, dtype=torch.bool)
@@ -142,7 +143,7 @@ class CachedScores:
         save_file({"scores": self.table.contiguous()}, path)
 
     @classmethod
-    def load(cls, path: str) -> "CachedScores":
+    def load(cls, path: str) -> CachedScores:
         """Read a table written by `save`."""
         from safetensors.torch import load_file
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from mmalign.errors import RunFolderError
 from mmalign.files import follow_umask

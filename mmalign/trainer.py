@@ -24,9 +24,10 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ from mmalign.files import follow_umask, write_atomically
 from mmalign.reference import Stateful, unwrap
 from mmalign.state import StateFormatError, load_state, save_state
 
-StepFn = Callable[[nn.Module, Any, torch.Generator], "tuple[torch.Tensor, dict[str, Any]]"]
+ModelT = TypeVar("ModelT", bound=nn.Module)
+StepFn = Callable[[ModelT, Any, torch.Generator], "tuple[torch.Tensor, dict[str, Any]]"]
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -110,7 +112,8 @@ class EpochBatchSampler(Sampler):
         batch = self.start_batch
         while True:
             epoch, position = divmod(batch, self.per_epoch)
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch))
+            generator = torch.Generator().manual_seed(self.seed * EPOCH_SEED_STRIDE + epoch)
+            order = torch.randperm(self.size, generator=generator)
             start = (position * self.num_processes + self.rank) * self.batch_size
             yield order[start:start + self.batch_size].tolist()
             batch += 1
@@ -247,8 +250,8 @@ class Trainer:
         return torch.optim.AdamW(params, lr=c.learning_rate, betas=betas, weight_decay=c.weight_decay,
                                  eps=c.adam_epsilon)
 
-    def fit(self, model: nn.Module, dataset: Any, collate: Callable, step_fn: StepFn,
-            save_model: Callable[[nn.Module, Path], None] | None = None, stateful: tuple[Stateful, ...] = ()
+    def fit(self, model: ModelT, dataset: Any, collate: Callable, step_fn: StepFn[ModelT],
+            save_model: Callable[[ModelT, Path], object] | None = None, stateful: tuple[Stateful, ...] = ()
             ) -> list[dict[str, float]]:
         """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics.
 
@@ -401,7 +404,7 @@ class Trainer:
         return objects
 
     def load_checkpoint(self, folder: Path) -> int:
-        """Restore the state `save_checkpoint` wrote into `folder`; returns its step. Reads safetensors and JSON only."""
+        """Restore the state `save_checkpoint` wrote to `folder`; returns its step. Reads safetensors and JSON only."""
         state = read_trainer_state(folder)
         model = unwrap(self._training["model"])
         try:

@@ -18,7 +18,8 @@ from .policies import GaussianPolicy, PolicyArch
 from .trajectories import Trajectories
 
 
-def bc_step(policy: GaussianPolicy, batch: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+def bc_step(policy: GaussianPolicy, batch: list[torch.Tensor],
+            generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
     """Negative log-likelihood of a batch of (observation, action) steps."""
     obs, act = batch
     return -policy.log_prob(obs, act).mean(), {"sigma": policy.log_std.detach().exp().mean()}

@@ -26,7 +26,6 @@ from .policies import PolicyActor, load_policy
 from .rollout import NoisyExpert, RandomPolicy, rollout
 from .trajectories import Trajectories
 
-
 Camera = Literal[CAMERAS]  # type: ignore[valid-type]
 
 
@@ -84,6 +83,7 @@ def make_policy(config: Config):
         return NoisyExpert(config.task, noise, seed=config.seed), {"noise": noise}
     if config.policy == "random":
         return RandomPolicy(seed=config.seed), {}
+    assert config.policy_path is not None  # Config requires it for --policy learned
     return PolicyActor(load_policy(config.policy_path), config.deterministic, seed=config.seed), {}
 
 

@@ -4,8 +4,9 @@ An MT1 task has 50 initial states (object and goal positions), drawn when the en
 from `state_seed` (Meta-World's `seed` argument; without it every instance draws its own). Meta-World
 then picks one at random on every reset from a generator that the reset's own seed has not touched
 yet, so `reset(seed=s)` is not reproducible by itself; `InitialState` makes it so: `reset(seed=s)`
-puts the task in initial state `s mod 50`, and `reset(options={"initial_state": k})` in state k. Episodes last `max_episode_steps`
-(success does not end them), so a vectorised batch of episodes runs in lockstep.
+puts the task in initial state `s mod 50`, and `reset(options={"initial_state": k})` in state k.
+Episodes last `max_episode_steps` (success does not end them), so a vectorised batch of episodes runs
+in lockstep.
 
 Frames: MuJoCo renders offscreen through EGL unless MUJOCO_GL says otherwise (set before the first
 import of mujoco); shadows and multisampling are switched off, which makes small frames several
@@ -17,6 +18,7 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
+from collections.abc import Callable
 
 from mmalign.errors import ConfigError
 
@@ -24,7 +26,10 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 import gymnasium as gym  # noqa: E402
 import metaworld  # noqa: E402,F401  (registers Meta-World/MT1)
+import numpy as np  # noqa: E402
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
+from metaworld.policies.policy import Policy  # noqa: E402
+from metaworld.sawyer_xyz_env import SawyerXYZEnv  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", module="metaworld")
 
@@ -44,6 +49,13 @@ def check_task(task: str) -> str:
     raise ConfigError(f"unknown Meta-World task {task!r}; {hint}")
 
 
+def metaworld_env(env: gym.Env) -> SawyerXYZEnv:
+    """The Meta-World environment inside `env`'s wrappers."""
+    inner = env.unwrapped
+    assert isinstance(inner, SawyerXYZEnv)  # every environment here is made by `make_env`
+    return inner
+
+
 class InitialState(gym.Wrapper):
     """reset(seed=s) starts in initial state s mod 50; reset(options={'initial_state': k}) in state k."""
 
@@ -57,7 +69,7 @@ class InitialState(gym.Wrapper):
         index = options.pop("initial_state", None)
         if index is None:
             index = seed if seed is not None else int(self.np_random.integers(len(self.tasks)))
-        self.env.unwrapped.set_task(self.tasks[index % len(self.tasks)])
+        metaworld_env(self.env).set_task(self.tasks[index % len(self.tasks)])
         return self.env.reset(seed=seed, options=options or None)
 
 
@@ -73,7 +85,8 @@ class Frames(gym.Wrapper):
         if (self.t - 1) % self.frame_every:
             return info
         frame = self.env.render()
-        if self.env.unwrapped.camera_name in UPSIDE_DOWN:
+        assert isinstance(frame, np.ndarray)  # render_mode "rgb_array": one image
+        if metaworld_env(self.env).camera_name in UPSIDE_DOWN:
             frame = frame[::-1, ::-1]
         return {**info, "frame": frame.copy()}
 
@@ -101,7 +114,7 @@ def make_env(task: str, max_episode_steps: int = 150, frames: bool = False, came
     env = gym.make("Meta-World/MT1", env_name=task, seed=state_seed, max_episode_steps=max_episode_steps,
                    disable_env_checker=True, **render)
     if frames:
-        quality = env.unwrapped.model.vis.quality
+        quality = metaworld_env(env).model.vis.quality
         quality.shadowsize, quality.offsamples = 0, 0
         env = Frames(env, frame_every)
     return InitialState(env)
@@ -109,7 +122,7 @@ def make_env(task: str, max_episode_steps: int = 150, frames: bool = False, came
 
 def make_vector_env(task: str, num_envs: int, max_episode_steps: int = 150, frames: bool = False,
                     camera: str = "topview", size: int = 64, frame_every: int = 1, state_seed: int = 0,
-                    mode: str = "sync") -> gym.vector.VectorEnv:
+                    mode: str = "sync") -> gym.vector.SyncVectorEnv | gym.vector.AsyncVectorEnv:
     """`num_envs` copies of `make_env` stepped together: 'sync' in this process, 'async' one process each."""
     check_task(task)
     if num_envs < 1:
@@ -121,6 +134,7 @@ def make_vector_env(task: str, num_envs: int, max_episode_steps: int = 150, fram
     return vector(factories, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
 
 
-def scripted_expert(task: str):
+def scripted_expert(task: str) -> Policy:
     """Meta-World's scripted expert for `task` (`.get_action(obs) -> action`)."""
-    return ENV_POLICY_MAP[check_task(task)]()
+    expert: Callable[[], Policy] = ENV_POLICY_MAP[check_task(task)]  # a concrete subclass of Meta-World's Policy
+    return expert()

@@ -9,7 +9,8 @@ cloning on noisy scripted-expert demonstrations (or loads one, `--policy`), then
    with R_ext the stage-cost term of `stages.py`; the best and the worst form a (chosen, rejected) pair
    that shares task and initial state (GRAPE, TPO-Train/finetune.py);
 3. TPO against the round's starting policy as the frozen reference (core `FrozenCopy`), beta 0.1:
-       loss = -log sigmoid(beta * sum_{t in window} [(log pi - log pi_ref)(a^w_t|s^w_t) - (log pi - log pi_ref)(a^l_t|s^l_t)])
+       loss = -log sigmoid(beta * sum_{t in window} [(log pi - log pi_ref)(a^w_t|s^w_t)
+                                                     - (log pi - log pi_ref)(a^l_t|s^l_t)])
    i.e. the core sigmoid objective on log-ratios summed over a window of `--window` steps (8, GRAPE's
    chunk; the same random offset in both trajectories; 0: the whole trajectory).
 
@@ -27,6 +28,7 @@ last one and replays the rollouts from the same seeds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from mmalign import run_folder
@@ -64,7 +67,7 @@ def grape_score(log_probs: np.ndarray, success: np.ndarray, r_ext: np.ndarray) -
 
 
 def best_and_worst(scores: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per group (initial state), the index of the highest and of the lowest score; groups whose scores all tie give none."""
+    """Per group (initial state), the index of its highest and of its lowest score; none where the scores all tie."""
     chosen, rejected = [], []
     for group in np.unique(groups):
         members = np.flatnonzero(groups == group)
@@ -92,12 +95,14 @@ class TrajectoryPairs(Dataset):
         return len(self.chosen)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        w, l = int(self.chosen[i]), int(self.rejected[i])
-        return {"obs_w": self.obs[w], "act_w": self.act[w], "obs_l": self.obs[l], "act_l": self.act[l]}
+        winner, loser = int(self.chosen[i]), int(self.rejected[i])
+        return {"obs_w": self.obs[winner], "act_w": self.act[winner],
+                "obs_l": self.obs[loser], "act_l": self.act[loser]}
 
 
-def window_log_probs(model: GaussianPolicy, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def window_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi of the chosen and rejected actions inside each pair's window, [B, W] each."""
+    assert isinstance(model, GaussianPolicy)  # the policy, or its frozen copy as the reference scores it
     return model.log_prob(batch["obs_w"], batch["act_w"]), model.log_prob(batch["obs_l"], batch["act_l"])
 
 
@@ -182,7 +187,8 @@ def success_rate(policy: GaussianPolicy, config: Config, deterministic: bool) ->
     return float(trajs.success().mean())
 
 
-def rank_rollouts(policy: GaussianPolicy, config: Config, round_index: int) -> tuple[Trajectories, np.ndarray, np.ndarray, dict]:
+def rank_rollouts(policy: GaussianPolicy, config: Config,
+                  round_index: int) -> tuple[Trajectories, np.ndarray, np.ndarray, dict]:
     """Sample rollouts from the training initial states, score them, pair best with worst per state."""
     env = make_vector_env(config.task, config.num_envs, config.max_episode_steps)
     states = np.repeat(np.arange(config.states), config.samples_per_state)
@@ -249,7 +255,7 @@ def run(config: Config) -> dict[str, Any]:
                 policy.to(trainer.device).train()
                 reference = FrozenCopy(policy)
                 trainer.fit(policy, TrajectoryPairs(trajs, chosen, rejected), default_collate,
-                            lambda m, b, g: tpo_step(m, b, g, reference, config.beta, config.window))
+                            functools.partial(tpo_step, reference=reference, beta=config.beta, window=config.window))
                 policy.eval()
             else:
                 print(f"round {k}: {len(chosen)} pair(s), fewer than one batch (--batch-size {config.batch_size}); "

@@ -23,7 +23,8 @@ from .pairs import Pairs, label_pairs
 from .teachers import TEACHERS, teacher
 from .trajectories import Trajectories
 
-TeacherName = Literal[tuple(TEACHERS)]  # type: ignore[valid-type]
+TEACHER_NAMES = tuple(TEACHERS)
+TeacherName = Literal[TEACHER_NAMES]  # type: ignore[valid-type]
 
 
 @dataclass
@@ -54,7 +55,9 @@ def agreement(pairs: Pairs, segments: Trajectories) -> float:
     """Share of strictly labelled pairs whose chosen segment has the higher true return."""
     returns = segments.returns()
     strict = pairs.label != 0.5
-    return float(np.mean(returns[pairs.chosen[strict]] > returns[pairs.rejected[strict]])) if strict.any() else float("nan")
+    if not strict.any():
+        return float("nan")
+    return float(np.mean(returns[pairs.chosen[strict]] > returns[pairs.rejected[strict]]))
 
 
 def run(config: Config) -> Pairs:

@@ -29,12 +29,15 @@ def mlp(inputs: int, hidden: int, layers: int, outputs: int) -> nn.Sequential:
 class Standardize(nn.Module):
     """x -> (x - mean) / std with statistics fixed from data (saved with the model as buffers)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, dim: int):
         super().__init__()
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("std", torch.ones(dim))
 
-    def fit(self, data: np.ndarray) -> "Standardize":
+    def fit(self, data: np.ndarray) -> Standardize:
         """Set mean and std from `data` [..., dim]; constant features keep std 1."""
         flat = torch.as_tensor(np.asarray(data, dtype=np.float32).reshape(-1, self.mean.numel()))
         std = flat.std(0)
@@ -52,7 +55,8 @@ def save_module(module: nn.Module, arch: Any, folder: str | Path, name: str) -> 
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, folder / f"{name}.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+              folder / f"{name}.safetensors")
     (folder / f"{name}.json").write_text(json.dumps(asdict(arch), indent=1))
 
 

@@ -29,7 +29,7 @@ from .trajectories import Trajectories
 
 
 def _probability(value: Any, record: dict) -> str | None:
-    if not isinstance(value, Real) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+    if not isinstance(value, Real) or isinstance(value, bool) or not 0.0 <= float(value) <= 1.0:
         return f"expected a probability in [0, 1], got {value!r}"
     return None
 
@@ -74,7 +74,7 @@ class Pairs:
         return write_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
     @classmethod
-    def load(cls, path: str | Path, segments: Trajectories) -> "Pairs":
+    def load(cls, path: str | Path, segments: Trajectories) -> Pairs:
         """Read and validate pair records against the segments they index (DataError names the line or record)."""
         check_json_lines(path)
         records = load_preferences(path, pair_schema(len(segments)))
@@ -136,6 +136,7 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        w, l = int(self.pairs.chosen[i]), int(self.pairs.rejected[i])
-        return {"obs_w": self.obs[w], "act_w": self.act[w], "obs_l": self.obs[l], "act_l": self.act[l],
+        winner, loser = int(self.pairs.chosen[i]), int(self.pairs.rejected[i])
+        return {"obs_w": self.obs[winner], "act_w": self.act[winner],
+                "obs_l": self.obs[loser], "act_l": self.act[loser],
                 "label": torch.tensor(float(self.pairs.label[i]))}

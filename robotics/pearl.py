@@ -41,12 +41,11 @@ import ot
 
 from mmalign import run_folder
 from mmalign.config import option
-from mmalign.errors import DataError
+from mmalign.errors import ConfigError, DataError
 from mmalign.trainer import Trainer
 
 from .pairs import Pairs
-from .reward import (RewardConfig, check_batch, load_held_out, load_labelled, report_reward_model,
-                     train_reward_model)
+from .reward import RewardConfig, check_batch, load_held_out, load_labelled, report_reward_model, train_reward_model
 from .trajectories import Trajectories
 
 HAND = slice(0, 4)  # end-effector xyz and gripper opening in every Meta-World observation
@@ -89,6 +88,9 @@ def gw_coupling(c_source: np.ndarray, c_target: np.ndarray, entropic: bool = Tru
             coupling, log = ot.gromov.gromov_wasserstein(c_source, c_target, p, q, "square_loss", G0=start, log=True)
         if log["gw_dist"] < best_loss:
             best, best_loss = coupling, log["gw_dist"]
+    if best is None:
+        raise ConfigError(f"the Gromov-Wasserstein objective was not finite in any of {restarts} solve(s) "
+                          f"({'entropic, epsilon ' + str(epsilon) if entropic else 'exact'}); try a larger --epsilon")
     return best
 
 
@@ -121,7 +123,7 @@ def label_accuracy(z_target: np.ndarray, true_returns: np.ndarray) -> float:
 
 
 def target_pairs(z_target: np.ndarray, num: int, seed: int, task: str) -> Pairs:
-    """`num` random target pairs labelled with Z_t (chosen: the side with Z >= 0.5); pairs without weight are skipped."""
+    """`num` random target pairs labelled with Z_t (chosen: the side with Z >= 0.5), skipping pairs without weight."""
     rng = np.random.default_rng(seed)
     n = len(z_target)
     a = rng.integers(n, size=num)
@@ -152,14 +154,16 @@ class Config(RewardConfig):
         if not self.source or not self.target:
             raise ValueError("--source (a labelled folder) and --target (a trajectory file) are required")
         if not self.epsilon > 0 or self.restarts < 1:
-            raise ValueError(f"epsilon must be positive and restarts at least 1, got {self.epsilon} and {self.restarts}")
+            raise ValueError(f"epsilon must be positive and restarts at least 1, got {self.epsilon} and "
+                             f"{self.restarts}")
         if self.target_segments < 2 or self.target_pairs < 1:
             raise ValueError(f"target_segments must be at least 2 and target_pairs at least 1, got "
                              f"{self.target_segments} and {self.target_pairs}")
 
 
 def align(source: Trajectories, source_pairs: Pairs, target: Trajectories, features: str = "hand",
-          entropic: bool = True, epsilon: float = 5e-3, restarts: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+          entropic: bool = True, epsilon: float = 5e-3, restarts: int = 5,
+          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """CPA: the GW coupling of source and target segments and the transferred label matrix Z_t."""
     coupling = gw_coupling(distance_matrix(segment_features(source, features)),
                            distance_matrix(segment_features(target, features)), entropic, epsilon, restarts, seed)

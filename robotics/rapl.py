@@ -1,4 +1,4 @@
-"""RAPL (Tian et al. 2024): align a visual encoder with preferences, then reward = OT feature matching to a demonstration.
+"""RAPL (Tian et al. 2024): align a visual encoder with preferences; reward = OT feature matching to a demonstration.
 
 `mmalign robotics rapl --data TRAIN.npz --eval-data HELD_OUT.npz --output RUN` (trajectory files with frames).
 
@@ -58,7 +58,7 @@ PRETRAIN_BATCH = 64  # frames per autoencoder pretraining step
 
 
 def ot_rewards_from_cost(cost: torch.Tensor, reg: float = 0.1) -> torch.Tensor:
-    """Per-frame rewards [B, F] r_t = -sum_t' P*[t,t'] C[t,t'] for costs [B, F, F'], P* the entropic plan (held fixed)."""
+    """Per-frame rewards [B, F] r_t = -sum_t' P*[t,t'] C[t,t'] for costs [B, F, F'], P* the entropic plan (fixed)."""
     plan = ot.solve_batch(cost.detach(), reg=reg, method="log_sinkhorn", grad="detach").plan
     return -(plan * cost).sum(-1)
 
@@ -142,11 +142,17 @@ class Config(TrainConfig):
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+def frames_of(trajs: Trajectories) -> np.ndarray:
+    """The frames of `trajs`; DataError naming their file when they have none."""
+    if trajs.frames is None:
+        raise DataError(f"{trajs.source}: no frames; collect it with `mmalign robotics collect --frames`")
+    return trajs.frames
+
+
 def load_frames(path: str) -> Trajectories:
     """A trajectory file that must hold frames."""
     trajs = Trajectories.load(path)
-    if trajs.frames is None:
-        raise DataError(f"{path}: no frames; collect it with `mmalign robotics collect --frames`")
+    frames_of(trajs)
     return trajs
 
 
@@ -159,29 +165,31 @@ def load_inputs(config: Config) -> tuple[Trajectories, Trajectories, Trajectorie
     """The training, held-out and demonstration trajectories, checked against each other and the settings."""
     train, held_out = load_frames(config.data), load_frames(config.eval_data)
     demos = load_frames(config.demos) if config.demos else train.select(np.argsort(-train.returns())[:config.num_demos])
+    shape = frames_of(train).shape
     for path, other in ((config.eval_data, held_out), (config.demos, demos)):
         if other.task != train.task:
             raise DataError(f"{path}: trajectories of {other.task}; --data {config.data} holds {train.task}")
-        if other.frames.shape[2:] != train.frames.shape[2:]:
-            raise DataError(f"{path}: frames of shape {other.frames.shape[2:]}; the frames of --data {config.data} "
-                            f"are {train.frames.shape[2:]}")
+        if frames_of(other).shape[2:] != shape[2:]:
+            raise DataError(f"{path}: frames of shape {frames_of(other).shape[2:]}; the frames of --data {config.data} "
+                            f"are {shape[2:]}")
     if len(held_out) < 2:
         raise DataError(f"{config.eval_data}: 1 held-out trajectory; the rank correlation needs at least 2")
     if config.mode == "align" and len(train) < 3:
         raise DataError(f"{config.data}: {len(train)} trajectories; ranked triplets need at least 3")
-    height, width = train.frames.shape[2:4]
+    height, width = shape[2:4]
     if pretraining(config) and (height % 16 or width % 16):
         raise DataError(f"{config.data}: frames of {height}x{width} pixels; pretraining the small CNN needs sides "
                         "divisible by 16 (collect with --size 64, or pass --backbone-checkpoint)")
-    if pretraining(config) and train.frames.shape[0] * train.frames.shape[1] < PRETRAIN_BATCH:
-        raise DataError(f"{config.data}: {train.frames.shape[0] * train.frames.shape[1]} frames, fewer than one "
+    if pretraining(config) and shape[0] * shape[1] < PRETRAIN_BATCH:
+        raise DataError(f"{config.data}: {shape[0] * shape[1]} frames, fewer than one "
                         f"pretraining batch of {PRETRAIN_BATCH}")
     return train, held_out, demos
 
 
-def spearman_of(encoder: VisualEncoder, held_out: Trajectories, demos: Trajectories, reg: float) -> tuple[float, np.ndarray]:
+def spearman_of(encoder: VisualEncoder, held_out: Trajectories, demos: Trajectories,
+                reg: float) -> tuple[float, np.ndarray]:
     """Spearman between the OT reward (best demonstration) and the true return of held-out trajectories."""
-    rewards = trajectory_rewards(encoder.embed(held_out.frames), encoder.embed(demos.frames), reg).numpy()
+    rewards = trajectory_rewards(encoder.embed(frames_of(held_out)), encoder.embed(frames_of(demos)), reg).numpy()
     return spearman(rewards, held_out.returns()), rewards
 
 
@@ -193,7 +201,7 @@ def pretrained_backbone(config: Config, train: Trajectories) -> tuple[torch.nn.M
     pretrain = dataclasses.replace(config, output=config.output / "pretrain", max_steps=config.pretrain_steps,
                                    batch_size=PRETRAIN_BATCH, learning_rate=1e-3, warmup_steps=0,
                                    resume="latest" if config.resume else None)
-    return pretrain_autoencoder(pretrain, train.frames), SmallCNN.features
+    return pretrain_autoencoder(pretrain, frames_of(train)), SmallCNN.features
 
 
 def align(config: Config, encoder: VisualEncoder, train: Trajectories) -> list[dict]:
@@ -201,7 +209,7 @@ def align(config: Config, encoder: VisualEncoder, train: Trajectories) -> list[d
     trainer = Trainer(config)
     encoder.backbone.requires_grad_(config.train_backbone)
     triplets = rank_triplets(train.returns(), config.triplets, config.seed)
-    history = trainer.fit(encoder.to(trainer.device), Triplets(train.frames, triplets), default_collate,
+    history = trainer.fit(encoder.to(trainer.device), Triplets(frames_of(train), triplets), default_collate,
                           lambda m, b, g: triplet_step(m, b, g, config.ot_reg),
                           save_model=lambda m, out: torch.save(m.state_dict(), Path(out) / "rapl_encoder.pt"))
     encoder.eval()

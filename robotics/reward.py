@@ -116,7 +116,7 @@ def train_reward_model(config: RewardConfig, segments: Trajectories, pairs: Pair
 
 def evaluate(model: RewardModel, held_out: Trajectories, segment_length: int, num_pairs: int,
              seed: int = 0) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Held-out pair accuracy (oracle labels) and Spearman over segments and trajectories; returns (report, R_hat, R)."""
+    """Held-out pair accuracy (oracle labels), Spearman over segments and trajectories; returns (report, R_hat, R)."""
     segments = held_out.fragment(segment_length, max(num_pairs, len(held_out), 2), seed=seed)
     pairs = label_pairs(segments, num_pairs, teacher("oracle"), seed=seed)
     predicted, true = model.returns(segments), segments.returns()

@@ -9,7 +9,8 @@ environment's full `max_episode_steps` (success does not end it); episodes run i
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -21,7 +22,7 @@ Policy = Callable[[np.ndarray], np.ndarray]
 
 
 class NoisyExpert:
-    """a = clip(expert(o) + sigma_e * N(0, I), -1, 1), sigma_e the noise of episode e (one value, or one per episode)."""
+    """a = clip(expert(o) + sigma_e * N(0, I), -1, 1), sigma_e the noise of episode e (one value or one per episode)."""
 
     def __init__(self, task: str, noise: float | np.ndarray = 0.0, seed: int = 0):
         self.expert = scripted_expert(task)
@@ -37,6 +38,8 @@ class NoisyExpert:
             self.sigma = self.noise[episodes]
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if self.sigma is None:
+            raise ValueError("per-episode action noise needs reset(episodes) before the first batch")
         clean = np.stack([self.expert.get_action(o) for o in obs])
         noise = np.broadcast_to(self.sigma, (len(obs),))[:, None] * self.rng.standard_normal(clean.shape)
         return np.clip(clean + noise, -1.0, 1.0)
@@ -52,24 +55,25 @@ class RandomPolicy:
         return self.rng.uniform(-1.0, 1.0, size=(len(obs), self.action_dim))
 
 
-def rollout(env: gym.vector.VectorEnv, policy: Policy, initial_states: Sequence[int], task: str,
-            info: dict[str, np.ndarray] | None = None, progress: Callable[[int], None] | None = None) -> Trajectories:
+def rollout(env: gym.vector.SyncVectorEnv | gym.vector.AsyncVectorEnv, policy: Policy,
+            initial_states: Sequence[int] | np.ndarray, task: str, info: dict[str, np.ndarray] | None = None,
+            progress: Callable[[int], None] | None = None) -> Trajectories:
     """One episode per entry of `initial_states`; `info` adds per-episode columns; returns Trajectories.
 
     The policy is called on whole batches of `env.num_envs` observations; a short last batch is
     padded with repeats and its extra episodes dropped.
     """
-    initial_states = np.asarray(initial_states, dtype=np.int64)
+    starts = np.asarray(initial_states, dtype=np.int64)
     n_env = env.num_envs
     horizon = env.get_attr("_max_episode_steps")[0]  # TimeLimit's; an env spec does not pickle to async workers
-    chunks = []
-    for begin in range(0, len(initial_states), n_env):
-        states = initial_states[begin:begin + n_env]
+    chunks: list[dict[str, Any]] = []
+    for begin in range(0, len(starts), n_env):
+        states = starts[begin:begin + n_env]
         padded = np.resize(states, n_env)
         if hasattr(policy, "reset"):
             policy.reset(np.resize(np.arange(begin, begin + len(states)), n_env))
         obs, reset_info = env.reset(seed=[int(s) for s in padded])
-        record = {"observations": [], "actions": [], "rewards": [], "successes": []}
+        record: dict[str, list[np.ndarray]] = {"observations": [], "actions": [], "rewards": [], "successes": []}
         frames = [reset_info["frame"]] if "frame" in reset_info else []
         for t in range(horizon):
             action = np.asarray(policy(obs), dtype=np.float32)
@@ -80,14 +84,17 @@ def rollout(env: gym.vector.VectorEnv, policy: Policy, initial_states: Sequence[
             record["successes"].append(np.asarray(step_info["success"]) > 0)
             if "frame" in step_info and t + 1 < horizon:
                 frames.append(step_info["frame"])
-        arrays = {k: np.stack(v, axis=1)[:len(states)] for k, v in record.items()}
+        arrays: dict[str, Any] = {k: np.stack(v, axis=1)[:len(states)] for k, v in record.items()}
         arrays["frames"] = np.stack(frames, axis=1)[:len(states)] if frames else None
         chunks.append(arrays)
         if progress is not None:
             progress(len(states))
-    columns = {"initial_state": initial_states, **(info or {})}
+    columns = {"initial_state": starts, **(info or {})}
     frame_every = env.get_attr("frame_every")[0] if chunks[0]["frames"] is not None else 1
-    return Trajectories(task, *(np.concatenate([c[k] for c in chunks]) for k in
-                                ("observations", "actions", "rewards", "successes")),
-                        None if chunks[0]["frames"] is None else np.concatenate([c["frames"] for c in chunks]),
-                        columns, {"frame_every": int(frame_every)})
+
+    def joined(key: str) -> np.ndarray:
+        return np.concatenate([c[key] for c in chunks])
+
+    return Trajectories(task, joined("observations"), joined("actions"), joined("rewards"), joined("successes"),
+                        None if chunks[0]["frames"] is None else joined("frames"), columns,
+                        {"frame_every": int(frame_every)})

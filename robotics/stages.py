@@ -1,4 +1,6 @@
-"""GRAPE's stage costs for Meta-World: keypoint constraints per task and R_ext = prod_s exp(-sum_j beta_j max(0, C_sj - tau_sj)).
+"""GRAPE's stage costs for Meta-World: keypoint constraints per task and the external reward they make,
+
+    R_ext = prod_s exp(-sum_j beta_j max(0, C_sj - tau_sj)).
 
 GRAPE has a vision-language model propose keypoints and per-stage constraints; here they are written
 down per task from the keypoints every Meta-World observation carries: the end effector (obs[0:3]),
@@ -18,8 +20,8 @@ state). The product over stages equals exp of minus the summed penalties of all 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -95,8 +95,9 @@ class Trajectories:
         for name in ("actions", "rewards", "successes"):
             shape = getattr(self, name).shape
             if shape[:2] != (n, t) or (name != "actions" and len(shape) != 2):
+                expected = "[N, T, A]" if name == "actions" else "[N, T]"
                 problems.append((name, f"shape {shape} does not match observations {self.observations.shape} "
-                                       f"(expected {'[N, T, A]' if name == 'actions' else '[N, T]'} with N={n}, T={t})"))
+                                       f"(expected {expected} with N={n}, T={t})"))
         if self.frames is not None:
             every = self.meta.get("frame_every", 1)
             want = (n, -(-t // every))
@@ -135,16 +136,16 @@ class Trajectories:
 
     def success(self) -> np.ndarray:
         """Whether each trajectory succeeded at any step [N]."""
-        return self.successes.any(axis=1)
+        return np.any(self.successes, axis=1)
 
-    def select(self, indices) -> "Trajectories":
+    def select(self, indices) -> Trajectories:
         """The trajectories at `indices`, in that order."""
         indices = np.asarray(indices, dtype=np.int64)
         return Trajectories(self.task, self.observations[indices], self.actions[indices], self.rewards[indices],
                             self.successes[indices], None if self.frames is None else self.frames[indices],
                             {k: v[indices] for k, v in self.info.items()}, dict(self.meta), self.source)
 
-    def fragment(self, length: int, num: int, seed: int = 0) -> "Trajectories":
+    def fragment(self, length: int, num: int, seed: int = 0) -> Trajectories:
         """`num` segments of `length` steps, each from a random trajectory at a random start (info: source, start).
 
         Frames are not carried into segments; segments keep their trajectory's other info columns.
@@ -184,7 +185,7 @@ class Trajectories:
         return write_atomically(path, write)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Trajectories":
+    def load(cls, path: str | Path) -> Trajectories:
         """Read and validate a file written by `save` (errors name the file and field)."""
         path = Path(path)
         if not path.is_file():
@@ -198,7 +199,8 @@ class Trajectories:
         if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
             raise DataError(f"{path}: field 'meta' must be a JSON object with a 'task' name")
         info = {k[len("info."):]: arrays.pop(k) for k in list(arrays) if k.startswith("info.")}
-        return cls(meta.pop("task"), *(arrays[k] for k in REQUIRED), arrays.get("frames"), info, meta, str(path))
+        return cls(meta.pop("task"), **{k: arrays[k] for k in REQUIRED}, frames=arrays.get("frames"), info=info,
+                   meta=meta, source=str(path))
 
 
 def _read_npz(path: Path) -> dict[str, Any]:
@@ -254,9 +256,9 @@ def concatenate(parts: list[Trajectories]) -> Trajectories:
                             f"to {first.task} trajectories of shape {first.observations.shape}")
     keys = set.intersection(*(set(p.info) for p in parts))
     frames = None if any(p.frames is None for p in parts) else np.concatenate([p.frames for p in parts])
-    return Trajectories(first.task, *(np.concatenate([getattr(p, k) for p in parts]) for k in REQUIRED), frames,
-                        {k: np.concatenate([p.info[k] for p in parts]) for k in sorted(keys)}, dict(first.meta),
-                        first.source)
+    return Trajectories(first.task, **{k: np.concatenate([getattr(p, k) for p in parts]) for k in REQUIRED},
+                        frames=frames, info={k: np.concatenate([p.info[k] for p in parts]) for k in sorted(keys)},
+                        meta=dict(first.meta), source=first.source)
 
 
 def _error(source: str, problems: list[tuple[str, str]]) -> DataError:

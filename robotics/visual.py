@@ -52,6 +52,7 @@ def make_backbone(name: str, checkpoint: str | None = None) -> tuple[nn.Module, 
 
     An unknown name raises ConfigError (with close matches), a missing package MissingDependencyError, and a
     checkpoint that does not fit the backbone DataError."""
+    backbone: nn.Module
     if name == "small-cnn":
         backbone, features = SmallCNN(), SmallCNN.features
     elif name.startswith("torchvision:"):
@@ -96,7 +97,9 @@ def timm_backbone(model: str) -> tuple[nn.Module, int]:
         raise MissingDependencyError("timm backbones need timm: pip install timm") from None
     _known("timm", model, timm.list_models())
     backbone = timm.create_model(model, pretrained=False, num_classes=0)
-    return backbone, backbone.num_features
+    features = backbone.num_features
+    assert isinstance(features, int)  # every timm model sets num_features; create_model is annotated nn.Module
+    return backbone, features
 
 
 def load_checkpoint(backbone: nn.Module, checkpoint: str | Path) -> None:
@@ -121,6 +124,9 @@ def to_images(frames: torch.Tensor) -> torch.Tensor:
 class VisualEncoder(nn.Module):
     """phi(o) = head(backbone(standardised image)); `forward(frames [..., H, W, 3] uint8) -> [..., E]`."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, features: int, embed_dim: int | None = 32):
         super().__init__()
         self.backbone = backbone
@@ -133,7 +139,7 @@ class VisualEncoder(nn.Module):
         images = (to_images(frames.reshape(-1, *frames.shape[-3:])) - self.mean) / self.std
         return self.head(self.backbone(images)).reshape(*lead, -1)
 
-    def train(self, mode: bool = True) -> "VisualEncoder":
+    def train(self, mode: bool = True) -> VisualEncoder:
         """Train mode for what trains; a frozen backbone stays in eval mode (its BatchNorm statistics fixed)."""
         super().train(mode)
         if not any(p.requires_grad for p in self.backbone.parameters()):
@@ -151,7 +157,7 @@ class VisualEncoder(nn.Module):
 class Decoder(nn.Module):
     """Transposed convolutions mirroring SmallCNN's feature map back to an image in [0, 1]."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         widths = (SmallCNN.features, 64, 64, 32)
         layers: list[nn.Module] = []
@@ -171,7 +177,8 @@ class Autoencoder(nn.Module):
         self.encoder, self.decoder = SmallCNN(), Decoder()
 
 
-def reconstruction_step(model: Autoencoder, batch: list[torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+def reconstruction_step(model: Autoencoder, batch: list[torch.Tensor],
+                        generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
     """Mean squared error of the reconstructed frames."""
     images = to_images(batch[0])
     return torch.mean((model.decoder(model.encoder.feature_map(images)) - images) ** 2), {}

@@ -18,13 +18,16 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mmalign.diffusion import dpo, reward_pairs, reward_train, world
+from mmalign.diffusion import dpo, world
 from mmalign.diffusion.data import PreferencePairs
 from mmalign.diffusion.evaluate import evaluate_reward
 from mmalign.diffusion.models import load_pipeline
+from mmalign.diffusion.rewards import pairs as reward_pairs
+from mmalign.diffusion.rewards import train as reward_train
 from mmalign.stats import mean_ci
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         colour[name] = world.colour_match(images, captions).mean().item()
     seconds["evaluate"] = time.time() - began
 
-    result = {
+    result: dict[str, Any] = {
         "scorer_held_out": {k: scorer_run[k] for k in ("before", "after")},
         "pairs": {k: pairs[k] for k in ("samples", "pairs", "images_per_second")},
         "ai_label_agreement_with_world": world.placement_agreement(PreferencePairs(out / "pairs", resolution=32)),

@@ -46,8 +46,10 @@ EMBEDDED_DATA = ROOT / "assets" / "tiny-sd-prefs" / "train.parquet"
 # accelerate refuses log_with="none"; a tracker whose package is absent is silently skipped instead.
 ABSENT_TRACKER_CANDIDATES = ("aim", "dvclive", "clearml", "swanlab", "mlflow", "comet_ml")
 
-BUILD_MODEL = "from mmalign.diffusion.tiny import tiny_pipeline; import sys; tiny_pipeline().save_pretrained(sys.argv[1])"
-BUILD_DATA = ("from mmalign.diffusion.world import preference_pairs; from mmalign.diffusion.data import write_pickapic; "
+BUILD_MODEL = ("from mmalign.diffusion.tiny import tiny_pipeline; import sys; "
+               "tiny_pipeline().save_pretrained(sys.argv[1])")
+BUILD_DATA = ("from mmalign.diffusion.world import preference_pairs; "
+              "from mmalign.diffusion.data import write_pickapic; "
               "import sys; write_pickapic(preference_pairs(int(sys.argv[2]), seed=1), sys.argv[1])")
 PREPARE_DATA = """
 import sys, pathlib, pyarrow.parquet as pq, pyarrow.compute as pc
@@ -79,7 +81,8 @@ class Run:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--peer", required=True, help="path of diffusers' train_diffusion_dpo.py (kept outside this repo)")
-    p.add_argument("--peer-rev", default="", help="label of the peer's version for the table, e.g. its diffusers commit")
+    p.add_argument("--peer-rev", default="",
+                   help="label of the peer's version for the table, e.g. its diffusers commit")
     p.add_argument("--model", default=None,
                    help="diffusers SD pipeline folder (default: assets/tiny-sd if present, else a tiny random one)")
     p.add_argument("--data", default=None,
@@ -108,7 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "absent, as accelerate has no 'none')")
     p.add_argument("--vae-encode-batch-size", type=int, default=None,
                    help="the peer's VAE chunk size (default 2*batch, one call like ours; the peer's own default is 8)")
-    p.add_argument("--keep-ties", action="store_true", help="feed ties to both (the peer trains on them, ours drops them)")
+    p.add_argument("--keep-ties", action="store_true",
+                   help="feed ties to both (the peer trains on them, ours drops them)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed 1-step run of each that fills caches")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a new temp folder, removed at the end)")
     p.add_argument("--keep-runs", action="store_true", help="keep every run's output folder")
@@ -201,7 +205,8 @@ def gpu_memory_mib(pid: int) -> float | None:
     return max(used, default=0.0)
 
 
-def timed(cmd: list[str], env: dict[str, str], cwd: Path, log: Path, poll_gpu: bool) -> tuple[float, float, float | None]:
+def timed(cmd: list[str], env: dict[str, str], cwd: Path, log: Path,
+          poll_gpu: bool) -> tuple[float, float, float | None]:
     """Wall seconds, peak RSS (MiB) and, with poll_gpu, peak GPU memory (MiB, nvidia-smi every 0.25 s) of one child."""
     gpu_peak = None
     with open(log, "w") as f:

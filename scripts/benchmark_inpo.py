@@ -15,6 +15,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from safetensors.torch import load_file
 
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for name, method in (("Diffusion-DPO", dpo), ("InPO", inpo)):
         output = args.workdir / f"{name.lower()}-{time.strftime('%H%M%S')}"
         seconds = train(method, output, args)

@@ -17,6 +17,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from mmalign.diffusion import acflow, dpo, flow_dpo, inpo, seppo
 from mmalign.diffusion.tiny import tiny_pipeline
@@ -47,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         sd3 = Path(folder) / "tiny-sd3"
         tiny_pipeline(kind="sd3").save_pretrained(sd3)
-        groups = {
+        groups: dict[str, tuple[dict[str, Any], list[tuple[str, ModuleType, dict[str, Any]]]]] = {
             "tiny SD (assets/tiny-sd)": (dict(model=str(ASSETS / "tiny-sd"), **pairs),
                                          [("InPO", inpo, {}), ("SePPO", seppo, {})]),
             "tiny SD3 (random)": (dict(model=str(sd3), **pairs),
@@ -55,7 +57,8 @@ def main() -> None:
                                    ("AC-Flow", acflow, dict(model=str(sd3), prompts=str(ASSETS / "tiny-sd-prompts.txt"),
                                                             batch_size=2, samples_per_prompt=4))]),
         }
-        lines = ["| model | method | s/step | Diffusion-DPO s/step | method / DPO (median) |", "|---|---|---:|---:|---:|"]
+        lines = ["| model | method | s/step | Diffusion-DPO s/step | method / DPO (median) |",
+                 "|---|---|---:|---:|---:|"]
         for model, (dpo_settings, methods) in groups.items():
             for name, method, own in methods:
                 settings = own or dpo_settings

@@ -18,11 +18,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mmalign.diffusion import reward_pairs, world
+from mmalign.diffusion import world
 from mmalign.diffusion.rewards import load_scorer, save_scorer
+from mmalign.diffusion.rewards import pairs as reward_pairs
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -55,13 +57,14 @@ def score_overhead(arch: str, batch: int, size: int, repeats: int, distinct: boo
         peer.append(t_peer)
         ratios.append(t_ours / t_peer)
     return {"arch": arch, "batch": batch, "input_px": size, "distinct_prompts": distinct,
-            "ours_images_per_s": batch / statistics.median(ours), "direct_images_per_s": batch / statistics.median(peer),
+            "ours_images_per_s": batch / statistics.median(ours),
+            "direct_images_per_s": batch / statistics.median(peer),
             "time_ratio_median": statistics.median(ratios), "time_ratio_min_max": [min(ratios), max(ratios)]}
 
 
 def pairs_throughput(prompts_per_caption: int, n: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
         torch.manual_seed(0)
         save_scorer(load_scorer(ASSETS / "tiny-clip.json"), tmp / "scorer")
         (tmp / "prompts.txt").write_text("\n".join(list(world.CAPTIONS) * prompts_per_caption) + "\n")
@@ -81,7 +84,7 @@ def main() -> None:
     parser.add_argument("--pairs-repeats", type=int, default=4, help="copies of the 12 captions for the pairs run "
                                                                        "(0: no pairs run)")
     args = parser.parse_args()
-    results = {"torch_threads": torch.get_num_threads()}
+    results: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     if not args.pairs_only:
         results["score"] = [score_overhead(args.arch, args.batch, args.size, args.repeats, distinct)
                             for distinct in (True, False)]

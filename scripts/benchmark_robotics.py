@@ -1,11 +1,12 @@
-"""Robotics throughput (the numbers in BENCHMARKS.md): environment steps/s, GW + label transfer time, reward-model pairs/s.
+"""Robotics throughput (numbers in BENCHMARKS.md): environment steps/s, GW + label transfer time, reward-model pairs/s.
 
 1. Meta-World steps/s of `rollout` with uniform random actions: one environment, `--num-envs` stepped
    together in this process (sync), and one process per environment (async).
 2. PEARL on n source and n target segments (random 50-step segments with 8 hand/action features each):
    distance matrices + one GW solve (exact and entropic), then the label transfer through the entropic
-   coupling as one normalised matrix product against a Python loop over target pairs (each pair's two bilinear forms in numpy);
-   at n = 1000 the loop is timed on `--loop-pairs` random pairs and scaled to all n^2.
+   coupling as one normalised matrix product against a Python loop over target pairs (each pair's two
+   bilinear forms in numpy); at n = 1000 the loop is timed on `--loop-pairs` random pairs and scaled to
+   all n^2.
 3. Reward-model training pairs/s through the core trainer (MLP, 3-member ensemble, PEARL's Gaussian/RRL).
 
     python scripts/benchmark_robotics.py --out /tmp/robotics-bench
@@ -39,12 +40,12 @@ def steps_per_second(task: str, num_envs: int, mode: str, episodes: int, horizon
 
 
 def transfer_loop(coupling: np.ndarray, z_source: np.ndarray, mask: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Z_t[k, l] = T[:,k]^T (M*Z_s) T[:,l] / T[:,k]^T M T[:,l], one target pair (k, l) at a time."""
+    """Z_t[k, m] = T[:,k]^T (M*Z_s) T[:,m] / T[:,k]^T M T[:,m], one target pair (k, m) at a time."""
     weighted, out = mask * z_source, np.full(len(pairs), 0.5)
-    for i, (k, l) in enumerate(pairs):
-        denominator = coupling[:, k] @ mask @ coupling[:, l]
+    for i, (k, m) in enumerate(pairs):
+        denominator = coupling[:, k] @ mask @ coupling[:, m]
         if denominator > 1e-300:
-            out[i] = (coupling[:, k] @ weighted @ coupling[:, l]) / denominator
+            out[i] = (coupling[:, k] @ weighted @ coupling[:, m]) / denominator
     return out
 
 
@@ -120,8 +121,10 @@ def main() -> None:
 
     print("\n| reward model (batch 64, 50-step segments) | pairs/s |")
     print("|---|---:|")
-    for label, members, gaussian in [("MLP 3x256", 1, False), ("ensemble of 3", 3, False), ("PEARL RRL (Gaussian)", 1, True)]:
-        print(f"| {label} | {reward_pairs_per_second(args.out, members, gaussian, args.reward_steps):,.0f} |", flush=True)
+    models = [("MLP 3x256", 1, False), ("ensemble of 3", 3, False), ("PEARL RRL (Gaussian)", 1, True)]
+    for label, members, gaussian in models:
+        pairs_per_second = reward_pairs_per_second(args.out, members, gaussian, args.reward_steps)
+        print(f"| {label} | {pairs_per_second:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Each trainer runs in its own process (this script with --child) on the same mode
 LLaVA of the chosen size, or --model), the same TRL rows from the embedded world, batch size, LoRA
 (rank 8 on the language model's q/k/v/o projections; the reference is the adapter switched off in both),
 beta, learning rate, fp32 and gradient checkpointing (off in both unless --gradient-checkpointing; TRL's own
-default is on, which trades its time for memory). Seconds per step is (t(last step) - t(step W)) / (N - W), from per-step
-timestamps taken inside each trainer (our step function, a TRL callback), so start-up and the first W
-warm-up steps cancel. Peak memory is the child's maximum resident set size. Repetitions alternate the order;
+default is on, which trades its time for memory). Seconds per step is (t(last step) - t(step W)) / (N - W),
+from per-step timestamps taken inside each trainer (our step function, a TRL callback), so start-up and the
+first W warm-up steps cancel. Peak memory is the child's maximum resident set size. Repetitions alternate the order;
 the ratio is the median of per-repetition ratios ours/TRL.
 
     python scripts/benchmark_vision_dpo.py --size small --steps 40 --warmup 10 --repeats 3
@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SIZES = {  # image px, patch, vision width/layers, language width/layers
     "tiny": dict(image_size=32, patch_size=8, vision_hidden=32, hidden=64, layers=2),
@@ -77,9 +78,10 @@ def child_trl(args) -> list[float]:
     processor = AutoProcessor.from_pretrained(args.model)
     config = DPOConfig(output_dir=args.output, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
                        learning_rate=1e-5, beta=0.1, report_to=[], save_strategy="no", logging_steps=10**6,
-                       use_cpu=True, bf16=False, max_length=None, lr_scheduler_type="constant", dataloader_num_workers=0,
-                       gradient_checkpointing=args.gradient_checkpointing)
-    lora = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})")
+                       use_cpu=True, bf16=False, max_length=None, lr_scheduler_type="constant",
+                       dataloader_num_workers=0, gradient_checkpointing=args.gradient_checkpointing)
+    lora = LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0,
+                      target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})")
     trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_parquet(args.data),
                          processing_class=processor, peft_config=lora, callbacks=[Stamp()])
     trainer.train()
@@ -116,11 +118,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model, data = build(Path(tmp), args.size, args.rows)
         model = args.model or model
-        results = {"ours": [], "trl": []}
+        results: dict[str, list[dict[str, Any]]] = {"ours": [], "trl": []}
         for repeat in range(args.repeats):
             for tool in (("ours", "trl") if repeat % 2 == 0 else ("trl", "ours")):
-                out = subprocess.run([sys.executable, __file__, "--child", tool, "--model", str(model), "--data", str(data),
-                                      "--output", f"{tmp}/{tool}-{repeat}", "--steps", str(args.steps), "--warmup",
+                out = subprocess.run([sys.executable, __file__, "--child", tool, "--model", str(model),
+                                      "--data", str(data), "--output", f"{tmp}/{tool}-{repeat}",
+                                      "--steps", str(args.steps), "--warmup",
                                       str(args.warmup), "--batch-size", str(args.batch_size),
                                       *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])],
                                      capture_output=True, text=True)
@@ -130,7 +133,8 @@ def main() -> None:
                 print(results[tool][-1], flush=True)
     ratios = [o["s_per_step"] / t["s_per_step"] for o, t in zip(results["ours"], results["trl"])]
     summary = {tool: {"s_per_step": statistics.median(r["s_per_step"] for r in runs),
-                      "max_rss_mib": statistics.median(r["max_rss_mib"] for r in runs)} for tool, runs in results.items()}
+                      "max_rss_mib": statistics.median(r["max_rss_mib"] for r in runs)}
+               for tool, runs in results.items()}
     summary["time_ratio_ours_over_trl"] = statistics.median(ratios)
     summary["rss_ratio_ours_over_trl"] = summary["ours"]["max_rss_mib"] / summary["trl"]["max_rss_mib"]
     print(json.dumps({"size": args.size, "batch_size": args.batch_size,

@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-objects", type=int, default=3)
-    parser.add_argument("--prior", type=float, default=0.9, help="share of training scenes in their shapes' usual colours")
+    parser.add_argument("--prior", type=float, default=0.9,
+                        help="share of training scenes in their shapes' usual colours")
     parser.add_argument("--patch-size", type=int, default=16, help="image patch size in pixels (32 px images)")
     parser.add_argument("--vision-hidden", type=int, default=64, help="width of the CLIP vision tower")
     parser.add_argument("--vision-layers", type=int, default=2, help="depth of the CLIP vision tower")
@@ -60,7 +61,8 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50))
     for step in range(args.steps):
         model.train()
-        rows = qa_rows(args.batch_size, seed=args.seed * 1_000_003 + step, max_objects=args.max_objects, prior=args.prior)
+        rows = qa_rows(args.batch_size, seed=args.seed * 1_000_003 + step, max_objects=args.max_objects,
+                       prior=args.prior)
         loss = model(**answer_batch(processor, rows)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -68,7 +70,8 @@ def main() -> None:
         schedule.step()
         optimizer.zero_grad()
         if (step + 1) % 100 == 0:
-            print(f"step {step + 1}: loss {loss.item():.3f}, held-out accuracy {qa_accuracy(model, processor, held_out)}")
+            accuracy = qa_accuracy(model, processor, held_out)
+            print(f"step {step + 1}: loss {loss.item():.3f}, held-out accuracy {accuracy}")
     accuracy = qa_accuracy(model, processor, held_out)
     args.output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.output)

@@ -56,7 +56,9 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float, kl_weight: float = 1e
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, images) + kl_weight * posterior.kl().mean()
         loss.backward()
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
         if step % 100 == 0 or step == steps - 1:
             print(f"vae step {step} loss {loss.item():.5f}", flush=True)
     vae.eval()
@@ -64,7 +66,7 @@ def train_vae(vae, rng, steps: int, batch: int, lr: float, kl_weight: float = 1e
 
 @torch.no_grad()
 def encode_pool(pipe, rng, n: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Captions and the VAE posterior (mean, std) of n random scenes, to sample latents from during denoiser training."""
+    """Captions and the VAE posterior (mean, std) of n random scenes, to draw latents from in denoiser training."""
     captions, means, stds = [], [], []
     for start in range(0, n, 256):
         caps, images = scene_batch(rng, min(256, n - start))
@@ -90,7 +92,8 @@ def train_denoiser(pipe, pool, steps: int, batch: int, lr: float, drop_prob: flo
     model.train()
     for step in range(steps):
         pick = torch.randint(len(captions), (batch,))
-        latents = (means[pick] + stds[pick] * torch.randn_like(means[pick]) - (vae.shift_factor or 0.0)) * vae.scaling_factor
+        sample = means[pick] + stds[pick] * torch.randn_like(means[pick])
+        latents = (sample - (vae.shift_factor or 0.0)) * vae.scaling_factor
         noise = torch.randn_like(latents)
         if is_flow(scheduler):
             noisy, t, target = flow_interpolate(scheduler, latents, noise, sample_u(batch, None, "cpu", "logit_normal"))
@@ -98,11 +101,14 @@ def train_denoiser(pipe, pool, steps: int, batch: int, lr: float, drop_prob: flo
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
             noisy, target = scheduler.add_noise(latents, noise, t), training_target(scheduler, latents, noise, t)
         rows = torch.where(torch.rand(batch) < drop_prob, len(vocabulary) - 1, index[pick])
-        condition = Condition({k: v[rows] for k, v in table.items()}, "hidden_states" if is_flow(scheduler) else "sample")
+        condition = Condition({k: v[rows] for k, v in table.items()},
+                              "hidden_states" if is_flow(scheduler) else "sample")
         loss = F.mse_loss(predict(model, noisy, t, condition), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
         ema.step(model.parameters())
         if step % 200 == 0 or step == steps - 1:
             print(f"denoiser step {step} loss {loss.item():.5f}", flush=True)

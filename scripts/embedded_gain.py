@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from mmalign.config import coerce_values
-from mmalign.diffusion import dpo, inpo, seppo, world
+from mmalign.diffusion import dpo, inpo, latents, seppo, world
 from mmalign.diffusion.data import collate_pairs, write_pickapic
 from mmalign.diffusion.demo import embedded_config
 from mmalign.diffusion.evaluate import paired_gain
@@ -42,7 +42,7 @@ def winner_error(pipe, count: int = 192) -> torch.Tensor:
     winners = seppo.Winners(ASSETS / "tiny-sd-prefs" / "test.parquet", resolution=32)
     batch = collate_pairs([winners[i] for i in range(min(count, len(winners)))])
     generator = torch.Generator().manual_seed(0)
-    mean, std = dpo.encode(pipe.vae, batch["pixel_values"][:, 0], torch.float32)
+    mean, std = latents.encode(pipe.vae, batch["pixel_values"][:, 0], torch.float32)
     x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * pipe.vae.config.scaling_factor
     noise = torch.randn(x0.shape, generator=generator)
     timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(x0),), generator=generator)

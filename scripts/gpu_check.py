@@ -20,7 +20,10 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
+from types import ModuleType
+from unittest import mock
 
 import torch
 
@@ -29,8 +32,8 @@ from mmalign.trainer import Trainer
 STAMPS: list[float] = []
 
 
-def record_step_times() -> None:
-    """Make Trainer.fit record a timestamp as each micro-step starts (into STAMPS)."""
+def step_times_recorded() -> AbstractContextManager:
+    """While the context lasts, Trainer.fit records a timestamp as each micro-step starts (into STAMPS)."""
     original = Trainer.fit
 
     def fit(self, model, dataset, collate, step_fn, *args, **kwargs):
@@ -42,7 +45,7 @@ def record_step_times() -> None:
 
         return original(self, model, dataset, collate, timed, *args, **kwargs)
 
-    Trainer.fit = fit
+    return mock.patch.object(Trainer, "fit", fit)
 
 
 def sd15(folder: Path, smoke: bool) -> Path:
@@ -62,11 +65,12 @@ def sd15(folder: Path, smoke: bool) -> Path:
     unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
                                           block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
     vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                  sample_size=512)
-    diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer, scheduler=sd_scheduler(),
-                                      safety_checker=None, feature_extractor=None,
-                                      requires_safety_checker=False).save_pretrained(folder)
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+    pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
+                                             scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    pipe.save_pretrained(folder)  # type: ignore[attr-defined]  # mypy sees diffusers' placeholder (dummy) classes
     return folder
 
 
@@ -92,13 +96,14 @@ def sd3_medium(folder: Path, smoke: bool) -> Path:
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
         pos_embed_max_size=192)
     vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-                                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                                  sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                                  use_post_quant_conv=False)
-    diffusers.StableDiffusion3Pipeline(
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=1.5305,
+                                  shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = diffusers.StableDiffusion3Pipeline(
         transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
         text_encoder=clip(768, 12, 12), tokenizer=tokenizer, text_encoder_2=clip(1280, 32, 20), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None).save_pretrained(folder)
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder)  # type: ignore[attr-defined]  # mypy sees diffusers' placeholder (dummy) classes
     return folder
 
 
@@ -120,24 +125,26 @@ def llava_7b(folder: Path, smoke: bool) -> Path:
         text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                             vision_feature_layer=-2, vision_feature_select_strategy="default",
-                             projector_hidden_act="gelu")
+        config = LlavaConfig(vision_config=vision, text_config=text,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", projector_hidden_act="gelu")
         with torch.device("cuda"):
-            model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
+            # transformers declares `to` with functools.wraps(nn.Module.to), which types it as the unbound method
+            model = LlavaForConditionalGeneration(config).to(torch.bfloat16)  # type: ignore[arg-type]
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
 
-def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> list[tuple[str, object, dict]]:
+def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> list[tuple[str, ModuleType, dict]]:
     """(name, method module, settings) of every method checked on `arch`."""
     from mmalign.diffusion import acflow, dpo, flow_dpo, inpo, seppo
     from mmalign.vision import dpo as vision_dpo
 
     pairs = dict(model=str(model), data=str(data / "pairs.parquet"), batch_size=batch_size)
     if arch == "sd15":
-        return [("Diffusion-DPO", dpo, pairs), ("InPO", inpo, pairs), ("SePPO", seppo, {**pairs, "reference_steps": 20})]
+        return [("Diffusion-DPO", dpo, pairs), ("InPO", inpo, pairs),
+                ("SePPO", seppo, {**pairs, "reference_steps": 20})]
     if arch == "sd3-medium":
         return [("Flow-DPO", flow_dpo, pairs),
                 ("AC-Flow", acflow, dict(model=str(model), prompts=str(data / "prompts.txt"),
@@ -173,10 +180,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no GPU: pass --smoke to check the harness on the CPU with tiny models")
-    record_step_times()
     warmup, total = args.steps
     results = []
-    with tempfile.TemporaryDirectory() as folder:
+    with step_times_recorded(), tempfile.TemporaryDirectory() as folder:
         data = write_data(Path(folder))
         for arch in args.arch:
             model = BUILDERS[arch](Path(folder) / arch, args.smoke)

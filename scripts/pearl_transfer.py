@@ -53,7 +53,7 @@ def main() -> None:
     print("| source -> target | " + " | ".join(f"{f}, {'entropic' if e else 'exact'}" for f, e in variants) + " |")
     print("|---|" + "---:|" * len(variants))
     for source_task, target_task in PAIRS:
-        scores = {v: [] for v in variants}
+        scores: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
         for seed in range(args.seeds):
             source = episodes(source_task, seed, args.out, args.episodes).fragment(args.segment_length, args.segments,
                                                                                     seed=seed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmalign.cli import main
-from mmalign.diffusion import acflow
+from mmalign.diffusion import acflow, latents
 from mmalign.diffusion.evaluate import evaluate_reward
 from mmalign.diffusion.models import sampling_pipeline
 from mmalign.diffusion.rewards import load_scorer, save_scorer
@@ -117,14 +117,10 @@ def test_the_held_out_reward_rises_without_collapsing_diversity(reward, tiny_sd3
 
 def test_samples_are_decoded_by_the_inverse_of_the_training_latents():
     """from_latents(to_latents(z)) = decode(z) on SD3's shifted, scaled latents (shift_factor 0.1 here)."""
-    from types import SimpleNamespace
-
-    from mmalign.diffusion import dpo
-
     pipe = tiny_pipeline(kind="sd3")
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    x0 = dpo.to_latents(z, torch.zeros_like(z), torch.Generator(), SimpleNamespace(pipe=pipe))
+    x0 = latents.to_latents(z, torch.zeros_like(z), torch.Generator(), pipe.vae)
     assert not torch.allclose(x0, z)
     with torch.no_grad():
         expected = (pipe.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
-        assert torch.allclose(dpo.from_latents(x0, pipe.vae), expected, atol=1e-5)
+        assert torch.allclose(latents.from_latents(x0, pipe.vae), expected, atol=1e-5)

@@ -36,7 +36,8 @@ def test_bad_config_and_unknown_pipeline(tiny_sd, pickapic, tmp_path, capsys):
 
     other = tmp_path / "not-sd"
     other.mkdir()
-    (other / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]}))
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                        "unet": ["diffusers", "UNet2DModel"]}))
     code, err = run_cli(capsys, "diffusion", "dpo", "--model", other, "--data", pickapic, "--output", tmp_path / "r2",
                         "--report-to", "none")
     assert code == 1 and "pipeline class DDPMPipeline is not supported" in err
@@ -60,7 +61,8 @@ def test_sample_writes_fixed_seed_images(tiny_sd, tmp_path, capsys):
     files = sorted((tmp_path / "a").glob("sample_*.png"))
     assert len(files) == 6 and (tmp_path / "a" / "grid.png").is_file()
     for f in files:
-        assert (torch.tensor(list(Image.open(f).getdata())) == torch.tensor(list(Image.open(tmp_path / "b" / f.name).getdata()))).all()
+        first, second = Image.open(f), Image.open(tmp_path / "b" / f.name)
+        assert (torch.tensor(list(first.getdata())) == torch.tensor(list(second.getdata()))).all()
 
 
 def test_a_hub_model_that_cannot_be_had_fails_at_once(monkeypatch):

@@ -8,7 +8,7 @@ import torch
 
 from mmalign.data import LIST, PAIR, TRL_ROW, DataError, load_preferences, load_records
 from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
-from mmalign.diffusion.world import preference_pairs, render, png_bytes
+from mmalign.diffusion.world import png_bytes, preference_pairs, render
 
 ROWS = [{"prompt": "p0", "chosen": "a", "rejected": "b"}, {"prompt": "p1", "chosen": "c", "rejected": "d"}]
 
@@ -100,7 +100,8 @@ def test_pickapic_bad_rows_name_row_and_field(tmp_path):
     assert "record 2, field 'label_0': must be 0, 0.5 or 1" in str(err.value)
     missing = write_jsonl(tmp_path / "m.jsonl", [{"caption": "c", "jpg_0": "gone.png",
                                                   "jpg_1": "gone.png", "label_0": 1}])
-    with pytest.raises(DataError, match=r"record 0, field 'jpg_0': cannot be read \(image file .*gone.png does not exist"):
+    with pytest.raises(DataError,
+                       match=r"record 0, field 'jpg_0': cannot be read \(image file .*gone.png does not exist"):
         PreferencePairs(missing, resolution=32)
 
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from mmalign.diffusion import dpo
+from mmalign.diffusion import base, dpo, pairwise
 from mmalign.diffusion.data import PreferencePairs, collate_pairs
+from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.sample import generate
 from mmalign.errors import ConfigError, DataError, RunFolderError
 from mmalign.reference import FrozenCopy
@@ -44,7 +45,7 @@ def test_loss_equals_the_official_formula():
     official = -F.logsigmoid(inside).mean()
     implicit_acc = (inside > 0).float().mean()
 
-    losses, stats = dpo.dpo_loss(model_losses, ref_losses, beta=beta)
+    losses, stats = pairwise.dpo_loss(model_losses, ref_losses, beta=beta)
     torch.testing.assert_close(losses.mean(), official)
     torch.testing.assert_close(stats["implicit_acc"], implicit_acc)
     torch.testing.assert_close(stats["reward_margin"], inside.mean())
@@ -55,7 +56,7 @@ def test_loss_equals_the_official_formula():
 def test_one_step_shares_noise_and_timestep_and_runs_two_forwards(tiny_sd, pickapic, tmp_path, monkeypatch):
     cfg = config(tiny_sd, pickapic, tmp_path, prompt_dropout=0.0)
     trainer = Trainer(cfg)
-    pipe, parts = dpo.prepare(cfg, trainer)
+    pipe, parts = base.prepare(cfg, trainer)
     pairs = PreferencePairs(cfg.data, resolution=parts.resolution)
     batch = collate_pairs([pairs[0], pairs[1], pairs[2]])
     calls, noises = [], []
@@ -98,13 +99,14 @@ def test_lora_run_starts_at_ln2_and_round_trips_through_diffusers(tiny_sd, picka
     # the same LoRA applied in-process by peft, without the diffusers file round trip
     trained = StableDiffusionPipeline.from_pretrained(tiny_sd)
     trained.set_progress_bar_config(disable=True)
-    from mmalign.diffusion.models import add_lora
     from safetensors.torch import load_file
+
+    from mmalign.diffusion.models import add_lora
 
     add_lora(trained.unet, rank=4)
     state = load_file(str(cfg.output / "pytorch_lora_weights.safetensors"))
-    from peft.utils import set_peft_model_state_dict
     from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
 
     set_peft_model_state_dict(trained.unet, convert_unet_state_dict_to_peft(
         {k.removeprefix("unet."): v for k, v in state.items()}))
@@ -114,7 +116,7 @@ def test_lora_run_starts_at_ln2_and_round_trips_through_diffusers(tiny_sd, picka
 def test_full_fine_tune_keeps_a_frozen_reference_and_saves_a_pipeline(tiny_sd, pickapic, tmp_path):
     cfg = config(tiny_sd, pickapic, tmp_path, full=True, max_steps=2, learning_rate=1e-3)
     trainer = Trainer(cfg)
-    pipe, parts = dpo.prepare(cfg, trainer)
+    pipe, parts = base.prepare(cfg, trainer)
     assert isinstance(parts.reference, FrozenCopy)
     assert all(p.requires_grad for p in pipe.unet.parameters())
     assert not any(p.requires_grad for p in parts.reference.model.parameters())
@@ -123,7 +125,8 @@ def test_full_fine_tune_keeps_a_frozen_reference_and_saves_a_pipeline(tiny_sd, p
     dpo.run(cfg2)
     saved = StableDiffusionPipeline.from_pretrained(cfg2.output)
     original = StableDiffusionPipeline.from_pretrained(tiny_sd)
-    changed = [n for (n, a), b in zip(saved.unet.named_parameters(), original.unet.parameters()) if not torch.equal(a, b)]
+    changed = [n for (n, a), b in zip(saved.unet.named_parameters(), original.unet.parameters())
+               if not torch.equal(a, b)]
     assert changed, "the saved UNet is the trained one"
     for a, b in zip(saved.vae.parameters(), original.vae.parameters()):
         assert torch.equal(a, b)
@@ -169,7 +172,7 @@ def test_sdxl_v_prediction_and_sd3_models_train(variant, pickapic, tmp_path):
     log = metrics(cfg.output)
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert log[1]["loss"] != log[0]["loss"]
-    pipe = dpo.load_pipeline(model)
+    pipe = load_pipeline(model)
     assert type(pipe).__name__ == PIPELINES[variant]
     pipe.load_lora_weights(cfg.output)
 
@@ -177,7 +180,7 @@ def test_sdxl_v_prediction_and_sd3_models_train(variant, pickapic, tmp_path):
 def test_bf16_mixed_precision_keeps_lora_weights_in_float32(tiny_sd, pickapic, tmp_path):
     cfg = config(tiny_sd, pickapic, tmp_path, mixed_precision="bf16", max_steps=2, learning_rate=1e-3)
     trainer = Trainer(cfg)
-    pipe, parts = dpo.prepare(cfg, trainer)
+    pipe, parts = base.prepare(cfg, trainer)
     dtypes = {n: p.dtype for n, p in pipe.unet.named_parameters()}
     assert {d for n, d in dtypes.items() if "lora" in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora" not in n} == {torch.bfloat16}
@@ -191,9 +194,9 @@ def test_bf16_mixed_precision_keeps_lora_weights_in_float32(tiny_sd, pickapic, t
 def test_cached_latents_give_the_same_step_as_encoding_each_time(tiny_sd, pickapic, tmp_path):
     cfg = config(tiny_sd, pickapic, tmp_path)
     trainer = Trainer(cfg)
-    pipe, parts = dpo.prepare(cfg, trainer)
+    pipe, parts = base.prepare(cfg, trainer)
     pairs = PreferencePairs(cfg.data, resolution=parts.resolution)
-    cached = dpo.cache_pair_latents(pipe.vae, pairs, torch.float32, "cpu", batch_size=5)
+    cached = pairwise.cache_pair_latents(pipe.vae, pairs, torch.float32, "cpu", batch_size=5)
     assert len(cached) == len(pairs)
     items = [0, 3, 4]
     fresh = dpo.dpo_step(pipe.unet, collate_pairs([pairs[i] for i in items]), step_generator(0, 9, 0, "cpu"), parts)
@@ -248,3 +251,10 @@ def test_the_demo_checks_its_captions_and_claims_its_folder(tmp_path):
     with pytest.raises(RunFolderError, match="is not empty"):
         demo.run(demo.Config(output=tmp_path / "full"))
     assert (tmp_path / "full" / "notes.txt").read_text() == "the user's notes\n"
+
+
+def test_the_demo_needs_its_evaluation_prompts(tmp_path, refused):
+    config = tmp_path / "demo.yaml"
+    config.write_text("sample_prompts: null\n")
+    message = refused("demo", "--config", config, "--output", tmp_path / "run", output=tmp_path / "run")
+    assert "key 'sample_prompts': a value is required" in message

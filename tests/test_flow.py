@@ -1,5 +1,6 @@
 """Flow matching: the forward process by hand, Flow-DPO on a tiny SD3 model (learning), RLG on SD3."""
 
+import functools
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from mmalign.cli import main
-from mmalign.diffusion import dpo, flow_dpo
+from mmalign.diffusion import base, dpo, flow_dpo
 from mmalign.diffusion.data import PreferencePairs, collate_pairs
 from mmalign.diffusion.flow import flow_noising
 from mmalign.diffusion.guidance import reinforcement_guidance
@@ -50,10 +51,10 @@ def test_flow_dpo_moves_the_right_way_on_a_fixed_batch(tiny_sd3, pickapic, tmp_p
     cfg = flow_dpo.Config(model=str(tiny_sd3), data=str(pickapic), output=tmp_path / "run", full=True, beta=500,
                           max_steps=1, batch_size=4, num_samples=0, report_to="none", prompt_dropout=0.0)
     trainer = Trainer(cfg)
-    pipe, parts = dpo.prepare(cfg, trainer)
+    pipe, parts = base.prepare(cfg, trainer)
     pairs = PreferencePairs(cfg.data, resolution=parts.resolution)
     batch = collate_pairs([pairs[i] for i in range(4)])
-    step = flow_dpo.make_step(parts)
+    step = functools.partial(dpo.dpo_step, parts=parts)
     optimizer = torch.optim.Adam([p for p in pipe.transformer.parameters() if p.requires_grad], lr=1e-4)
     losses, accuracy = [], []
     for _ in range(20):

@@ -1,4 +1,4 @@
-"""InPO: DDIM inversion by hand, one timestep per batch, inversion forwards without gradients, ln 2 at step 0, learning."""
+"""InPO: DDIM inversion by hand, one timestep per batch, inversion without gradients, ln 2 at step 0, learning."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler
 
-from mmalign.diffusion import inpo
+from mmalign.diffusion import base, inpo
 from mmalign.diffusion.data import PreferencePairs, collate_pairs
 from mmalign.diffusion.scoring import Condition
 from mmalign.diffusion.tiny import sd_scheduler
@@ -59,7 +59,7 @@ def test_one_timestep_per_batch_and_only_the_policy_forward_has_gradients(tiny_s
     cfg = inpo.Config(model=str(tiny_sd), data=str(pickapic), output=tmp_path / "run", max_steps=1, batch_size=3,
                       num_samples=0, report_to="none", checkpoint_every=0, prompt_dropout=0.0)
     trainer = Trainer(cfg)
-    pipe, parts = inpo.dpo.prepare(cfg, trainer)
+    pipe, parts = base.prepare(cfg, trainer)
     pairs = PreferencePairs(cfg.data, resolution=parts.resolution)
     batch = collate_pairs([pairs[i] for i in range(3)])
     calls = []

@@ -14,8 +14,15 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mmalign.diffusion.models import (LORA_TARGETS, add_lora, denoiser_name, denoiser_of, load_pipeline,
-                                     sampling_pipeline, save_lora)
+from mmalign.diffusion.models import (
+    LORA_TARGETS,
+    add_lora,
+    denoiser_name,
+    denoiser_of,
+    load_pipeline,
+    sampling_pipeline,
+    save_lora,
+)
 from mmalign.diffusion.tiny import tiny_pipeline
 from mmalign.vision import models as vision_models
 from mmalign.vision.tiny import tiny_llava

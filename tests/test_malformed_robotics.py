@@ -8,6 +8,7 @@ as the simulator.
 import json
 import shutil
 import zipfile
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,9 +25,10 @@ TASK = "button-press-v3"
 def trajectories(n=6, steps=20, task=TASK, side=16, seed=0, **arrays) -> Trajectories:
     """`n` random trajectories with frames of `side` pixels every 4 steps; `arrays` replace any field."""
     rng = np.random.default_rng(seed)
-    fields = dict(observations=rng.normal(size=(n, steps, 39)), actions=rng.uniform(-1, 1, (n, steps, 4)),
-                  rewards=rng.uniform(0, 1, (n, steps)), successes=np.zeros((n, steps), bool),
-                  frames=rng.integers(0, 256, (n, -(-steps // 4), side, side, 3), dtype=np.uint8))
+    fields: dict[str, Any] = dict(
+        observations=rng.normal(size=(n, steps, 39)), actions=rng.uniform(-1, 1, (n, steps, 4)),
+        rewards=rng.uniform(0, 1, (n, steps)), successes=np.zeros((n, steps), bool),
+        frames=rng.integers(0, 256, (n, -(-steps // 4), side, side, 3), dtype=np.uint8))
     fields.update(arrays)
     return Trajectories(task, **fields, meta={"frame_every": 4})
 

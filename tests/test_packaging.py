@@ -3,9 +3,10 @@
 import re
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 MODALITIES = {"diffusion": "mmalign.diffusion", "vision": "mmalign.vision", "robotics": "mmalign.robotics"}

@@ -9,8 +9,8 @@ import torch
 
 from mmalign.cli import main
 from mmalign.diffusion.data import PreferencePairs
-from mmalign.diffusion.relabel import ai_feedback_labels
 from mmalign.diffusion.rewards import load_scorer, save_scorer
+from mmalign.diffusion.rewards.relabel import ai_feedback_labels
 from mmalign.diffusion.world import render
 
 ARCH = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
@@ -35,12 +35,13 @@ def test_score_images_and_errors_naming_the_file(scorer_dir, tmp_path, capsys):
         render("a red circle", x, 16, 5).save(folder / f"{i}.png")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    code, out, err = run_cli(capsys, "reward", "score", "--scorer", scorer_dir, "--images", folder, "--prompts", prompts,
-                             "--output", tmp_path / "scores.jsonl")
+    code, out, err = run_cli(capsys, "reward", "score", "--scorer", scorer_dir, "--images", folder,
+                             "--prompts", prompts, "--output", tmp_path / "scores.jsonl")
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "2.png"] and "3 images, mean score" in out
-    expected = load_scorer(scorer_dir).score([render("a red circle", x, 16, 5) for x in (6, 16, 26)], ["a red circle"] * 3)
+    images = [render("a red circle", x, 16, 5) for x in (6, 16, 26)]
+    expected = load_scorer(scorer_dir).score(images, ["a red circle"] * 3)
     torch.testing.assert_close(torch.tensor([r["score"] for r in rows]), expected)
 
     prompts.write_text("a red circle\na blue square\n")
@@ -132,6 +133,6 @@ def test_train_writes_a_scorer_folder_that_loads_back(pickapic, tmp_path, capsys
     code, _, err = run_cli(capsys, "reward", "train", "--scorer", ARCH, "--data", pickapic, "--output", tmp_path / "x",
                            "--tune", "head", "--report-to", "none")
     assert code == 1 and "--tune head trains an aesthetic head" in err
-    code, _, err = run_cli(capsys, "reward", "score", "--scorer", ARCH, "--pretrained", run / "aesthetic_head.safetensors",
-                           "--data", pickapic)
+    code, _, err = run_cli(capsys, "reward", "score", "--scorer", ARCH,
+                           "--pretrained", run / "aesthetic_head.safetensors", "--data", pickapic)
     assert code == 1 and "does not match the open_clip architecture" in err

@@ -1,4 +1,4 @@
-"""Learning tests: a reward model learns the world's preference from pairs alone, and its AI feedback aligns a generator.
+"""Learning tests: a reward model learns the world's preference from pairs alone; its AI feedback aligns a generator.
 
 The world prefers objects on the LEFT. A tiny open_clip ViT trained from scratch on the world's human pairs
 must rank held-out pairs the same way; then it ranks the base model's own samples into pairs, Diffusion-DPO
@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.diffusion import dpo, reward_pairs, reward_train, world
+from mmalign.diffusion import dpo, world
 from mmalign.diffusion.data import PreferencePairs
+from mmalign.diffusion.rewards import pairs as reward_pairs
+from mmalign.diffusion.rewards import train as reward_train
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.diffusion import world
-from mmalign.errors import ConfigError
 from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
-from mmalign.diffusion.relabel import ai_feedback_labels
-from mmalign.diffusion.reward_pairs import select_pairs
-from mmalign.diffusion.reward_score import pair_metrics, score_pairs
-from mmalign.diffusion.reward_train import bradley_terry_step, select_trainable
 from mmalign.diffusion.rewards import load_scorer, save_scorer
+from mmalign.diffusion.rewards.pairs import select_pairs
+from mmalign.diffusion.rewards.relabel import ai_feedback_labels
+from mmalign.diffusion.rewards.score import pair_metrics, score_pairs
+from mmalign.diffusion.rewards.train import bradley_terry_step, select_trainable
+from mmalign.errors import ConfigError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.stats import expected_calibration_error
 
@@ -122,7 +122,8 @@ def test_bad_input_gets_clear_errors(saved, tmp_path):
     for name in ("open_clip_config.json", "open_clip_model.safetensors", "scorer.json"):
         (broken / name).write_bytes((saved["aesthetic"] / name).read_bytes())
     (broken / "scorer.json").write_text(json.dumps({"kind": "aesthetic", "head_hidden": [8]}))
-    (broken / "aesthetic_head.safetensors").write_bytes((saved["aesthetic"] / "aesthetic_head.safetensors").read_bytes())
+    head = "aesthetic_head.safetensors"
+    (broken / head).write_bytes((saved["aesthetic"] / head).read_bytes())
     with pytest.raises(ConfigError, match="aesthetic head .* does not fit embed_dim 32 and hidden widths \\[8\\]"):
         load_scorer(broken)
     (broken / "scorer.json").write_text('{"kind": "aesthetic", ')

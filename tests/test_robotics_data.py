@@ -63,7 +63,8 @@ def test_nan_rewards_name_the_file_field_and_step(tmp_path):
         arrays = dict(data)
     arrays["rewards"][2, 7] = np.nan
     np.savez(path, **arrays)
-    with pytest.raises(DataError, match=r"(?s)t\.npz.*field 'rewards': 1 NaN or infinite value\(s\), first at trajectory 2 step 7"):
+    with pytest.raises(DataError, match=r"(?s)t\.npz.*field 'rewards': 1 NaN or infinite value\(s\), "
+                                        r"first at trajectory 2 step 7"):
         Trajectories.load(path)
 
 

@@ -36,8 +36,8 @@ def test_tpo_step_scores_the_same_random_window_of_both_trajectories():
     expected = []
     for i in range(4):
         window = slice(int(start[i]), int(start[i]) + 6)
-        log_ratio = {side: (policy.log_prob(batch[f"obs_{side}"][i, window], batch[f"act_{side}"][i, window])
-                            - reference.model.log_prob(batch[f"obs_{side}"][i, window], batch[f"act_{side}"][i, window])).sum()
+        steps = {side: (batch[f"obs_{side}"][i, window], batch[f"act_{side}"][i, window]) for side in "wl"}
+        log_ratio = {side: (policy.log_prob(*steps[side]) - reference.model.log_prob(*steps[side])).sum()
                      for side in "wl"}
         expected.append(-F.logsigmoid(0.5 * (log_ratio["w"] - log_ratio["l"])))
     torch.testing.assert_close(loss, torch.stack(expected).mean())
@@ -97,9 +97,9 @@ def test_stage_costs_by_hand():
 
 @pytest.mark.slow
 def test_grape_rounds_raise_the_policy_likelihood_of_the_chosen_trajectories(tmp_path):
-    config = grape.Config(task="reach-v3", output=tmp_path / "run", demo_episodes=4, bc_steps=150, bc_batch_size=64, hidden=32,
-                          layers=1, max_episode_steps=40, rounds=1, states=8, samples_per_state=4, max_steps=40,
-                          batch_size=8, learning_rate=1e-3, eval_episodes=4, num_envs=4, report_to="none")
+    config = grape.Config(task="reach-v3", output=tmp_path / "run", demo_episodes=4, bc_steps=150, bc_batch_size=64,
+                          hidden=32, layers=1, max_episode_steps=40, rounds=1, states=8, samples_per_state=4,
+                          max_steps=40, batch_size=8, learning_rate=1e-3, eval_episodes=4, num_envs=4, report_to="none")
     report = grape.run(config)
     assert [c["step"] for c in report["curve"]] == [0, 1] and report["rounds"][0]["pairs"] > 0
     metrics = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "metrics.jsonl").read_text().splitlines()]

@@ -3,23 +3,24 @@
 import numpy as np
 import pytest
 
+from mmalign.errors import ConfigError
 from mmalign.robotics import collect, label, pearl
 from mmalign.robotics.pairs import Pairs
 
 
 def brute_force_transfer(coupling, z_source, mask):
-    """Z_t[k, l] = sum_ij T[i,k] T[j,l] M[i,j] Z_s[i,j] / sum_ij T[i,k] T[j,l] M[i,j], one term at a time."""
+    """Z_t[k, m] = sum_ij T[i,k] T[j,m] M[i,j] Z_s[i,j] / sum_ij T[i,k] T[j,m] M[i,j], one term at a time."""
     n_s, n_t = coupling.shape
     out = np.zeros((n_t, n_t))
     for k in range(n_t):
-        for l in range(n_t):
+        for m in range(n_t):
             numerator = denominator = 0.0
             for i in range(n_s):
                 for j in range(n_s):
-                    weight = coupling[i, k] * coupling[j, l] * mask[i, j]
+                    weight = coupling[i, k] * coupling[j, m] * mask[i, j]
                     numerator += weight * z_source[i, j]
                     denominator += weight
-            out[k, l] = numerator / denominator
+            out[k, m] = numerator / denominator
     return out
 
 
@@ -57,6 +58,16 @@ def test_gw_on_isometric_point_sets_recovers_the_permutation(entropic):
     coupling = pearl.gw_coupling(pearl.distance_matrix(points), pearl.distance_matrix(moved), entropic, epsilon=1e-3)
     np.testing.assert_array_equal(coupling.argmax(0), perm)
     np.testing.assert_allclose(coupling.sum(0), np.full(12, 1 / 12), atol=1e-6)
+
+
+def test_gw_without_a_finite_objective_is_refused(monkeypatch):
+    def solver(c_source, c_target, p, q, loss, **kwargs):
+        return np.outer(p, q), {"gw_dist": np.nan}
+
+    monkeypatch.setattr(pearl.ot.gromov, "entropic_gromov_wasserstein", solver)
+    square = pearl.distance_matrix(np.random.default_rng(0).normal(size=(4, 3)))
+    with pytest.raises(ConfigError, match="not finite in any of 2 solve"):
+        pearl.gw_coupling(square, square, entropic=True, restarts=2)
 
 
 def test_label_matrix_from_pair_records():

@@ -9,8 +9,8 @@ import torch
 
 from mmalign.objectives import bradley_terry_loss
 from mmalign.robotics import label, reward
-from mmalign.robotics.reward_models import RewardArch, RewardModel, load_reward_model, pair_accuracy
 from mmalign.robotics.pairs import Pairs
+from mmalign.robotics.reward_models import RewardArch, RewardModel, load_reward_model, pair_accuracy
 from mmalign.robotics.rrl import rrl_loss, variance_kl
 from mmalign.robotics.trajectories import Trajectories
 

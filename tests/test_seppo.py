@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmalign.diffusion import dpo, seppo
+from mmalign.diffusion import pairwise, seppo
 from mmalign.diffusion.models import load_pipeline
 from mmalign.reference import Snapshots
 
@@ -20,7 +20,7 @@ def test_adaptive_flipper_and_signed_loss_by_hand():
     sign = seppo.adaptive_flipper(model_err, ref_err)
     assert sign.tolist() == [-1.0, 1.0]  # the reference fits anchor 0 better (0.4 < 0.5), anchor 1 worse
     beta = 50.0
-    losses, stats = dpo.dpo_loss(model_err, ref_err, beta=beta, loser_sign=sign)
+    losses, stats = pairwise.dpo_loss(model_err, ref_err, beta=beta, loser_sign=sign)
     d_w, d_r = model_err[:2] - ref_err[:2], model_err[2:] - ref_err[2:]
     torch.testing.assert_close(losses, -F.logsigmoid(-0.5 * beta * (d_w - sign * d_r)))
     assert stats["flip_rate"].item() == 0.5
@@ -31,7 +31,7 @@ def test_snapshots_record_select_and_restore():
     policy = nn.Linear(2, 2)
     pool = Snapshots(policy, keep=2, every=2, selection="latest")
     states = []
-    for step in range(5):
+    for _ in range(5):
         pool.tick(policy)
         states.append(policy.weight.detach().clone())
         with torch.no_grad():

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mmalign.data import DataError
-from mmalign.diffusion import dpo, video
+from mmalign.diffusion import base, dpo, pairwise, video
 from mmalign.diffusion.data import collate_pairs
+from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.tiny import tiny_pipeline
 from mmalign.diffusion.world import render
 from mmalign.trainer import Trainer, step_generator
@@ -89,9 +90,9 @@ def test_video_paths_stay_inside_the_data_folder_unless_allowed(video_data, tmp_
 
 
 def test_video_latents_are_encoded_frame_by_frame(tiny_video, video_data):
-    pipe = dpo.load_pipeline(tiny_video)
+    pipe = load_pipeline(tiny_video)
     pixels = collate_pairs([video.VideoPairs(video_data, resolution=32, num_frames=FRAMES)[0]])["pixel_values"]
-    mean, std = dpo.encode_pairs(pipe.vae, pixels, torch.float32)
+    mean, std = pairwise.encode_pairs(pipe.vae, pixels, torch.float32)
     assert mean.shape == (2, 4, FRAMES, 16, 16)
     with torch.no_grad():
         loser_frame = pipe.vae.encode(pixels[0, 1, 2][None]).latent_dist.mean[0]
@@ -103,12 +104,13 @@ def test_video_step_shares_noise_and_starts_at_ln2(tiny_video, video_data, tmp_p
                        batch_size=2, max_steps=2, num_samples=1, sample_steps=2, report_to="none",
                        checkpoint_every=0, learning_rate=1e-3)
     trainer = Trainer(cfg)
-    pipe, parts = dpo.prepare(cfg, trainer)
+    pipe, parts = base.prepare(cfg, trainer)
     batch = collate_pairs([video.VideoPairs(video_data, resolution=32, num_frames=FRAMES)[i] for i in (0, 1)])
     seen = []
     forward = type(pipe.unet).forward
     monkeypatch.setattr(type(pipe.unet), "forward",
-                        lambda self, sample, timestep, *a, **k: seen.append(sample) or forward(self, sample, timestep, *a, **k))
+                        lambda self, sample, timestep, *a, **k: (seen.append(sample)
+                                                                 or forward(self, sample, timestep, *a, **k)))
     loss, stats = dpo.dpo_step(pipe.unet, batch, step_generator(0, 0, 0, "cpu"), parts)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert seen[0].shape == (4, 4, FRAMES, 16, 16) and len(seen) == 2
@@ -119,11 +121,11 @@ def test_video_step_shares_noise_and_starts_at_ln2(tiny_video, video_data, tmp_p
     from mmalign.diffusion.models import load_lora
     from mmalign.diffusion.sample import generate
 
-    base = dpo.load_pipeline(tiny_video)
-    base.set_progress_bar_config(disable=True)
-    before = generate(base, ["a red circle"], steps=2, num_frames=FRAMES)
-    load_lora(base, cfg.output)
-    after = generate(base, ["a red circle"], steps=2, num_frames=FRAMES)
+    plain = load_pipeline(tiny_video)
+    plain.set_progress_bar_config(disable=True)
+    before = generate(plain, ["a red circle"], steps=2, num_frames=FRAMES)
+    load_lora(plain, cfg.output)
+    after = generate(plain, ["a red circle"], steps=2, num_frames=FRAMES)
     assert (after - before).abs().max() > 0, "the trained LoRA loads and changes the video"
 
 
@@ -133,7 +135,7 @@ def test_the_objective_moves_the_right_way_on_a_fixed_batch(tiny_video, video_da
                        full=True, batch_size=4, max_steps=1, num_samples=0, report_to="none", prompt_dropout=0.0,
                        beta=500)
     trainer = Trainer(cfg)
-    pipe, parts = dpo.prepare(cfg, trainer)
+    pipe, parts = base.prepare(cfg, trainer)
     pairs = video.VideoPairs(video_data, resolution=32, num_frames=FRAMES)
     batch = collate_pairs([pairs[i] for i in range(len(pairs))])
     optimizer = torch.optim.Adam([p for p in pipe.unet.parameters() if p.requires_grad], lr=1e-4)

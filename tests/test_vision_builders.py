@@ -104,7 +104,8 @@ def test_mia_dpo_attention_ratio_and_target_tokens_by_hand():
     assert patches[:2, 2:].all() and patches.sum() == 4  # cell 2 (top right) = rows 0-1, columns 2-3
     seq = mia_dpo.target_keys(torch.tensor([4] * 6), 4, {"layout": "sequence", "count": 3, "target": 2})
     assert seq.tolist() == [False] * 4 + [True] * 2
-    assert mia_dpo.is_rejected("red", "blue", 0.45, "grid", 4, 0.9) and not mia_dpo.is_rejected("red", "blue", 0.45, "grid", 6, 0.9)
+    assert mia_dpo.is_rejected("red", "blue", 0.45, "grid", 4, 0.9)
+    assert not mia_dpo.is_rejected("red", "blue", 0.45, "grid", 6, 0.9)
     assert not mia_dpo.is_rejected("blue", "blue", 0.1, "sequence", 2, 0.9)
 
 

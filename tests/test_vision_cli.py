@@ -1,4 +1,4 @@
-"""`mmalign vision dpo` end to end on a tiny LLaVA: saves a loadable adapter or model, resumes exactly, names bad rows."""
+"""`mmalign vision dpo` end to end on tiny LLaVA: saves a loadable adapter or model, resumes exactly, names bad rows."""
 
 import json
 import shutil
@@ -124,7 +124,8 @@ def test_token_level_objectives_train_from_the_command_line(tiny_dir, rows_file,
     out = tmp_path / objective
     assert train(tiny_dir, rows_file, out, "--max-steps", 2, "--token-objective", objective) == 0
     logged = metrics(out)
-    assert logged[0]["dpo_loss"] == pytest.approx(0.6931, abs=1e-3) and logged[0]["kl_chosen"] == pytest.approx(0, abs=1e-6)
+    assert logged[0]["dpo_loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert logged[0]["kl_chosen"] == pytest.approx(0, abs=1e-6)
     assert logged[1]["kl_chosen"] > 0
 
 

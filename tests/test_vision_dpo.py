@@ -22,7 +22,8 @@ def tiny():
 
 
 def batch_of(rows, processor, tmp_path, visual=False, max_length=None, name="rows.parquet"):
-    pairs = VisionPairs.load(write_rows(rows, tmp_path / name), processor, max_length, retrieved="retrieved_images" in rows[0])
+    pairs = VisionPairs.load(write_rows(rows, tmp_path / name), processor, max_length,
+                             retrieved="retrieved_images" in rows[0])
     return collate_pairs([pairs[i] for i in range(len(pairs))], processor.tokenizer.pad_token_id, visual=visual)
 
 
@@ -121,9 +122,11 @@ def test_visual_and_anchor_terms_by_hand(tmp_path):
     loss, metrics = dpo.vision_dpo_loss(policy, ref, torch.ones(1, 3), cfg)
     r_w, r_l, r_v = 0.5, -0.5, -1.0
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    dpo_part, visual, anchor = -math.log(sig(0.5 * (r_w - r_l))), -math.log(sig(0.5 * (r_w - r_v))), -math.log(sig(0.5 * r_w))
+    dpo_part = -math.log(sig(0.5 * (r_w - r_l)))
+    visual, anchor = -math.log(sig(0.5 * (r_w - r_v))), -math.log(sig(0.5 * r_w))
     assert loss.item() == pytest.approx(dpo_part + 0.7 * visual + 0.3 * anchor, rel=1e-6)
-    assert metrics["visual_loss"].item() == pytest.approx(visual) and metrics["anchor_loss"].item() == pytest.approx(anchor)
+    assert metrics["visual_loss"].item() == pytest.approx(visual)
+    assert metrics["anchor_loss"].item() == pytest.approx(anchor)
     assert metrics["dpo_loss"].item() == pytest.approx(dpo_part)
     cfg.dpo_weight = 0.0  # mDPO's image-conditioned terms alone
     loss, _ = dpo.vision_dpo_loss(policy, ref, torch.ones(1, 3), cfg)
@@ -177,7 +180,8 @@ def test_cached_reference_equals_adapter_reference(tmp_path):
                 p.normal_()  # a trained adapter: policy and reference now differ
     pairs = VisionPairs.load(write_rows(preference_rows(5, seed=0), tmp_path / "r.parquet"), processor)
     collate = lambda items: collate_pairs(items, 0)  # noqa: E731
-    cache = CachedScores.build(AdapterDisabled(), sequence_scores, model, torch.utils.data.DataLoader(pairs, 2, collate_fn=collate), 5)
+    loader = torch.utils.data.DataLoader(pairs, 2, collate_fn=collate)
+    cache = CachedScores.build(AdapterDisabled(), sequence_scores, model, loader, 5)
     batch = collate([pairs[i] for i in (4, 1)])
     live = AdapterDisabled().scores(sequence_scores, model, batch)
     torch.testing.assert_close(cache.scores(sequence_scores, model, batch), live, rtol=1e-5, atol=1e-5)

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import datasets
 import pyarrow.compute as pc
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmalign.data import (MAX_REPORTED, DataError, Field, Schema, load_records, resolve_path, text_or_messages,
-                          validate)
+from mmalign.data import MAX_REPORTED, DataError, Field, Schema, load_records, resolve_path, text_or_messages, validate
 from mmalign.files import write_atomically
 
 IMAGE_FIELDS = ("images", "retrieved_images")
@@ -48,7 +48,8 @@ def image_entries(value: Any, record: dict) -> str | None:
     if not isinstance(value, list):
         return f"expected a list of images, got {type(value).__name__}"
     for image in value:
-        if not (isinstance(image, (Image.Image, str)) or (isinstance(image, dict) and (image.get("bytes") or image.get("path")))):
+        if not (isinstance(image, (Image.Image, str))
+                or (isinstance(image, dict) and (image.get("bytes") or image.get("path")))):
             return f"holds a {type(image).__name__}, not an image, a {{'bytes'/'path'}} dict or a file path"
     return None
 
@@ -295,7 +296,7 @@ class VisionPairs(torch.utils.data.Dataset):
 
     @classmethod
     def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
-             retrieved: bool = False, allow_outside: bool = False) -> "VisionPairs":
+             retrieved: bool = False, allow_outside: bool = False) -> VisionPairs:
         """Load and check every row of `path` up front: fields and images (see `load_rows`), then how each renders
         and fits max_length (see `check_rows`)."""
         records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split, allow_outside)
@@ -330,9 +331,11 @@ class VisionPairs(torch.utils.data.Dataset):
         tok = self.processor.tokenizer
         item = {"index": index, "prompt_ids": prompt_ids, "pixel_values": pixels}
         for key, text in (("chosen", chosen), ("rejected", rejected)):
-            item[f"{key}_ids"] = self._truncate(prompt_ids, tok(text, add_special_tokens=False)["input_ids"], index, key)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            item[f"{key}_ids"] = self._truncate(prompt_ids, ids, index, key)
         if self.retrieved:
-            item["retrieved_pixel_values"] = self._encode(prompt, record["retrieved_images"], index, "retrieved_images")[1]
+            retrieved = self._encode(prompt, record["retrieved_images"], index, "retrieved_images")
+            item["retrieved_pixel_values"] = retrieved[1]
         return item
 
     def _truncate(self, prompt_ids: list[int], completion: list[int], index: int, key: str) -> list[int]:
@@ -456,7 +459,7 @@ def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) ->
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:
-    """Write TRL rows (PIL images in 'images'/'retrieved_images') as Parquet with `datasets` Image features, atomically."""
+    """Write TRL rows (PIL images in 'images'/'retrieved_images') atomically as Parquet with `datasets` Image types."""
     records = datasets.Dataset.from_list(rows)
     features = records.features.copy()
     for name in IMAGE_FIELDS:

@@ -41,9 +41,9 @@ class Config(dpo.Config):
                              "--resume)")
     output: Path = option(None, "run directory (default: runs/vision-demo-<date-time>)")
     builder: Literal["bdhs", "rdpo", "mia-dpo"] = option(
-        "bdhs", "how the pairs are built: BDHS (image-blind answers), rDPO (answers given the most similar other image, "
-                "kept as v' for --visual-term retrieved) or MIA-DPO (two-image sequence prompts, wrong answers that "
-                "looked at the other image)")
+        "bdhs", "how the pairs are built: BDHS (image-blind answers), rDPO (answers given the most similar other "
+                "image, kept as v' for --visual-term retrieved) or MIA-DPO (two-image sequence prompts, wrong answers "
+                "that looked at the other image)")
     questions: int = option(2048, "world questions (seed 1) the pairs are built from")
     eval_questions: int = option(500, "held-out world questions (seed 10000)")
     full: bool = option(True, "full fine-tune against a frozen copy")

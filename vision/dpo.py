@@ -119,7 +119,8 @@ class Config(TrainConfig):
         if self.reference == "frozen" and not self.full:
             raise ValueError("--reference frozen is for --full; a LoRA's reference is the model with its adapter off")
         if self.reference == "cached" and self.visual_term == "corrupted":
-            raise ValueError("--reference cached needs fixed images; the corrupted visual term draws new crops each step")
+            raise ValueError("--reference cached needs fixed images; the corrupted visual term draws new crops each "
+                             "step")
         if self.online_bdhs and self.reference == "cached":
             raise ValueError("--online-bdhs samples new rejected responses every step; their reference scores cannot "
                              "be cached")
@@ -223,13 +224,15 @@ def token_step(model, batch: dict[str, Any], features, parts: Parts) -> tuple[to
     ratio = (logps - ref_logps) * mask
     kl = token_level.token_kl(ref_log_dist, log_dist) * mask
     rows = lambda x: x.sum(1).view(-1, pairs).T  # noqa: E731 - [R, T] -> [B, k]
+    alpha = c.token_alpha
+    assert alpha is not None  # Config.__post_init__ resolves the default
     if c.token_objective == "tdpo":
         pairwise = token_level.tdpo_loss(rows(ratio)[:, CHOSEN], rows(ratio)[:, REJECTED], rows(kl)[:, CHOSEN],
-                                         rows(kl)[:, REJECTED], c.beta, c.token_alpha)
+                                         rows(kl)[:, REJECTED], c.beta, alpha)
     else:
         diff = token_level.differing_tokens(batch["input_ids"][:, -logps.shape[1]:], mask, pairs)
         pairwise = token_level.rrpo_loss(rows(ratio * diff)[:, CHOSEN], rows(ratio * diff)[:, REJECTED],
-                                         rows(kl)[:, CHOSEN], c.beta, c.token_alpha)
+                                         rows(kl)[:, CHOSEN], c.beta, alpha)
     losses, metrics = vision_dpo_loss(rows(logps * mask), rows(ref_logps * mask), batch["completion_lengths"], c,
                                       pairwise=pairwise)
     metrics["kl_chosen"] = rows(kl)[:, CHOSEN].detach().mean()
@@ -261,7 +264,8 @@ def prepare(config: Config, trainer: Trainer, processor):
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    reference = FrozenCopy(model, dtype=trainer.weight_dtype, device=trainer.device) if config.full else AdapterDisabled()
+    reference = (FrozenCopy(model, dtype=trainer.weight_dtype, device=trainer.device) if config.full
+                 else AdapterDisabled())
     return model, Parts(reference, config, models.vision_is_frozen(model), processor)
 
 

@@ -39,9 +39,9 @@ def sample_rejected(model, prompt_ids: list[int], chosen_ids: list[int], pixels:
     context = torch.tensor([prompt_ids + chosen_ids[:cut]], device=device)
     attention = image_attention_mask(context, torch.ones_like(context), image_token_id, keep_prob, generator)
     torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=device)))
-    out = unwrap(model).generate(input_ids=context, attention_mask=attention, pixel_values=pixels, do_sample=True,
-                                  top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                  pad_token_id=eos_token_id)
+    policy: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one): `generate` is not nn.Module's
+    out = policy.generate(input_ids=context, attention_mask=attention, pixel_values=pixels, do_sample=True, top_k=0,
+                          max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
     new = out[0, context.shape[1]:].tolist()
     if eos_token_id in new:
         new = new[:new.index(eos_token_id) + 1]
@@ -73,6 +73,7 @@ def online_rejected(model, batch: dict[str, Any], generator: torch.Generator, pr
     model.train(model_was_training)
     visual = batch["input_ids"].shape[0] == (VISUAL + 1) * pairs
     rebuilt = collate_pairs(items, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, visual)
-    keep = {k: batch[k] for k in ("pixel_values", "retrieved_pixel_values", "image_order", "image_counts") if k in batch}
+    keep: dict[str, Any] = {k: batch[k] for k in ("pixel_values", "retrieved_pixel_values", "image_order",
+                                                  "image_counts") if k in batch}
     return {**rebuilt, **keep}
 

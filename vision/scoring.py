@@ -25,7 +25,8 @@ def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
     if "pixel_values" not in batch:
         return None
     kwargs = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
-    out = unwrap(model).get_image_features(pixel_values=batch["pixel_values"], **kwargs)
+    vlm: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one): its methods are not nn.Module's
+    out = vlm.get_image_features(pixel_values=batch["pixel_values"], **kwargs)
     return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 
@@ -38,7 +39,8 @@ def token_log_probs(model, batch: dict[str, Any], features: list[torch.Tensor] |
     encoded = None
     if features is not None:
         per_row = [features[i] for i in batch["image_order"].tolist()]
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+        # transformers' VLMs keep per-image features as a list in pooler_output, which it annotates as a tensor
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}  # type: ignore[arg-type]
     input_ids, mask = batch["input_ids"], batch["completion_mask"]
     first = int(mask.float().argmax(1).min())  # first completion position of any row (>= 1: prompts are non-empty)
     keep = input_ids.shape[1] - first + 1
@@ -50,8 +52,8 @@ def token_log_probs(model, batch: dict[str, Any], features: list[torch.Tensor] |
 
 
 def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen, rejected,
-    chosen under the other images); `features` from `image_features` are reused when given.
+    """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen,
+    rejected, chosen under the other images); `features` from `image_features` are reused when given.
 
     Rows that share a prompt and images (chosen and rejected) share its forward: each distinct prompt runs once,
     left-padded, keeping its key/value cache, and every row's completion runs on a copy of its prompt's cache
@@ -80,8 +82,8 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     encoded = None
     if features is not None:
         per_row = batch["image_order"].split(_images_per_row(batch, rows))
-        encoded = {"image": BaseModelOutputWithPooling(
-            pooler_output=[features[i] for r in leaders.tolist() for i in per_row[r].tolist()])}
+        leader_features = [features[i] for r in leaders.tolist() for i in per_row[r].tolist()]
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=leader_features)}  # type: ignore[arg-type]
     # [G, width] prompts, left-padded, run once each; their cache is then copied to every row of their group
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
                 mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)

@@ -39,14 +39,15 @@ def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = 8):
     """A LlavaProcessor: CLIP image processing at `image_size` px, (image_size/patch_size)^2 tokens per image."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    images = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                crop_size={"height": image_size, "width": image_size})
     return LlavaProcessor(image_processor=images, tokenizer=word_tokenizer(), patch_size=patch_size,
                           vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token="<image>",
                           num_additional_image_tokens=1)
 
 
-def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8, vision_hidden: int = 32, hidden: int = 64,
-               layers: int = 2, vision_layers: int | None = None):
+def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8, vision_hidden: int = 32,
+               hidden: int = 64, layers: int = 2, vision_layers: int | None = None):
     """(model, processor): a randomly initialised tiny LlavaForConditionalGeneration and its processor."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -59,7 +60,7 @@ def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8,
     text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
     config.pad_token_id = tok.pad_token_id
     model = LlavaForConditionalGeneration(config).eval()

@@ -7,6 +7,8 @@ in a cell; each answer is one word, so an answer is right or a hallucination, me
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -48,7 +50,7 @@ def random_objects(rng: np.random.Generator, max_objects: int = 3, prior: float 
     """1 to `max_objects` objects with distinct shapes and colours in distinct cells; with probability `prior` a scene's
     objects take their shapes' usual colours (PRIOR)."""
     n = int(rng.integers(1, max_objects + 1))
-    colours = rng.choice(list(COLOURS), n, replace=False)
+    colours = rng.choice(list(COLOURS), n, replace=False).tolist()
     shapes = rng.choice(SHAPES, n, replace=False)
     cells = rng.choice(len(CELLS), n, replace=False)
     if prior > 0 and rng.random() < prior:
@@ -98,7 +100,7 @@ def wrong_answer(answer: str, rng: np.random.Generator) -> str:
 def preference_rows(n: int, seed: int, conversational: bool = False) -> list[dict]:
     """n TRL rows from the world: chosen = the true answer, rejected = a wrong one of the same kind."""
     rng = np.random.default_rng(seed + 1)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for qa in qa_rows(n, seed):
         chosen, rejected = qa["answer"], wrong_answer(qa["answer"], rng)
         if conversational:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ from mmalign.config import option
 from mmalign.data import DataError, Field, Schema
 
 from .. import models
-from ..data import image_entries, completion_field, images_match, message_text, prompt_field, render_prompt
+from ..data import completion_field, image_entries, images_match, message_text, prompt_field, render_prompt
 from .base import BuilderConfig
 
 SOURCE_ROW = Schema("BDHS source row (prompt, chosen, images)", (
@@ -118,7 +119,8 @@ def build_rows(model, processor, rows: list[dict], config: Config, similarity: C
     """(TRL rows with BDHS rejected responses, report) for source rows {prompt, chosen, images}; image paths are read
     inside config.root (see `BuilderConfig.image`)."""
     generator = torch.Generator().manual_seed(config.seed)
-    built, dropped, draws, examples = [], 0, 0, []
+    built, dropped, draws = [], 0, 0
+    examples: list[dict[str, Any]] = []
     for index, row in enumerate(rows):
         images = [config.image(image, f"record {index}, image {i + 1}")
                   for i, image in enumerate(row.get("images") or [])]

@@ -16,7 +16,7 @@ noise is added here.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -158,7 +158,8 @@ def build_rows(model, processor, qa: list[dict], layout: str, count: int, seed: 
     rng = np.random.default_rng(seed)
     if getattr(model.config, "_attn_implementation", "eager") != "eager":
         model.set_attn_implementation("eager")  # attention weights are needed
-    built, wrong, examples = [], 0, []
+    built, wrong = [], 0
+    examples: list[dict[str, Any]] = []
     for start in range(0, len(qa) - count + 1, count):
         row = compose(qa[start:start + count], layout, count, rng, template, processor.tokenizer.eos_token)
         truth = row["chosen"].split()[0]

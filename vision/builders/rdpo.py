@@ -12,8 +12,9 @@ The paper finds object/attribute words with a tagger; none ships here offline, s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -77,7 +78,8 @@ def build_rows(model, processor, rows: list[dict], vocabulary: set[str],
     images = [row["images"][0] for row in rows]
     embeddings = embed(images) if embed is not None else vision_tower_embeddings(model, processor, images)
     nearest = RetrievalIndex(embeddings).nearest(embeddings, k=1, exclude=torch.arange(len(rows)))[:, 0].tolist()
-    built, examples = [], []
+    built = []
+    examples: list[dict[str, Any]] = []
     for row, j in zip(rows, nearest):
         rejected = fill_masked(model, processor, row["prompt"], images[j], row["chosen"], vocabulary)
         if bow_cosine(rejected, row["chosen"]) >= threshold:
@@ -85,8 +87,8 @@ def build_rows(model, processor, rows: list[dict], vocabulary: set[str],
         built.append({**row, "rejected": rejected, "retrieved_images": [images[j]]})
         if len(examples) < 5:
             examples.append({"chosen": row["chosen"], "rejected": rejected, "retrieved": j})
-    report = {"method": "rDPO", "rows": len(rows), "pairs": len(built), "acceptance_rate": len(built) / max(1, len(rows)),
-              "threshold": threshold, "examples": examples}
+    report = {"method": "rDPO", "rows": len(rows), "pairs": len(built),
+              "acceptance_rate": len(built) / max(1, len(rows)), "threshold": threshold, "examples": examples}
     return built, report
 
 

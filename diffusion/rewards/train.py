@@ -24,9 +24,9 @@ from mmalign.objectives import bradley_terry_loss
 from mmalign.plots import plot_metrics
 from mmalign.trainer import TrainConfig, Trainer
 
-from .data import PreferencePairs, collate_pairs
-from .reward_score import describe, pair_metrics, score_pairs
-from .rewards import Scorer, ScorerOptions, save_scorer
+from ..data import PreferencePairs, collate_pairs
+from .score import describe, pair_metrics, score_pairs
+from .scorers import Scorer, ScorerOptions, save_scorer
 
 
 @dataclass

@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from mmalign import run_folder
 from mmalign.config import option
 
-from .data import PreferencePairs, image_bytes, write_atomically
-from .reward_score import describe, pair_metrics, score_pairs
-from .rewards import ScorerOptions
+from ..data import PreferencePairs, image_bytes, write_atomically
+from .score import describe, pair_metrics, score_pairs
+from .scorers import ScorerOptions
 
 OUTPUT_FILE = "pairs.parquet"
 
@@ -73,7 +73,7 @@ def relabel(config: Config) -> dict:
     first, second, original = score_pairs(scorer, pairs, config.batch_size)
     labels = ai_feedback_labels(first, second, config.tie_margin)
     decided = original != 0.5
-    report = {
+    report: dict[str, Any] = {
         "source": config.data, "pairs": len(pairs),
         "agreement_with_original": pair_metrics(first, second, original),
         "changed": int((labels != original.double()).sum()),

@@ -2,7 +2,8 @@
 
     CLIP score       s(x, y) = exp(t) * cos(E_img(x), E_txt(y))  (+ b for models with a logit bias, SigLIP)
     aesthetic score  s(x)    = h(E_img(x) / ||E_img(x)||),  h a linear layer or an MLP (LAION aesthetic predictor)
-    pair ranking     P(a preferred to b | y) = sigmoid(s(a, y) - s(b, y))   (Bradley-Terry; PickScore's softmax over two)
+    pair ranking     P(a preferred to b | y) = sigmoid(s(a, y) - s(b, y))
+                     (Bradley-Terry; PickScore's softmax over two)
     video            s(x_1..x_T, y) = mean_t s(x_t, y)   (every frame scored, then averaged)
 
 PickScore and HPSv2 are fine-tuned open_clip ViT-H-14 models scored this way (HPSv2 reports 100 * cos).
@@ -24,9 +25,10 @@ import json
 import math
 import pickle
 import posixpath
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from PIL import Image
@@ -38,7 +40,7 @@ from mmalign.data import one_line
 from mmalign.errors import ConfigError
 from mmalign.hub import unreachable
 
-from .data import write_atomically
+from ..data import write_atomically
 
 Kind = Literal["clip", "aesthetic"]
 CONFIG_FILE = "open_clip_config.json"
@@ -69,12 +71,13 @@ class ScorerOptions:
         if any(width < 1 for width in self.head_hidden):
             raise ValueError(f"head_hidden widths must be positive, got {self.head_hidden}")
 
-    def load_scorer(self, mixed_precision: str = "no", device: str | torch.device = "cpu") -> "Scorer":
+    def load_scorer(self, mixed_precision: str = "no", device: str | torch.device = "cpu") -> Scorer:
         """The scorer these settings name, in open_clip's precision for `mixed_precision` (no/fp16/bf16)."""
-        return load_scorer(self.scorer, self.pretrained, self.kind, self.head_hidden, PRECISIONS[mixed_precision], device)
+        return load_scorer(self.scorer, self.pretrained, self.kind, self.head_hidden, PRECISIONS[mixed_precision],
+                           device)
 
 class AestheticHead(nn.Sequential):
-    """h(e): Linear layers through the `hidden` widths down to one output, ReLU between them; no hidden widths: linear."""
+    """h(e): Linear layers through the `hidden` widths down to one output, ReLU between; no hidden widths: linear."""
 
     def __init__(self, embed_dim: int, hidden: Sequence[int] = ()):
         widths = [embed_dim, *hidden, 1]
@@ -88,6 +91,8 @@ class AestheticHead(nn.Sequential):
 
 class Scorer(nn.Module):
     """An open_clip model with its eval transform and tokenizer: the CLIP score, or with `head` the aesthetic score."""
+
+    clip: Any  # an open_clip model (CLIP, CustomTextCLIP, ...); open_clip ships no type information
 
     def __init__(self, clip: nn.Module, preprocess: Callable, tokenizer: Callable, source: dict[str, Any],
                  head: AestheticHead | None = None):
@@ -132,6 +137,7 @@ class Scorer(nn.Module):
         if self.head is not None:
             scores = self.head(image.to(self.head[0].weight.dtype)).squeeze(-1)
         else:
+            assert prompts is not None  # _check_prompts requires them for the CLIP score
             text = self.text_embeddings(prompts).repeat_interleave(frames, dim=0)
             scores = self.clip.logit_scale.exp() * (image * text).sum(-1)
             if getattr(self.clip, "logit_bias", None) is not None:
@@ -152,11 +158,12 @@ class Scorer(nn.Module):
             self.train(training)
 
     def rank(self, prompt: str | list[str], image_a, image_b) -> torch.Tensor:
-        """P(a preferred to b) = sigmoid(s(a) - s(b)): one prompt and single images give a 0-d tensor, lists give [B]."""
+        """P(a preferred to b) = sigmoid(s(a) - s(b)): a prompt and single images give a 0-d tensor, lists give [B]."""
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if single:
-            image_a, image_b = ([image_a], [image_b]) if isinstance(image_a, Image.Image) else (image_a[None], image_b[None])
+            image_a, image_b = (([image_a], [image_b]) if isinstance(image_a, Image.Image)
+                                else (image_a[None], image_b[None]))
         if len(image_a) != len(image_b):
             raise ValueError(f"rank needs as many images b as images a; got {len(image_b)} and {len(image_a)}")
         both = image_a + image_b if isinstance(image_a, list) else torch.cat([image_a, image_b])
@@ -180,7 +187,8 @@ def _flatten_frames(images: torch.Tensor | list[Image.Image]) -> tuple[torch.Ten
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("images hold NaN or infinite values")
     if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(f"images must lie in [0, 1]; these span [{low:.3f}, {high:.3f}] (for [-1, 1] pixels pass (x + 1) / 2)")
+        raise ValueError(f"images must lie in [0, 1]; these span [{low:.3f}, {high:.3f}] "
+                         "(for [-1, 1] pixels pass (x + 1) / 2)")
     frames = images.shape[1] if images.dim() == 5 else 1
     return images.reshape(-1, *images.shape[-3:]), frames
 
@@ -343,8 +351,9 @@ def save_scorer(scorer: Scorer, folder: str | Path) -> Path:
     write_atomically(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(scorer.source, indent=2)))
     write_atomically(folder / WEIGHTS_FILE, lambda p: save_file(tensors(scorer.clip), str(p)))
     meta: dict[str, Any] = {"kind": scorer.kind}
-    if scorer.head is not None:
-        write_atomically(folder / HEAD_FILE, lambda p: save_file(tensors(scorer.head), str(p)))
-        meta["head_hidden"] = scorer.head.hidden
+    head = scorer.head
+    if head is not None:
+        write_atomically(folder / HEAD_FILE, lambda p: save_file(tensors(head), str(p)))
+        meta["head_hidden"] = head.hidden
     write_atomically(folder / SCORER_FILE, lambda p: p.write_text(json.dumps(meta)))
     return folder

@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -26,11 +26,11 @@ from mmalign import run_folder
 from mmalign.config import option
 from mmalign.errors import ConfigError
 
-from .data import read_prompts, write_pickapic
-from .models import sampling_pipeline
-from .rewards import ScorerOptions
-from .sample import generate, image_grid, to_pil
-from .world import png_bytes
+from ..data import read_prompts, write_pickapic
+from ..models import sampling_pipeline
+from ..sample import generate, image_grid, to_pil
+from ..world import png_bytes
+from .scorers import ScorerOptions
 
 OUTPUT_FILE = "pairs.parquet"
 GRID_PROMPTS = 16
@@ -38,7 +38,7 @@ GRID_PROMPTS = 16
 
 def select_pairs(scores: torch.Tensor, strategy: str = "best-worst", margin: float = 0.0, max_pairs: int = 0,
                  min_chosen_score: float | None = None) -> list[tuple[int, int]]:
-    """(chosen, rejected) indices among one prompt's N sample scores: best vs worst, or all pairs with a gap >= margin."""
+    """(chosen, rejected) indices among one prompt's N sample scores: best vs worst, or all pairs >= margin apart."""
     order = scores.argsort(descending=True).tolist()
     if strategy == "best-worst":
         candidates = [(order[0], order[-1])]
@@ -47,8 +47,9 @@ def select_pairs(scores: torch.Tensor, strategy: str = "best-worst", margin: flo
                             key=lambda pair: float(scores[pair[1]] - scores[pair[0]]))
     else:
         raise ValueError(f"unknown pairing strategy {strategy!r}; choose best-worst or margin")
-    kept = [(w, l) for w, l in candidates if scores[w] > scores[l] and scores[w] - scores[l] >= margin
-            and (min_chosen_score is None or scores[w] >= min_chosen_score)]
+    kept = [(chosen, rejected) for chosen, rejected in candidates
+            if scores[chosen] > scores[rejected] and scores[chosen] - scores[rejected] >= margin
+            and (min_chosen_score is None or scores[chosen] >= min_chosen_score)]
     return kept[:max_pairs] if max_pairs > 0 else kept
 
 
@@ -100,7 +101,8 @@ def make_pairs(config: Config) -> dict:
     scorer = config.load_scorer(config.mixed_precision, pipe.device)
     n = config.num_per_prompt
     chunk = max(1, config.batch_size // n)
-    rows, shown, all_scores = [], [], []
+    rows: list[dict[str, Any]] = []
+    shown, all_scores = [], []
     seconds = {"generate": 0.0, "score": 0.0, "pair": 0.0}
     for start in range(0, len(prompts), chunk):
         part = prompts[start:start + chunk]
@@ -115,11 +117,11 @@ def make_pairs(config: Config) -> dict:
         began = time.perf_counter()
         pictures = to_pil(images)
         for k, prompt in enumerate(part):
-            for w, l in select_pairs(scores[k], config.strategy, config.margin, config.max_pairs_per_prompt,
-                                     config.min_chosen_score):
-                rows.append({"caption": prompt, "jpg_0": png_bytes(pictures[k * n + w]),
-                             "jpg_1": png_bytes(pictures[k * n + l]), "label_0": 1.0,
-                             "score_0": float(scores[k, w]), "score_1": float(scores[k, l])})
+            for chosen, rejected in select_pairs(scores[k], config.strategy, config.margin,
+                                                 config.max_pairs_per_prompt, config.min_chosen_score):
+                rows.append({"caption": prompt, "jpg_0": png_bytes(pictures[k * n + chosen]),
+                             "jpg_1": png_bytes(pictures[k * n + rejected]), "label_0": 1.0,
+                             "score_0": float(scores[k, chosen]), "score_1": float(scores[k, rejected])})
             if start + k < GRID_PROMPTS:
                 shown.append(images[k * n:(k + 1) * n][scores[k].argsort(descending=True)])
         seconds["pair"] += time.perf_counter() - began
@@ -131,7 +133,7 @@ def make_pairs(config: Config) -> dict:
     image_grid(torch.cat(shown), columns=n, scale=max(1, 128 // shown[0].shape[-1])).save(config.output / "ranked.png")
     gaps = torch.tensor([r["score_0"] - r["score_1"] for r in rows])
     total = sum(seconds.values())
-    report = {
+    report: dict[str, Any] = {
         "prompts": len(prompts), "samples": len(prompts) * n, "pairs": len(rows),
         "prompts_with_pairs": len({r["caption"] for r in rows}),
         "score": {"mean": float(torch.cat(all_scores).mean()), "mean_pair_gap": float(gaps.mean())},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -21,15 +21,16 @@ from mmalign.errors import ConfigError, DataError, RunFolderError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.stats import expected_calibration_error, mean_ci
 
-from .data import PreferencePairs, collate_pairs, decode_image, image_file, read_prompts, write_atomically
-from .rewards import Scorer, ScorerOptions
+from ..data import PreferencePairs, collate_pairs, decode_image, image_file, read_prompts, write_atomically
+from .scorers import Scorer, ScorerOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @torch.no_grad()
-def score_pairs(scorer: Scorer, pairs: Dataset, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores s_0, s_1 of both images of every pair, and label_0, from PreferencePairs(..., as_stored=True) or a subset."""
+def score_pairs(scorer: Scorer, pairs: Dataset,
+                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores s_0, s_1 of each pair's two images and label_0, from PreferencePairs(..., as_stored=True) or a subset."""
     first, second, labels = [], [], []
     for batch in DataLoader(pairs, batch_size=batch_size, collate_fn=collate_pairs):
         images = (batch["pixel_values"] + 1) / 2
@@ -137,6 +138,7 @@ def run(config: Config) -> dict:
         images = load_images(files)
     device = "cuda" if torch.cuda.is_available() and not config.cpu else "cpu"
     scorer = config.load_scorer(config.mixed_precision, device)
+    rows: list[dict[str, Any]]
     if config.data is not None:
         pairs = PreferencePairs(config.data, scorer.image_size, config.split, as_stored=True,
                                 allow_outside_paths=config.allow_outside_paths)
