@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from mmalign.config import option
+from mmalign.data import ALLOW_OUTSIDE_PATHS
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
 from mmalign.reference import Stateful
@@ -60,8 +61,7 @@ class PairwiseConfig(DenoiserConfig):
 
     data: str = option(None, "Pick-a-Pic style preference data: .parquet/.jsonl file, folder, or hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
-    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
-                                              "their folder")
+    allow_outside_paths: bool = option(False, ALLOW_OUTSIDE_PATHS)
     beta: float = option(5000.0, "KL strength in the -0.5*beta form (paper: 5000 for SD 1.5 and SDXL)")
     loss: LossKind = option("sigmoid", "preference objective applied to the -0.5*error scores")
     label_smoothing: float = option(0.0, "label smoothing for the robust/conservative/exo_pair objectives")

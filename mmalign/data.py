@@ -25,6 +25,7 @@ from mmalign.errors import DataError
 from mmalign.hub import is_repo_id, unreachable
 
 MAX_REPORTED = 50
+ALLOW_OUTSIDE_PATHS = "let data files name images/videos by absolute paths or paths outside their folder"
 
 
 @dataclass(frozen=True)

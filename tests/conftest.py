@@ -40,6 +40,18 @@ def refused(capsys):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random-weight tiny LLaVA (model and processor) saved with save_pretrained."""
+    from mmalign.vision.tiny import tiny_llava
+
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = tiny_llava(seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     """A random-weight tiny StableDiffusionPipeline saved with save_pretrained (loaded back by the code under test)."""
     from mmalign.diffusion.tiny import tiny_pipeline

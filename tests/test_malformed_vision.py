@@ -21,15 +21,6 @@ CHAT = {"prompt": [{"role": "user", "content": "what colour is the circle ?"}],
         "images": ["a.png"]}
 QA = {"question": "what colour is the circle ?", "answer": "red", "images": ["a.png"]}
 SOURCE = {k: ROW[k] for k in ("prompt", "chosen", "images")}
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model, processor = tiny_llava(seed=0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def data_dir(tmp_path):
     """A data folder with a good image a.png, a corrupt bad.png, a truncated trunc.png and a folder sub/; beside it

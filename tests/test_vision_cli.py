@@ -9,17 +9,7 @@ from safetensors.torch import load_file
 
 from mmalign.cli import main
 from mmalign.vision.data import write_rows
-from mmalign.vision.tiny import tiny_llava
 from mmalign.vision.world import preference_rows
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model, processor = tiny_llava(seed=0)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from mmalign.config import option
+from mmalign.data import ALLOW_OUTSIDE_PATHS
 from mmalign.files import write_atomically
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
@@ -57,8 +58,7 @@ class Config(TrainConfig):
     model: str = option(None, "transformers LLaVA-style model folder or hub id (with its processor)")
     data: str = option(None, "TRL preference rows (prompt, chosen, rejected, images): .parquet/.jsonl, folder, hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
-    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
-                                              "their folder")
+    allow_outside_paths: bool = option(False, ALLOW_OUTSIDE_PATHS)
     max_length: int | None = option(None, "longest prompt+completion in tokens; completions are cut to fit, a prompt "
                                           "whose image tokens would be cut is an error naming the row")
     lora_rank: int = option(8, "LoRA rank of the language model's projections")

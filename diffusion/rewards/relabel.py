@@ -20,6 +20,7 @@ import torch
 
 from mmalign import run_folder
 from mmalign.config import option
+from mmalign.data import ALLOW_OUTSIDE_PATHS
 
 from ..data import PreferencePairs, image_bytes, write_atomically
 from .score import describe, pair_metrics, score_pairs
@@ -40,8 +41,7 @@ class Config(ScorerOptions):
 
     data: str = option(None, "Pick-a-Pic style pairs to relabel: .parquet/.jsonl file, folder, or hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
-    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
-                                              "their folder")
+    allow_outside_paths: bool = option(False, ALLOW_OUTSIDE_PATHS)
     output: Path = option(None, f"folder for {OUTPUT_FILE} and report.json: a new or empty one")
     tie_margin: float = option(0.0, "score gap below which a pair becomes a tie (0: the official rule, no ties)")
     batch_size: int = option(64, "images per scorer forward")

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmalign.config import option
+from mmalign.data import ALLOW_OUTSIDE_PATHS
 from mmalign.errors import ConfigError, DataError, RunFolderError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.stats import expected_calibration_error, mean_ci
@@ -69,8 +70,7 @@ class Config(ScorerOptions):
     prompts: str | None = option(None, "with --images: text file of one prompt per image, or one prompt for all")
     data: str | None = option(None, "Pick-a-Pic pairs: report the scorer's accuracy and calibration on their labels")
     split: str = option("train", "split to read from a dataset folder or hub id")
-    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
-                                              "their folder")
+    allow_outside_paths: bool = option(False, ALLOW_OUTSIDE_PATHS)
     output: Path | None = option(None, "JSONL file of the scores to write (must not exist)")
     writes_file: ClassVar[bool] = True  # --output is one new file, not a run folder
     batch_size: int = option(64, "images per forward")

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Subset
 
 from mmalign.config import option
+from mmalign.data import ALLOW_OUTSIDE_PATHS
 from mmalign.errors import ConfigError, DataError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.plots import plot_metrics
@@ -35,8 +36,7 @@ class Config(ScorerOptions, TrainConfig):
 
     data: str = option(None, "Pick-a-Pic style preference pairs: .parquet/.jsonl file, folder, or hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
-    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
-                                              "their folder")
+    allow_outside_paths: bool = option(False, ALLOW_OUTSIDE_PATHS)
     eval_data: str | None = option(None, "held-out Pick-a-Pic pairs (default: --eval-fraction of --data)")
     eval_split: str = option("test", "split of --eval-data to read from a dataset folder or hub id")
     eval_fraction: float = option(0.1, "without --eval-data: the share of --data held out (seeded by --seed)")

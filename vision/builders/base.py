@@ -10,7 +10,7 @@ import datasets
 from PIL import Image
 
 from mmalign.config import option
-from mmalign.data import Schema
+from mmalign.data import ALLOW_OUTSIDE_PATHS, Schema
 from mmalign.files import write_atomically
 
 from ..data import data_root, load_rows, open_image, write_rows
@@ -24,8 +24,7 @@ class BuilderConfig:
     data: str = option(None, "source rows: .parquet/.jsonl, a dataset folder or hub id")
     output: Path = option(None, "folder for train.parquet and report.json")
     split: str = option("train", "split to read from a dataset folder or hub id")
-    allow_outside_paths: bool = option(False, "let data files name images/videos by absolute paths or paths outside "
-                                              "their folder")
+    allow_outside_paths: bool = option(False, ALLOW_OUTSIDE_PATHS)
 
     def __post_init__(self) -> None:
         if not self.model or not self.data or self.output is None:
