@@ -46,6 +46,7 @@ from mmalign.trainer import Trainer
 from .base import DenoiserConfig, Parts, first_prompts, given_grid_prompts, prepare, sample_grid, save_result
 from .data import read_prompts
 from .flow import flow_interpolate, sample_u
+from .flux import latent_grid
 from .latents import from_latents
 from .models import denoiser_of
 from .scoring import encode_prompts, predict
@@ -165,9 +166,10 @@ def diversity(images: torch.Tensor, k: int) -> torch.Tensor:
 def sample(parts: Parts[Config], prompts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The actor's samples as training latents x0 and as images in [0, 1]."""
     c = parts.config
-    latents = parts.pipe(prompt=prompts, num_inference_steps=c.sample_steps, guidance_scale=c.guidance_scale,
-                         height=parts.resolution, width=parts.resolution, generator=generator,
-                         output_type="latent").images
+    latents = parts.pipe(prompt=prompts, num_inference_steps=c.sample_steps,
+                         guidance_scale=c.sampler_guidance(parts.pipe, c.guidance_scale), height=parts.resolution,
+                         width=parts.resolution, generator=generator, output_type="latent").images
+    latents = latent_grid(parts.pipe, latents, parts.resolution)
     return latents, from_latents(latents, parts.pipe.vae)
 
 
@@ -186,7 +188,7 @@ def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *,
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     u = sample_u(len(prompts), generator, x0.device)
     noisy, timesteps, target = flow_interpolate(parts.noise_scheduler, x0, noise, u)
-    condition = encode_prompts(parts.pipe, prompts, parts.resolution, x0.device)
+    condition = encode_prompts(parts.pipe, prompts, parts.resolution, x0.device, config.distilled_guidance)
     velocity, value = container(noisy, timesteps, condition)
     actor_critic = unwrap(container)
     assert isinstance(actor_critic, ActorCritic)  # what `run` trains, inside any DDP/compile wrapper
@@ -237,7 +239,7 @@ def run(config: Config) -> list[dict[str, float]]:
     pipe, parts = prepare(config, trainer)
     actor = denoiser_of(pipe)
     pooled = encode_prompts(pipe, [""], parts.resolution, trainer.device).kwargs["pooled_projections"].shape[-1]
-    critic = Critic(actor.config.in_channels, pooled, config.critic_width).to(trainer.device)
+    critic = Critic(pipe.vae.config.latent_channels, pooled, config.critic_width).to(trainer.device)
     container = ActorCritic(actor, critic, parts.noise_scheduler.config.num_train_timesteps)
     count = StepCount()
 

@@ -30,6 +30,7 @@ from mmalign.reference import AdapterDisabled, FrozenCopy, Reference
 from mmalign.trainer import TrainConfig, Trainer
 
 from .data import read_prompts
+from .flux import DISTILLED_GUIDANCE
 from .models import (
     LORA_TARGETS,
     VIDEO_PIPELINES,
@@ -73,6 +74,9 @@ class DenoiserConfig(TrainConfig):
     num_samples: int = option(4, "images per prompt in the before/after grids (0: no grids)")
     sample_steps: int = option(25, "sampler steps for the grids")
     guidance_scale: float = option(5.0, "classifier-free guidance for the grids")
+    distilled_guidance: float = option(DISTILLED_GUIDANCE, "guidance-distilled models (FLUX.1-dev): the value of "
+                                       "their guidance embedding in training and in every sample, in place of "
+                                       "--guidance-scale (see mmalign.diffusion.flux)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +84,12 @@ class DenoiserConfig(TrainConfig):
             raise ValueError("--model (a pipeline folder, hub id or checkpoint file) is required")
         if not self.full and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be at least 1 (or pass --full), got {self.lora_rank}")
+
+    def sampler_guidance(self, pipe, guidance_scale: float) -> float:
+        """The pipeline's `guidance_scale` argument: `distilled_guidance` for a guidance-embedded denoiser (FLUX.1-dev),
+        else the classifier-free `guidance_scale`."""
+        return self.distilled_guidance if getattr(denoiser_of(pipe).config, "guidance_embeds", False) \
+            else guidance_scale
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """What the pipeline's sampler needs besides prompts, steps and guidance (a video's frame count)."""
@@ -113,8 +123,8 @@ def place(module, device, dtype) -> None:
 
 
 def native_resolution(pipe) -> int:
-    """The pixel size the denoiser was built for: sample_size x VAE scale factor."""
-    return denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
+    """The pixel size the denoiser was built for: its sample_size (else the pipeline's default, FLUX) x VAE scale."""
+    return (denoiser_of(pipe).config.get("sample_size") or pipe.default_sample_size) * pipe.vae_scale_factor
 
 
 def check_pipeline(pipe, config: DenoiserConfig) -> None:
@@ -215,7 +225,8 @@ def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str) -
     expanded = [p for p in prompts for _ in range(config.num_samples)]
     with trainer.accelerator.autocast():
         images = generate(parts.pipe, expanded, seed=config.seed, steps=config.sample_steps,
-                          guidance_scale=config.guidance_scale, **config.sampling_kwargs())
+                          guidance_scale=config.sampler_guidance(parts.pipe, config.guidance_scale),
+                          height=parts.resolution, width=parts.resolution, **config.sampling_kwargs())
     columns = config.num_samples
     if images.dim() == 5:  # videos [N,F,3,H,W]: one row of frames per video
         columns, images = images.shape[1], images.flatten(0, 1)

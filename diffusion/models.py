@@ -1,4 +1,4 @@
-"""Loading SD / SDXL / SD3 pipelines, finding their denoiser, attaching a LoRA, and saving what was trained."""
+"""Loading SD / SDXL / SD3(.5) / FLUX.1 pipelines, finding their denoiser, attaching a LoRA, saving what trained."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from mmalign.errors import ConfigError, MissingDependencyError
 from mmalign.hub import is_repo_id, unreachable
 
 VIDEO_PIPELINES = ("TextToVideoSDPipeline",)
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", *VIDEO_PIPELINES)
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+             *VIDEO_PIPELINES)
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
 
@@ -105,7 +106,7 @@ def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
 
 
 def denoiser_name(pipe) -> str:
-    """The attribute holding the pipeline's noise/velocity predictor: "unet" (SD, SDXL) or "transformer" (SD3)."""
+    """The attribute holding the pipeline's noise/velocity predictor: "unet" (SD, SDXL) or "transformer" (SD3, FLUX)."""
     for name in ("unet", "transformer"):
         if getattr(pipe, name, None) is not None:
             return name

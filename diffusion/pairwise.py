@@ -144,7 +144,7 @@ def pair_condition(batch: dict[str, Any], generator: torch.Generator, parts: Pai
     """Text conditioning for [w; l], with `prompt_dropout` of the pairs' prompts replaced by the empty prompt."""
     dropped = torch.rand(len(batch["caption"]), generator=generator, device=device) < parts.config.prompt_dropout
     prompts = ["" if d else p for d, p in zip(dropped.tolist(), batch["caption"])]
-    return encode_prompts(parts.pipe, prompts, parts.resolution, device).repeat(2)
+    return encode_prompts(parts.pipe, prompts, parts.resolution, device, parts.config.distilled_guidance).repeat(2)
 
 
 def pair_noising(scheduler, latents: torch.Tensor, generator: torch.Generator, sampling: str = "uniform"

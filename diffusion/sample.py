@@ -70,7 +70,9 @@ class Config:
     num: int = option(4, "images per prompt")
     seed: int = option(0, "image i of the run uses generator seed `seed + i`")
     steps: int = option(25, "sampler steps")
-    guidance_scale: float = option(5.0, "classifier-free guidance scale")
+    guidance_scale: float = option(5.0, "classifier-free guidance scale (FLUX.1-dev: the value of its guidance "
+                                        "embedding; 3.5 is its default)")
+    resolution: int | None = option(None, "image height and width in pixels (default: the pipeline's own)")
     batch_size: int = option(16, "images per pipeline call")
     mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "weight dtype of the pipeline")
     cpu: bool = option(False, "sample on the CPU even when a GPU is present")
@@ -79,8 +81,8 @@ class Config:
         for name in ("model", "prompts", "output"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
-        if self.num < 1 or self.batch_size < 1:
-            raise ValueError("num and batch_size must be at least 1")
+        if self.num < 1 or self.batch_size < 1 or (self.resolution is not None and self.resolution < 1):
+            raise ValueError("num, batch_size and resolution must be at least 1")
         self.output = Path(self.output)
 
 
@@ -94,8 +96,9 @@ def load(config: Config):
 def write(pipe, prompts: list[str], config: Config) -> torch.Tensor:
     """Sample `num` images per prompt, write them as PNG files plus grid.png into config.output; returns them."""
     expanded = [p for p in prompts for _ in range(config.num)]
+    size = {"height": config.resolution, "width": config.resolution} if config.resolution else {}
     images = generate(pipe, expanded, seed=config.seed, steps=config.steps, guidance_scale=config.guidance_scale,
-                      batch_size=config.batch_size)
+                      batch_size=config.batch_size, **size)
     save_images(images, config.output)
     image_grid(images, columns=config.num, scale=max(1, 256 // images.shape[-1])).save(config.output / "grid.png")
     print(f"wrote {len(images)} images and grid.png to {config.output}")

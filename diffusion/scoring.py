@@ -8,7 +8,9 @@ velocity eps - x0 for flow matching (x_t = (1 - sigma) x0 + sigma eps, SD3's Flo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,10 +20,16 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 @dataclass
 class Condition:
-    """A batch's conditioning as the denoiser's keyword arguments, and the name of its noisy-input argument."""
+    """A batch's conditioning as the denoiser's keyword arguments (`kwargs` per sample, `shared` by all), the name of
+    its noisy-input argument, the scale of the timestep it takes, and how latents [B,C,h,w] become its input tokens
+    and back (`pack`, `unpack(output, latent shape)`; FLUX) where it does not take them as they are."""
 
     kwargs: dict[str, Any]
     sample_key: str = "sample"
+    shared: dict[str, Any] = field(default_factory=dict)
+    timestep_scale: float = 1.0
+    pack: Callable[[torch.Tensor], torch.Tensor] | None = None
+    unpack: Callable[[torch.Tensor, torch.Size], torch.Tensor] | None = None
 
     def repeat(self, times: int) -> Condition:
         """The same conditions for `times` stacked copies of the batch ([c, c, ...])."""
@@ -31,7 +39,7 @@ class Condition:
             if isinstance(value, dict):
                 return {k: rep(v) for k, v in value.items()}
             return value
-        return Condition(rep(self.kwargs), self.sample_key)
+        return dataclasses.replace(self, kwargs=rep(self.kwargs))
 
 
 def is_flow(scheduler) -> bool:
@@ -40,9 +48,15 @@ def is_flow(scheduler) -> bool:
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], resolution: int, device: torch.device) -> Condition:
-    """Text conditioning from the pipeline's own `encode_prompt`: SD (CLIP states), SDXL (+ pooled, size ids), SD3."""
+def encode_prompts(pipe, prompts: list[str], resolution: int, device: torch.device,
+                   distilled_guidance: float | None = None) -> Condition:
+    """Text conditioning from the pipeline's own `encode_prompt`: SD (CLIP states), SDXL (+ pooled, size ids), SD3,
+    FLUX (`flux.flux_condition`, its guidance embedding at `distilled_guidance`, default FLUX.1-dev's)."""
     name = type(pipe).__name__
+    if name.startswith("Flux"):
+        from .flux import flux_condition
+
+        return flux_condition(pipe, prompts, resolution, device, distilled_guidance)
     if name.startswith("StableDiffusion3"):
         states, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
@@ -71,8 +85,12 @@ def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, times
 
 
 def predict(model, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition) -> torch.Tensor:
-    """The denoiser's prediction at (x_t, t) under `condition`, for UNets and transformers alike."""
-    return model(**{condition.sample_key: noisy, "timestep": timesteps}, **condition.kwargs).sample
+    """The denoiser's prediction at (x_t, t) under `condition`, for UNets and transformers alike, as latents [B,...]."""
+    c = condition
+    inputs = c.pack(noisy) if c.pack is not None else noisy
+    timesteps = timesteps * c.timestep_scale if c.timestep_scale != 1 else timesteps
+    output = model(**{c.sample_key: inputs, "timestep": timesteps}, **c.kwargs, **c.shared).sample
+    return c.unpack(output, noisy.shape) if c.unpack is not None else output
 
 
 def denoising_error(model, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Condition,

@@ -31,6 +31,7 @@ from mmalign.reference import Snapshots
 
 from .base import Parts
 from .data import PreferencePairs
+from .flux import latent_grid
 from .latents import encode, to_latents
 from .models import denoiser_name
 from .pairwise import PairwiseConfig, pair_condition, pair_loss, pair_noising, random_flip, train
@@ -74,8 +75,10 @@ def reference_samples(parts: SeppoParts, reference: Snapshots, captions: list[st
     pipe, c = parts.pipe, parts.config
     sampler = type(pipe)(**{**pipe.components, denoiser_name(pipe): reference.model})
     sampler.set_progress_bar_config(disable=True)
-    return sampler(prompt=captions, num_inference_steps=c.reference_steps, guidance_scale=c.guidance_scale,
-                   generator=generator, output_type="latent").images
+    latents = sampler(prompt=captions, num_inference_steps=c.reference_steps, height=parts.resolution,
+                      width=parts.resolution, guidance_scale=c.sampler_guidance(pipe, c.guidance_scale),
+                      generator=generator, output_type="latent").images
+    return latent_grid(pipe, latents, parts.resolution)
 
 
 def adaptive_flipper(model_err: torch.Tensor, ref_err: torch.Tensor) -> torch.Tensor:

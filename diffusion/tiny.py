@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+KINDS = ("sd", "sdxl", "sd3", "sd35", "flux", "video")
 
 def clip_tokenizer(model_max_length: int = 16):
     """The standard CLIP BPE tokenizer (49408 tokens), built from open_clip's bundled merges file."""
@@ -31,6 +32,17 @@ def clip_tokenizer(model_max_length: int = 16):
                              model_max_length=model_max_length)
 
 
+def t5_tokenizer(model_max_length: int = 16):
+    """A small T5 (Unigram) tokenizer built offline: the special tokens, single characters and common words."""
+    from transformers import T5Tokenizer
+
+    words = ("a", "an", "the", "of", "on", "in", "and", "with", "red", "green", "blue", "yellow", "circle", "square",
+             "triangle", "small", "large", "left", "right", "top", "bottom", "photo", "picture")
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in words] + [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
 def sd_scheduler(prediction_type: str = "epsilon"):
     """Stable Diffusion's DDIM scheduler: 1000 steps of the scaled-linear betas 0.00085..0.012."""
     from diffusers import DDIMScheduler
@@ -41,12 +53,15 @@ def sd_scheduler(prediction_type: str = "epsilon"):
 
 def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon", text_dim: int = 32,
                     kind: str = "sd", sd3_layers: int = 2, sd3_heads: int = 4) -> dict:
-    """Randomly initialised parts of a tiny pipeline of `kind` sd, sdxl, sd3 or video; latents at half resolution.
+    """Randomly initialised parts of a tiny pipeline of `kind` sd, sdxl, sd3, sd35, flux or video; latents at half
+    resolution.
 
     sd: UNet, VAE, CLIP text encoder, DDIM scheduler. sdxl: a second text encoder with projection, the UNet
     conditioned on both encoders' states plus pooled text and size ids. sd3: an SD3 transformer (joint
     attention, pooled projections; `sd3_layers` blocks of `sd3_heads` heads of width 8) on two CLIP encoders
-    without T5, a flow-matching Euler scheduler.
+    without T5, a flow-matching Euler scheduler. sd35: sd3 with SD3.5's QK RMS-norm and (medium's) dual attention
+    in the first block. flux: a FLUX.1-dev-style transformer (double and single stream blocks, 2x2-packed latents,
+    rotary position ids, guidance embedding) on CLIP (pooled) and T5 (states), the dynamically shifted scheduler.
     video: a UNet3DConditionModel (text-to-video) with the image VAE applied per frame.
     """
     from diffusers import (
@@ -58,8 +73,8 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    if kind not in ("sd", "sdxl", "sd3", "video"):
-        raise ValueError(f"kind must be sd, sdxl, sd3 or video, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     text_config = CLIPTextConfig(
@@ -71,17 +86,21 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
         in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), shift_factor=0.1 if kind == "sd3" else None,
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        shift_factor=0.1 if kind in ("sd3", "sd35", "flux") else None,
     )
-    if kind == "sd3":
+    if kind in ("sd3", "sd35"):
         transformer = SD3Transformer2DModel(
             sample_size=image_size // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=sd3_layers,
             attention_head_dim=8, num_attention_heads=sd3_heads, joint_attention_dim=2 * text_dim,
-            caption_projection_dim=8 * sd3_heads, pooled_projection_dim=2 * text_dim)
+            caption_projection_dim=8 * sd3_heads, pooled_projection_dim=2 * text_dim,
+            **({"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if kind == "sd35" else {}))
         return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
                 "text_encoder": CLIPTextModelWithProjection(text_config), "tokenizer": tokenizer,
                 "text_encoder_2": CLIPTextModelWithProjection(text_config), "tokenizer_2": tokenizer,
                 "text_encoder_3": None, "tokenizer_3": None}
+    if kind == "flux":
+        return flux_parts(text_config, tokenizer, vae)
     scheduler = sd_scheduler(prediction_type)
     if kind == "video":
         video_unet = UNet3DConditionModel(
@@ -107,13 +126,33 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
     return parts
 
 
+def flux_parts(text_config, tokenizer, vae) -> dict:
+    """A tiny FluxPipeline's parts around `vae`: CLIP (pooled) + T5 (states) text encoders and a FLUX transformer with
+    one double- and one single-stream block of 2 heads of width 16, guidance-embedded like FLUX.1-dev."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    t5_tok = t5_tokenizer()
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=text_config.hidden_size, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler, "text_encoder": CLIPTextModel(text_config),
+            "tokenizer": tokenizer, "text_encoder_2": t5, "tokenizer_2": t5_tok}
+
+
 def tiny_pipeline(kind: str = "sd", **kwargs):
-    """A tiny StableDiffusion(XL/3)Pipeline or TextToVideoSDPipeline made of `tiny_components`."""
+    """A tiny StableDiffusion(XL/3)Pipeline, FluxPipeline or TextToVideoSDPipeline made of `tiny_components`."""
     import diffusers
 
     parts = tiny_components(kind=kind, **kwargs)
     if kind == "sd":
         return diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                                  requires_safety_checker=False)
-    classes = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "video": "TextToVideoSDPipeline"}
+    classes = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+               "sd35": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "video": "TextToVideoSDPipeline"}
     return getattr(diffusers, classes[kind])(**parts)

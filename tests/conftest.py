@@ -62,6 +62,22 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """`tiny_family(kind)`: the folder of a saved tiny pipeline of `mmalign.diffusion.tiny.KINDS` (sd3, sd35, flux,
+    ...), built on first use and shared by the session."""
+    from mmalign.diffusion.tiny import tiny_pipeline
+
+    folders = {}
+
+    def folder(kind):
+        if kind not in folders:
+            folders[kind] = tmp_path_factory.mktemp(f"tiny-{kind}")
+            tiny_pipeline(kind=kind).save_pretrained(folders[kind])
+        return folders[kind]
+    return folder
+
+
+@pytest.fixture(scope="session")
 def pickapic(tmp_path_factory):
     """24 Pick-a-Pic rows from the synthetic world (some ties), as Parquet."""
     from mmalign.diffusion.data import write_pickapic

@@ -8,17 +8,16 @@ import torch
 from mmalign.cli import main
 from mmalign.diffusion import acflow, latents
 from mmalign.diffusion.evaluate import evaluate_reward
-from mmalign.diffusion.models import sampling_pipeline
+from mmalign.diffusion.models import load_pipeline, sampling_pipeline
 from mmalign.diffusion.rewards import load_scorer, save_scorer
-from mmalign.diffusion.tiny import tiny_pipeline
 from mmalign.stats import mean_ci
+
+FLOW_FAMILIES = ["sd3", "sd35", "flux"]
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    tiny_pipeline(kind="sd3").save_pretrained(path)
-    return path
+def tiny_sd3(tiny_family):
+    return tiny_family("sd3")
 
 
 @pytest.fixture()
@@ -45,10 +44,11 @@ def test_critic_takes_state_noise_level_and_prompt():
     assert value.shape == (5,)
 
 
-def test_a_short_run_trains_actor_and_critic(tiny_sd3, prompts, tmp_path):
-    cfg = acflow.Config(model=str(tiny_sd3), prompts=str(prompts), output=tmp_path / "run", max_steps=3,
+@pytest.mark.parametrize("kind", FLOW_FAMILIES)
+def test_a_short_run_trains_actor_and_critic(tiny_family, prompts, tmp_path, kind):
+    cfg = acflow.Config(model=str(tiny_family(kind)), prompts=str(prompts), output=tmp_path / "run", max_steps=3,
                         batch_size=2, samples_per_prompt=2, sample_steps=2, critic_warmup=1, num_samples=1,
-                        report_to="none", learning_rate=1e-3, checkpoint_every=0)
+                        report_to="none", learning_rate=1e-3, checkpoint_every=0, resolution=32)
     history = acflow.run(cfg)
     assert [row["critic_warmup"] for row in history] == [1.0, 0.0, 0.0]
     assert {"reward", "critic_loss", "diversity", "w2", "advantage"} <= set(history[0])
@@ -115,9 +115,9 @@ def test_the_held_out_reward_rises_without_collapsing_diversity(reward, tiny_sd3
     assert tuned_diversity > 0.5 * base_diversity, (base_diversity, tuned_diversity)
 
 
-def test_samples_are_decoded_by_the_inverse_of_the_training_latents():
+def test_samples_are_decoded_by_the_inverse_of_the_training_latents(tiny_sd3):
     """from_latents(to_latents(z)) = decode(z) on SD3's shifted, scaled latents (shift_factor 0.1 here)."""
-    pipe = tiny_pipeline(kind="sd3")
+    pipe = load_pipeline(tiny_sd3)
     z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     x0 = latents.to_latents(z, torch.zeros_like(z), torch.Generator(), pipe.vae)
     assert not torch.allclose(x0, z)

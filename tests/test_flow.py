@@ -1,10 +1,12 @@
-"""Flow matching: the forward process by hand, Flow-DPO on a tiny SD3 model (learning), RLG on SD3."""
+"""Flow matching: the forward process by hand, Flow-DPO on a tiny SD3 model (learning), Flow-DPO runs and RLG on
+tiny SD3, SD3.5 and FLUX.1 models."""
 
 import functools
 import json
 
 import pytest
 import torch
+from PIL import Image
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from mmalign.cli import main
@@ -13,16 +15,15 @@ from mmalign.diffusion.data import PreferencePairs, collate_pairs
 from mmalign.diffusion.flow import flow_noising
 from mmalign.diffusion.guidance import reinforcement_guidance
 from mmalign.diffusion.models import add_lora, load_pipeline, save_lora
-from mmalign.diffusion.sample import generate
-from mmalign.diffusion.tiny import tiny_pipeline
+from mmalign.diffusion.sample import generate as generate_images
 from mmalign.trainer import Trainer, step_generator
+
+FLOW_FAMILIES = ["sd3", "sd35", "flux"]
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-sd3")
-    tiny_pipeline(kind="sd3").save_pretrained(path)
-    return path
+def tiny_sd3(tiny_family):
+    return tiny_family("sd3")
 
 
 def test_flow_noising_by_hand():
@@ -68,23 +69,29 @@ def test_flow_dpo_moves_the_right_way_on_a_fixed_batch(tiny_sd3, pickapic, tmp_p
     assert losses[-1] < 0.5 * losses[0] and accuracy[-1] == 1.0, (losses, accuracy)
 
 
-def test_flow_dpo_cli_run_saves_an_sd3_lora(tiny_sd3, pickapic, tmp_path):
-    cfg = flow_dpo.Config(model=str(tiny_sd3), data=str(pickapic), output=tmp_path / "run", max_steps=2,
-                          batch_size=2, num_samples=1, sample_steps=2, report_to="none", learning_rate=1e-3)
-    flow_dpo.run(cfg)
+@pytest.mark.parametrize("kind", FLOW_FAMILIES)
+def test_flow_dpo_run_saves_a_lora_the_pipeline_loads(tiny_family, pickapic, tmp_path, kind):
+    cfg = flow_dpo.Config(model=str(tiny_family(kind)), data=str(pickapic), output=tmp_path / "run", max_steps=2,
+                          batch_size=2, num_samples=1, sample_steps=2, report_to="none", learning_rate=1e-3,
+                          resolution=32)
+    history = flow_dpo.run(cfg)
+    assert history[0]["loss"] == pytest.approx(0.6931, abs=1e-4) and history[1]["model_diff"] != history[1]["ref_diff"]
     assert json.loads((cfg.output / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
     assert (cfg.output / "samples_after.png").is_file()
-    pipe = load_pipeline(tiny_sd3)
+    pipe = load_pipeline(tiny_family(kind))
     pipe.load_lora_weights(cfg.output)
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
 
 
-def test_rlg_on_sd3_weight_zero_and_one(tiny_sd3, tmp_path):
+@pytest.mark.parametrize("kind", FLOW_FAMILIES)
+def test_rlg_weight_zero_and_one(tiny_family, tmp_path, kind):
     def pipeline():
-        pipe = load_pipeline(tiny_sd3)
+        pipe = load_pipeline(tiny_family(kind))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     prompts = ["a red circle", "a blue square"]
+    generate = functools.partial(generate_images, height=32, width=32)
     base = generate(pipeline(), prompts, seed=1, steps=3)
     pipe = pipeline()
     add_lora(pipe.transformer, rank=4)
@@ -101,3 +108,16 @@ def test_rlg_on_sd3_weight_zero_and_one(tiny_sd3, tmp_path):
         assert torch.equal(generate(tuned_pipe, prompts, seed=1, steps=3), base)
     with reinforcement_guidance(tuned_pipe, 1.0):
         assert torch.equal(generate(tuned_pipe, prompts, seed=1, steps=3), tuned)
+
+
+def test_flux_full_fine_tune_saves_a_pipeline_that_samples(tiny_family, pickapic, tmp_path):
+    """--full writes a whole FluxPipeline folder; `mmalign diffusion sample` reads it, at the given resolution."""
+    cfg = flow_dpo.Config(model=str(tiny_family("flux")), data=str(pickapic), output=tmp_path / "run", max_steps=1,
+                          batch_size=2, num_samples=0, report_to="none", full=True, resolution=32)
+    flow_dpo.run(cfg)
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    assert main(["diffusion", "sample", "--model", str(cfg.output), "--prompts", str(tmp_path / "prompts.txt"),
+                 "--output", str(tmp_path / "samples"), "--num", "2", "--steps", "2", "--resolution", "32",
+                 "--guidance-scale", "3.5"]) == 0
+    images = sorted((tmp_path / "samples").glob("sample_*.png"))
+    assert len(images) == 2 and Image.open(images[0]).size == (32, 32)
