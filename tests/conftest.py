@@ -52,16 +52,6 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory):
-    """A random-weight tiny StableDiffusionPipeline saved with save_pretrained (loaded back by the code under test)."""
-    from mmalign.diffusion.tiny import tiny_pipeline
-
-    path = tmp_path_factory.mktemp("tiny-sd")
-    tiny_pipeline(seed=0).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """`tiny_family(kind)`: the folder of a saved tiny pipeline of `mmalign.diffusion.tiny.KINDS` (sd3, sd35, flux,
     ...), built on first use and shared by the session."""
@@ -75,6 +65,12 @@ def tiny_family(tmp_path_factory):
             tiny_pipeline(kind=kind).save_pretrained(folders[kind])
         return folders[kind]
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_family):
+    """A random-weight tiny StableDiffusionPipeline saved with save_pretrained (loaded back by the code under test)."""
+    return tiny_family("sd")
 
 
 @pytest.fixture(scope="session")

@@ -64,15 +64,18 @@ def metrics(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_starts_at_ln2_and_resumes_exactly(tiny_sd, pickapic, tmp_path):
-    seppo.run(config(tiny_sd, pickapic, tmp_path / "full", max_steps=4))
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_starts_at_ln2_and_resumes_exactly(tiny_family, pickapic, tmp_path, kind):
+    """On an SD model and on FLUX (whose sampler returns packed latent tokens for the reference's samples)."""
+    model = tiny_family(kind)
+    seppo.run(config(model, pickapic, tmp_path / "full", max_steps=4, resolution=32))
     full = metrics(tmp_path / "full")
     assert full[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the only snapshot is the policy itself
     assert {"flip_rate", "reference_index"} <= set(full[0])
-    seppo.run(config(tiny_sd, pickapic, tmp_path / "part", max_steps=2))
-    seppo.run(config(tiny_sd, pickapic, tmp_path / "part", max_steps=4, resume="latest"))
+    seppo.run(config(model, pickapic, tmp_path / "part", max_steps=2, resolution=32))
+    seppo.run(config(model, pickapic, tmp_path / "part", max_steps=4, resume="latest", resolution=32))
     assert [r["loss"] for r in metrics(tmp_path / "part")] == [r["loss"] for r in full]
-    reloaded = load_pipeline(tiny_sd)
+    reloaded = load_pipeline(model)
     reloaded.load_lora_weights(tmp_path / "full")
 
 
