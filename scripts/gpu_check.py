@@ -8,6 +8,10 @@ step, pairs (or prompts) per second and peak GPU memory.
 Architectures (random weights, built in-process and saved, then loaded by each method's own `run`):
     sd15        SD 1.5: UNet 320/640/1280/1280, CLIP ViT-L/14 text encoder, 512 px: Diffusion-DPO, InPO, SePPO
     sd3-medium  SD3-medium: 24 joint blocks of 24 heads x 64, CLIP-L + CLIP-G (no T5), 1024 px: Flow-DPO, AC-Flow
+    sd35-large  SD3.5-large: 38 QK-normed joint blocks of 38 heads x 64, CLIP-L + CLIP-G + T5-XXL, 1024 px,
+                gradient checkpointing: Flow-DPO, AC-Flow
+    flux-dev    FLUX.1-dev: 19 double + 38 single blocks of 24 heads x 128, guidance embedding, CLIP-L + T5-XXL,
+                1024 px, gradient checkpointing: Flow-DPO, AC-Flow
     llava-7b    LLaVA-1.5-7B: CLIP ViT-L/14-336 (576 image tokens) + Llama 7B, rank-8 LoRA: vision DPO
 Seconds per step is (t(last step) - t(first timed step)) / steps between per-step timestamps taken (after a
 CUDA synchronise) as each step starts, so loading, warm-up and saving cancel. Peak memory is
@@ -17,12 +21,16 @@ torch.cuda.max_memory_allocated over the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 from unittest import mock
 
 import torch
@@ -48,63 +56,134 @@ def step_times_recorded() -> AbstractContextManager:
     return mock.patch.object(Trainer, "fit", fit)
 
 
-def sd15(folder: Path, smoke: bool) -> Path:
-    """An SD 1.5-architecture StableDiffusionPipeline with random weights (tiny with `smoke`), saved in `folder`."""
+def sd15() -> Any:
+    """An SD 1.5-architecture StableDiffusionPipeline: UNet 0.86B, CLIP ViT-L/14 text encoder, VAE at 512 px."""
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mmalign.diffusion.tiny import clip_tokenizer, sd_scheduler, tiny_pipeline
+    from mmalign.diffusion.tiny import clip_tokenizer, sd_scheduler
 
-    if smoke:
-        tiny_pipeline("sd").save_pretrained(folder)
-        return folder
     tokenizer = clip_tokenizer(77)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        hidden_act="quick_gelu"))
     unet = diffusers.UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
                                           block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                                  down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-    pipe = diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tokenizer,
-                                             scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
-    pipe.save_pretrained(folder)  # type: ignore[attr-defined]  # mypy sees diffusers' placeholder (dummy) classes
-    return folder
+    return diffusers.StableDiffusionPipeline(unet=unet, vae=vae(4, 512), text_encoder=clip(tokenizer, 768, 12, 12),
+                                             tokenizer=tokenizer, scheduler=sd_scheduler(), safety_checker=None,
+                                             feature_extractor=None, requires_safety_checker=False)
 
 
-def sd3_medium(folder: Path, smoke: bool) -> Path:
-    """An SD3-medium-architecture StableDiffusion3Pipeline with random weights and no T5 (tiny with `smoke`)."""
+def sd3_medium() -> Any:
+    """An SD3-medium-architecture StableDiffusion3Pipeline: 24 joint blocks (2.03B), CLIP-L + CLIP-G, no T5."""
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from mmalign.diffusion.tiny import clip_tokenizer, tiny_pipeline
-
-    if smoke:
-        tiny_pipeline("sd3").save_pretrained(folder)
-        return folder
-    tokenizer = clip_tokenizer(77)
-
-    def clip(width: int, layers: int, heads: int):
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-            num_attention_heads=heads, max_position_embeddings=77, projection_dim=width, hidden_act="gelu"))
 
     transformer = diffusers.SD3Transformer2DModel(
         sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
         pos_embed_max_size=192)
-    vae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
-                                  down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=1.5305,
-                                  shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-    pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=clip(768, 12, 12), tokenizer=tokenizer, text_encoder_2=clip(1280, 32, 20), tokenizer_2=tokenizer,
-        text_encoder_3=None, tokenizer_3=None)
-    pipe.save_pretrained(folder)  # type: ignore[attr-defined]  # mypy sees diffusers' placeholder (dummy) classes
+    return sd3_pipeline(transformer, t5=False)
+
+
+def sd35_large() -> Any:
+    """An SD3.5-large-architecture StableDiffusion3Pipeline: 38 QK-normed joint blocks (8.06B), CLIP-L, CLIP-G and
+    T5-XXL."""
+    import diffusers
+
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+        pos_embed_max_size=192, qk_norm="rms_norm")
+    return sd3_pipeline(transformer, t5=True)
+
+
+def flux_dev() -> Any:
+    """A FLUX.1-dev-architecture FluxPipeline: 19 double- and 38 single-stream blocks (11.9B) with the guidance
+    embedding, CLIP-L (pooled) and T5-XXL (states), a 16-channel VAE."""
+    import diffusers
+
+    from mmalign.diffusion.tiny import clip_tokenizer, t5_tokenizer
+
+    tokenizer = clip_tokenizer(77)
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                          max_shift=1.15, base_image_seq_len=256,
+                                                          max_image_seq_len=4096)
+    return diffusers.FluxPipeline(transformer=transformer, vae=vae(16, 1024, scale=0.3611, shift=0.1159),
+                                  scheduler=scheduler, text_encoder=clip(tokenizer, 768, 12, 12), tokenizer=tokenizer,
+                                  text_encoder_2=t5_xxl(), tokenizer_2=t5_tokenizer(512))
+
+
+def clip(tokenizer, width: int, layers: int, heads: int, projection: bool = False):
+    """A CLIP text encoder of the given width, depth and heads (with the pooled projection for SD3)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=4 * width,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                            projection_dim=width, hidden_act="gelu" if projection else "quick_gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def t5_xxl():
+    """The T5-XXL encoder (4.76B) that SD3(.5) and FLUX read their per-token text states from."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                   feed_forward_proj="gated-gelu"))
+
+
+def vae(channels: int, size: int, scale: float = 0.18215, shift: float | None = None):
+    """The SD-family KL autoencoder (128/256/512/512) with `channels` latent channels."""
+    import diffusers
+
+    return diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                   latent_channels=channels, down_block_types=("DownEncoderBlock2D",) * 4,
+                                   up_block_types=("UpDecoderBlock2D",) * 4, sample_size=size, scaling_factor=scale,
+                                   shift_factor=shift, use_quant_conv=channels == 4,
+                                   use_post_quant_conv=channels == 4)
+
+
+def sd3_pipeline(transformer, t5: bool) -> Any:
+    """An SD3-family pipeline around `transformer`: CLIP-L and CLIP-G (with projections), T5-XXL if `t5`."""
+    import diffusers
+
+    from mmalign.diffusion.tiny import clip_tokenizer, t5_tokenizer
+
+    tokenizer = clip_tokenizer(77)
+    return diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae(16, 1024, scale=1.5305, shift=0.0609),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        text_encoder=clip(tokenizer, 768, 12, 12, projection=True),
+        text_encoder_2=clip(tokenizer, 1280, 32, 20, projection=True),
+        text_encoder_3=t5_xxl() if t5 else None, tokenizer_3=t5_tokenizer(256) if t5 else None)
+
+
+PIPELINES: dict[str, Callable[[], Any]] = {"sd15": sd15, "sd3-medium": sd3_medium, "sd35-large": sd35_large,
+                                           "flux-dev": flux_dev}
+TINY_KINDS = {"sd15": "sd", "sd3-medium": "sd3", "sd35-large": "sd35", "flux-dev": "flux"}
+
+
+def build_pipeline(arch: str, folder: Path, smoke: bool) -> Path:
+    """The architecture's pipeline with random weights, built in bf16 on the GPU (tiny with `smoke`), saved."""
+    from mmalign.diffusion.tiny import tiny_pipeline
+
+    if smoke:
+        pipe = tiny_pipeline(TINY_KINDS[arch])
+    else:
+        with torch.device("cuda"), default_dtype(torch.bfloat16):
+            pipe = PIPELINES[arch]()
+    pipe.save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """New tensors in `dtype` while the block runs (real-size models are built in bf16, half the memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def llava_7b(folder: Path, smoke: bool) -> Path:
@@ -145,9 +224,11 @@ def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> li
     if arch == "sd15":
         return [("Diffusion-DPO", dpo, pairs), ("InPO", inpo, pairs),
                 ("SePPO", seppo, {**pairs, "reference_steps": 20})]
-    if arch == "sd3-medium":
-        return [("Flow-DPO", flow_dpo, pairs),
-                ("AC-Flow", acflow, dict(model=str(model), prompts=str(data / "prompts.txt"),
+    if arch in ("sd3-medium", "sd35-large", "flux-dev"):
+        size = {"resolution": 32 if smoke else 1024}
+        memory = {"gradient_checkpointing": not smoke} if arch != "sd3-medium" else {}
+        return [("Flow-DPO", flow_dpo, {**pairs, **size, **memory}),
+                ("AC-Flow", acflow, dict(model=str(model), prompts=str(data / "prompts.txt"), **size, **memory,
                                          batch_size=max(1, batch_size // 4), samples_per_prompt=4))]
     return [("vision DPO", vision_dpo, dict(model=str(model), data=str(data / "rows.parquet"), batch_size=batch_size,
                                             learning_rate=1e-5, beta=0.1, gradient_checkpointing=not smoke))]
@@ -166,7 +247,8 @@ def write_data(folder: Path) -> Path:
     return folder
 
 
-BUILDERS = {"sd15": sd15, "sd3-medium": sd3_medium, "llava-7b": llava_7b}
+BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
+    **{arch: functools.partial(build_pipeline, arch) for arch in PIPELINES}, "llava-7b": llava_7b}
 
 
 def main() -> None:
@@ -190,7 +272,7 @@ def main() -> None:
                 STAMPS.clear()
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                config = method.Config(**settings, output=Path(folder) / "runs" / name, max_steps=total + 1,
+                config = method.Config(**settings, output=Path(folder) / "runs" / arch / name, max_steps=total + 1,
                                        report_to="none", checkpoint_every=0, cpu=args.smoke,
                                        mixed_precision="no" if args.smoke else "bf16",
                                        **({} if arch == "llava-7b" else {"num_samples": 0}))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
 
 from mmalign.cli import main
 from mmalign.diffusion import base, dpo, flow_dpo
