@@ -3,17 +3,14 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 
 @pytest.mark.slow
-def test_two_process_cpu_ddp_run(tiny_sd, pickapic, tmp_path):
+def test_two_process_cpu_ddp_run(tiny_sd, pickapic, tmp_path, cpu_launch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "mmalign", "diffusion", "dpo", "--model", str(tiny_sd), "--data", str(pickapic),
+    command = [*cpu_launch, "-m", "mmalign", "diffusion", "dpo", "--model", str(tiny_sd), "--data", str(pickapic),
                "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2", "--cpu",
                "--num-samples", "0", "--report-to", "none", "--learning-rate", "1e-3"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

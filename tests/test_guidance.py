@@ -69,6 +69,7 @@ def test_no_adapter_and_no_base_is_an_error(tiny_sd):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("aligned_tiny_sd")  # one worker trains the session's aligned model
 def test_reward_rises_monotonically_with_the_weight(aligned_tiny_sd):
     cfg, _ = aligned_tiny_sd
     tuned = load_pipeline(cfg.output)

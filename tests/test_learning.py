@@ -10,6 +10,7 @@ from mmalign.diffusion import world
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("aligned_tiny_sd")  # one worker trains the session's aligned model
 def test_diffusion_dpo_raises_implicit_accuracy_and_held_out_reward(aligned_tiny_sd, embedded):
     cfg, history = aligned_tiny_sd
     first, last = (sum(r["implicit_acc"] for r in rows) / len(rows) for rows in (history[:50], history[-50:]))

@@ -99,11 +99,9 @@ def test_processes_that_did_not_join_one_run_are_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_multi_gpu_launch_on_a_machine_without_gpus_is_refused(tmp_path):
+def test_multi_gpu_launch_on_a_machine_without_gpus_is_refused(tmp_path, cpu_launch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    launcher = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no")
-    result = toy(tmp_path, tmp_path / "run", launcher=launcher, env={"ACCELERATE_USE_CPU": None})
+    result = toy(tmp_path, tmp_path / "run", launcher=tuple(cpu_launch[1:]), env={"ACCELERATE_USE_CPU": None})
     assert result.returncode != 0 and "did not join one run" in result.stderr
     assert not (tmp_path / "run").exists()

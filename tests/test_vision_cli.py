@@ -92,16 +92,14 @@ def test_a_model_with_multi_axis_rotary_positions_is_refused(tiny_dir, rows_file
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--full", "--reference", "cached"]])
-def test_two_process_cpu_ddp_run(tiny_dir, rows_file, tmp_path, mode):
+def test_two_process_cpu_ddp_run(tiny_dir, rows_file, tmp_path, mode, cpu_launch):
     import os
     import subprocess
-    import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmalign", "vision",
-               "dpo", "--model", str(tiny_dir), "--data", str(rows_file), "--output", str(tmp_path / "run"),
-               "--max-steps", "2", "--batch-size", "2", "--cpu", "--report-to", "none", *mode]
+    command = [*cpu_launch, "-m", "mmalign", "vision", "dpo", "--model", str(tiny_dir), "--data", str(rows_file),
+               "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2", "--cpu", "--report-to",
+               "none", *mode]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(metrics(tmp_path / "run")) == 2
