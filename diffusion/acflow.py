@@ -251,8 +251,8 @@ def run(config: Config) -> list[dict[str, float]]:
     if trainer.resume_from is None:
         sample_grid(trainer, parts, shown, "samples_before.png")
     step = functools.partial(acflow_step, parts=parts, reward_fn=reward_fn, count=count)
-    history = trainer.fit(container, prompts, collate_prompts, step, save_model=save, stateful=(count,))
-    sample_grid(trainer, parts, shown, "samples_after.png")
+    history = trainer.fit(container, prompts, collate_prompts, step, save_model=save, stateful=(count,),
+                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps))
     if trainer.is_main:
         plot_metrics(history, ["reward", "diversity", "critic_loss", "advantage", "w2", "loss"],
                      config.output / "curves.png", title="AC-Flow")

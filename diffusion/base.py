@@ -8,8 +8,8 @@ options, the before/after grids). Its run:
     ...                                            # the method's data, checked
     trainer.begin()                                # the run folder is written from here on
     sample_grid(trainer, parts, prompts, "samples_before.png")
-    trainer.fit(denoiser_of(pipe), data, collate, step, save_model=lambda m, out: save_result(parts, m, out))
-    sample_grid(trainer, parts, prompts, "samples_after.png")
+    trainer.fit(denoiser_of(pipe), data, collate, step, save_model=lambda m, out: save_result(parts, m, out),
+                finish=lambda: sample_grid(trainer, parts, prompts, "samples_after.png", config.max_steps))
 
 What a method needs of the model is stated on its Config class: `schedule` ("flow" or "diffusion" when it
 works with one kind only) and `video` (a text-to-video pipeline instead of an image one).
@@ -216,9 +216,9 @@ def first_prompts(candidates: Iterable[str]) -> list[str]:
     return distinct
 
 
-def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str) -> None:
+def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str, step: int = 0) -> None:
     """Fixed-seed samples of the current denoiser, `num_samples` per prompt (one row of frames per video), saved as
-    config.output/name by the main process."""
+    config.output/name and shown in the run's tracker at `step` by the main process."""
     config = parts.config
     if config.num_samples < 1 or not trainer.is_main:
         return
@@ -230,7 +230,9 @@ def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str) -
     columns = config.num_samples
     if images.dim() == 5:  # videos [N,F,3,H,W]: one row of frames per video
         columns, images = images.shape[1], images.flatten(0, 1)
-    image_grid(images, columns=columns, scale=max(1, 256 // images.shape[-1])).save(config.output / name)
+    grid = image_grid(images, columns=columns, scale=max(1, 256 // images.shape[-1]))
+    grid.save(config.output / name)
+    trainer.log_image(Path(name).stem, grid, step)
 
 
 def save_result(parts: Parts, model, output: Path) -> None:

@@ -202,8 +202,8 @@ def train(config: PairConfigT, make_step: Callable[[Parts[PairConfigT]], Step], 
         sample_grid(trainer, parts, prompts, "samples_before.png")
     stateful = (parts.reference,) if isinstance(parts.reference, Stateful) else ()
     history = trainer.fit(denoiser_of(pipe), dataset, collate_pairs, step, stateful=stateful,
-                          save_model=lambda model, output: save_result(parts, model, output))
-    sample_grid(trainer, parts, prompts, "samples_after.png")
+                          save_model=lambda model, output: save_result(parts, model, output),
+                          finish=lambda: sample_grid(trainer, parts, prompts, "samples_after.png", config.max_steps))
     if trainer.is_main:
         plot_metrics(history, ["loss", "implicit_acc", "reward_margin", "model_mse", *curves, "lr"],
                      config.output / "curves.png", title=title)

@@ -34,11 +34,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, send_to_device, set_seed
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from mmalign import run_folder
+from mmalign import run_folder, trackers
 from mmalign.config import option, save_config, to_dict
 from mmalign.errors import ConfigError, DataError, MissingDependencyError, NonFiniteLossError, RunFolderError, UserError
 from mmalign.files import follow_umask, write_atomically
@@ -78,7 +79,8 @@ class TrainConfig:
     checkpoint_every: int = option(500, "write a checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = option(3, "how many recent checkpoints to keep")
     resume: str | None = option(None, "'latest' or a checkpoint folder to continue from")
-    report_to: Literal["tensorboard", "none"] = option("tensorboard", "tracker besides metrics.jsonl")
+    report_to: Literal["tensorboard", "wandb", "none"] = option(
+        "tensorboard", "tracker besides metrics.jsonl (wandb: the [wandb] extra; see mmalign.trackers)")
     num_workers: int = option(0, "data-loading worker processes")
     cpu: bool = option(False, "train on the CPU even when a GPU is present")
 
@@ -165,9 +167,10 @@ class Trainer:
         self.config = config
         set_seed(config.seed)  # the model set-up that follows (e.g. a LoRA's random init) is part of the run
         AcceleratorState._reset_state()  # a process may train several runs (Python API, tests) with other precisions
+        trackers.check_installed(config.report_to)
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
-            log_with="tensorboard" if config.report_to == "tensorboard" else None, project_dir=str(config.output),
+            log_with=None if config.report_to == "none" else config.report_to, project_dir=str(config.output),
             cpu=config.cpu)
         self._check_processes()
         self.device = self.accelerator.device
@@ -220,16 +223,27 @@ class Trainer:
             raise RunFolderError(f"the main process stopped: {message}")
 
     def begin(self) -> None:
-        """Create the run folder, lock it for this run (`run_folder.acquire`) and write the resolved config; once."""
+        """Create the run folder, lock it for this run (`run_folder.acquire`), write the resolved config and start the
+        tracker; once."""
         if self.lock is not None:
             return
         self.lock = run_folder.Lock(self.config.output)
+        c = self.config
 
         def start() -> None:
-            self.lock = run_folder.acquire(self.config.output, resuming=self.config.resume is not None)
-            save_config(self.config, self.config.output / "config.yaml")
+            self.lock = run_folder.acquire(c.output, resuming=c.resume is not None)
+            save_config(c, c.output / "config.yaml")
 
         self._on_main(start)
+        self.accelerator.wait_for_everyone()  # the folder exists (and holds a new W&B run's id) on every process
+        step = int(read_trainer_state(self.resume_from)["step"]) if self.resume_from is not None else 0
+        trackers.start(self.accelerator, c.report_to, {k: v for k, v in to_dict(c).items()
+                                                       if isinstance(v, (int, float, str, bool))}, c.output, step)
+
+    def log_image(self, name: str, image: Image.Image, step: int) -> None:
+        """Show `image` (a sample grid) in the run's tracker at optimizer step `step` (main process)."""
+        if self.is_main:
+            trackers.log_image(self.accelerator, self.config.report_to, name, image, step)
 
     def end(self) -> None:
         """Release the run folder's lock."""
@@ -251,12 +265,13 @@ class Trainer:
                                  eps=c.adam_epsilon)
 
     def fit(self, model: ModelT, dataset: Any, collate: Callable, step_fn: StepFn[ModelT],
-            save_model: Callable[[ModelT, Path], object] | None = None, stateful: tuple[Stateful, ...] = ()
-            ) -> list[dict[str, float]]:
+            save_model: Callable[[ModelT, Path], object] | None = None, stateful: tuple[Stateful, ...] = (),
+            finish: Callable[[], object] | None = None) -> list[dict[str, float]]:
         """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics.
 
         `stateful` objects (with state_dict/load_state_dict, states of tensors, numbers and strings) are saved in
-        every checkpoint and restored on resume.
+        every checkpoint and restored on resume. `finish()` runs after the model is saved, while the run folder
+        is still held and the tracker open (the after-training grids).
         """
         c, acc = self.config, self.accelerator
         accum = c.gradient_accumulation_steps
@@ -277,10 +292,6 @@ class Trainer:
             step = self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {step}")
         self._trim_metrics(step)
-        if c.report_to == "tensorboard":
-            acc.init_trackers("tensorboard", config={k: v for k, v in to_dict(c).items()
-                                                 if isinstance(v, (int, float, str, bool))},
-                              init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})
 
         sampler.start_batch = step * accum
         batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=c.num_workers))
@@ -328,6 +339,8 @@ class Trainer:
         if save_model is not None and self.is_main:
             save_model(acc.unwrap_model(model), c.output)
             follow_umask(c.output)
+        if finish is not None:
+            finish()
         acc.wait_for_everyone()
         acc.end_training()
         self.end()
