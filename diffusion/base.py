@@ -42,7 +42,7 @@ from .models import (
     save_lora,
 )
 from .sample import generate, image_grid
-from .scoring import PREDICTION_TYPES, is_flow
+from .scoring import PREDICTION_TYPES, is_flow, sampler_default
 
 FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 GRID_PROMPTS = 4  # prompts in the before/after grids when no --sample-prompts file is given
@@ -123,8 +123,12 @@ def place(module, device, dtype) -> None:
 
 
 def native_resolution(pipe) -> int:
-    """The pixel size the denoiser was built for: its sample_size (else the pipeline's default, FLUX) x VAE scale."""
-    return (denoiser_of(pipe).config.get("sample_size") or pipe.default_sample_size) * pipe.vae_scale_factor
+    """The pixel size the denoiser was built for: its sample_size (else the pipeline's default, FLUX) x VAE scale, else
+    the default height of the pipeline's sampler (Wan: 480)."""
+    size = denoiser_of(pipe).config.get("sample_size") or getattr(pipe, "default_sample_size", None)
+    if size is not None:
+        return size * pipe.vae_scale_factor
+    return sampler_default(pipe, "height")
 
 
 def check_pipeline(pipe, config: DenoiserConfig) -> None:
@@ -153,10 +157,15 @@ def check_pipeline(pipe, config: DenoiserConfig) -> None:
 
 
 def training_scheduler(pipe):
-    """The scheduler that noises training latents: the pipeline's own for flow models, else DDPM on its config."""
-    from diffusers import DDPMScheduler
+    """The scheduler that noises training latents: the pipeline's own FlowMatch one; for a sampler on flow sigmas
+    (Wan's UniPC) FlowMatchEuler at its `flow_shift`: the same shifted sigmas, the timestep sigma * 1000 (the sampler
+    rounds it down to an integer; training keeps it exact); else DDPM on its config."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     scheduler = pipe.scheduler
+    if scheduler.config.get("prediction_type") == "flow_prediction":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler.config.num_train_timesteps,
+                                               shift=scheduler.config.flow_shift)
     return type(scheduler).from_config(scheduler.config) if is_flow(scheduler) else \
         DDPMScheduler.from_config(scheduler.config)
 

@@ -35,5 +35,6 @@ def flow_noising(scheduler, latents: torch.Tensor, generator: torch.Generator, s
     """(x_t, timesteps, target) for pairs [2B] ordered [w; l]: one eps and one sigma shared by each pair."""
     n, device = latents.shape[0] // 2, latents.device
     u = sample_u(n, generator, device, sampling).repeat(2)
-    noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype).repeat(2, 1, 1, 1)
+    noise = torch.randn(latents[:n].shape, generator=generator, device=device, dtype=latents.dtype)
+    noise = noise.repeat(2, *[1] * (latents.dim() - 1))
     return flow_interpolate(scheduler, latents, noise, u)

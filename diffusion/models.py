@@ -1,4 +1,5 @@
-"""Loading SD / SDXL / SD3(.5) / FLUX.1 pipelines, finding their denoiser, attaching a LoRA, saving what trained."""
+"""Loading SD / SDXL / SD3(.5) / FLUX.1 / text-to-video (UNet3D, Wan 2.1) pipelines, finding their denoiser,
+attaching a LoRA, saving what trained."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from mmalign.data import one_line
 from mmalign.errors import ConfigError, MissingDependencyError
 from mmalign.hub import is_repo_id, unreachable
 
-VIDEO_PIPELINES = ("TextToVideoSDPipeline",)
+VIDEO_PIPELINES = ("TextToVideoSDPipeline", "WanPipeline")
 SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
              *VIDEO_PIPELINES)
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -106,7 +107,8 @@ def load_pipeline(model: str | Path, dtype: torch.dtype | None = None):
 
 
 def denoiser_name(pipe) -> str:
-    """The attribute holding the pipeline's noise/velocity predictor: "unet" (SD, SDXL) or "transformer" (SD3, FLUX)."""
+    """The attribute holding the pipeline's noise/velocity predictor: "unet" (SD, SDXL, UNet3D) or "transformer"
+    (SD3, FLUX, Wan)."""
     for name in ("unet", "transformer"):
         if getattr(pipe, name, None) is not None:
             return name

@@ -3,12 +3,15 @@
 A diffusion model's log-likelihood of x0 is bounded by -E_t,eps[w(t) ||target - model(x_t, t)||^2];
 Diffusion-DPO uses one (t, eps) draw of that bound as the sample's score. The target follows the
 noise scheduler: eps for "epsilon", v = sqrt(abar) eps - sqrt(1-abar) x0 for "v_prediction", and the
-velocity eps - x0 for flow matching (x_t = (1 - sigma) x0 + sigma eps, SD3's FlowMatchEulerDiscreteScheduler).
+velocity eps - x0 for flow matching (x_t = (1 - sigma) x0 + sigma eps, SD3's FlowMatchEulerDiscreteScheduler, or a
+sampler on flow sigmas predicting that velocity: Wan 2.1's UniPCMultistepScheduler with prediction_type
+"flow_prediction").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,15 +46,17 @@ class Condition:
 
 
 def is_flow(scheduler) -> bool:
-    """Whether the noise scheduler is a flow-matching one (velocity target, sigma-interpolated latents)."""
-    return "FlowMatch" in type(scheduler).__name__
+    """Whether the noise scheduler is a flow-matching one (velocity target, sigma-interpolated latents): a FlowMatch
+    scheduler, or a sampler whose model predicts the flow velocity (Wan's UniPC, prediction_type "flow_prediction")."""
+    return "FlowMatch" in type(scheduler).__name__ or scheduler.config.get("prediction_type") == "flow_prediction"
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], resolution: int, device: torch.device,
                    distilled_guidance: float | None = None) -> Condition:
     """Text conditioning from the pipeline's own `encode_prompt`: SD (CLIP states), SDXL (+ pooled, size ids), SD3,
-    FLUX (`flux.flux_condition`, its guidance embedding at `distilled_guidance`, default FLUX.1-dev's)."""
+    FLUX (`flux.flux_condition`, its guidance embedding at `distilled_guidance`, default FLUX.1-dev's), Wan (UMT5
+    states)."""
     name = type(pipe).__name__
     if name.startswith("Flux"):
         from .flux import flux_condition
@@ -61,6 +66,10 @@ def encode_prompts(pipe, prompts: list[str], resolution: int, device: torch.devi
         states, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                   num_images_per_prompt=1, do_classifier_free_guidance=False)
         return Condition({"encoder_hidden_states": states, "pooled_projections": pooled}, "hidden_states")
+    if name.startswith("Wan"):  # padded to the sampler's text length (512), not encode_prompt's default (226)
+        states, _ = pipe.encode_prompt(prompt=prompts, do_classifier_free_guidance=False, device=device,
+                                       max_sequence_length=sampler_default(pipe, "max_sequence_length"))
+        return Condition({"encoder_hidden_states": states}, "hidden_states")
     if hasattr(pipe, "text_encoder_2"):
         states, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
@@ -70,6 +79,11 @@ def encode_prompts(pipe, prompts: list[str], resolution: int, device: torch.devi
                           "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}})
     states, _ = pipe.encode_prompt(prompts, device, 1, False)
     return Condition({"encoder_hidden_states": states})
+
+
+def sampler_default(pipe, argument: str) -> Any:
+    """The default value of an argument of the pipeline's sampler (`pipe(...)`), e.g. Wan's height or text length."""
+    return inspect.signature(type(pipe).__call__).parameters[argument].default
 
 
 def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("sd", "sdxl", "sd3", "sd35", "flux", "video")
+KINDS = ("sd", "sdxl", "sd3", "sd35", "flux", "video", "wan")
+
 
 def clip_tokenizer(model_max_length: int = 16):
     """The standard CLIP BPE tokenizer (49408 tokens), built from open_clip's bundled merges file."""
@@ -62,7 +63,8 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
     without T5, a flow-matching Euler scheduler. sd35: sd3 with SD3.5's QK RMS-norm and (medium's) dual attention
     in the first block. flux: a FLUX.1-dev-style transformer (double and single stream blocks, 2x2-packed latents,
     rotary position ids, guidance embedding) on CLIP (pooled) and T5 (states), the dynamically shifted scheduler.
-    video: a UNet3DConditionModel (text-to-video) with the image VAE applied per frame.
+    video: a UNet3DConditionModel (text-to-video) with the image VAE applied per frame. wan: Wan 2.1 text-to-video
+    (`wan_parts`).
     """
     from diffusers import (
         AutoencoderKL,
@@ -101,6 +103,8 @@ def tiny_components(image_size: int = 32, seed: int = 0, prediction_type: str = 
                 "text_encoder_3": None, "tokenizer_3": None}
     if kind == "flux":
         return flux_parts(text_config, tokenizer, vae)
+    if kind == "wan":
+        return wan_parts()
     scheduler = sd_scheduler(prediction_type)
     if kind == "video":
         video_unet = UNet3DConditionModel(
@@ -145,8 +149,33 @@ def flux_parts(text_config, tokenizer, vae) -> dict:
             "tokenizer": tokenizer, "text_encoder_2": t5, "tokenizer_2": t5_tok}
 
 
+def wan_parts() -> dict:
+    """A tiny WanPipeline's parts: a causal 3D VAE (4x in time and space, 4 latent channels with per-channel mean and
+    std), a Wan transformer of one block of 2 heads of width 12 on (1,2,2) patches, a UMT5 text encoder, and the
+    scheduler Wan 2.1 ships (UniPC on flow sigmas, shift 3)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    t5_tok = t5_tokenizer()
+    umt5 = UMT5EncoderModel(UMT5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                       pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id))
+    z_dim = 4
+    vae = AutoencoderKLWan(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[True, True], latents_mean=[0.1 * (i - 1) for i in range(z_dim)],
+                           latents_std=[1.0 + 0.5 * i for i in range(z_dim)], scale_factor_temporal=4,
+                           scale_factor_spatial=4)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=z_dim, out_channels=z_dim, text_dim=32, freq_dim=16, ffn_dim=32,
+                                        num_layers=1, rope_max_seq_len=64)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler, "text_encoder": umt5,
+            "tokenizer": t5_tok}
+
+
 def tiny_pipeline(kind: str = "sd", **kwargs):
-    """A tiny StableDiffusion(XL/3)Pipeline, FluxPipeline or TextToVideoSDPipeline made of `tiny_components`."""
+    """A tiny StableDiffusion(XL/3)Pipeline, FluxPipeline, TextToVideoSDPipeline or WanPipeline made of
+    `tiny_components`."""
     import diffusers
 
     parts = tiny_components(kind=kind, **kwargs)
@@ -154,5 +183,6 @@ def tiny_pipeline(kind: str = "sd", **kwargs):
         return diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                                  requires_safety_checker=False)
     classes = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-               "sd35": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "video": "TextToVideoSDPipeline"}
+               "sd35": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "video": "TextToVideoSDPipeline",
+               "wan": "WanPipeline"}
     return getattr(diffusers, classes[kind])(**parts)

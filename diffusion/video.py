@@ -1,8 +1,10 @@
-"""Video Diffusion-DPO: the shared-noise preference loss on text-to-video models (UNet3DConditionModel).
+"""Video Diffusion-DPO: the shared-noise preference loss on text-to-video models (UNet3DConditionModel's
+TextToVideoSDPipeline, Wan 2.1's WanPipeline).
 
-Winner and loser videos are encoded frame by frame into latents [C, F, h, w]; both get ONE noise
-over (C, F, h, w) and ONE timestep, and the per-video error e is the mean over all of them, so the
-loss is Diffusion-DPO's -log sigmoid(-0.5 beta ((e_w - e_l) - (e'_w - e'_l))) unchanged. Data: rows
+Winner and loser videos are encoded into latents [C, F', h, w]: frame by frame by an image VAE (F' = F), whole by
+Wan's causal 3D VAE (F' = 1 + (F-1)/4, so F must be 4k+1: 81, 49, 17, ...). Both get ONE noise over (C, F', h, w)
+and ONE timestep (a flow model: one sigma, the velocity target), and the per-video error e is the mean over all of
+them, so the loss is Diffusion-DPO's -log sigmoid(-0.5 beta ((e_w - e_l) - (e'_w - e'_l))) unchanged. Data: rows
 `caption, video_0, video_1, label_0`, each video a folder of frame images (sorted by name) or a
 video file read with imageio (.gif, or .mp4 with imageio-ffmpeg), inside the data file's folder; every
 video must have exactly `num_frames` frames (checked for every row before training).
@@ -21,10 +23,12 @@ from PIL import Image
 
 from mmalign.config import option
 from mmalign.data import DataError, resolve_path
-from mmalign.errors import MissingDependencyError
+from mmalign.errors import ConfigError, MissingDependencyError
 
+from .base import Parts
 from .data import PreferencePairs, to_model_pixels
 from .dpo import dpo_step
+from .models import denoiser_of
 from .pairwise import PairwiseConfig, train
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -93,7 +97,28 @@ class Config(PairwiseConfig):
         return {"num_frames": self.num_frames}
 
 
+def check_video_shape(pipe, num_frames: int, resolution: int) -> None:
+    """Refuse a video the pipeline cannot encode whole: its VAE maps 1 + kT frames to 1 + k latent frames (Wan: T =
+    4; a per-frame VAE: T = 1), and the training resolution must be a multiple of VAE scale x denoiser patch."""
+    temporal = getattr(pipe, "vae_scale_factor_temporal", 1)
+    if (num_frames - 1) % temporal:
+        below = (num_frames - 1) // temporal * temporal + 1
+        raise ConfigError(f"--num-frames {num_frames}: {type(pipe).__name__}'s VAE encodes 1 + {temporal}k frames "
+                          f"(1 + k latent frames); use {below} or {below + temporal}")
+    patch = denoiser_of(pipe).config.get("patch_size") or (1,)
+    spatial = getattr(pipe, "vae_scale_factor_spatial", 1) * patch[-1]
+    if resolution % spatial:
+        raise ConfigError(f"--resolution {resolution}: {type(pipe).__name__} takes sizes that are multiples of "
+                          f"{spatial} (VAE scale x patch size)")
+
+
+def checked_step(parts: Parts[Config]):
+    """`dpo.dpo_step` bound to `parts`, once the frame count and resolution fit the pipeline (`check_video_shape`)."""
+    check_video_shape(parts.pipe, parts.config.num_frames, parts.resolution)
+    return functools.partial(dpo_step, parts=parts)
+
+
 def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion video-dpo`: Diffusion-DPO of a text-to-video pipeline on video preference pairs."""
-    return train(config, lambda parts: functools.partial(dpo_step, parts=parts), "Video Diffusion-DPO",
+    return train(config, checked_step, "Video Diffusion-DPO",
                  pairs_class=functools.partial(VideoPairs, num_frames=config.num_frames))

@@ -3,10 +3,11 @@ tiny SD3, SD3.5 and FLUX.1 models."""
 
 import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from PIL import Image
 
 from mmalign.cli import main
@@ -26,19 +27,25 @@ def tiny_sd3(tiny_family):
     return tiny_family("sd3")
 
 
-def test_flow_noising_by_hand():
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    x0 = torch.randn(6, 4, 2, 2)
+@pytest.mark.parametrize("sampler, shape", [
+    (FlowMatchEulerDiscreteScheduler(shift=3.0), (6, 4, 2, 2)),
+    (UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0), (6, 4, 3, 2, 2)),
+], ids=["sd3-image", "wan-video"])
+def test_flow_noising_by_hand(sampler, shape):
+    """x_t = (1 - sigma) x0 + sigma eps at sigma = s r / (1 + (s - 1) r), r = 1 - floor(1000 u) / 1000, with the
+    sampler's shift s (SD3's `shift`, Wan's UniPC `flow_shift`); the transformer sees sigma * 1000; one eps over a
+    whole video."""
+    scheduler = base.training_scheduler(SimpleNamespace(scheduler=sampler))
+    x0, ones = torch.randn(*shape), [1] * (len(shape) - 1)
     noisy, timesteps, target = flow_noising(scheduler, x0, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     u = torch.rand(3, generator=g)
-    eps = torch.randn(3, 4, 2, 2, generator=g).repeat(2, 1, 1, 1)
-    index = (u * 1000).long()
-    sigma = scheduler.sigmas[index].repeat(2).view(-1, 1, 1, 1)
-    torch.testing.assert_close(noisy, (1 - sigma) * x0 + sigma * eps)
-    torch.testing.assert_close(timesteps, scheduler.timesteps[index].repeat(2))
+    eps = torch.randn(3, *shape[1:], generator=g).repeat(2, *ones)
+    shift, r = sampler.config.get("flow_shift") or sampler.config.shift, 1 - (u * 1000).long() / 1000
+    sigma = (shift * r / (1 + (shift - 1) * r)).repeat(2)
+    torch.testing.assert_close(noisy, (1 - sigma.view(-1, *ones)) * x0 + sigma.view(-1, *ones) * eps)
     torch.testing.assert_close(target, eps - x0)
-    torch.testing.assert_close(timesteps / 1000, sigma.flatten())  # the transformer sees sigma * 1000
+    torch.testing.assert_close(timesteps / 1000, sigma)  # the transformer sees sigma * 1000
 
 
 def test_flow_dpo_refuses_a_diffusion_model(tiny_sd, pickapic, tmp_path, capsys):

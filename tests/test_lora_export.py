@@ -1,8 +1,8 @@
 """Exported LoRAs with alpha != rank reproduce the trained model when loaded by diffusers, by peft and by mmalign.
 
-Every family (SD, SDXL, SD3, SD3.5, FLUX.1, text-to-video, LLaVA) gets a rank-4 LoRA at alpha 16 and alpha 1 with
-random non-zero weights; its output on fixed inputs must come back from every loader to within TOLERANCE (float32,
-CPU: the loaded adapter computes the same products, only a merged one rounds differently).
+Every family (SD, SDXL, SD3, SD3.5, FLUX.1, text-to-video UNet3D and Wan 2.1, LLaVA) gets a rank-4 LoRA at alpha 16
+and alpha 1 with random non-zero weights; its output on fixed inputs must come back from every loader to within
+TOLERANCE (float32, CPU: the loaded adapter computes the same products, only a merged one rounds differently).
 """
 
 import json
@@ -29,12 +29,14 @@ from mmalign.vision.tiny import tiny_llava
 RANK = 4
 TOLERANCE = 1e-5
 CASES = [("sd", LORA_TARGETS), ("sd", (*LORA_TARGETS, "conv1", "conv2")), ("sdxl", LORA_TARGETS),
-         ("sd3", LORA_TARGETS), ("sd35", LORA_TARGETS), ("flux", LORA_TARGETS), ("video", LORA_TARGETS)]
+         ("sd3", LORA_TARGETS), ("sd35", LORA_TARGETS), ("flux", LORA_TARGETS), ("video", LORA_TARGETS),
+         ("wan", LORA_TARGETS)]
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_family, tiny_dir):
-    """kind -> folder of a saved tiny pipeline (sd, sdxl, sd3, sd35, flux, video) or LLaVA model and processor."""
+    """kind -> folder of a saved tiny pipeline (sd, sdxl, sd3, sd35, flux, video, wan) or LLaVA model and
+    processor."""
     return {**{kind: tiny_family(kind) for kind, _ in CASES}, "llava": tiny_dir}
 
 
@@ -48,7 +50,7 @@ def perturb(model) -> None:
 
 
 def denoiser_inputs(denoiser) -> dict:
-    """Fixed inputs for one forward of a UNet2D/3D or SD3 transformer (two samples, two timesteps)."""
+    """Fixed inputs for one forward of a UNet2D/3D or an SD3, FLUX or Wan transformer (two samples, two timesteps)."""
     generator = torch.Generator().manual_seed(0)
     c = denoiser.config
     size, timestep = c.get("sample_size", 4), torch.tensor([10.0, 500.0])
@@ -61,6 +63,9 @@ def denoiser_inputs(denoiser) -> dict:
                     guidance=torch.tensor([3.5, 3.5]), encoder_hidden_states=randn(2, 5, c.joint_attention_dim),
                     pooled_projections=randn(2, c.pooled_projection_dim), txt_ids=torch.zeros(5, 3),
                     img_ids=torch.rand(16, 3, generator=generator) * 4)
+    if type(denoiser).__name__ == "WanTransformer3DModel":
+        return dict(hidden_states=randn(2, c.in_channels, 2, 4, 4), timestep=timestep,
+                    encoder_hidden_states=randn(2, 5, c.text_dim))
     if type(denoiser).__name__ == "SD3Transformer2DModel":
         return dict(hidden_states=randn(2, c.in_channels, size, size), timestep=timestep,
                     encoder_hidden_states=randn(2, 5, c.joint_attention_dim),
@@ -115,7 +120,7 @@ LOADERS = {"diffusers": diffusers_loaded, "peft": peft_loaded, "mmalign": mmalig
 
 
 @pytest.mark.parametrize("alpha", [16, 1])
-@pytest.mark.parametrize("kind,targets", CASES, ids=["sd", "sd-conv", "sdxl", "sd3", "sd35", "flux", "video"])
+@pytest.mark.parametrize("kind,targets", CASES, ids=["sd", "sd-conv", "sdxl", "sd3", "sd35", "flux", "video", "wan"])
 def test_diffusion_lora_reloads_to_the_trained_denoiser(tiny_models, tmp_path, kind, targets, alpha):
     pipe = load_pipeline(tiny_models[kind])
     trained = denoiser_of(pipe)

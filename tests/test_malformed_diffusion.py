@@ -97,6 +97,8 @@ def p(tmp_path_factory):
     x.no_index.mkdir()
     x.tiny_video = root / "tiny-video"
     tiny_pipeline(kind="video").save_pretrained(x.tiny_video)
+    x.tiny_wan = root / "tiny-wan"
+    tiny_pipeline(kind="wan").save_pretrained(x.tiny_wan)
     x.scorer = save_scorer(load_scorer(ARCH), root / "scorer")
     x.bad_scorer = root / "bad-scorer"
     x.bad_scorer.mkdir()
@@ -181,6 +183,16 @@ CASES = [
      ["StableDiffusionPipeline is an image pipeline; video-dpo trains text-to-video pipelines"]),
     ("dpo-video-model", lambda p, m, out: dpo(p, p.tiny_video, p.bad_label, "--output", out), None,
      ["TextToVideoSDPipeline is a text-to-video pipeline", "mmalign diffusion video-dpo"]),
+    ("flow-dpo-wan-model", lambda p, m, out: ["diffusion", "flow-dpo", "--model", p.tiny_wan, "--data", p.bad_label,
+                                              "--output", out], None,
+     ["WanPipeline is a text-to-video pipeline", "mmalign diffusion video-dpo"]),
+    ("video-dpo-wan-frames", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_wan, "--data", p.videos,
+                                                "--num-frames", 8, "--resolution", 32, *TRAIN, "--output", out],
+     None, ["--num-frames 8: WanPipeline's VAE encodes 1 + 4k frames", "use 5 or 9"]),
+    ("video-dpo-wan-resolution", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_wan, "--data",
+                                                    p.videos, "--num-frames", 5, "--resolution", 36, *TRAIN,
+                                                    "--output", out],
+     None, ["--resolution 36: WanPipeline takes sizes that are multiples of 8"]),
     ("acflow-prompts-latin1", lambda p, m, out: ["diffusion", "acflow", "--model", m, "--prompts", p.latin1_prompts,
                                                  "--output", out], None, ["latin1-prompts.txt: line 2 is not UTF-8"]),
     ("acflow-prompts-blank", lambda p, m, out: ["diffusion", "acflow", "--model", m, "--prompts", p.blank_prompts,

@@ -1,5 +1,5 @@
-"""Video Diffusion-DPO: frame folders and video files, frame-count errors, per-frame encoding, the shared-noise
-step on a tiny text-to-video model, and the objective moving the right way."""
+"""Video Diffusion-DPO: frame folders and video files, frame-count errors, per-frame (UNet3D) and causal (Wan)
+encoding, the shared-noise step on tiny text-to-video models, and the objective moving the right way."""
 
 import json
 import math
@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from mmalign.data import DataError
-from mmalign.diffusion import base, dpo, pairwise, video
+from mmalign.diffusion import base, dpo, latents, pairwise, video
 from mmalign.diffusion.data import collate_pairs
-from mmalign.diffusion.models import load_pipeline
-from mmalign.diffusion.tiny import tiny_pipeline
+from mmalign.diffusion.models import denoiser_of, load_pipeline
 from mmalign.diffusion.world import render
 from mmalign.trainer import Trainer, step_generator
 
 FRAMES = 3
+# per family: frames per training video, and the latents [C, F', h, w] of one at 32 pixels (Wan: 1 + (5-1)/4 frames)
+VIDEO_FAMILIES = {"video": (FRAMES, (4, FRAMES, 16, 16)), "wan": (5, (4, 2, 8, 8))}
 
 
 def write_clip(folder, start_x, step, as_gif=False, frames=FRAMES):
@@ -32,23 +33,32 @@ def write_clip(folder, start_x, step, as_gif=False, frames=FRAMES):
 
 
 @pytest.fixture(scope="module")
-def video_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("videos")
-    rows = []
-    for i in range(4):
-        left = write_clip(root / f"left{i}", 10 - i, -1, as_gif=i == 0)
-        right = write_clip(root / f"right{i}", 20 + i, 1)
-        rows.append({"caption": "a red circle", "video_0": left, "video_1": right, "label_0": 1})
-    path = root / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def clips(tmp_path_factory):
+    """`clips(frames)`: four pairs of `frames`-frame videos (the first a GIF) in pairs.jsonl, written once."""
+    written = {}
+
+    def data(frames):
+        if frames not in written:
+            root = tmp_path_factory.mktemp(f"videos{frames}")
+            rows = []
+            for i in range(4):
+                left = write_clip(root / f"left{i}", 10 - i, -1, as_gif=i == 0, frames=frames)
+                right = write_clip(root / f"right{i}", 20 + i, 1, frames=frames)
+                rows.append({"caption": "a red circle", "video_0": left, "video_1": right, "label_0": 1})
+            written[frames] = root / "pairs.jsonl"
+            written[frames].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return written[frames]
+    return data
 
 
 @pytest.fixture(scope="module")
-def tiny_video(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-video")
-    tiny_pipeline(kind="video").save_pretrained(path)
-    return path
+def video_data(clips):
+    return clips(FRAMES)
+
+
+@pytest.fixture(scope="module")
+def tiny_video(tiny_family):
+    return tiny_family("video")
 
 
 def test_frame_folders_and_video_files_load(video_data):
@@ -99,49 +109,81 @@ def test_video_latents_are_encoded_frame_by_frame(tiny_video, video_data):
     torch.testing.assert_close(mean[1, :, 2], loser_frame, rtol=1e-4, atol=1e-5)
 
 
-def test_video_step_shares_noise_and_starts_at_ln2(tiny_video, video_data, tmp_path, monkeypatch):
-    cfg = video.Config(model=str(tiny_video), data=str(video_data), output=tmp_path / "run", num_frames=FRAMES,
-                       batch_size=2, max_steps=2, num_samples=1, sample_steps=2, report_to="none",
+def test_wan_latents_are_normalised_and_decoded_as_wan_pipeline_does(tiny_family, clips):
+    """Wan's causal VAE encodes 5 frames whole into 2 latent frames; from_latents(x0) is WanPipeline's own decode of
+    x0 (`latents / latents_std + latents_mean`) and the inverse of to_latents (decode of the posterior mean)."""
+    pipe = load_pipeline(tiny_family("wan"))
+    pipe.set_progress_bar_config(disable=True)
+    pixels = collate_pairs([video.VideoPairs(clips(5), resolution=32, num_frames=5)[0]])["pixel_values"]
+    mean, std = pairwise.encode_pairs(pipe.vae, pixels, torch.float32)
+    assert mean.shape == (2, 4, 2, 8, 8)
+    x0 = latents.to_latents(mean, torch.zeros_like(std), torch.Generator(), pipe.vae)
+    channel_std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(x0 * channel_std + torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1, 1),
+                               mean)
+    ours = latents.from_latents(x0, pipe.vae)
+    # the pipeline decodes whatever its last step leaves: x0, set by the step callback
+    theirs = pipe(prompt=["a red circle"] * 2, num_inference_steps=1, height=32, width=32, num_frames=5,
+                  output_type="pt", callback_on_step_end=lambda *_: {"latents": x0}).frames
+    with torch.no_grad():
+        decoded = (pipe.vae.decode(mean).sample / 2 + 0.5).clamp(0, 1).transpose(1, 2)
+    assert ours.shape == theirs.shape == (2, 5, 3, 32, 32)
+    gaps = {"pipeline": (ours - theirs).abs().max().item(), "decode": (ours - decoded).abs().max().item()}
+    assert max(gaps.values()) <= 1e-5, gaps
+
+
+@pytest.mark.parametrize("kind", VIDEO_FAMILIES)
+def test_video_step_shares_noise_and_starts_at_ln2(tiny_family, clips, kind, tmp_path, monkeypatch):
+    frames, latent_shape = VIDEO_FAMILIES[kind]
+    model, data = tiny_family(kind), clips(frames)
+    cfg = video.Config(model=str(model), data=str(data), output=tmp_path / "run", num_frames=frames, resolution=32,
+                       batch_size=2, max_steps=3, num_samples=1, sample_steps=2, report_to="none",
                        checkpoint_every=0, learning_rate=1e-3)
     trainer = Trainer(cfg)
     pipe, parts = base.prepare(cfg, trainer)
-    batch = collate_pairs([video.VideoPairs(video_data, resolution=32, num_frames=FRAMES)[i] for i in (0, 1)])
-    seen = []
-    forward = type(pipe.unet).forward
-    monkeypatch.setattr(type(pipe.unet), "forward",
-                        lambda self, sample, timestep, *a, **k: (seen.append(sample)
-                                                                 or forward(self, sample, timestep, *a, **k)))
-    loss, stats = dpo.dpo_step(pipe.unet, batch, step_generator(0, 0, 0, "cpu"), parts)
+    batch = collate_pairs([video.VideoPairs(data, resolution=32, num_frames=frames)[i] for i in (0, 1)])
+    denoiser, seen = denoiser_of(pipe), []
+    forward = type(denoiser).forward
+    monkeypatch.setattr(type(denoiser), "forward",
+                        lambda self, *a, **k: seen.append(k) or forward(self, *a, **k))
+    loss, stats = dpo.dpo_step(denoiser, batch, step_generator(0, 0, 0, "cpu"), parts)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
-    assert seen[0].shape == (4, 4, FRAMES, 16, 16) and len(seen) == 2
+    assert len(seen) == 2
+    noisy = seen[0].get("sample", seen[0].get("hidden_states"))
+    assert noisy.shape == (4, *latent_shape)
     monkeypatch.undo()
 
-    video.run(cfg)
+    history = video.run(cfg)
+    assert len(history) == 3 and history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert (cfg.output / "samples_after.png").is_file()
     from mmalign.diffusion.models import load_lora
     from mmalign.diffusion.sample import generate
 
-    plain = load_pipeline(tiny_video)
+    plain = load_pipeline(model)
     plain.set_progress_bar_config(disable=True)
-    before = generate(plain, ["a red circle"], steps=2, num_frames=FRAMES)
-    load_lora(plain, cfg.output)
-    after = generate(plain, ["a red circle"], steps=2, num_frames=FRAMES)
+    before = generate(plain, ["a red circle"], steps=2, num_frames=frames, height=32, width=32)
+    load_lora(plain, cfg.output)  # Wan: a diffusers LoRA file, so this is WanPipeline.load_lora_weights
+    after = generate(plain, ["a red circle"], steps=2, num_frames=frames, height=32, width=32)
     assert (after - before).abs().max() > 0, "the trained LoRA loads and changes the video"
 
 
-def test_the_objective_moves_the_right_way_on_a_fixed_batch(tiny_video, video_data, tmp_path):
+@pytest.mark.parametrize("kind", VIDEO_FAMILIES)
+def test_the_objective_moves_the_right_way_on_a_fixed_batch(tiny_family, clips, kind, tmp_path):
     """With the noise draw held fixed, optimisation drives the implicit preference accuracy to 1."""
-    cfg = video.Config(model=str(tiny_video), data=str(video_data), output=tmp_path / "run", num_frames=FRAMES,
-                       full=True, batch_size=4, max_steps=1, num_samples=0, report_to="none", prompt_dropout=0.0,
-                       beta=500)
+    frames = VIDEO_FAMILIES[kind][0]
+    cfg = video.Config(model=str(tiny_family(kind)), data=str(clips(frames)), output=tmp_path / "run",
+                       num_frames=frames, resolution=32, full=True, batch_size=4, max_steps=1, num_samples=0,
+                       report_to="none",
+                       prompt_dropout=0.0, beta=500)
     trainer = Trainer(cfg)
     pipe, parts = base.prepare(cfg, trainer)
-    pairs = video.VideoPairs(video_data, resolution=32, num_frames=FRAMES)
+    pairs = video.VideoPairs(cfg.data, resolution=32, num_frames=frames)
     batch = collate_pairs([pairs[i] for i in range(len(pairs))])
-    optimizer = torch.optim.Adam([p for p in pipe.unet.parameters() if p.requires_grad], lr=1e-4)
+    denoiser = denoiser_of(pipe)
+    optimizer = torch.optim.Adam([p for p in denoiser.parameters() if p.requires_grad], lr=1e-4)
     losses, accuracy = [], []
     for _ in range(15):
-        loss, stats = dpo.dpo_step(pipe.unet, batch, step_generator(0, 0, 0, "cpu"), parts)
+        loss, stats = dpo.dpo_step(denoiser, batch, step_generator(0, 0, 0, "cpu"), parts)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
