@@ -1,6 +1,7 @@
 """Sequence scores of a LLaVA-style model: s(y | images, prompt) = sum of the completion tokens' log-probs.
 
-The images of a batch are encoded by ONE vision-tower call and the features handed to the model through its
+The images of a batch are encoded by ONE vision-tower call (`get_image_features`, given every image input the
+processor made: `pixel_values` and e.g. LLaVA-NeXT's `image_sizes`) and the features handed to the model through its
 `mm_encoder_outputs` input, each image's features reused by every row that shows it (see `collate_pairs`).
 `sequence_scores` runs each distinct prompt once and the completions of chosen and rejected on its key/value
 cache; `token_log_probs` (for token-level objectives) runs all rows whole in one forward, with only the positions
@@ -9,6 +10,7 @@ from the shortest prompt on reaching the LM head (`logits_to_keep`).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -20,13 +22,14 @@ from .data import SHARED_PROMPT_KINDS
 
 
 def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
-    """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call (on the
-    model inside a DDP wrapper, which does not forward methods)."""
-    if "pixel_values" not in batch:
+    """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call given every
+    image input of the batch it takes by name (`pixel_values`, `image_sizes`, `image_grid_thw`, ...), on the model
+    inside a DDP wrapper, which does not forward methods."""
+    if "images" not in batch:
         return None
-    kwargs = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
     vlm: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one): its methods are not nn.Module's
-    out = vlm.get_image_features(pixel_values=batch["pixel_values"], **kwargs)
+    takes = inspect.signature(vlm.get_image_features).parameters
+    out = vlm.get_image_features(**{name: x for name, x in batch["images"].items() if name in takes})
     return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 

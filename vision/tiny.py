@@ -1,5 +1,6 @@
-"""Tiny LLaVA-architecture models built offline: a `LlavaForConditionalGeneration` (tiny CLIP vision tower,
-tiny Llama) with a word-level tokenizer over the world's words and a real `LlavaProcessor`.
+"""Tiny vision-language models built offline: a `LlavaForConditionalGeneration` (tiny CLIP vision tower, tiny
+Llama) with a word-level tokenizer over the world's words and a real `LlavaProcessor`, and the same skeleton in the
+other families' own classes (LLaVA-NeXT, LLaVA-OneVision), each with its real processor.
 
 Nothing is downloaded; the embedded model in `assets/tiny-llava` is this skeleton pretrained by
 `scripts/build_tiny_llava.py`.
@@ -22,17 +23,19 @@ CHAT_TEMPLATE = (
 """Renders [user: <image> question] + [assistant: answer] as '<s>user : <image> question assistant : answer </s>'."""
 
 
-def word_tokenizer():
-    """A whitespace word-level PreTrainedTokenizerFast over the world's words plus <pad> <s> </s> <unk> <image>."""
+def word_tokenizer(video: bool = False):
+    """A whitespace word-level PreTrainedTokenizerFast over the world's words plus <pad> <s> </s> <unk> <image> (and,
+    with `video`, a <video> token after the words, for processors that need one)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate((*SPECIAL, *WORDS))}
+    vocab = {word: i for i, word in enumerate((*SPECIAL, *WORDS, *(["<video>"] if video else [])))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokens = {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"},
-                                   model_max_length=512, padding_side="right")
+                                   unk_token="<unk>", extra_special_tokens=tokens, model_max_length=512,
+                                   padding_side="right")
 
 
 def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = 8):
@@ -46,22 +49,94 @@ def tiny_processor(image_size: int = IMAGE_SIZE, patch_size: int = 8):
                           num_additional_image_tokens=1)
 
 
+def _text_config(tok, hidden: int, layers: int):
+    """A tiny LlamaConfig over the tokenizer's vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+
+def _vision_config(kind: str, image_size: int, patch_size: int, hidden: int, layers: int):
+    """A tiny CLIP (kind 'clip', with a CLS token) or SigLIP (kind 'siglip') vision tower config."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    config = CLIPVisionConfig(projection_dim=hidden) if kind == "clip" else SiglipVisionConfig()
+    config.update(dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4))
+    return config
+
+
 def tiny_llava(seed: int = 0, image_size: int = IMAGE_SIZE, patch_size: int = 8, vision_hidden: int = 32,
                hidden: int = 64, layers: int = 2, vision_layers: int | None = None):
     """(model, processor): a randomly initialised tiny LlavaForConditionalGeneration and its processor."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     processor = tiny_processor(image_size, patch_size)
     tok = processor.tokenizer
-    vision = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden,
-                              intermediate_size=2 * vision_hidden, num_hidden_layers=vision_layers or layers,
-                              num_attention_heads=4, projection_dim=vision_hidden)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    vision = _vision_config("clip", image_size, patch_size, vision_hidden, vision_layers or layers)
+    config = LlavaConfig(vision_config=vision, text_config=_text_config(tok, hidden, layers),
+                         image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
     config.pad_token_id = tok.pad_token_id
     model = LlavaForConditionalGeneration(config).eval()
     return model, processor
+
+
+GRID_PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE],
+                  [2 * IMAGE_SIZE, 2 * IMAGE_SIZE]]
+"""The any-resolution grids of the tiny LLaVA-NeXT and OneVision: 1x1, 1x2, 2x1 and 2x2 tiles of IMAGE_SIZE px."""
+
+
+def tiny_llava_next(seed: int = 0, patch_size: int = 8, hidden: int = 64, layers: int = 2):
+    """(model, processor): a random tiny LlavaNextForConditionalGeneration (CLIP tower, any-resolution tiles on
+    GRID_PINPOINTS, image newline tokens) and its LlavaNextProcessor."""
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer()
+    images = LlavaNextImageProcessor(size={"shortest_edge": IMAGE_SIZE}, image_grid_pinpoints=GRID_PINPOINTS,
+                                     crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=patch_size,
+                                   vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                                   image_token="<image>", num_additional_image_tokens=1)
+    config = LlavaNextConfig(vision_config=_vision_config("clip", IMAGE_SIZE, patch_size, hidden // 2, layers),
+                             text_config=_text_config(tok, hidden, layers), image_grid_pinpoints=GRID_PINPOINTS,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                             vision_feature_select_strategy="default")
+    return LlavaNextForConditionalGeneration(config).eval(), processor
+
+
+def tiny_llava_onevision(seed: int = 0, patch_size: int = 8, hidden: int = 64, layers: int = 2):
+    """(model, processor): a random tiny LlavaOnevisionForConditionalGeneration (SigLIP tower, any-resolution tiles on
+    GRID_PINPOINTS) and its LlavaOnevisionProcessor."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+    )
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(video=True)
+    images = LlavaOnevisionImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                          image_grid_pinpoints=GRID_PINPOINTS)
+    processor = LlavaOnevisionProcessor(image_processor=images, video_processor=LlavaOnevisionVideoProcessor(),
+                                        tokenizer=tok, num_image_tokens=(IMAGE_SIZE // patch_size) ** 2,
+                                        vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE,
+                                        image_token="<image>", video_token="<video>")
+    config = LlavaOnevisionConfig(vision_config=_vision_config("siglip", IMAGE_SIZE, patch_size, hidden // 2, layers),
+                                  text_config=_text_config(tok, hidden, layers), image_grid_pinpoints=GRID_PINPOINTS,
+                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tok.convert_tokens_to_ids("<video>"), vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full")
+    return LlavaOnevisionForConditionalGeneration(config).eval(), processor
+
