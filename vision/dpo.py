@@ -47,7 +47,7 @@ from mmalign.trainer import TrainConfig, Trainer
 
 from . import models, online, token_level
 from .data import CHOSEN, REJECTED, VISUAL, VisionPairs, collate_pairs, stack_images
-from .scoring import image_features, sequence_scores, token_log_probs
+from .scoring import image_features, rope_index, sequence_scores, token_log_probs
 
 LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 CACHE_FILE = "reference_scores.safetensors"
@@ -272,6 +272,10 @@ def check_croppable(pairs: VisionPairs, model: str) -> None:
 def prepare(config: Config, trainer: Trainer, processor):
     """(policy, parts): the model loaded and placed, its LoRA (or trainable full weights) and reference."""
     model = models.load_model(config.model, torch.float32 if config.full else trainer.weight_dtype)
+    if config.online_bdhs and rope_index(model) is not None:
+        raise ConfigError(f"--online-bdhs: {config.model} places tokens by multi-axis rotary positions (M-RoPE) "
+                          "read from the attention mask, which BDHS uses to hide image tokens; train on offline pairs "
+                          "(without --online-bdhs)")
     model.requires_grad_(False).to(trainer.device)
     if config.full:
         for name, param in model.named_parameters():

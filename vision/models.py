@@ -14,8 +14,11 @@ import torch
 from mmalign.errors import ConfigError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-VISION_PARTS = ("vision_tower", "multi_modal_projector")
+VISION_PARTS = ("vision_tower", "multi_modal_projector", "visual")
+"""Names of the vision tower and projector modules: LLaVA's, and Qwen2-VL's `visual` (tower and merger)."""
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
+MROPE_SCORED = ("qwen2_vl", "qwen2_5_vl")
+"""The M-RoPE families whose positions `scoring.rope_positions` reproduces (checked against the model's own forward)."""
 LOAD_ERRORS = (OSError, ValueError)
 """What transformers raises for a folder or hub id it cannot read (missing files, bad JSON, unknown model type)."""
 
@@ -36,7 +39,7 @@ def _from_pretrained(loader, model: str | Path, what: str, **kwargs):
 
 def load_processor(model: str | Path):
     """The model's processor, after checking from its config alone that it is an image-text-to-text model this
-    package can score (not M-RoPE) and that its processor has an image token."""
+    package can score (multi-axis rotary positions only for MROPE_SCORED) and that its processor has an image token."""
     from transformers import AutoConfig, AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
@@ -46,9 +49,11 @@ def load_processor(model: str | Path):
                           "LLaVA-style model (vision tower + language model) is needed")
     text = config.get_text_config()
     ropes = [getattr(text, name, None) or {} for name in ("rope_scaling", "rope_parameters")]
-    if config.model_type in MROPE_FAMILIES or any("mrope_section" in rope for rope in ropes):
+    mrope = config.model_type in MROPE_FAMILIES or any("mrope_section" in rope for rope in ropes)
+    if mrope and config.model_type not in MROPE_SCORED:
         raise ConfigError(f"--model {model}: {config.model_type} places tokens with multi-axis rotary positions "
-                          "(M-RoPE, Qwen2-VL style), which the shared-prompt scoring does not reproduce yet")
+                          f"(M-RoPE) in a layout the shared-prompt scoring has not been checked against (it has for "
+                          f"{' and '.join(MROPE_SCORED)})")
     processor = _from_pretrained(AutoProcessor, model, "processor")
     if getattr(processor, "image_token", None) is None:
         raise ConfigError(f"--model {model}: its processor ({type(processor).__name__}) has no image token; a "

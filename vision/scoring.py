@@ -5,7 +5,8 @@ processor made: `pixel_values` and e.g. LLaVA-NeXT's `image_sizes`) and the feat
 `mm_encoder_outputs` input, each image's features reused by every row that shows it (see `collate_pairs`).
 `sequence_scores` runs each distinct prompt once and the completions of chosen and rejected on its key/value
 cache; `token_log_probs` (for token-level objectives) runs all rows whole in one forward, with only the positions
-from the shortest prompt on reaching the LM head (`logits_to_keep`).
+from the shortest prompt on reaching the LM head (`logits_to_keep`). Both give the model the positions it would give
+itself (`rope_positions`: multi-axis for M-RoPE models such as Qwen2-VL).
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def token_log_probs(model, batch: dict[str, Any], features: list[torch.Tensor] |
     input_ids, mask = batch["input_ids"], batch["completion_mask"]
     first = int(mask.float().argmax(1).min())  # first completion position of any row (>= 1: prompts are non-empty)
     keep = input_ids.shape[1] - first + 1
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], mm_encoder_outputs=encoded,
-                   logits_to_keep=keep, use_cache=False).logits
+    positions, _ = rope_positions(model, input_ids, batch["attention_mask"], batch, batch["image_order"])
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], position_ids=positions,
+                   mm_encoder_outputs=encoded, logits_to_keep=keep, use_cache=False).logits
     targets, target_mask = input_ids[:, -keep + 1:], mask[:, -keep + 1:]
     log_dist = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     return log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1), target_mask, log_dist
@@ -60,9 +62,9 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
 
     Rows that share a prompt and images (chosen and rejected) share its forward: each distinct prompt runs once,
     left-padded, keeping its key/value cache, and every row's completion runs on a copy of its prompt's cache
-    (positions continue from the prompt's own length), so the prompt's tokens, images included, are computed once
-    per pair instead of twice, gradients flowing through the shared cache. Under gradient checkpointing (which
-    cannot recompute a shared cache) the rows run whole, as in `token_log_probs`."""
+    (positions continue from the prompt's own, `rope_positions`), so the prompt's tokens, images included, are
+    computed once per pair instead of twice, gradients flowing through the shared cache. Under gradient
+    checkpointing (which cannot recompute a shared cache) the rows run whole, as in `token_log_probs`."""
     if features is None:
         features = image_features(model, batch)
     if model.training and getattr(unwrap(model), "is_gradient_checkpointing", False):
@@ -82,13 +84,15 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     for g, r in enumerate(leaders.tolist()):
         n = int(starts[r])
         prompt_ids[g, width - n:], prompt_mask[g, width - n:] = input_ids[r, :n], 1
+    per_row = batch["image_order"].split(_images_per_row(batch, rows))
+    leader_images = torch.cat([per_row[r] for r in leaders.tolist()])
     encoded = None
     if features is not None:
-        per_row = batch["image_order"].split(_images_per_row(batch, rows))
-        leader_features = [features[i] for r in leaders.tolist() for i in per_row[r].tolist()]
+        leader_features = [features[i] for i in leader_images.tolist()]
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=leader_features)}  # type: ignore[arg-type]
     # [G, width] prompts, left-padded, run once each; their cache is then copied to every row of their group
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
+    prompt_positions, next_position = rope_positions(model, prompt_ids, prompt_mask, batch, leader_images)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
                 mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_select_indices(group)
@@ -97,13 +101,35 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     for r in range(rows):
         n, s0 = int(lengths[r]), int(starts[r])
         completion[r, :n], completion_mask[r, :n] = input_ids[r, s0:s0 + n], 1
-    positions = starts[:, None].long() + torch.arange(span, device=input_ids.device)
+    positions = next_position[group, None] + torch.arange(span, device=input_ids.device)  # text continues the prompt
     logits = model(input_ids=completion, attention_mask=torch.cat([prompt_mask[group], completion_mask], 1),
                    position_ids=positions, cache=cache, use_cache=False).logits
     first = torch.log_softmax(out.logits[group, -1].float(), -1).gather(-1, completion[:, :1]).squeeze(-1)
     rest = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, completion[:, 1:, None]).squeeze(-1)
     scores = first + (rest * completion_mask[:, 1:]).sum(1)  # [R]
     return scores.view(-1, pairs).T  # [B, k], one column per row kind
+
+
+def rope_index(model) -> Any:
+    """The model's own multi-axis rotary position function (`get_rope_index`, M-RoPE models), or None."""
+    return next((m.get_rope_index for m in unwrap(model).modules() if hasattr(m, "get_rope_index")), None)
+
+
+def rope_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict[str, Any],
+                   images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position ids, next text position [R]) of padded rows whose image tokens show the batch's images `images` in
+    order: 0, 1, ... over each row's tokens for rotary positions on one axis; for multi-axis rotary positions (M-RoPE,
+    Qwen2-VL style) the model's own `get_rope_index` given those images' grids (`image_grid_thw`) [3, R, L], text after
+    an image continuing from its largest position, so the next text position is the prompt's length + rope delta."""
+    index = rope_index(model)
+    if index is None or "images" not in batch:
+        return (attention_mask.cumsum(1) - 1).clamp(min=0), attention_mask.sum(1)
+    vlm: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one)
+    image_token = vlm.config.image_token_id
+    positions, deltas = index(input_ids=input_ids, mm_token_type_ids=(input_ids == image_token).int(),
+                                   image_grid_thw=batch["images"]["image_grid_thw"][images],
+                                   attention_mask=attention_mask)
+    return positions, attention_mask.sum(1) + deltas.view(-1).to(attention_mask.device)
 
 
 def _images_per_row(batch: dict[str, Any], rows: int) -> list[int]:

@@ -1,6 +1,6 @@
 """Tiny vision-language models built offline: a `LlavaForConditionalGeneration` (tiny CLIP vision tower, tiny
 Llama) with a word-level tokenizer over the world's words and a real `LlavaProcessor`, and the same skeleton in the
-other families' own classes (LLaVA-NeXT, LLaVA-OneVision), each with its real processor.
+other families' own classes (LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL), each with its real processor.
 
 Nothing is downloaded; the embedded model in `assets/tiny-llava` is this skeleton pretrained by
 `scripts/build_tiny_llava.py`.
@@ -140,3 +140,53 @@ def tiny_llava_onevision(seed: int = 0, patch_size: int = 8, hidden: int = 64, l
                                   vision_feature_select_strategy="full")
     return LlavaOnevisionForConditionalGeneration(config).eval(), processor
 
+
+def _qwen_parts(patch_size: int, hidden: int, layers: int):
+    """(tokenizer, image processor, video processor, text config, token ids) shared by the tiny Qwen2-VL family: images
+    resized to multiples of 2 * patch_size px, 2x2 patches merged into one image token, M-RoPE over (t, h, w)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    tok = word_tokenizer(video=True)
+    images = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                   size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": (8 * patch_size) ** 2})
+    videos = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    head_half = hidden // 4 // 2  # 4 attention heads; rotary frequencies per head, split over (t, h, w)
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [head_half - 2 * (head_half // 3), head_half // 3, head_half // 3]},
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"), video_token_id=tok.convert_tokens_to_ids("<video>"),
+               vision_start_token_id=tok.bos_token_id)
+    return tok, images, videos, text, ids
+
+
+def tiny_qwen2_vl(seed: int = 0, patch_size: int = 8, hidden: int = 64, layers: int = 2):
+    """(model, processor): a random tiny Qwen2VLForConditionalGeneration (dynamic-resolution images, M-RoPE) and its
+    Qwen2VLProcessor."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    torch.manual_seed(seed)
+    tok, images, videos, text, ids = _qwen_parts(patch_size, hidden, layers)
+    vision = dict(depth=layers, embed_dim=hidden // 2, hidden_size=hidden, num_heads=4, mlp_ratio=2,
+                  patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2)
+    processor = Qwen2VLProcessor(image_processor=images, video_processor=videos, tokenizer=tok,
+                                 chat_template=CHAT_TEMPLATE)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    return Qwen2VLForConditionalGeneration(config).eval(), processor
+
+
+def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 8, hidden: int = 64, layers: int = 2):
+    """(model, processor): a random tiny Qwen2_5_VLForConditionalGeneration (window attention in the first vision
+    layers, full attention in the last) and its Qwen2_5_VLProcessor."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    torch.manual_seed(seed)
+    tok, images, videos, text, ids = _qwen_parts(patch_size, hidden, layers)
+    vision = dict(depth=layers, hidden_size=hidden // 2, out_hidden_size=hidden, intermediate_size=hidden, num_heads=4,
+                  patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, window_size=4 * patch_size,
+                  fullatt_block_indexes=[layers - 1])
+    processor = Qwen2_5_VLProcessor(image_processor=images, video_processor=videos, tokenizer=tok,
+                                    chat_template=CHAT_TEMPLATE)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
