@@ -13,15 +13,17 @@ import torch
 from mmalign.cli import main
 from mmalign.data import DataError
 from mmalign.reference import AdapterDisabled
-from mmalign.vision import dpo, models, scoring
+from mmalign.vision import dpo, models
 from mmalign.vision.data import VisionPairs, collate_pairs, write_rows
 from mmalign.vision.scoring import image_features, sequence_scores, token_log_probs
-from mmalign.vision.tiny import tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl
+from mmalign.vision.tiny import tiny_gemma3, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl
 from mmalign.vision.world import preference_rows
 
 FAMILIES = {"llava_next": tiny_llava_next, "llava_onevision": tiny_llava_onevision, "qwen2_vl": tiny_qwen2_vl,
-            "qwen2_5_vl": tiny_qwen2_5_vl}
+            "qwen2_5_vl": tiny_qwen2_5_vl, "gemma3": tiny_gemma3}
 MROPE = ("qwen2_vl", "qwen2_5_vl")
+DYNAMIC = ("llava_next", "llava_onevision", *MROPE)
+"""The families whose images take as many tiles or patches as their size asks (Gemma 3 resizes every image)."""
 SIZES = ((32, 32), (64, 32), (24, 56), (40, 72))
 """(width, height) of the rows' images in turn: 1x1, 1x2, 2x1 and 2x2 tile grids (LLaVA-NeXT), 2x2 to 4x4 merged
 patch grids (Qwen2-VL), so pairs differ in image tokens."""
@@ -86,7 +88,8 @@ def test_the_vision_tower_runs_once_per_step(family, tmp_path):
     model = models.add_lora(model, 4, None, models.LORA_TARGETS)
     pairs, batch = batch_of(varied_rows(4), processor, tmp_path / "rows.parquet")
     calls = []
-    vision_tower(model).register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    vision_tower(model).register_forward_hook(  # the images it is given, positionally or by name
+        lambda m, args, kwargs, out: calls.append((args or tuple(kwargs.values()))[0].shape[0]), with_kwargs=True)
     with torch.no_grad():
         for i in range(4):  # what the tower takes for each pair's image alone: its tiles or patches
             image_features(model, collate_pairs([pairs[i]], processor.tokenizer.pad_token_id))
@@ -94,36 +97,54 @@ def test_the_vision_tower_runs_once_per_step(family, tmp_path):
     parts = dpo.Parts(AdapterDisabled(), dpo.Config(model="-", data="-", output=tmp_path / "run"),
                       share_features=models.vision_is_frozen(model))
     loss, _ = dpo.dpo_step(model, batch, torch.Generator().manual_seed(0), parts)
-    assert parts.share_features and len(set(alone)) > 1  # the images differ in tiles or patches
+    assert parts.share_features and (len(set(alone)) > 1) == (family in DYNAMIC)  # images of many tiles or patches
     assert calls == [sum(alone)]  # one call for policy and reference, chosen and rejected: every image, no padding
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # the LoRA starts at zero: policy = reference
 
 
-@pytest.mark.parametrize("family", MROPE)
-def test_mrope_scores_equal_the_models_own_full_forward(family, tmp_path, monkeypatch):
-    model, processor = FAMILIES[family](seed=0)
-    rows = varied_rows(4, seed=2)
-    rows[1]["chosen"] = " two objects are there </s>"  # completions of different lengths share the batch
-    _, batch = batch_of(rows, processor, tmp_path / "rows.parquet")
-    truth = torch.zeros(4, 2)
-    for i, row in enumerate(rows):  # each row whole through the processor and the model, which places its tokens
+def one_axis(inputs):
+    """A forward's inputs with positions 0, 1, 2, ... on every rotary axis (no M-RoPE)."""
+    return {**inputs, "position_ids": torch.arange(inputs["input_ids"].shape[1])[None]}
+
+
+def causal(inputs):
+    """A forward's inputs without token types (image tokens attend causally, not to their whole image)."""
+    return {k: v for k, v in inputs.items() if k != "token_type_ids"}
+
+
+WITHOUT = {"qwen2_vl": one_axis, "qwen2_5_vl": one_axis, "gemma3": causal}
+"""Each family's own forward with what the shared-prompt scoring must reproduce taken away."""
+
+
+def whole_row_scores(model, processor, rows, inputs=lambda inputs: inputs):
+    """[B, 2] completion log-probs of each row run whole through the processor and the model's own forward, its
+    inputs passed through `inputs` first."""
+    scores = torch.zeros(len(rows), 2)
+    for i, row in enumerate(rows):
         prompt = processor(images=row["images"], text=row["prompt"], add_special_tokens=False)
         prompt_length = len(prompt["input_ids"][0])
         for k, key in enumerate(("chosen", "rejected")):
             whole = processor(images=row["images"], text=row["prompt"] + row[key], add_special_tokens=False,
                               return_tensors="pt")
             with torch.no_grad():
-                logp = model(**whole).logits[0, prompt_length - 1:-1].log_softmax(-1)
-            truth[i, k] = logp.gather(-1, whole["input_ids"][0, prompt_length:, None]).sum()
+                logp = model(**inputs(dict(whole))).logits[0, prompt_length - 1:-1].log_softmax(-1)
+            scores[i, k] = logp.gather(-1, whole["input_ids"][0, prompt_length:, None]).sum()
+    return scores
+
+
+@pytest.mark.parametrize("family", WITHOUT)
+def test_scores_equal_the_models_own_whole_row_forward(family, tmp_path):
+    model, processor = FAMILIES[family](seed=0)
+    rows = varied_rows(4, seed=2)
+    rows[1]["chosen"] = " two objects are there </s>"  # completions of different lengths share the batch
+    _, batch = batch_of(rows, processor, tmp_path / "rows.parquet")
     with torch.no_grad():
         shared = sequence_scores(model, batch)
         logps, mask, _ = token_log_probs(model, batch)
-    torch.testing.assert_close(shared, truth, rtol=0, atol=1e-4)
-    torch.testing.assert_close((logps * mask).sum(1).view(2, 4).T, truth, rtol=0, atol=1e-4)
-    # positions 0, 1, 2, ... (text-model RoPE) would miss the truth by more than the tolerance
-    monkeypatch.setattr(scoring, "rope_index", lambda model: None)
-    with torch.no_grad():
-        assert (sequence_scores(model, batch) - truth).abs().max() > 5e-4
+    truth = whole_row_scores(model, processor, rows)
+    torch.testing.assert_close(shared, truth, rtol=0, atol=1e-5)
+    torch.testing.assert_close((logps * mask).sum(1).view(2, 4).T, truth, rtol=0, atol=1e-5)
+    assert (whole_row_scores(model, processor, rows, WITHOUT[family]) - truth).abs().max() > 1e-4  # it matters
 
 
 def test_every_image_token_is_counted_before_training(tmp_path):
@@ -164,3 +185,18 @@ def test_what_a_family_cannot_do_is_refused_before_training(family, flag, expect
     err = refused("vision", "dpo", "--model", family_dir(family), "--data", data, "--output", tmp_path / "run",
                   *flag.split(), output=tmp_path / "run")
     assert re.search(expected, err), err
+
+
+@pytest.mark.parametrize(("config_class", "why"), [
+    ("Idefics3Config", "one feature block per row"), ("SmolVLMConfig", "one feature block per row"),
+    ("PaliGemmaConfig", "its prompt attends both ways as a prefix")])
+def test_families_the_scoring_does_not_reproduce_are_refused_by_name(config_class, why, tmp_path, refused):
+    import transformers
+
+    folder = tmp_path / config_class
+    getattr(transformers, config_class)().save_pretrained(folder)  # the config alone: it is read first
+    data = write_rows(varied_rows(2), tmp_path / "rows.parquet")
+    err = refused("vision", "dpo", "--model", folder, "--data", data, "--output", tmp_path / "run",
+                  output=tmp_path / "run")
+    model_type = getattr(transformers, config_class).model_type
+    assert f"--model {folder}: {model_type} cannot be trained here: " in err and why in err

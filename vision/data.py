@@ -247,6 +247,12 @@ def load_rows(path: str | Path, schema: Schema, split: str = "train", allow_outs
     return records
 
 
+def image_token_id(processor) -> int:
+    """The id of the tokens that image features replace: the processor's image token (`image_token_ids`; Gemma 3's
+    soft image token, not its <start_of_image> placeholder)."""
+    return processor.image_token_ids[0]
+
+
 def is_conversational(record: dict) -> bool:
     """TRL's rule: the prompt is a list of messages."""
     return isinstance(record["prompt"], list)
@@ -301,7 +307,8 @@ class VisionPairs(torch.utils.data.Dataset):
                  root: Path = Path("."), retrieved: bool = False, allow_outside: bool = False):
         self.records, self.processor, self.max_length = records, processor, max_length
         self.source, self.root, self.retrieved, self.allow_outside = source, root, retrieved, allow_outside
-        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_token_id = image_token_id(processor)
+        self.placeholder_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         if retrieved and "retrieved_images" not in records.column_names:
             raise DataError(f"{source}: the retrieved-image visual term needs a 'retrieved_images' field (rDPO's v')")
 
@@ -397,10 +404,12 @@ class VisionPairs(torch.utils.data.Dataset):
 
     def _fit_problem(self, prompt: str, completions: list[str], image_tokens: list[int]) -> str | None:
         """Why a rendered row cannot be cut to max_length (see `length_problem`), from its text and each image's token
-        count: the i-th image placeholder stands for image_tokens[i] tokens."""
+        count: the i-th image placeholder stands for image_tokens[i] tokens (exact where a placeholder becomes image
+        tokens only; tokens a processor adds around them, like Gemma 3's end-of-image, are counted when the row is
+        loaded, which stops the run with an error naming the row)."""
         tok = self.processor.tokenizer
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        images = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        images = [i for i, t in enumerate(ids) if t == self.placeholder_id]
         added = sum(image_tokens[:len(images)]) - len(images)
         last = images[-1] + added if images else None
         for key, completion in zip(("chosen", "rejected"), completions):

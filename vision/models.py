@@ -1,8 +1,9 @@
 """Loading an image-text-to-text model with its processor, attaching a LoRA to its language model, saving the result.
 
 A `--model` is checked from its config and processor (`load_processor`, cheap) before its data and weights are
-read: a missing folder, a file, a folder that holds no such model, a family whose positions the scoring does not
-reproduce, or a processor without an image token is a ConfigError naming the model.
+read: a missing folder, a file, a folder that holds no such model, a family whose positions or features the scoring
+does not reproduce (REFUSED, and M-RoPE families other than MROPE_SCORED), or a processor without an image token is a
+ConfigError naming the model and why.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ VISION_PARTS = ("vision_tower", "multi_modal_projector", "visual")
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
 MROPE_SCORED = ("qwen2_vl", "qwen2_5_vl")
 """The M-RoPE families whose positions `scoring.rope_positions` reproduces (checked against the model's own forward)."""
+ROW_FEATURES = "its vision encoder returns one feature block per row (all of a row's images and their sub-image " \
+    "tiles together), not one per image, which sharing each image's features between rows needs"
+REFUSED = {
+    "idefics3": ROW_FEATURES, "smolvlm": ROW_FEATURES,
+    "paligemma": "its prompt attends both ways as a prefix (token_type_ids 0 for the prompt, 1 for the answer), which "
+                 "the scoring, giving token_type_ids 1 at image tokens (Gemma 3's meaning), does not reproduce"}
+"""Image-text-to-text families refused before training, and why."""
 LOAD_ERRORS = (OSError, ValueError)
 """What transformers raises for a folder or hub id it cannot read (missing files, bad JSON, unknown model type)."""
 
@@ -47,6 +55,8 @@ def load_processor(model: str | Path):
     if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         raise ConfigError(f"--model {model}: a {config.model_type!r} model is not an image-text-to-text model; a "
                           "LLaVA-style model (vision tower + language model) is needed")
+    if config.model_type in REFUSED:
+        raise ConfigError(f"--model {model}: {config.model_type} cannot be trained here: {REFUSED[config.model_type]}")
     text = config.get_text_config()
     ropes = [getattr(text, name, None) or {} for name in ("rope_scaling", "rope_parameters")]
     mrope = config.model_type in MROPE_FAMILIES or any("mrope_section" in rope for rope in ropes)

@@ -16,7 +16,7 @@ import torch
 from mmalign.reference import unwrap
 
 from .builders.bdhs import bow_cosine, image_attention_mask
-from .data import VISUAL, collate_pairs, pair_images
+from .data import VISUAL, collate_pairs, image_token_id, pair_images
 
 
 def split_rows(batch: dict[str, Any], pairs: int) -> list[dict[str, Any]]:
@@ -59,7 +59,7 @@ def online_rejected(model, batch: dict[str, Any], generator: torch.Generator, pr
     """The batch with every rejected row replaced by an online BDHS sample (see the module docstring), cut to fit
     `max_length`."""
     tok, pairs = processor.tokenizer, batch["index"].shape[0]
-    image_token_id = tok.convert_tokens_to_ids(processor.image_token)
+    image_token = image_token_id(processor)
     items = split_rows(batch, pairs)
     model_was_training = model.training
     model.eval()
@@ -67,7 +67,7 @@ def online_rejected(model, batch: dict[str, Any], generator: torch.Generator, pr
         chosen_text = tok.decode(item["chosen_ids"], skip_special_tokens=True)
         for _ in range(max_resamples + 1):
             rejected = sample_rejected(model, item["prompt_ids"], item["chosen_ids"], pair_images(batch, i), generator,
-                                       image_token_id, tok.eos_token_id, keep_prob, max_new_tokens)
+                                       image_token, tok.eos_token_id, keep_prob, max_new_tokens)
             if bow_cosine(tok.decode(rejected, skip_special_tokens=True), chosen_text) < threshold:
                 break
         if max_length is not None:

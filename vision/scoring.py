@@ -21,42 +21,60 @@ from mmalign.reference import unwrap
 
 from .data import SHARED_PROMPT_KINDS
 
+Features = list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.Tensor
+"""Per-image features as a model's get_image_features gives them: a list or tuple of [tokens, hidden], or one
+[images, tokens, hidden] tensor."""
 
-def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
+
+def image_features(model, batch: dict[str, Any]) -> Features | None:
     """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call given every
     image input of the batch it takes by name (`pixel_values`, `image_sizes`, `image_grid_thw`, ...), on the model
-    inside a DDP wrapper, which does not forward methods."""
+    inside a DDP wrapper, which does not forward methods; kept as the model gives them (a list, or one tensor)."""
     if "images" not in batch:
         return None
     vlm: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one): its methods are not nn.Module's
     takes = inspect.signature(vlm.get_image_features).parameters
     out = vlm.get_image_features(**{name: x for name, x in batch["images"].items() if name in takes})
-    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
-def token_log_probs(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None
+def row_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict[str, Any],
+               images: torch.Tensor, features: Features | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """(forward inputs, next text position [R]) of padded rows whose image tokens show the batch's images `images` in
+    order: their positions (`rope_positions`), those images' features as `mm_encoder_outputs` (a list, or stacked
+    where the model's get_image_features gives one tensor), and where the forward takes `token_type_ids` (Gemma 3,
+    whose image tokens attend to their whole image) 1 at image tokens, 0 elsewhere, as the processor makes them."""
+    positions, next_position = rope_positions(model, input_ids, attention_mask, batch, images)
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+    if features is not None:
+        picked = [features[i] for i in images.tolist()]
+        # transformers' VLMs keep per-image features as a list in pooler_output, which it annotates as a tensor
+        pooled: Any = torch.stack(picked) if isinstance(features, torch.Tensor) else picked
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+    vlm: Any = unwrap(model)
+    base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm  # peft's wrapper forwards **kwargs
+    if "token_type_ids" in inspect.signature(base.forward).parameters:
+        inputs["token_type_ids"] = (input_ids == vlm.config.image_token_id).long()
+    return inputs, next_position
+
+
+def token_log_probs(model, batch: dict[str, Any], features: Features | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p(y_t | y_<t, images, prompt) [R, T], completion mask [R, T], log-distributions [R, T, V]) over the T
     positions from the shortest prompt on, for all R rows in one forward; `features` are reused when given."""
     if features is None:
         features = image_features(model, batch)
-    encoded = None
-    if features is not None:
-        per_row = [features[i] for i in batch["image_order"].tolist()]
-        # transformers' VLMs keep per-image features as a list in pooler_output, which it annotates as a tensor
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}  # type: ignore[arg-type]
     input_ids, mask = batch["input_ids"], batch["completion_mask"]
     first = int(mask.float().argmax(1).min())  # first completion position of any row (>= 1: prompts are non-empty)
     keep = input_ids.shape[1] - first + 1
-    positions, _ = rope_positions(model, input_ids, batch["attention_mask"], batch, batch["image_order"])
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], position_ids=positions,
-                   mm_encoder_outputs=encoded, logits_to_keep=keep, use_cache=False).logits
+    inputs, _ = row_inputs(model, input_ids, batch["attention_mask"], batch, batch["image_order"], features)
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     targets, target_mask = input_ids[:, -keep + 1:], mask[:, -keep + 1:]
     log_dist = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     return log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1), target_mask, log_dist
 
 
-def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None) -> torch.Tensor:
+def sequence_scores(model, batch: dict[str, Any], features: Features | None = None) -> torch.Tensor:
     """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen,
     rejected, chosen under the other images); `features` from `image_features` are reused when given.
 
@@ -86,14 +104,9 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
         prompt_ids[g, width - n:], prompt_mask[g, width - n:] = input_ids[r, :n], 1
     per_row = batch["image_order"].split(_images_per_row(batch, rows))
     leader_images = torch.cat([per_row[r] for r in leaders.tolist()])
-    encoded = None
-    if features is not None:
-        leader_features = [features[i] for i in leader_images.tolist()]
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=leader_features)}  # type: ignore[arg-type]
     # [G, width] prompts, left-padded, run once each; their cache is then copied to every row of their group
-    prompt_positions, next_position = rope_positions(model, prompt_ids, prompt_mask, batch, leader_images)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
+    inputs, next_position = row_inputs(model, prompt_ids, prompt_mask, batch, leader_images, features)
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_select_indices(group)
     completion = input_ids.new_zeros((rows, span))  # [R, span] completions, right-padded

@@ -1,6 +1,7 @@
 """Tiny vision-language models built offline: a `LlavaForConditionalGeneration` (tiny CLIP vision tower, tiny
 Llama) with a word-level tokenizer over the world's words and a real `LlavaProcessor`, and the same skeleton in the
-other families' own classes (LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL), each with its real processor.
+other families' own classes (LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Gemma 3), each with its real
+processor.
 
 Nothing is downloaded; the embedded model in `assets/tiny-llava` is this skeleton pretrained by
 `scripts/build_tiny_llava.py`.
@@ -23,16 +24,18 @@ CHAT_TEMPLATE = (
 """Renders [user: <image> question] + [assistant: answer] as '<s>user : <image> question assistant : answer </s>'."""
 
 
-def word_tokenizer(video: bool = False):
-    """A whitespace word-level PreTrainedTokenizerFast over the world's words plus <pad> <s> </s> <unk> <image> (and,
-    with `video`, a <video> token after the words, for processors that need one)."""
+def word_tokenizer(**roles: str):
+    """A whitespace word-level PreTrainedTokenizerFast over the world's words plus <pad> <s> </s> <unk> <image>; each
+    keyword names a special token a processor needs (e.g. video_token="<video>", image_token="<image_soft>"), added
+    after the words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate((*SPECIAL, *WORDS, *(["<video>"] if video else [])))}
+    tokens = {"image_token": "<image>", **roles}
+    added = [token for token in tokens.values() if token not in (*SPECIAL, *WORDS)]
+    vocab = {word: i for i, word in enumerate((*SPECIAL, *WORDS, *added))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokens = {"image_token": "<image>", **({"video_token": "<video>"} if video else {})}
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", extra_special_tokens=tokens, model_max_length=512,
                                    padding_side="right")
@@ -126,7 +129,7 @@ def tiny_llava_onevision(seed: int = 0, patch_size: int = 8, hidden: int = 64, l
     )
 
     torch.manual_seed(seed)
-    tok = word_tokenizer(video=True)
+    tok = word_tokenizer(video_token="<video>")
     images = LlavaOnevisionImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                           image_grid_pinpoints=GRID_PINPOINTS)
     processor = LlavaOnevisionProcessor(image_processor=images, video_processor=LlavaOnevisionVideoProcessor(),
@@ -146,7 +149,7 @@ def _qwen_parts(patch_size: int, hidden: int, layers: int):
     resized to multiples of 2 * patch_size px, 2x2 patches merged into one image token, M-RoPE over (t, h, w)."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    tok = word_tokenizer(video=True)
+    tok = word_tokenizer(video_token="<video>")
     images = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
                                    size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": (8 * patch_size) ** 2})
     videos = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
@@ -190,3 +193,26 @@ def tiny_qwen2_5_vl(seed: int = 0, patch_size: int = 8, hidden: int = 64, layers
                                     chat_template=CHAT_TEMPLATE)
     config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
+
+
+def tiny_gemma3(seed: int = 0, patch_size: int = 8, hidden: int = 64, layers: int = 2, image_tokens: int = 4):
+    """(model, processor): a random tiny Gemma3ForConditionalGeneration (SigLIP tower pooled to `image_tokens` soft
+    tokens per image, which attend to each other both ways) and its Gemma3Processor, whose <image> placeholder is
+    the start-of-image token and expands to '<image> <image_soft>... <end_of_image>'."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(boi_token="<image>", image_token="<image_soft>", eoi_token="<end_of_image>")
+    images = Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=CHAT_TEMPLATE,
+                                image_seq_length=image_tokens)
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=4, head_dim=hidden // 4, max_position_embeddings=512,
+                sliding_window=512, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    config = Gemma3Config(text_config=text, vision_config=_vision_config("siglip", IMAGE_SIZE, patch_size, hidden // 2,
+                                                                         layers).to_dict(),
+                          mm_tokens_per_image=image_tokens, boi_token_index=tok.convert_tokens_to_ids("<image>"),
+                          eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+                          image_token_index=tok.convert_tokens_to_ids("<image_soft>"))
+    return Gemma3ForConditionalGeneration(config).eval(), processor
