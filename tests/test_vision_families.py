@@ -200,3 +200,27 @@ def test_families_the_scoring_does_not_reproduce_are_refused_by_name(config_clas
                   output=tmp_path / "run")
     model_type = getattr(transformers, config_class).model_type
     assert f"--model {folder}: {model_type} cannot be trained here: " in err and why in err
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_vl", "gemma3"])
+def test_rdpo_embeddings_take_every_image_input(family):
+    from mmalign.vision.builders.rdpo import vision_tower_embeddings
+
+    model, processor = FAMILIES[family]()
+    images = [row["images"][0] for row in varied_rows(4)]
+    together = vision_tower_embeddings(model, processor, images, batch_size=4)
+    alone = torch.cat([vision_tower_embeddings(model, processor, [image]) for image in images])
+    assert together.shape == (4, model.config.get_text_config().hidden_size)
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)  # each image its own, however batched
+
+
+@pytest.mark.parametrize(("command", "family", "rows", "expected"), [
+    ("bdhs", "qwen2_vl", lambda r: [{k: r[k] for k in ("prompt", "chosen", "images")}], "multi-axis rotary"),
+    ("mia-dpo", "llava_next", lambda r: [{"question": "what colour is the circle ?", "answer": "red",
+                                         "images": r["images"]}], "MIA-DPO's attention ratio reads"),
+], ids=["bdhs-mrope", "mia-dpo-tiles"])
+def test_builders_refuse_layouts_they_do_not_read(command, family, rows, expected, family_dir, tmp_path, refused):
+    data = write_rows(rows(varied_rows(1)[0]), tmp_path / "src.parquet")
+    err = refused("vision", command, "--model", family_dir(family), "--data", data, "--output", tmp_path / "out",
+                  output=tmp_path / "out")
+    assert f"--model {family_dir(family)}: " in err and expected in err, err

@@ -247,6 +247,14 @@ def load_rows(path: str | Path, schema: Schema, split: str = "train", allow_outs
     return records
 
 
+def image_inputs(processor, out: Any) -> dict[str, torch.Tensor]:
+    """The image inputs of a processor's output: every output the model's image processor names (`pixel_values`, and
+    e.g. `image_sizes`, `image_grid_thw`), each with one entry per image along dim 0 (or per call, like
+    `batch_num_images`)."""
+    names = processor.image_processor.model_input_names
+    return {name: torch.as_tensor(out[name]) for name in names if out.get(name) is not None}
+
+
 def image_token_id(processor) -> int:
     """The id of the tokens that image features replace: the processor's image token (`image_token_ids`; Gemma 3's
     soft image token, not its <start_of_image> placeholder)."""
@@ -334,18 +342,14 @@ class VisionPairs(torch.utils.data.Dataset):
 
     def _encode(self, text: str, images: list | None, index: int, field: str
                 ) -> tuple[list[int], dict[str, torch.Tensor] | None]:
-        """(prompt ids with image tokens expanded, image inputs or None) from one processor call; the image inputs
-        are every output the model's image processor names (`pixel_values`, and e.g. `image_sizes`,
-        `image_grid_thw`), each with one entry per image along dim 0 (or per call, like `batch_num_images`)."""
+        """(prompt ids with image tokens expanded, image inputs or None (`image_inputs`)) from one processor call."""
         try:
             opened = [open_image(image, self.root, self.allow_outside, f"image {i + 1}")
                       for i, image in enumerate(images)] if images else None
             out = self.processor(images=opened, text=text, add_special_tokens=False, return_tensors="pt")
         except (KeyError, *IMAGE_ERRORS) as err:
             raise DataError(f"{self.source}: record {index}, field '{field}': {err}") from None
-        names = self.processor.image_processor.model_input_names
-        inputs = {name: torch.as_tensor(out[name]) for name in names if out.get(name) is not None}
-        return out["input_ids"][0].tolist(), inputs if opened else None
+        return out["input_ids"][0].tolist(), image_inputs(self.processor, out) if opened else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
