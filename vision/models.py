@@ -65,7 +65,7 @@ def load_processor(model: str | Path):
                           f"(M-RoPE) in a layout the shared-prompt scoring has not been checked against (it has for "
                           f"{' and '.join(MROPE_SCORED)})")
     processor = _from_pretrained(AutoProcessor, model, "processor")
-    if getattr(processor, "image_token", None) is None:
+    if getattr(processor, "image_token", None) is None or getattr(processor, "image_token_ids", [None])[0] is None:
         raise ConfigError(f"--model {model}: its processor ({type(processor).__name__}) has no image token; a "
                           "LLaVA-style processor is needed")
     return processor
