@@ -144,3 +144,42 @@ def button_press(tmp_path_factory):
     collect.run(collect.Config(output=root / "train.npz", episodes=40, seed=0, **common))
     collect.run(collect.Config(output=root / "eval.npz", episodes=20, seed=1, first_state=40, **common))
     return root
+
+
+@pytest.fixture
+def trl_step0(tmp_path):
+    """`trl_step0(build, rows)` scores `rows` twice, with a policy `build(seed=0)` and a different reference
+    `build(seed=1)` (each build returns (model, processor)): by `mmalign.vision` (shared-prompt `sequence_scores`, then
+    `vision_dpo_loss`, beta 0.1) and by TRL's own DPOTrainer on fresh copies (its trainer patches the forward of the
+    models it is given). Returns {'loss': (ours, TRL's), 'logps': (ours [B, 2], TRL's [B, 2])}, columns chosen,
+    rejected; TRL's per-row log-probs are read from its policy forward (sum of `log_probs` over the completion)."""
+    import datasets
+    import torch
+    trl = pytest.importorskip("trl")
+
+    from mmalign.vision import dpo
+    from mmalign.vision.data import VisionPairs, collate_pairs, write_rows
+    from mmalign.vision.scoring import sequence_scores
+
+    def run(build, rows):
+        policy, processor = build(seed=0)
+        reference, _ = build(seed=1)
+        pairs = VisionPairs.load(write_rows(rows, tmp_path / "trl_rows.parquet"), processor)
+        batch = collate_pairs([pairs[i] for i in range(len(pairs))], processor.tokenizer.pad_token_id)
+        ours = sequence_scores(policy, batch)
+        with torch.no_grad():
+            ref = sequence_scores(reference, batch)
+        config = dpo.Config(model="-", data="-", output=tmp_path / "run", beta=0.1)
+        loss, _ = dpo.vision_dpo_loss(ours, ref, batch["completion_lengths"], config)
+
+        args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(rows), report_to=[],
+                             beta=0.1, max_length=None, use_cpu=True, bf16=False)
+        trainer = trl.DPOTrainer(model=build(seed=0)[0], ref_model=build(seed=1)[0], args=args,
+                                 train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
+        trainer.model.train()
+        forwards = []
+        trainer.model.register_forward_hook(lambda m, args, out: forwards.append(out.log_probs.detach().sum(1)))
+        expected = trainer.compute_loss(trainer.model, trainer.data_collator([dict(r) for r in rows]))
+        return {"loss": (loss.mean().detach(), expected.detach()),
+                "logps": (ours.detach(), forwards[0].view(2, -1).T)}
+    return run

@@ -147,7 +147,7 @@ def test_paths_outside_the_data_folder_are_read_when_allowed(tiny_dir, data_dir)
 
     data = write(data_dir, [{**ROW, "images": ["../outside.png"]}, {**ROW, "images": [str(data_dir / "a.png")]}])
     pairs = VisionPairs.load(data, load_processor(tiny_dir), allow_outside=True)
-    assert pairs[0]["pixel_values"].shape == pairs[1]["pixel_values"].shape == (1, 3, 32, 32)
+    assert pairs[0]["images"]["pixel_values"].shape == pairs[1]["images"]["pixel_values"].shape == (1, 3, 32, 32)
 
 
 BUILDER_CASES = [
@@ -214,7 +214,7 @@ def test_a_16_bit_image_row_trains_on_its_content(tmp_path):
     gradient = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
     Image.fromarray(gradient).save(tmp_path / "a.png")
     processor = tiny_llava()[1]
-    pixels = VisionPairs.load(write(tmp_path, [ROW]), processor)[0]["pixel_values"]
+    pixels = VisionPairs.load(write(tmp_path, [ROW]), processor)[0]["images"]["pixel_values"]
     as_8_bit = Image.fromarray((gradient // 257).astype(np.uint8)).convert("RGB")
     expected = processor.image_processor([as_8_bit], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(pixels, expected, atol=0.02, rtol=0)  # one grey level at most: the gradient, not white

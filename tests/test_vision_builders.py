@@ -118,7 +118,7 @@ def test_mia_dpo_builds_trl_rows_from_the_model(tmp_path):
     assert report["composed"] == 6 and report["pairs"] == len(rows) <= report["wrong"]
     if rows:
         pairs = VisionPairs.load(write_rows(rows, tmp_path / "m.parquet"), processor)
-        assert pairs[0]["pixel_values"].shape[0] == 2
+        assert pairs[0]["images"]["pixel_values"].shape[0] == 2
 
 
 def test_rdpo_retrieval_returns_the_nearest_other_image():
@@ -145,7 +145,7 @@ def test_rdpo_masks_only_vocabulary_words_and_keeps_v_prime(tmp_path):
     assert report["pairs"] == len(built) and all(len(r["retrieved_images"]) == 1 for r in built)
     if built:
         pairs = VisionPairs.load(write_rows(built, tmp_path / "r.parquet"), processor, retrieved=True)
-        assert pairs[0]["retrieved_pixel_values"].shape == pairs[0]["pixel_values"].shape
+        assert pairs[0]["retrieved_images"]["pixel_values"].shape == pairs[0]["images"]["pixel_values"].shape
 
 
 @pytest.mark.parametrize("command", ["mia-dpo", "rdpo"])

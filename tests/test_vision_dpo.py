@@ -1,7 +1,6 @@
 """Vision DPO: log-probs by hand, TRL's loss at step 0, one image encoding per pair, truncation errors, references."""
 
 import math
-import tempfile
 
 import datasets
 import pytest
@@ -53,25 +52,10 @@ def test_sequence_scores_equal_a_hand_computation(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("conversational", [False, True])
-def test_step0_loss_equals_trl_dpo_trainer(conversational, tmp_path):
-    trl = pytest.importorskip("trl")
-    rows = preference_rows(4, seed=2, conversational=conversational)
-    policy, processor = tiny_llava(seed=0)
-    reference, _ = tiny_llava(seed=1)  # a different reference, so the loss is not log 2 at step 0
-    batch = batch_of(rows, processor, tmp_path)
-    policy_scores = sequence_scores(policy, batch)
-    with torch.no_grad():
-        ref_scores = sequence_scores(reference, batch)
-    loss, _ = dpo.vision_dpo_loss(policy_scores, ref_scores, batch["completion_lengths"], config(tmp_path, beta=0.1))
-
-    # TRL gets its own copies: its trainer patches the forward of the models it is given (fp32, as ours)
-    args = trl.DPOConfig(output_dir=tempfile.mkdtemp(dir=tmp_path), per_device_train_batch_size=4, report_to=[],
-                         beta=0.1, max_length=None, use_cpu=True, bf16=False)
-    trainer = trl.DPOTrainer(model=tiny_llava(seed=0)[0], ref_model=tiny_llava(seed=1)[0], args=args,
-                             train_dataset=datasets.Dataset.from_list(rows), processing_class=processor)
-    trainer.model.train()
-    expected = trainer.compute_loss(trainer.model, trainer.data_collator([dict(r) for r in rows]))
-    torch.testing.assert_close(loss.mean(), expected.detach(), rtol=1e-5, atol=1e-6)
+def test_step0_loss_equals_trl_dpo_trainer(conversational, trl_step0):
+    scored = trl_step0(tiny_llava, preference_rows(4, seed=2, conversational=conversational))
+    torch.testing.assert_close(*scored["loss"], rtol=1e-5, atol=1e-6)  # a different reference: the loss is not log 2
+    torch.testing.assert_close(*scored["logps"], rtol=1e-5, atol=1e-4)
 
 
 def test_images_are_encoded_once_per_pair(tmp_path):
@@ -102,13 +86,14 @@ def test_multi_image_prompt_and_visual_rows(tiny, tmp_path):
     batch = batch_of(two, processor, tmp_path, visual=True)
     assert batch["image_order"].tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5]
     batch = dpo.with_visual_images(batch, None, config(tmp_path, visual_term="retrieved"))
-    assert batch["pixel_values"].shape[0] == 6
+    assert batch["images"]["pixel_values"].shape[0] == 6
     with torch.no_grad():
         scores = sequence_scores(model, batch)
         feats = image_features(model, batch)
     assert scores.shape == (2, 3)
     # the v' row is the chosen row shown the retrieved images: scored alone it gives the same number
-    swapped = {**batch, "pixel_values": torch.cat([batch["pixel_values"][3:]] * 2)}  # every row sees v'
+    v_prime = batch["images"]["pixel_values"][3:]
+    swapped = {**batch, "images": {"pixel_values": torch.cat([v_prime] * 2)}}  # every row sees v'
     with torch.no_grad():
         under_retrieved = sequence_scores(model, swapped)
     torch.testing.assert_close(scores[:, 2], under_retrieved[:, 0], rtol=1e-5, atol=1e-5)

@@ -37,7 +37,7 @@ def test_rejected_rows_continue_the_chosen_prefix_and_are_reproducible(setup):
         rejected = new["input_ids"][4 + i, start:start + int(mask.sum())].tolist()
         assert new["input_ids"][4 + i, :start].tolist() == old_rows[i]["prompt_ids"]
         assert 1 <= len(rejected) <= len(old_rows[i]["chosen_ids"]) + 4
-    assert torch.equal(new["pixel_values"], batch["pixel_values"])
+    assert torch.equal(new["images"]["pixel_values"], batch["images"]["pixel_values"])
     assert torch.equal(new["image_counts"], batch["image_counts"])
 
 

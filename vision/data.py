@@ -21,6 +21,7 @@ or whole completion would be cut is an error naming the row.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any
 import datasets
 import pyarrow.compute as pc
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from mmalign.data import MAX_REPORTED, DataError, Field, Schema, load_records, resolve_path, text_or_messages, validate
@@ -166,6 +168,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_size(value: Any, root: Path = Path("."), allow_outside: bool = False) -> tuple[int, int]:
+    """(height, width) of one image entry (see `image_source`), read from its file's header without decoding."""
+    source = image_source(value, root, allow_outside)
+    if isinstance(source, Image.Image):
+        return source.height, source.width
+    with Image.open(source) as image:
+        return image.height, image.width
+
+
 def unreadable(err: Exception) -> str:
     """Why PIL could not read an image, without the file object it names when it cannot identify the format."""
     return "PIL cannot identify its format" if isinstance(err, UnidentifiedImageError) else str(err)
@@ -236,6 +247,20 @@ def load_rows(path: str | Path, schema: Schema, split: str = "train", allow_outs
     return records
 
 
+def image_inputs(processor, out: Any) -> dict[str, torch.Tensor]:
+    """The image inputs of a processor's output: every output the model's image processor names (`pixel_values`, and
+    e.g. `image_sizes`, `image_grid_thw`), each with one entry per image along dim 0 (or per call, like
+    `batch_num_images`)."""
+    names = processor.image_processor.model_input_names
+    return {name: torch.as_tensor(out[name]) for name in names if out.get(name) is not None}
+
+
+def image_token_id(processor) -> int:
+    """The id of the tokens that image features replace: the processor's image token (`image_token_ids`; Gemma 3's
+    soft image token, not its <start_of_image> placeholder)."""
+    return processor.image_token_ids[0]
+
+
 def is_conversational(record: dict) -> bool:
     """TRL's rule: the prompt is a list of messages."""
     return isinstance(record["prompt"], list)
@@ -290,7 +315,8 @@ class VisionPairs(torch.utils.data.Dataset):
                  root: Path = Path("."), retrieved: bool = False, allow_outside: bool = False):
         self.records, self.processor, self.max_length = records, processor, max_length
         self.source, self.root, self.retrieved, self.allow_outside = source, root, retrieved, allow_outside
-        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_token_id = image_token_id(processor)
+        self.placeholder_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         if retrieved and "retrieved_images" not in records.column_names:
             raise DataError(f"{source}: the retrieved-image visual term needs a 'retrieved_images' field (rDPO's v')")
 
@@ -314,28 +340,32 @@ class VisionPairs(torch.utils.data.Dataset):
         except DataError as err:
             raise DataError(f"{self.source}: record {index}: {err}") from None
 
-    def _encode(self, text: str, images: list | None, index: int, field: str) -> tuple[list[int], torch.Tensor | None]:
-        """(prompt ids with image tokens expanded, pixel values [n_images,3,H,W] or None) from one processor call."""
+    def _encode(self, text: str, images: list | None, index: int, field: str
+                ) -> tuple[list[int], dict[str, torch.Tensor] | None]:
+        """(prompt ids with image tokens expanded, image inputs or None (`image_inputs`)) from one processor call."""
         try:
             opened = [open_image(image, self.root, self.allow_outside, f"image {i + 1}")
                       for i, image in enumerate(images)] if images else None
             out = self.processor(images=opened, text=text, add_special_tokens=False, return_tensors="pt")
         except (KeyError, *IMAGE_ERRORS) as err:
             raise DataError(f"{self.source}: record {index}, field '{field}': {err}") from None
-        return out["input_ids"][0].tolist(), out.get("pixel_values")
+        return out["input_ids"][0].tolist(), image_inputs(self.processor, out) if opened else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         prompt, chosen, rejected = self._render(record, index)
-        prompt_ids, pixels = self._encode(prompt, record.get("images"), index, "images")
+        prompt_ids, images = self._encode(prompt, record.get("images"), index, "images")
         tok = self.processor.tokenizer
-        item = {"index": index, "prompt_ids": prompt_ids, "pixel_values": pixels}
-        for key, text in (("chosen", chosen), ("rejected", rejected)):
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+        item = {"index": index, "prompt_ids": prompt_ids, "images": images, "image_count": len(record["images"] or [])}
+        completions = {key: tok(text, add_special_tokens=False)["input_ids"] for key, text in (("chosen", chosen),
+                                                                                           ("rejected", rejected))}
+        for key, ids in completions.items():
             item[f"{key}_ids"] = self._truncate(prompt_ids, ids, index, key)
-        if self.retrieved:
-            retrieved = self._encode(prompt, record["retrieved_images"], index, "retrieved_images")
-            item["retrieved_pixel_values"] = retrieved[1]
+        if self.retrieved:  # v' may expand to another number of image tokens (any-resolution models)
+            visual_ids, item["retrieved_images"] = self._encode(prompt, record["retrieved_images"], index,
+                                                                "retrieved_images")
+            item["visual_prompt_ids"] = visual_ids
+            item["visual_chosen_ids"] = self._truncate(visual_ids, completions["chosen"], index, "retrieved_images")
         return item
 
     def _truncate(self, prompt_ids: list[int], completion: list[int], index: int, key: str) -> list[int]:
@@ -350,46 +380,64 @@ class VisionPairs(torch.utils.data.Dataset):
             raise DataError(f"{self.source}: record {index}: {problem}")
         return completion if self.max_length is None else completion[:self.max_length - len(prompt_ids)]
 
-    def _tokens_per_image(self, counts: list[int]) -> int:
-        """The number of image tokens one image expands to, from the first row with an image (1 if none has one)."""
-        with_image = next((i for i, n in enumerate(counts) if n), None)
-        if with_image is None:
-            return 1
-        first = self.records[with_image]
-        ids = self._encode(self._render(first, with_image)[0], first["images"], with_image, "images")[0]
-        return ids.count(self.image_token_id) // counts[with_image]
+    def image_counts(self) -> list[int]:
+        """How many images each row has, read from the column's list lengths (no image is read)."""
+        if "images" not in self.records.column_names:
+            return [0] * len(self)
+        return pc.list_value_length(self.records.data.column("images")).fill_null(0).to_pylist()
 
-    def _fit_problem(self, prompt: str, completions: list[str], per_image: int) -> str | None:
-        """Why a rendered row cannot be cut to max_length (see `length_problem`), from its text alone."""
+    @functools.cached_property
+    def _first_image_tokens(self) -> int:
+        """The number of image tokens one image of the first row with an image expands to (1 if none has one)."""
+        index = next((i for i, n in enumerate(self.image_counts()) if n), None)
+        if index is None:
+            return 1
+        first = self.records[index]
+        ids = self._encode(self._render(first, index)[0], first["images"], index, "images")[0]
+        return ids.count(self.image_token_id) // len(first["images"])
+
+    def image_tokens(self, index: int, images: int) -> list[int]:
+        """How many image tokens each of row `index`'s images expands to: from each image's size (its file's header)
+        through the processor's own count (transformers' `_get_num_multimodal_tokens`: exact for any-resolution and
+        dynamic-resolution models too), else the first image's count for every image (exact at fixed resolution)."""
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if not images or count is None:
+            return [self._first_image_tokens] * images
+        sizes = [image_size(entry, self.root, self.allow_outside) for entry in self.records[index]["images"]]
+        return list(count(image_sizes=sizes).num_image_tokens)
+
+    def _fit_problem(self, prompt: str, completions: list[str], image_tokens: list[int]) -> str | None:
+        """Why a rendered row cannot be cut to max_length (see `length_problem`), from its text and each image's token
+        count: the i-th image placeholder stands for image_tokens[i] tokens (exact where a placeholder becomes image
+        tokens only; tokens a processor adds around them, like Gemma 3's end-of-image, are counted when the row is
+        loaded, which stops the run with an error naming the row)."""
         tok = self.processor.tokenizer
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        images = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        length = len(ids) + len(images) * (per_image - 1)
-        last = images[-1] + len(images) * (per_image - 1) if images else None
+        images = [i for i, t in enumerate(ids) if t == self.placeholder_id]
+        added = sum(image_tokens[:len(images)]) - len(images)
+        last = images[-1] + added if images else None
         for key, completion in zip(("chosen", "rejected"), completions):
             completion_length = len(tok(completion, add_special_tokens=False)["input_ids"])
-            problem = length_problem(length, last, completion_length, self.max_length, key)
+            problem = length_problem(len(ids) + added, last, completion_length, self.max_length, key)
             if problem:
                 return problem
         return None
 
     def check_rows(self) -> None:
-        """Check every row before training, from its text alone: it renders (a conversation through the chat template)
-        and, with max_length, fits: each image placeholder counts as the number of image tokens the first image
-        expanded to (exact for fixed-resolution models like LLaVA 1.5). Raises a DataError listing every row that
-        does not render, or would lose image tokens or a whole completion."""
+        """Check every row before training, from its text and image sizes: it renders (a conversation through the chat
+        template) and, with max_length, fits, each image placeholder counting as the tokens its image expands to
+        (`image_tokens`). Raises a DataError listing every row that does not render, or would lose image tokens or a
+        whole completion."""
         text = self.records.remove_columns([c for c in IMAGE_FIELDS if c in self.records.column_names]).to_list()
-        counts = (pc.list_value_length(self.records.data.column("images")).fill_null(0).to_pylist()
-                  if "images" in self.records.column_names else [0] * len(self))
-        per_image = self._tokens_per_image(counts) if self.max_length is not None else 1
         problems = []
-        for index, (record, n) in enumerate(zip(text, counts)):
+        for index, (record, n) in enumerate(zip(text, self.image_counts())):
             try:
                 prompt, *completions = render({**record, "images": [None] * n}, self.processor)
             except DataError as err:
                 problems.append(f"  record {index}: {err}")
                 continue
-            problem = self._fit_problem(prompt, completions, per_image) if self.max_length is not None else None
+            problem = None if self.max_length is None else \
+                self._fit_problem(prompt, completions, self.image_tokens(index, n))
             if problem:
                 problems.append(f"  record {index}: {problem}")
         if problems:
@@ -419,22 +467,38 @@ one column per kind, in this order. CHOSEN and REJECTED rows show the same promp
 SHARED_PROMPT_KINDS = 2  # the kinds that share a prompt, images included: CHOSEN and REJECTED
 
 
-def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) -> dict[str, torch.Tensor]:
+def cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors concatenated along dim 0, each zero-padded at the end of every other dim to the largest size (e.g.
+    any-resolution images of different tile counts; the model reads each image's own tiles from `image_sizes`)."""
+    size = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    padded = [F.pad(t, [p for d in reversed(range(1, t.dim())) for p in (0, size[d] - t.shape[d])]) if t.dim() > 1
+              else t for t in tensors]
+    return torch.cat(padded)
+
+
+def stack_images(inputs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The image inputs of several processor calls as one: each input concatenated along dim 0 (`cat_padded`)."""
+    return {name: cat_padded([x[name] for x in inputs]) for name in inputs[0]}
+
+
+def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) -> dict[str, Any]:
     """Batch of B pairs as R = 2B rows [prompt+chosen; prompt+rejected], plus with `visual` B rows of prompt+chosen
     shown the other images v' (the row kinds CHOSEN, REJECTED, VISUAL), right-padded.
 
-    The pairs' images are stacked once in `pixel_values`; `image_order` lists, row by row, which image each row's
-    image tokens take (v' rows take index N + i, i.e. images appended after the N real ones: the retrieved images,
-    kept in `retrieved_pixel_values`, or corrupted ones made in the step), so chosen and rejected share one encoding.
-    `completion_mask` marks completion tokens; `completion_lengths` is [B, k] per pair and row kind; `image_counts`
-    [B] the images of each pair."""
+    The pairs' image inputs (whatever the processor gives: `pixel_values`, `image_sizes`, `image_grid_thw`, ...) are
+    stacked once in `images` (`stack_images`), with `image_extents` [B] per input the dim-0 rows each pair holds;
+    `image_order` lists, row by row, which image each row's image tokens take (v' rows take index N + i, i.e. images
+    appended after the N real ones: the retrieved images, kept in `retrieved_images`, or corrupted ones made in the
+    step), so chosen and rejected share one encoding. `completion_mask` marks completion tokens;
+    `completion_lengths` is [B, k] per pair and row kind; `image_counts` [B] the images of each pair."""
     sequences = [(item["prompt_ids"], item[f"{kind}_ids"]) for kind in ("chosen", "rejected") for item in items]
-    counts = [0 if item["pixel_values"] is None else item["pixel_values"].shape[0] for item in items]
+    counts = [item["image_count"] for item in items]
     starts = torch.tensor([0, *counts]).cumsum(0).tolist()
     own = [list(range(starts[i], starts[i + 1])) for i in range(len(items))]
     order = own + own
-    if visual:
-        sequences += [(item["prompt_ids"], item["chosen_ids"]) for item in items]
+    if visual:  # v' rows: the prompt as expanded for the retrieved images where they have their own
+        sequences += [(item.get("visual_prompt_ids", item["prompt_ids"]),
+                       item.get("visual_chosen_ids", item["chosen_ids"])) for item in items]
         order += [[i + starts[-1] for i in ids] for ids in own]
     length = max(len(p) + len(c) for p, c in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
@@ -445,17 +509,31 @@ def collate_pairs(items: list[dict], pad_token_id: int, visual: bool = False) ->
         input_ids[row, :n] = torch.tensor(prompt + completion)
         attention_mask[row, :n] = 1
         completion_mask[row, len(prompt):n] = 1
-    batch = {"index": torch.tensor([item["index"] for item in items]), "input_ids": input_ids,
-             "attention_mask": attention_mask, "completion_mask": completion_mask,
-             "completion_lengths": completion_mask.sum(1).view(-1, len(items)).T.contiguous(),
-             "image_order": torch.tensor([i for ids in order for i in ids], dtype=torch.long),
-             "image_counts": torch.tensor(counts)}
-    pixels = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels)
-    if "retrieved_pixel_values" in items[0]:
-        batch["retrieved_pixel_values"] = torch.cat([item["retrieved_pixel_values"] for item in items])
+    batch: dict[str, Any] = {
+        "index": torch.tensor([item["index"] for item in items]), "input_ids": input_ids,
+        "attention_mask": attention_mask, "completion_mask": completion_mask,
+        "completion_lengths": completion_mask.sum(1).view(-1, len(items)).T.contiguous(),
+        "image_order": torch.tensor([i for ids in order for i in ids], dtype=torch.long),
+        "image_counts": torch.tensor(counts)}
+    images = [item["images"] for item in items if item["images"] is not None]
+    if images:
+        batch["images"] = stack_images(images)
+        batch["image_extents"] = {name: torch.tensor([x[name].shape[0] if x is not None else 0 for x in
+                                                      (item["images"] for item in items)]) for name in images[0]}
+    if "retrieved_images" in items[0]:
+        batch["retrieved_images"] = stack_images([item["retrieved_images"] for item in items])
     return batch
+
+
+def pair_images(batch: dict[str, Any], pair: int) -> dict[str, torch.Tensor] | None:
+    """Pair `pair`'s own image inputs, cut back out of the batch's stacked `images` (None if it has no image)."""
+    if "images" not in batch or not int(batch["image_counts"][pair]):
+        return None
+    out = {}
+    for name, extents in batch["image_extents"].items():
+        start = int(extents[:pair].sum())
+        out[name] = batch["images"][name][start:start + int(extents[pair])]
+    return out
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:

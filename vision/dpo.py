@@ -33,10 +33,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torchvision.transforms.v2 import functional as TF
 
 from mmalign.config import option
 from mmalign.data import ALLOW_OUTSIDE_PATHS
+from mmalign.errors import ConfigError
 from mmalign.files import write_atomically
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
@@ -44,8 +46,8 @@ from mmalign.reference import AdapterDisabled, CachedScores, FrozenCopy
 from mmalign.trainer import TrainConfig, Trainer
 
 from . import models, online, token_level
-from .data import CHOSEN, REJECTED, VISUAL, VisionPairs, collate_pairs
-from .scoring import image_features, sequence_scores, token_log_probs
+from .data import CHOSEN, REJECTED, VISUAL, VisionPairs, collate_pairs, stack_images
+from .scoring import image_features, rope_index, sequence_scores, token_log_probs
 
 LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
 CACHE_FILE = "reference_scores.safetensors"
@@ -187,12 +189,13 @@ def corrupt_images(pixels: torch.Tensor, generator: torch.Generator, scale: tupl
 
 
 def with_visual_images(batch: dict[str, Any], generator: torch.Generator, config: Config) -> dict[str, Any]:
-    """The batch with v' (retrieved or corrupted images) appended after the real images in `pixel_values`."""
+    """The batch with v' (retrieved or corrupted images) appended after the real images in every image input."""
     if config.visual_term == "none":
         return batch
-    alt = batch.pop("retrieved_pixel_values") if config.visual_term == "retrieved" else \
-        corrupt_images(batch["pixel_values"], generator)
-    return {**batch, "pixel_values": torch.cat([batch["pixel_values"], alt])}
+    real = batch["images"]
+    alt = batch.pop("retrieved_images") if config.visual_term == "retrieved" else \
+        {**real, "pixel_values": corrupt_images(real["pixel_values"], generator)}
+    return {**batch, "images": stack_images([real, alt])}
 
 
 def dpo_step(model, batch: dict[str, Any], generator: torch.Generator, parts: Parts) -> tuple[torch.Tensor, dict]:
@@ -247,14 +250,32 @@ def collate_for(processor, config: Config):
 
 
 def load_pairs(config: Config, processor) -> VisionPairs:
-    """The run's preference rows, each checked up front (fields, images, rendering, lengths; `VisionPairs.load`)."""
-    return VisionPairs.load(config.data, processor, config.max_length, config.split,
-                            retrieved=config.visual_term == "retrieved", allow_outside=config.allow_outside_paths)
+    """The run's preference rows, each checked up front (fields, images, rendering, lengths; `VisionPairs.load`), and
+    for the corrupted visual term that the processor gives whole images to crop (`check_croppable`)."""
+    pairs = VisionPairs.load(config.data, processor, config.max_length, config.split,
+                             retrieved=config.visual_term == "retrieved", allow_outside=config.allow_outside_paths)
+    if config.visual_term == "corrupted":
+        check_croppable(pairs, config.model)
+    return pairs
+
+
+def check_croppable(pairs: VisionPairs, model: str) -> None:
+    """mDPO's crops (`corrupt_images`) take pixel_values [N,3,H,W], one whole image each; a ConfigError naming the model
+    when its processor gives another layout (any-resolution tiles, flattened patches), read from the first row."""
+    images = pairs[0]["images"] if len(pairs) else None
+    if images is not None and images["pixel_values"].dim() != 4:
+        raise ConfigError(f"--visual-term corrupted: {model}'s processor gives pixel_values of shape "
+                          f"{tuple(images['pixel_values'].shape)} per row (image tiles or patches), not whole images "
+                          "[N,3,H,W] to crop; use --visual-term retrieved")
 
 
 def prepare(config: Config, trainer: Trainer, processor):
     """(policy, parts): the model loaded and placed, its LoRA (or trainable full weights) and reference."""
     model = models.load_model(config.model, torch.float32 if config.full else trainer.weight_dtype)
+    if config.online_bdhs and rope_index(model) is not None:
+        raise ConfigError(f"--online-bdhs: {config.model} places tokens by multi-axis rotary positions (M-RoPE) "
+                          "read from the attention mask, which BDHS uses to hide image tokens; train on offline pairs "
+                          "(without --online-bdhs)")
     model.requires_grad_(False).to(trainer.device)
     if config.full:
         for name, param in model.named_parameters():
@@ -278,8 +299,7 @@ def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: 
 
     def batches():
         for batch in loader:
-            batch = {k: v.to(trainer.device) for k, v in batch.items()}
-            yield with_visual_images(batch, None, parts.config)
+            yield with_visual_images(send_to_device(batch, trainer.device), None, parts.config)
 
     with trainer.accelerator.autocast():
         cache = CachedScores.build(parts.reference, sequence_scores, model, batches(), len(pairs))

@@ -53,6 +53,8 @@ def qa_accuracy(model, processor, rows: list[dict], batch_size: int = 64, choice
 def preference_accuracy(model, pairs, batch_size: int = 64) -> dict[str, float]:
     """Share of held-out pairs (a `VisionPairs`) whose chosen answer the model scores above the rejected one,
     s(y_w | v, x) > s(y_l | v, x), as mean and 95% CI; 1 - it is the rate of preferring the hallucination."""
+    from accelerate.utils import send_to_device
+
     from .data import collate_pairs
     from .scoring import sequence_scores
 
@@ -62,6 +64,6 @@ def preference_accuracy(model, pairs, batch_size: int = 64) -> dict[str, float]:
     wins = []
     for start in range(0, len(pairs), batch_size):
         batch = collate_pairs([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))], pad)
-        scores = sequence_scores(model, {k: v.to(device) for k, v in batch.items()})
+        scores = sequence_scores(model, send_to_device(batch, device))
         wins += (scores[:, CHOSEN] > scores[:, REJECTED]).float().tolist()
     return mean_ci(wins)

@@ -1,8 +1,9 @@
 """Loading an image-text-to-text model with its processor, attaching a LoRA to its language model, saving the result.
 
 A `--model` is checked from its config and processor (`load_processor`, cheap) before its data and weights are
-read: a missing folder, a file, a folder that holds no such model, a family whose positions the scoring does not
-reproduce, or a processor without an image token is a ConfigError naming the model.
+read: a missing folder, a file, a folder that holds no such model, a family whose positions or features the scoring
+does not reproduce (REFUSED, and M-RoPE families other than MROPE_SCORED), or a processor without an image token is a
+ConfigError naming the model and why.
 """
 
 from __future__ import annotations
@@ -14,8 +15,18 @@ import torch
 from mmalign.errors import ConfigError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-VISION_PARTS = ("vision_tower", "multi_modal_projector")
+VISION_PARTS = ("vision_tower", "multi_modal_projector", "visual")
+"""Names of the vision tower and projector modules: LLaVA's, and Qwen2-VL's `visual` (tower and merger)."""
 MROPE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v")
+MROPE_SCORED = ("qwen2_vl", "qwen2_5_vl")
+"""The M-RoPE families whose positions `scoring.rope_positions` reproduces (checked against the model's own forward)."""
+ROW_FEATURES = "its vision encoder returns one feature block per row (all of a row's images and their sub-image " \
+    "tiles together), not one per image, which sharing each image's features between rows needs"
+REFUSED = {
+    "idefics3": ROW_FEATURES, "smolvlm": ROW_FEATURES,
+    "paligemma": "its prompt attends both ways as a prefix (token_type_ids 0 for the prompt, 1 for the answer), which "
+                 "the scoring, giving token_type_ids 1 at image tokens (Gemma 3's meaning), does not reproduce"}
+"""Image-text-to-text families refused before training, and why."""
 LOAD_ERRORS = (OSError, ValueError)
 """What transformers raises for a folder or hub id it cannot read (missing files, bad JSON, unknown model type)."""
 
@@ -36,7 +47,7 @@ def _from_pretrained(loader, model: str | Path, what: str, **kwargs):
 
 def load_processor(model: str | Path):
     """The model's processor, after checking from its config alone that it is an image-text-to-text model this
-    package can score (not M-RoPE) and that its processor has an image token."""
+    package can score (multi-axis rotary positions only for MROPE_SCORED) and that its processor has an image token."""
     from transformers import AutoConfig, AutoProcessor
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
@@ -44,13 +55,17 @@ def load_processor(model: str | Path):
     if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         raise ConfigError(f"--model {model}: a {config.model_type!r} model is not an image-text-to-text model; a "
                           "LLaVA-style model (vision tower + language model) is needed")
+    if config.model_type in REFUSED:
+        raise ConfigError(f"--model {model}: {config.model_type} cannot be trained here: {REFUSED[config.model_type]}")
     text = config.get_text_config()
     ropes = [getattr(text, name, None) or {} for name in ("rope_scaling", "rope_parameters")]
-    if config.model_type in MROPE_FAMILIES or any("mrope_section" in rope for rope in ropes):
+    mrope = config.model_type in MROPE_FAMILIES or any("mrope_section" in rope for rope in ropes)
+    if mrope and config.model_type not in MROPE_SCORED:
         raise ConfigError(f"--model {model}: {config.model_type} places tokens with multi-axis rotary positions "
-                          "(M-RoPE, Qwen2-VL style), which the shared-prompt scoring does not reproduce yet")
+                          f"(M-RoPE) in a layout the shared-prompt scoring has not been checked against (it has for "
+                          f"{' and '.join(MROPE_SCORED)})")
     processor = _from_pretrained(AutoProcessor, model, "processor")
-    if getattr(processor, "image_token", None) is None:
+    if getattr(processor, "image_token", None) is None or getattr(processor, "image_token_ids", [None])[0] is None:
         raise ConfigError(f"--model {model}: its processor ({type(processor).__name__}) has no image token; a "
                           "LLaVA-style processor is needed")
     return processor

@@ -1,14 +1,17 @@
 """Sequence scores of a LLaVA-style model: s(y | images, prompt) = sum of the completion tokens' log-probs.
 
-The images of a batch are encoded by ONE vision-tower call and the features handed to the model through its
+The images of a batch are encoded by ONE vision-tower call (`get_image_features`, given every image input the
+processor made: `pixel_values` and e.g. LLaVA-NeXT's `image_sizes`) and the features handed to the model through its
 `mm_encoder_outputs` input, each image's features reused by every row that shows it (see `collate_pairs`).
 `sequence_scores` runs each distinct prompt once and the completions of chosen and rejected on its key/value
 cache; `token_log_probs` (for token-level objectives) runs all rows whole in one forward, with only the positions
-from the shortest prompt on reaching the LM head (`logits_to_keep`).
+from the shortest prompt on reaching the LM head (`logits_to_keep`). Both give the model the positions it would give
+itself (`rope_positions`: multi-axis for M-RoPE models such as Qwen2-VL).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -18,48 +21,68 @@ from mmalign.reference import unwrap
 
 from .data import SHARED_PROMPT_KINDS
 
+Features = list[torch.Tensor] | tuple[torch.Tensor, ...] | torch.Tensor
+"""Per-image features as a model's get_image_features gives them: a list or tuple of [tokens, hidden], or one
+[images, tokens, hidden] tensor."""
 
-def image_features(model, batch: dict[str, Any]) -> list[torch.Tensor] | None:
-    """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call (on the
-    model inside a DDP wrapper, which does not forward methods)."""
-    if "pixel_values" not in batch:
+
+def image_features(model, batch: dict[str, Any]) -> Features | None:
+    """Per-image features [tokens, hidden] of every image in the batch, from one `get_image_features` call given every
+    image input of the batch it takes by name (`pixel_values`, `image_sizes`, `image_grid_thw`, ...), on the model
+    inside a DDP wrapper, which does not forward methods; kept as the model gives them (a list, or one tensor)."""
+    if "images" not in batch:
         return None
-    kwargs = {"image_sizes": batch["image_sizes"]} if "image_sizes" in batch else {}
     vlm: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one): its methods are not nn.Module's
-    out = vlm.get_image_features(pixel_values=batch["pixel_values"], **kwargs)
-    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
+    takes = inspect.signature(vlm.get_image_features).parameters
+    out = vlm.get_image_features(**{name: x for name, x in batch["images"].items() if name in takes})
+    return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
-def token_log_probs(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None
+def row_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict[str, Any],
+               images: torch.Tensor, features: Features | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """(forward inputs, next text position [R]) of padded rows whose image tokens show the batch's images `images` in
+    order: their positions (`rope_positions`), those images' features as `mm_encoder_outputs` (a list, or stacked
+    where the model's get_image_features gives one tensor), and where the forward takes `token_type_ids` (Gemma 3,
+    whose image tokens attend to their whole image) 1 at image tokens, 0 elsewhere, as the processor makes them."""
+    positions, next_position = rope_positions(model, input_ids, attention_mask, batch, images)
+    inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": positions}
+    if features is not None:
+        picked = [features[i] for i in images.tolist()]
+        # transformers' VLMs keep per-image features as a list in pooler_output, which it annotates as a tensor
+        pooled: Any = torch.stack(picked) if isinstance(features, torch.Tensor) else picked
+        inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+    vlm: Any = unwrap(model)
+    base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm  # peft's wrapper forwards **kwargs
+    if "token_type_ids" in inspect.signature(base.forward).parameters:
+        inputs["token_type_ids"] = (input_ids == vlm.config.image_token_id).long()
+    return inputs, next_position
+
+
+def token_log_probs(model, batch: dict[str, Any], features: Features | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(log p(y_t | y_<t, images, prompt) [R, T], completion mask [R, T], log-distributions [R, T, V]) over the T
     positions from the shortest prompt on, for all R rows in one forward; `features` are reused when given."""
     if features is None:
         features = image_features(model, batch)
-    encoded = None
-    if features is not None:
-        per_row = [features[i] for i in batch["image_order"].tolist()]
-        # transformers' VLMs keep per-image features as a list in pooler_output, which it annotates as a tensor
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}  # type: ignore[arg-type]
     input_ids, mask = batch["input_ids"], batch["completion_mask"]
     first = int(mask.float().argmax(1).min())  # first completion position of any row (>= 1: prompts are non-empty)
     keep = input_ids.shape[1] - first + 1
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], mm_encoder_outputs=encoded,
-                   logits_to_keep=keep, use_cache=False).logits
+    inputs, _ = row_inputs(model, input_ids, batch["attention_mask"], batch, batch["image_order"], features)
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     targets, target_mask = input_ids[:, -keep + 1:], mask[:, -keep + 1:]
     log_dist = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     return log_dist.gather(-1, targets.unsqueeze(-1)).squeeze(-1), target_mask, log_dist
 
 
-def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] | None = None) -> torch.Tensor:
+def sequence_scores(model, batch: dict[str, Any], features: Features | None = None) -> torch.Tensor:
     """[B, k] summed completion log-probs sum_t log p(y_t | y_<t, images, prompt), columns = row kinds (chosen,
     rejected, chosen under the other images); `features` from `image_features` are reused when given.
 
     Rows that share a prompt and images (chosen and rejected) share its forward: each distinct prompt runs once,
     left-padded, keeping its key/value cache, and every row's completion runs on a copy of its prompt's cache
-    (positions continue from the prompt's own length), so the prompt's tokens, images included, are computed once
-    per pair instead of twice, gradients flowing through the shared cache. Under gradient checkpointing (which
-    cannot recompute a shared cache) the rows run whole, as in `token_log_probs`."""
+    (positions continue from the prompt's own, `rope_positions`), so the prompt's tokens, images included, are
+    computed once per pair instead of twice, gradients flowing through the shared cache. Under gradient
+    checkpointing (which cannot recompute a shared cache) the rows run whole, as in `token_log_probs`."""
     if features is None:
         features = image_features(model, batch)
     if model.training and getattr(unwrap(model), "is_gradient_checkpointing", False):
@@ -79,14 +102,11 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     for g, r in enumerate(leaders.tolist()):
         n = int(starts[r])
         prompt_ids[g, width - n:], prompt_mask[g, width - n:] = input_ids[r, :n], 1
-    encoded = None
-    if features is not None:
-        per_row = batch["image_order"].split(_images_per_row(batch, rows))
-        leader_features = [features[i] for r in leaders.tolist() for i in per_row[r].tolist()]
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=leader_features)}  # type: ignore[arg-type]
+    per_row = batch["image_order"].split(_images_per_row(batch, rows))
+    leader_images = torch.cat([per_row[r] for r in leaders.tolist()])
     # [G, width] prompts, left-padded, run once each; their cache is then copied to every row of their group
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0),
-                mm_encoder_outputs=encoded, use_cache=True, logits_to_keep=1)
+    inputs, next_position = row_inputs(model, prompt_ids, prompt_mask, batch, leader_images, features)
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     cache.batch_select_indices(group)
     completion = input_ids.new_zeros((rows, span))  # [R, span] completions, right-padded
@@ -94,13 +114,35 @@ def sequence_scores(model, batch: dict[str, Any], features: list[torch.Tensor] |
     for r in range(rows):
         n, s0 = int(lengths[r]), int(starts[r])
         completion[r, :n], completion_mask[r, :n] = input_ids[r, s0:s0 + n], 1
-    positions = starts[:, None].long() + torch.arange(span, device=input_ids.device)
+    positions = next_position[group, None] + torch.arange(span, device=input_ids.device)  # text continues the prompt
     logits = model(input_ids=completion, attention_mask=torch.cat([prompt_mask[group], completion_mask], 1),
                    position_ids=positions, cache=cache, use_cache=False).logits
     first = torch.log_softmax(out.logits[group, -1].float(), -1).gather(-1, completion[:, :1]).squeeze(-1)
     rest = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, completion[:, 1:, None]).squeeze(-1)
     scores = first + (rest * completion_mask[:, 1:]).sum(1)  # [R]
     return scores.view(-1, pairs).T  # [B, k], one column per row kind
+
+
+def rope_index(model) -> Any:
+    """The model's own multi-axis rotary position function (`get_rope_index`, M-RoPE models), or None."""
+    return next((m.get_rope_index for m in unwrap(model).modules() if hasattr(m, "get_rope_index")), None)
+
+
+def rope_positions(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch: dict[str, Any],
+                   images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position ids, next text position [R]) of padded rows whose image tokens show the batch's images `images` in
+    order: 0, 1, ... over each row's tokens for rotary positions on one axis; for multi-axis rotary positions (M-RoPE,
+    Qwen2-VL style) the model's own `get_rope_index` given those images' grids (`image_grid_thw`) [3, R, L], text after
+    an image continuing from its largest position, so the next text position is the prompt's length + rope delta."""
+    index = rope_index(model)
+    if index is None or "images" not in batch:
+        return (attention_mask.cumsum(1) - 1).clamp(min=0), attention_mask.sum(1)
+    vlm: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one)
+    image_token = vlm.config.image_token_id
+    positions, deltas = index(input_ids=input_ids, mm_token_type_ids=(input_ids == image_token).int(),
+                                   image_grid_thw=batch["images"]["image_grid_thw"][images],
+                                   attention_mask=attention_mask)
+    return positions, attention_mask.sum(1) + deltas.view(-1).to(attention_mask.device)
 
 
 def _images_per_row(batch: dict[str, Any], rows: int) -> list[int]:

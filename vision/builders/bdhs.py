@@ -28,9 +28,19 @@ import torch
 
 from mmalign.config import option
 from mmalign.data import DataError, Field, Schema
+from mmalign.errors import ConfigError
 
 from .. import models
-from ..data import completion_field, image_entries, images_match, message_text, prompt_field, render_prompt
+from ..data import (
+    completion_field,
+    image_entries,
+    image_token_id,
+    images_match,
+    message_text,
+    prompt_field,
+    render_prompt,
+)
+from ..scoring import rope_index
 from .base import BuilderConfig
 
 SOURCE_ROW = Schema("BDHS source row (prompt, chosen, images)", (
@@ -85,9 +95,8 @@ def complete(model, processor, context: str, images: list, config: Config, gener
     inputs = processor(images=images or None, text=context, add_special_tokens=False, return_tensors="pt")
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    image_token_id = tok.convert_tokens_to_ids(processor.image_token)
-    inputs["attention_mask"] = image_attention_mask(inputs["input_ids"], inputs["attention_mask"], image_token_id,
-                                                    config.keep_prob, generator)
+    inputs["attention_mask"] = image_attention_mask(inputs["input_ids"], inputs["attention_mask"],
+                                                    image_token_id(processor), config.keep_prob, generator)
     stops = [tok.eos_token_id] + [i for t, i in tok.get_vocab().items() if t.strip() in (".", "!", "?")]
     torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator, device=generator.device)))
     out = model.generate(**inputs, do_sample=True, temperature=config.temperature, top_k=0,
@@ -150,6 +159,10 @@ def run(config: Config) -> dict:
     """`mmalign vision bdhs`: build pairs from `data` with `model`; write train.parquet and report.json."""
     records = config.rows(SOURCE_ROW)
     model, processor = models.load(config.model)
+    if rope_index(model) is not None:
+        raise ConfigError(f"--model {config.model}: it places tokens by multi-axis rotary positions (M-RoPE) read "
+                          "from the attention mask, which BDHS uses to hide image tokens; build BDHS pairs with "
+                          "another model")
     rows, report = build_rows(model.eval(), processor, [records[i] for i in range(len(records))], config)
     if not rows:
         raise DataError(f"{config.data}: every row's rejected response stayed too similar to the chosen one; nothing "

@@ -24,9 +24,10 @@ from PIL import Image, ImageDraw
 
 from mmalign.config import option
 from mmalign.data import DataError, Field, Schema, text
+from mmalign.errors import ConfigError
 
 from .. import models
-from ..data import image_entries, one_image
+from ..data import image_entries, image_token_id, one_image
 from .base import BuilderConfig
 
 THRESHOLDS = {
@@ -35,6 +36,8 @@ THRESHOLDS = {
     "pic_in_pic": {2: 0.8},
 }
 """Attention-ratio thresholds of the paper, by layout and number of images (or cells)."""
+SQUARE_GRID_FAMILIES = ("llava",)
+"""The families whose image tokens are one square grid per image, row by row (`target_keys`)."""
 GRID_SHAPES = {2: (1, 2), 3: (1, 3), 4: (2, 2), 6: (2, 3), 9: (3, 3)}
 
 
@@ -139,8 +142,8 @@ def answer_and_ratio(model, processor, row: dict) -> tuple[str, float, float]:
     token = int(probs.argmax())
     middle = out.attentions[len(out.attentions) // 2][0][:, -1:]
     ids = inputs["input_ids"][0]
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    ratio = attention_ratio(middle, target_keys(ids, image_token_id, row), ids == image_token_id)
+    image_token = image_token_id(processor)
+    ratio = attention_ratio(middle, target_keys(ids, image_token, row), ids == image_token)
     return processor.tokenizer.convert_ids_to_tokens(token), float(probs[token]), ratio
 
 
@@ -204,6 +207,10 @@ def run(config: Config) -> dict:
     """`mmalign vision mia-dpo`: compose, answer, select; write train.parquet and report.json."""
     records = config.rows(QA_ROW)
     model, processor = models.load(config.model)
+    if model.config.model_type not in SQUARE_GRID_FAMILIES:
+        raise ConfigError(f"--model {config.model}: MIA-DPO's attention ratio reads an image's tokens as one square "
+                          f"grid, the layout of {', '.join(SQUARE_GRID_FAMILIES)}; {model.config.model_type} lays them "
+                          "out otherwise (tiles, merged patches of any shape)")
     qa = [{"image": config.image(r["images"][0], f"record {i}, image 1"), "question": r["question"],
            "answer": r["answer"]} for i, r in enumerate(records)]
     rows, report = build_rows(model.eval(), processor, qa, config.layout, config.count, config.seed,

@@ -22,7 +22,8 @@ from mmalign.config import option
 from mmalign.data import DataError, Field, Schema, text
 
 from .. import models
-from ..data import image_entries, images_match, one_image
+from ..data import image_entries, image_inputs, images_match, one_image
+from ..scoring import image_features
 from .base import BuilderConfig
 from .bdhs import bow_cosine
 
@@ -48,11 +49,12 @@ class RetrievalIndex:
 @torch.no_grad()
 def vision_tower_embeddings(model, processor, images: list, batch_size: int = 64) -> torch.Tensor:
     """[N, D] image embeddings from the VLM itself: its projected image features averaged over tokens."""
-    out = []
+    out, device = [], next(model.parameters()).device
     for start in range(0, len(images), batch_size):
-        pixels = processor.image_processor(images[start:start + batch_size], return_tensors="pt")["pixel_values"]
-        features = model.get_image_features(pixel_values=pixels.to(next(model.parameters()).device))
-        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        processed = processor.image_processor(images[start:start + batch_size], return_tensors="pt")
+        inputs = image_inputs(processor, processed)
+        features = image_features(model, {"images": {name: x.to(device) for name, x in inputs.items()}})
+        assert features is not None  # a batch with images
         out.append(torch.stack([f.mean(0) for f in features]).float().cpu())
     return torch.cat(out)
 
