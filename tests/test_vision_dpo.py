@@ -10,7 +10,7 @@ from mmalign.data import DataError
 from mmalign.reference import AdapterDisabled, CachedScores, FrozenCopy
 from mmalign.vision import dpo, models
 from mmalign.vision.data import VisionPairs, collate_pairs, write_rows
-from mmalign.vision.scoring import image_features, sequence_scores
+from mmalign.vision.scoring import image_features, packed_scores, sequence_scores
 from mmalign.vision.tiny import tiny_llava
 from mmalign.vision.world import preference_rows
 
@@ -37,6 +37,7 @@ def test_sequence_scores_equal_a_hand_computation(tiny, tmp_path):
     batch = batch_of(rows, processor, tmp_path)
     with torch.no_grad():
         scores = sequence_scores(model, batch)
+        torch.testing.assert_close(packed_scores(model, batch), scores, rtol=0, atol=1e-5)
     assert scores.shape == (3, 2)
     tok = processor.tokenizer
     for i, row in enumerate(rows):

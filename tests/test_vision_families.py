@@ -15,7 +15,7 @@ from mmalign.data import DataError
 from mmalign.reference import AdapterDisabled
 from mmalign.vision import dpo, models
 from mmalign.vision.data import VisionPairs, collate_pairs, write_rows
-from mmalign.vision.scoring import image_features, sequence_scores, token_log_probs
+from mmalign.vision.scoring import image_features, packed_scores, sequence_scores, token_log_probs
 from mmalign.vision.tiny import tiny_gemma3, tiny_llava_next, tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl
 from mmalign.vision.world import preference_rows
 
@@ -139,12 +139,24 @@ def test_scores_equal_the_models_own_whole_row_forward(family, tmp_path):
     rows[1]["chosen"] = " two objects are there </s>"  # completions of different lengths share the batch
     _, batch = batch_of(rows, processor, tmp_path / "rows.parquet")
     with torch.no_grad():
-        shared = sequence_scores(model, batch)
+        shared, packed = sequence_scores(model, batch), packed_scores(model, batch)
         logps, mask, _ = token_log_probs(model, batch)
     truth = whole_row_scores(model, processor, rows)
     torch.testing.assert_close(shared, truth, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed, truth, rtol=0, atol=1e-5)  # the shared prompt under gradient checkpointing
     torch.testing.assert_close((logps * mask).sum(1).view(2, 4).T, truth, rtol=0, atol=1e-5)
     assert (whole_row_scores(model, processor, rows, WITHOUT[family]) - truth).abs().max() > 1e-4  # it matters
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_packed_shared_prompt_scores_as_the_cached_one(family, tmp_path):
+    """Under gradient checkpointing the prompt is shared by packing (`packed_scores`), not by a key/value cache."""
+    model, processor = FAMILIES[family](seed=0)
+    rows = varied_rows(4, seed=3)
+    rows[2]["rejected"] = " no </s>"  # completions of different lengths pack unevenly
+    _, batch = batch_of(rows, processor, tmp_path / "rows.parquet")
+    with torch.no_grad():
+        torch.testing.assert_close(packed_scores(model, batch), sequence_scores(model, batch), rtol=0, atol=1e-5)
 
 
 def test_every_image_token_is_counted_before_training(tmp_path):

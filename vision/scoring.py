@@ -12,6 +12,7 @@ itself (`rope_positions`: multi-axis for M-RoPE models such as Qwen2-VL).
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -82,12 +83,51 @@ def sequence_scores(model, batch: dict[str, Any], features: Features | None = No
     left-padded, keeping its key/value cache, and every row's completion runs on a copy of its prompt's cache
     (positions continue from the prompt's own, `rope_positions`), so the prompt's tokens, images included, are
     computed once per pair instead of twice, gradients flowing through the shared cache. Under gradient
-    checkpointing (which cannot recompute a shared cache) the rows run whole, as in `token_log_probs`."""
+    checkpointing (which recomputes each layer without a cache) the prompt is still shared: each prompt and its
+    rows' completions run as one packed sequence (`packed_scores`); with an attention kernel that takes no custom
+    mask (flash attention) the rows run whole, as in `token_log_probs`."""
     if features is None:
         features = image_features(model, batch)
     if model.training and getattr(unwrap(model), "is_gradient_checkpointing", False):
+        if unwrap(model).config._attn_implementation in CUSTOM_MASK_ATTENTION:
+            return packed_scores(model, batch, features)
         logps, mask, _ = token_log_probs(model, batch, features)
         return (logps * mask).sum(1).view(-1, batch["index"].shape[0]).T
+    layout = prompt_groups(model, batch, features)
+    inputs, pairs = layout.prompt_inputs, batch["index"].shape[0]
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_select_indices(layout.group)
+    span = layout.completion.shape[1]
+    positions = layout.next_position[layout.group, None] + torch.arange(span, device=layout.group.device)
+    logits = model(input_ids=layout.completion, attention_mask=torch.cat([inputs["attention_mask"][layout.group],
+                                                                          layout.completion_mask], 1),
+                   position_ids=positions, cache=cache, use_cache=False).logits  # text continues the prompt
+    first = torch.log_softmax(out.logits[layout.group, -1].float(), -1).gather(-1, layout.completion[:, :1])
+    rest = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, layout.completion[:, 1:, None]).squeeze(-1)
+    scores = first.squeeze(-1) + (rest * layout.completion_mask[:, 1:]).sum(1)  # [R]
+    return scores.view(-1, pairs).T  # [B, k], one column per row kind
+
+
+CUSTOM_MASK_ATTENTION = ("sdpa",)
+"""Attention kernels that take a custom boolean 4D mask (what `packed_scores` needs)."""
+
+
+@dataclass
+class PromptGroups:
+    """A batch's rows as distinct prompts and completions: `prompt_inputs` the forward inputs of the G prompts
+    (left-padded to one width, with their images), `next_position` [G] where each prompt's text continues, `group`
+    [R] each row's prompt, `completion` / `completion_mask` [R, span] each row's completion, right-padded."""
+
+    prompt_inputs: dict[str, Any]
+    next_position: torch.Tensor
+    group: torch.Tensor
+    completion: torch.Tensor
+    completion_mask: torch.Tensor
+
+
+def prompt_groups(model, batch: dict[str, Any], features: Features | None) -> PromptGroups:
+    """Split the batch's rows into their distinct prompts (chosen and rejected of a pair share one) and completions."""
     input_ids, mask = batch["input_ids"], batch["completion_mask"]  # [R, L], R = k * B rows (kinds in blocks of B)
     rows, pairs = input_ids.shape[0], batch["index"].shape[0]
     starts = mask.float().argmax(1)  # [R] each row's prompt length
@@ -104,23 +144,71 @@ def sequence_scores(model, batch: dict[str, Any], features: Features | None = No
         prompt_ids[g, width - n:], prompt_mask[g, width - n:] = input_ids[r, :n], 1
     per_row = batch["image_order"].split(_images_per_row(batch, rows))
     leader_images = torch.cat([per_row[r] for r in leaders.tolist()])
-    # [G, width] prompts, left-padded, run once each; their cache is then copied to every row of their group
     inputs, next_position = row_inputs(model, prompt_ids, prompt_mask, batch, leader_images, features)
-    out = model(**inputs, use_cache=True, logits_to_keep=1)
-    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-    cache.batch_select_indices(group)
-    completion = input_ids.new_zeros((rows, span))  # [R, span] completions, right-padded
+    completion = input_ids.new_zeros((rows, span))
     completion_mask = torch.zeros_like(completion)
     for r in range(rows):
         n, s0 = int(lengths[r]), int(starts[r])
         completion[r, :n], completion_mask[r, :n] = input_ids[r, s0:s0 + n], 1
-    positions = next_position[group, None] + torch.arange(span, device=input_ids.device)  # text continues the prompt
-    logits = model(input_ids=completion, attention_mask=torch.cat([prompt_mask[group], completion_mask], 1),
-                   position_ids=positions, cache=cache, use_cache=False).logits
-    first = torch.log_softmax(out.logits[group, -1].float(), -1).gather(-1, completion[:, :1]).squeeze(-1)
-    rest = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, completion[:, 1:, None]).squeeze(-1)
-    scores = first + (rest * completion_mask[:, 1:]).sum(1)  # [R]
-    return scores.view(-1, pairs).T  # [B, k], one column per row kind
+    return PromptGroups(inputs, next_position, group, completion, completion_mask)
+
+
+def packed_scores(model, batch: dict[str, Any], features: Features | None = None) -> torch.Tensor:
+    """`sequence_scores` in one forward without a cache: each prompt group is packed as [prompt | completion of row
+    1 | completion of row 2 ...], every completion attending to its prompt and causally to itself only (a custom
+    4D mask, `packed_mask`), its positions continuing the prompt's; a completion's first token is scored from the
+    prompt's last logit."""
+    if features is None:
+        features = image_features(model, batch)
+    layout = prompt_groups(model, batch, features)
+    inputs, group, completion = layout.prompt_inputs, layout.group, layout.completion
+    filled = layout.completion_mask.bool()
+    prompts, width = inputs["input_ids"].shape
+    span, device = completion.shape[1], completion.device
+    lengths = layout.completion_mask.sum(1)
+    offset = torch.zeros_like(lengths)  # [R] where each row's completion starts after its group's prompt
+    for g in range(prompts):
+        members = (group == g).nonzero().flatten()
+        offset[members] = torch.cumsum(lengths[members], 0) - lengths[members]
+    slot = width + offset[:, None] + torch.arange(span, device=device)  # [R, span] each token's packed index
+    where = (group[:, None].expand_as(slot)[filled], slot[filled])
+    total = width + int((offset + lengths).max())
+    ids, segment, text = (completion.new_zeros((prompts, total)) for _ in range(3))
+    ids[:, :width] = inputs["input_ids"]
+    ids[where] = completion[filled]
+    segment[where] = (torch.arange(len(group), device=device)[:, None] + 1).expand_as(slot)[filled]
+    text[where] = (layout.next_position[group, None] + torch.arange(span, device=device))[filled]
+    positions = inputs["position_ids"]
+    if positions.dim() == 3:  # multi-axis rotary positions [3, G, width]: the text continues on every axis
+        positions = torch.cat([positions, text[None, :, width:].expand(3, -1, -1)], 2)
+    else:
+        positions = torch.cat([positions, text[:, width:]], 1)
+    packed = {**inputs, "input_ids": ids, "position_ids": positions,
+              "attention_mask": packed_mask(inputs["attention_mask"].bool(), segment, inputs.get("token_type_ids"))}
+    if "token_type_ids" in inputs:
+        packed["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(ids[:, width:])], 1)
+    logits = model(**packed, use_cache=False, logits_to_keep=total - width + 1).logits  # indices width-1 onwards
+    before = torch.cat([torch.full_like(slot[:, :1], width - 1), slot[:, :-1]], 1).clamp(max=total - 1) - (width - 1)
+    log_dist = torch.log_softmax(logits[group[:, None].expand_as(before), before].float(), -1)
+    logps = log_dist.gather(-1, completion[..., None]).squeeze(-1)
+    return (logps * layout.completion_mask).sum(1).view(-1, batch["index"].shape[0]).T
+
+
+def packed_mask(prompt_mask: torch.Tensor, segment: torch.Tensor, token_types: torch.Tensor | None) -> torch.Tensor:
+    """[G, 1, T, T] boolean attention (True: attend) of packed groups: query i sees key j <= i when j is in the prompt
+    (`segment` 0, present in `prompt_mask`) or in i's own completion (`segment` r + 1); image tokens (token type 1,
+    Gemma 3) also see every token of their own image; padding sees itself only."""
+    width = prompt_mask.shape[1]
+    present = torch.cat([prompt_mask, segment[:, width:] > 0], 1)
+    index = torch.arange(segment.shape[1], device=segment.device)
+    causal = index[None, :] <= index[:, None]
+    allowed = ((segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)) & causal
+    allowed &= present[:, :, None] & present[:, None, :]
+    if token_types is not None:
+        image = torch.cat([token_types.bool(), torch.zeros_like(segment[:, width:], dtype=torch.bool)], 1)
+        run = torch.cumsum((image != torch.roll(image, 1, 1)).long(), 1)  # one id per run of image or text tokens
+        allowed |= image[:, :, None] & image[:, None, :] & (run[:, :, None] == run[:, None, :])
+    return (allowed | torch.eye(len(index), dtype=torch.bool, device=segment.device))[:, None]
 
 
 def rope_index(model) -> Any:
