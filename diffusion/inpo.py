@@ -1,18 +1,28 @@
 """InPO (Lu et al. 2025, JaydenLyh/InPO): Diffusion-DPO on latents found by DDIM inversion with the current model.
 
 Instead of noising x0 with fresh noise, each step draws ONE timestep t for the batch and inverts the
-winner and loser latents x0 with the *current* policy on a coarse DDIM grid (10 steps,
-`DDIMInverseScheduler`) through every grid point below t, adding eta * sqrt(sigma^2) fresh noise
-after each inversion step (eta = 0.1; sigma^2 the DDIM posterior variance between neighbouring grid
-points). The inverted latent x is taken as x_t, the noise it implies is the target
+winner and loser latents x0 with the *current* policy (no gradients) on a coarse DDIM grid and adds
+eta * sqrt(sigma^2) fresh noise after each inversion step (eta = 0.1; sigma^2 the DDIM posterior variance
+of the interval just crossed). The inverted latent x is taken as x_t, the noise it implies is the target
 
     eps_hat = (x - sqrt(abar_t) x0) / sqrt(1 - abar_t)
 
 and the Diffusion-DPO loss follows with that x_t, t and target. Its claim is efficiency: the
 inverted noise is the one the model itself associates with each image, so fewer steps reach the
-same alignment. beta defaults to 2000 (the paper's SD 1.5 value; 5000 for SDXL). As in the reference
-code, x is the latent at the last grid point below t, not exactly at t. For v-prediction models the
-target is the v implied by eps_hat.
+same alignment. beta defaults to 2000 (the paper's SD 1.5 value; 5000 for SDXL). For v-prediction
+models the target is the v implied by eps_hat.
+
+The inversion is the one the published code runs with the diffusers it pins (0.20.0), written out here
+because later diffusers changed `DDIMInverseScheduler` (its grid and which level `step` starts from):
+with the DDIM grid g (10 points; 1, 101, ..., 901 for SD's "leading" spacing, offset 1) the inversion grid is
+[g_0 - stride, g_0, ..., g_(n-2)] (-99, 1, ..., 801), and at each grid point s below t the model is called at
+(x, s) and x moves by a DDIM step from level s (abar of the scheduler's initial value where s < 0) up to
+level s + stride. So x ends at the first grid level at or above t (1, 101, ..., 901; 901 for t > 901), not
+exactly at t, and the first call sees timestep -99 on x0; both as published. Run with later diffusers, the
+published code instead stops at the level below t and fails for t > 901 (BENCHMARKS.md,
+"InPO against the published code"). As published, one t serves the whole batch; the published runs use one
+pair per micro-batch (with 128 accumulation steps), which `--batch-size 1 --gradient-accumulation-steps N`
+reproduces.
 """
 
 from __future__ import annotations
@@ -52,19 +62,54 @@ class Config(dpo.Config):
 InpoParts = Parts[Config]
 
 
+def inversion_grid(inverse) -> list[int]:
+    """The published inversion grid (diffusers 0.20's): [g_0 - stride, g_0, ..., g_(n-2)] from the DDIM grid g."""
+    grid = inverse.timesteps.tolist()
+    return [grid[0] - inversion_stride(inverse)] + grid[:-1]
+
+
+def inversion_stride(inverse) -> int:
+    """Timesteps between neighbouring grid points: num_train_timesteps // num_inference_steps."""
+    return inverse.config.num_train_timesteps // inverse.num_inference_steps
+
+
+def noise_level(inverse, s: int) -> torch.Tensor:
+    """abar at timestep s: alphas_cumprod[s], or the scheduler's initial value (abar_0 or 1) for s < 0."""
+    return inverse.alphas_cumprod[s] if s >= 0 else inverse.initial_alpha_cumprod
+
+
+def ddim_move(inverse, x: torch.Tensor, prediction: torch.Tensor, a: torch.Tensor, a_next: torch.Tensor
+              ) -> torch.Tensor:
+    """A DDIM step from level abar=a to a_next: sqrt(a_next) x0_hat + sqrt(1 - a_next) eps_hat (eps or v predicted)."""
+    kind = inverse.config.prediction_type
+    if kind == "epsilon":
+        x0_hat, eps_hat = (x - (1 - a).sqrt() * prediction) / a.sqrt(), prediction
+    elif kind == "v_prediction":
+        x0_hat, eps_hat = a.sqrt() * x - (1 - a).sqrt() * prediction, a.sqrt() * prediction + (1 - a).sqrt() * x
+    else:
+        raise ValueError(f"InPO inverts epsilon or v_prediction models, not prediction_type {kind!r}")
+    if inverse.config.clip_sample:
+        x0_hat = x0_hat.clamp(-inverse.config.clip_sample_range, inverse.config.clip_sample_range)
+    return a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps_hat
+
+
+def ddim_variance(a: torch.Tensor, a_next: torch.Tensor) -> torch.Tensor:
+    """DDIM posterior variance of the interval from level abar=a to a_next: (1 - a)/(1 - a_next) (1 - a_next/a)."""
+    return (1 - a) / (1 - a_next) * (1 - a_next / a)
+
+
 @torch.no_grad()
 def ddim_invert(unet, x0: torch.Tensor, t: int, condition, inverse, generator: torch.Generator,
                 eta: float) -> torch.Tensor:
-    """x0 carried up the inverse DDIM grid through every point below t by `unet`, with eta-scaled noise per step."""
-    abar = inverse.alphas_cumprod.to(x0.device)
-    stride = inverse.config.num_train_timesteps // inverse.num_inference_steps
+    """x0 carried up from each grid point s < t to s + stride by `unet`'s DDIM step, plus eta*sqrt(variance) noise."""
+    stride = inversion_stride(inverse)
     x = x0
-    for s in inverse.timesteps[inverse.timesteps < t].tolist():
+    for s in (s for s in inversion_grid(inverse) if s < t):
+        a, a_next = (noise_level(inverse, level).to(x0.device) for level in (s, s + stride))
         prediction = predict(unet, x, torch.full((x.shape[0],), s, device=x.device), condition)
-        x = inverse.step(prediction.to(x.dtype), s, x).prev_sample
-        upper = min(s + stride, len(abar) - 1)
-        variance = (1 - abar[s]) / (1 - abar[upper]) * (1 - abar[upper] / abar[s])
-        x = x + eta * variance.sqrt() * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = ddim_move(inverse, x, prediction.to(x.dtype), a, a_next).to(x.dtype)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + eta * ddim_variance(a, a_next).sqrt() * noise
     return x
 
 
