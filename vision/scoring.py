@@ -89,7 +89,8 @@ def sequence_scores(model, batch: dict[str, Any], features: Features | None = No
     if features is None:
         features = image_features(model, batch)
     if model.training and getattr(unwrap(model), "is_gradient_checkpointing", False):
-        if unwrap(model).config._attn_implementation in CUSTOM_MASK_ATTENTION:
+        vlm: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one)
+        if vlm.config._attn_implementation in CUSTOM_MASK_ATTENTION:
             return packed_scores(model, batch, features)
         logps, mask, _ = token_log_probs(model, batch, features)
         return (logps * mask).sum(1).view(-1, batch["index"].shape[0]).T
