@@ -13,6 +13,12 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the cores are shar
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+def pytest_collection_modifyitems(items):
+    """Learning tests (marked slow) first: parallel workers (pytest -n --dist loadfile) start the longest files
+    early instead of ending on one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def cpu_launch():
     """The `accelerate launch` command for two data-parallel CPU processes, on a port of its own (launch tests may
