@@ -18,11 +18,6 @@ from .scoring import Condition
 DISTILLED_GUIDANCE = 3.5  # FLUX.1-dev's guidance embedding (model card, FluxPipeline's default)
 
 
-def is_flux(pipe) -> bool:
-    """Whether the pipeline is a FLUX.1 one (packed latent tokens, a T5 + CLIP text encoder pair)."""
-    return type(pipe).__name__.startswith("Flux")
-
-
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """Latents [B,C,h,w] as FLUX tokens [B, (h/2)(w/2), 4C]: each 2x2 patch flattened channel-major."""
     b, c, h, w = latents.shape

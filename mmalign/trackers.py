@@ -18,7 +18,6 @@ from PIL import Image
 
 from mmalign.errors import MissingDependencyError
 
-TRACKERS = ("tensorboard", "wandb", "none")
 WANDB_ID_FILE = "wandb_run_id"
 
 
@@ -39,20 +38,18 @@ def start(accelerator, report_to: str, config: dict[str, Any], output: Path, ste
     if report_to == "tensorboard":
         accelerator.init_trackers("tensorboard", config=config,
                                   init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})
-    elif report_to == "wandb":
+    elif report_to == "wandb" and accelerator.is_main_process:  # W&B runs on the main process only
         accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "mmalign"), config=config, init_kwargs={"wandb": {
-            "dir": str(output), "name": output.name, "id": wandb_run_id(output, accelerator.is_main_process),
-            "resume": "allow"}})
+            "dir": str(output), "name": output.name, "id": wandb_run_id(output), "resume": "allow"}})
 
 
-def wandb_run_id(output: Path, is_main: bool) -> str:
-    """The W&B run id of the run folder: the one kept in it, or (main process) a new one, kept for resumes."""
+def wandb_run_id(output: Path) -> str:
+    """The W&B run id of the run folder: the one kept in it, or a new one, kept there for resumes."""
     path = output / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
     run_id = secrets.token_hex(4)  # W&B run ids: letters and digits, unique within the project
-    if is_main:
-        path.write_text(run_id + "\n")
+    path.write_text(run_id + "\n")
     return run_id
 
 

@@ -235,7 +235,7 @@ class Trainer:
             save_config(c, c.output / "config.yaml")
 
         self._on_main(start)
-        self.accelerator.wait_for_everyone()  # the folder exists (and holds a new W&B run's id) on every process
+        self.accelerator.wait_for_everyone()  # the folder exists before any process starts its tracker
         step = int(read_trainer_state(self.resume_from)["step"]) if self.resume_from is not None else 0
         trackers.start(self.accelerator, c.report_to, {k: v for k, v in to_dict(c).items()
                                                        if isinstance(v, (int, float, str, bool))}, c.output, step)
