@@ -12,7 +12,11 @@ Architectures (random weights, built in-process and saved, then loaded by each m
                 gradient checkpointing: Flow-DPO, AC-Flow
     flux-dev    FLUX.1-dev: 19 double + 38 single blocks of 24 heads x 128, guidance embedding, CLIP-L + T5-XXL,
                 1024 px, gradient checkpointing: Flow-DPO, AC-Flow
+    wan-1.3b    Wan 2.1 T2V-1.3B: 30 blocks of 12 heads x 128 (1.42B), the causal 3D VAE, UMT5-XXL, 81 frames at
+                480 x 480 px, gradient checkpointing: video DPO
     llava-7b    LLaVA-1.5-7B: CLIP ViT-L/14-336 (576 image tokens) + Llama 7B, rank-8 LoRA: vision DPO
+    qwen2.5-vl-7b  Qwen2.5-VL-7B: the 32-block window-attention ViT (14 px patches, 2x2 merge; images at 448 px, 256
+                tokens) + the 28-layer Qwen2.5 7B decoder with M-RoPE (8.29B), rank-8 LoRA: vision DPO
 Seconds per step is (t(last step) - t(first timed step)) / steps between per-step timestamps taken (after a
 CUDA synchronise) as each step starts, so loading, warm-up and saving cancel. Peak memory is
 torch.cuda.max_memory_allocated over the run.
@@ -113,6 +117,27 @@ def flux_dev() -> Any:
                                   text_encoder_2=t5_xxl(), tokenizer_2=t5_tokenizer(512))
 
 
+def wan_1_3b() -> Any:
+    """A Wan 2.1 T2V-1.3B-architecture WanPipeline: 30 blocks of 12 heads x 128 (1.42B in the released checkpoint),
+    the causal 3D VAE, the UMT5-XXL encoder (5.68B) and UniPC on flow sigmas at shift 3 (480p)."""
+    import diffusers
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from mmalign.diffusion.tiny import t5_tokenizer
+
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6)
+    umt5 = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                       num_heads=64, feed_forward_proj="gated-gelu"))
+    with torch.device("cpu"):  # the scheduler builds its tables through numpy, whatever device the models are built on
+        scheduler = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                      flow_shift=3.0, num_train_timesteps=1000)
+    return diffusers.WanPipeline(transformer=transformer, vae=diffusers.AutoencoderKLWan(), scheduler=scheduler,
+                                 text_encoder=umt5, tokenizer=t5_tokenizer(512))
+
+
 def clip(tokenizer, width: int, layers: int, heads: int, projection: bool = False):
     """A CLIP text encoder of the given width, depth and heads (with the pooled projection for SD3)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -158,8 +183,9 @@ def sd3_pipeline(transformer, t5: bool) -> Any:
 
 
 PIPELINES: dict[str, Callable[[], Any]] = {"sd15": sd15, "sd3-medium": sd3_medium, "sd35-large": sd35_large,
-                                           "flux-dev": flux_dev}
-TINY_KINDS = {"sd15": "sd", "sd3-medium": "sd3", "sd35-large": "sd35", "flux-dev": "flux"}
+                                           "flux-dev": flux_dev, "wan-1.3b": wan_1_3b}
+TINY_KINDS = {"sd15": "sd", "sd3-medium": "sd3", "sd35-large": "sd35", "flux-dev": "flux", "wan-1.3b": "wan"}
+VIDEO_FRAMES = {False: 81, True: 5}  # frames per training video at real size (Wan 2.1's 81) and in the smoke run
 
 
 def build_pipeline(arch: str, folder: Path, smoke: bool) -> Path:
@@ -215,9 +241,55 @@ def llava_7b(folder: Path, smoke: bool) -> Path:
     return folder
 
 
+def qwen25_vl_7b_config(tok):
+    """The Qwen2.5-VL-7B configuration (8.29B) over the tokenizer's special tokens: a 32-block ViT of width 1280 with
+    window attention (full attention in blocks 7, 15, 23, 31) and the 28-layer decoder of width 3584 with M-RoPE."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                            video_token_id=tok.convert_tokens_to_ids("<video>"), vision_start_token_id=tok.bos_token_id)
+
+
+def qwen25_vl_7b(folder: Path, smoke: bool) -> Path:
+    """A Qwen2.5-VL-7B-architecture model with random weights in bf16 (tiny with `smoke`) and a Qwen2_5_VLProcessor
+    over the embedded world's words that resizes every image to 448 x 448 px (256 image tokens)."""
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    from mmalign.vision.tiny import CHAT_TEMPLATE, tiny_qwen2_5_vl, word_tokenizer
+
+    if smoke:
+        model, processor = tiny_qwen2_5_vl()
+    else:
+        tok = word_tokenizer(video_token="<video>")
+        pixels = 448 * 448
+        processor = Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                                  size={"shortest_edge": pixels, "longest_edge": pixels}),
+            video_processor=Qwen2VLVideoProcessor(patch_size=14, merge_size=2, temporal_patch_size=2), tokenizer=tok,
+            chat_template=CHAT_TEMPLATE)
+        with torch.device("cuda"):
+            model = Qwen2_5_VLForConditionalGeneration(qwen25_vl_7b_config(tok)).to(torch.bfloat16)  # type: ignore[arg-type]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
 def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> list[tuple[str, ModuleType, dict]]:
     """(name, method module, settings) of every method checked on `arch`."""
-    from mmalign.diffusion import acflow, dpo, flow_dpo, inpo, seppo
+    from mmalign.diffusion import acflow, dpo, flow_dpo, inpo, seppo, video
     from mmalign.vision import dpo as vision_dpo
 
     pairs = dict(model=str(model), data=str(data / "pairs.parquet"), batch_size=batch_size)
@@ -230,12 +302,17 @@ def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> li
         return [("Flow-DPO", flow_dpo, {**pairs, **size, **memory}),
                 ("AC-Flow", acflow, dict(model=str(model), prompts=str(data / "prompts.txt"), **size, **memory,
                                          batch_size=max(1, batch_size // 4), samples_per_prompt=4))]
+    if arch == "wan-1.3b":
+        return [("video DPO", video, dict(model=str(model), data=str(data / "videos" / "pairs.jsonl"),
+                                          batch_size=max(1, batch_size // 4), num_frames=VIDEO_FRAMES[smoke],
+                                          resolution=32 if smoke else 480, gradient_checkpointing=not smoke))]
     return [("vision DPO", vision_dpo, dict(model=str(model), data=str(data / "rows.parquet"), batch_size=batch_size,
                                             learning_rate=1e-5, beta=0.1, gradient_checkpointing=not smoke))]
 
 
-def write_data(folder: Path) -> Path:
-    """Pick-a-Pic pairs, prompts and TRL vision rows from the embedded worlds."""
+def write_data(folder: Path, smoke: bool) -> Path:
+    """Pick-a-Pic pairs, prompts, video pairs (frame folders of a world scene whose object drifts) and TRL vision rows
+    from the embedded worlds."""
     from mmalign.diffusion import world
     from mmalign.diffusion.data import write_pickapic
     from mmalign.vision.data import write_rows
@@ -244,11 +321,22 @@ def write_data(folder: Path) -> Path:
     write_pickapic(world.preference_pairs(256, seed=0, tie_margin=0.0), folder / "pairs.parquet")
     (folder / "prompts.txt").write_text("\n".join(world.CAPTIONS) + "\n")
     write_rows(preference_rows(256, seed=0), folder / "rows.parquet")
+    rows = []
+    for i, caption in enumerate(world.CAPTIONS[:8]):
+        for side, x in (("left", 10), ("right", 22)):
+            frames = folder / "videos" / f"{i}-{side}"
+            frames.mkdir(parents=True)
+            for f in range(VIDEO_FRAMES[smoke]):
+                world.render(caption, x + 0.1 * f, 16, 6).save(frames / f"{f:03d}.png")
+        rows.append({"caption": caption, "video_0": f"{i}-left", "video_1": f"{i}-right", "label_0": 1})
+    (folder / "videos" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
 
+VLMS = ("llava-7b", "qwen2.5-vl-7b")
 BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
-    **{arch: functools.partial(build_pipeline, arch) for arch in PIPELINES}, "llava-7b": llava_7b}
+    **{arch: functools.partial(build_pipeline, arch) for arch in PIPELINES}, "llava-7b": llava_7b,
+    "qwen2.5-vl-7b": qwen25_vl_7b}
 
 
 def main() -> None:
@@ -265,7 +353,7 @@ def main() -> None:
     warmup, total = args.steps
     results = []
     with step_times_recorded(), tempfile.TemporaryDirectory() as folder:
-        data = write_data(Path(folder))
+        data = write_data(Path(folder), args.smoke)
         for arch in args.arch:
             model = BUILDERS[arch](Path(folder) / arch, args.smoke)
             for name, method, settings in runs(arch, model, data, args.smoke, args.batch_size):
@@ -275,7 +363,7 @@ def main() -> None:
                 config = method.Config(**settings, output=Path(folder) / "runs" / arch / name, max_steps=total + 1,
                                        report_to="none", checkpoint_every=0, cpu=args.smoke,
                                        mixed_precision="no" if args.smoke else "bf16",
-                                       **({} if arch == "llava-7b" else {"num_samples": 0}))
+                                       **({} if arch in VLMS else {"num_samples": 0}))
                 method.run(config)
                 seconds = (STAMPS[total] - STAMPS[warmup]) / (total - warmup)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
