@@ -29,6 +29,7 @@ from .models import load_lora, load_pipeline
 from .sample import image_grid
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+FLOW_TWIN = ASSETS / "tiny-sd3"  # the same world learnt by an SD3-architecture flow-matching model
 
 
 @dataclass
