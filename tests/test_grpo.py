@@ -167,3 +167,25 @@ def test_bad_settings_name_their_option(prompts, tmp_path):
                            ({"clip_range": 0.0}, "--clip-range 0.0")]:
         with pytest.raises(ConfigError, match=flag):
             grpo.Config(**common, **settings)
+
+
+@pytest.mark.slow
+def test_two_processes_standardise_their_own_groups(tiny_family, prompts, tmp_path, cpu_launch):
+    """Each process expands its prompts into their K samples, so a group lives on one process: with K = 2 every
+    advantage is +-1/sqrt(2) (two samples standardised with Bessel's std; the 1e-6 added to the std lowers it a little
+    at the tiny model's reward spread of about 1e-3), on both processes alike."""
+    import os
+    import subprocess
+
+    path = tmp_path / "four.txt"
+    path.write_text("a red circle\na blue square\na green triangle\na yellow circle\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [*cpu_launch, "-m", "mmalign", "diffusion", "grpo", "--model", str(tiny_family("sd3")), "--prompts",
+               str(path), "--output", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "1",
+               "--samples-per-prompt", "2", "--sample-steps", "2", "--cpu", "--num-samples", "0", "--report-to",
+               "none", "--resolution", "32", "--guidance-scale", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["advantage"] for row in history] == pytest.approx([2**-0.5] * 2, abs=3e-3)
+    assert history[1]["ratio"] != 1.0  # the second micro-step trains on the rollout after an update, through DDP
