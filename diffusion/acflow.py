@@ -103,8 +103,9 @@ def load_reward(spec: str) -> RewardFn:
     return fn
 
 
-def checked_rewards(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str], spec: str | RewardFn) -> torch.Tensor:
-    """reward_fn(images, prompts) as float32 [N] on the images' device; anything but N finite numbers is a ConfigError."""
+def checked_rewards(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str],
+                    spec: str | RewardFn) -> torch.Tensor:
+    """reward_fn(images, prompts) as float32 [N] on the images' device; anything but N finite numbers: ConfigError."""
     rewards = reward_fn(images, prompts).float().to(images.device)
     if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
         raise ConfigError(f"--reward {spec} returned {tuple(rewards.shape)} values"

@@ -23,10 +23,10 @@ scheduler, and everything below is the same for both. The choices, where the pap
    resolution. The loss of a micro-step is the mean over its trained steps, one graph (memory grows with their
    number: `--train-steps-fraction`, `--sde-window`, `--gradient-checkpointing` bound it).
 4. Rollout reuse. A rollout's samples are shuffled and split into `--updates-per-rollout` U parts, one per micro-step
-   (`--gradient-accumulation-steps` micro-steps make an optimizer step): U = 2 with no accumulation gives Flow-GRPO's two
-   optimizer steps per rollout, the second off-policy (r departs from 1 and the clip acts). The parts not yet trained
-   on are training state (`RolloutBuffer`, kept in checkpoints), so a resumed run trains on exactly the samples the
-   uninterrupted one would. Micro-steps that train on a stored part do not sample, and their prompts go unused.
+   (`--gradient-accumulation-steps` micro-steps make an optimizer step): U = 2 with no accumulation gives Flow-GRPO's
+   two optimizer steps per rollout, the second off-policy (r departs from 1 and the clip acts). The parts not yet
+   trained on are training state (`RolloutBuffer`, kept in checkpoints), so a resumed run trains on exactly the samples
+   the uninterrupted one would. Micro-steps that train on a stored part do not sample, and their prompts go unused.
 5. Steps trained ("Fast"). `--train-steps-fraction` f trains floor(f * S) of a sample's S stochastic steps: the first
    ones (`--step-selection first`, Flow-GRPO's timestep_fraction) or a random subset per sample (`random`, DanceGRPO).
    `--sde-window` w > 0 is MixGRPO's sliding window: only w consecutive steps are stochastic (and trained), ODE steps
@@ -38,7 +38,8 @@ scheduler, and everything below is the same for both. The choices, where the pap
    Guidance-distilled FLUX.1-dev takes no classifier-free guidance: its guidance embedding is `--distilled-guidance`
    throughout (Flow-GRPO's FLUX setting).
 Logged: reward (rollout mean), reward_std (mean within-prompt std), advantage (mean |A|), ratio (mean r), clip_fraction
-(|r - 1| > eps), approx_kl (0.5 mean (log r)^2), kl (beta > 0), diversity (AC-Flow's), policy_loss; each a mean over the trained steps.
+(|r - 1| > eps), approx_kl (0.5 mean (log r)^2), kl (beta > 0), diversity (AC-Flow's), policy_loss; each a mean over
+the trained steps.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ FLOW_NOISE_LEVEL, DDIM_ETA = 0.7, 1.0  # Flow-GRPO's noise_level, DDPO's eta
 
 @dataclass
 class Config(DenoiserConfig):
-    """Flow-GRPO / DDPO settings (plus the denoiser's and the training loop's); batch_size counts prompts per rollout."""
+    """Flow-GRPO / DDPO settings (plus the denoiser's and the training loop's); batch_size: prompts per rollout."""
 
     prompts: str = option(None, "text file of training prompts, one per line")
     reward: str | RewardFn = option("mmalign.diffusion.world:reward", "reward callable as module:function, a reward-"
@@ -253,7 +254,8 @@ def grpo_step(model: nn.Module, batch: dict[str, Any], generator: torch.Generato
     trained = part["steps"].shape[1]
     for s in range(trained):
         x, index, old = part["latents"][:, s], part["steps"][:, s], part["log_probs"][:, s]
-        mean, std = schedule.step(x, guided_output(model, x, schedule.timesteps[index], condition, guidance), index, eta)
+        output = guided_output(model, x, schedule.timesteps[index], condition, guidance)
+        mean, std = schedule.step(x, output, index, eta)
         log_prob = gaussian_log_prob(part["next_latents"][:, s], mean, std)
         policy_loss, ratio = clipped_objective(log_prob, old, part["advantages"], c.clip_range)
         step_metrics = {"policy_loss": policy_loss.detach(), "ratio": ratio.detach().mean(),

@@ -1,5 +1,5 @@
-"""Denoising steps as Gaussian policies pi(x_{i+1} | x_i, c) = N(mean, std^2), their log-probabilities, the KL between two
-of them and PPO's clipped objective: what online RL of a generator (`mmalign.diffusion.grpo`) optimises.
+"""Denoising steps as Gaussian policies pi(x_{i+1} | x_i, c) = N(mean, std^2), their log-probabilities, the KL between
+two of them and PPO's clipped objective: what online RL of a generator (`mmalign.diffusion.grpo`) optimises.
 
     flow models (Flow-GRPO, arXiv 2505.05470)   the Euler ODE step turned into the SDE with the same marginals
     diffusion models (DDPO, arXiv 2305.13301)   the DDIM step with eta > 0
@@ -32,8 +32,9 @@ def flow_sde_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, 
 
 def ddim_step(x: torch.Tensor, output: torch.Tensor, alpha: torch.Tensor, alpha_prev: torch.Tensor, eta: float,
               prediction_type: str, clip_sample: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """DDIM's step (its eqs. 12, 16): x0 = (x - sqrt(1 - a) eps) / sqrt(a), std = eta sqrt((1 - a') / (1 - a) (1 - a / a')),
-    mean = sqrt(a') x0 + sqrt(1 - a' - std^2) eps (a = alpha-bar at t, a' at the next step; v-prediction converted)."""
+    """DDIM's step (its eqs. 12, 16): x0 = (x - sqrt(1 - a) eps) / sqrt(a),
+    std = eta sqrt((1 - a') / (1 - a) (1 - a / a')), mean = sqrt(a') x0 + sqrt(1 - a' - std^2) eps (a = alpha-bar at t,
+    a' at the next step; v-prediction converted)."""
     if prediction_type == "epsilon":
         x0, eps = (x - (1 - alpha).sqrt() * output) / alpha.sqrt(), output
     else:  # v_prediction
@@ -59,7 +60,7 @@ def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Ten
 
 def clipped_objective(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                       clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped loss -mean(min(r A, clip(r, 1 - eps, 1 + eps) A)) with r = exp(logp - logp_old); returns (loss, r)."""
+    """PPO's clipped loss -mean(min(r A, clip(r, 1 - eps, 1 + eps) A)), r = exp(logp - logp_old); returns (loss, r)."""
     ratio = torch.exp(log_prob - old_log_prob)
     clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
     return -torch.minimum(ratio * advantages, clipped * advantages).mean(), ratio
