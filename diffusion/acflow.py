@@ -103,6 +103,17 @@ def load_reward(spec: str) -> RewardFn:
     return fn
 
 
+def checked_rewards(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str],
+                    spec: str | RewardFn) -> torch.Tensor:
+    """reward_fn(images, prompts) as float32 [N] on the images' device; anything but N finite numbers: ConfigError."""
+    rewards = reward_fn(images, prompts).float().to(images.device)
+    if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
+        raise ConfigError(f"--reward {spec} returned {tuple(rewards.shape)} values"
+                          f"{'' if torch.isfinite(rewards).all() else ' with NaN or inf'}; expected {len(prompts)} "
+                          "finite numbers, one per image")
+    return rewards
+
+
 class Critic(nn.Module):
     """V(x_t, sigma, c): a small conv net on the intermediate latent, with sigma and the pooled prompt embedding."""
 
@@ -179,11 +190,7 @@ def acflow_step(container, batch: dict[str, Any], generator: torch.Generator, *,
     config, k = parts.config, parts.config.samples_per_prompt
     prompts = [p for p in batch["prompt"] for _ in range(k)]
     x0, images = sample(parts, prompts, generator)
-    rewards = reward_fn(images, prompts).float().to(x0.device)
-    if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
-        raise ConfigError(f"--reward {config.reward} returned {tuple(rewards.shape)} values"
-                          f"{'' if torch.isfinite(rewards).all() else ' with NaN or inf'}; expected {len(prompts)} "
-                          "finite numbers, one per image")
+    rewards = checked_rewards(reward_fn, images, prompts, config.reward)
     shaped = shape_rewards(rewards, k)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     u = sample_u(len(prompts), generator, x0.device)

@@ -28,6 +28,7 @@ COMMANDS = {
     "diffusion video-dpo": ("mmalign.diffusion.video", "Diffusion-DPO of a text-to-video model on video pairs"),
     "diffusion seppo": ("mmalign.diffusion.seppo", "SePPO: preference optimisation from winning images alone"),
     "diffusion acflow": ("mmalign.diffusion.acflow", "AC-Flow: actor-critic fine-tuning of a flow model from a reward"),
+    "diffusion grpo": ("mmalign.diffusion.grpo", "Flow-GRPO / DDPO: online RL of a flow or diffusion model, reward"),
     "diffusion sample": ("mmalign.diffusion.sample", "fixed-seed samples from a pipeline, optionally with a LoRA"),
     "diffusion rlg": ("mmalign.diffusion.guidance", "samples with Reinforcement Learning Guidance (base/tuned mix)"),
     "diffusion demo": ("mmalign.diffusion.demo", "same as `mmalign demo`"),
