@@ -8,6 +8,8 @@ step, pairs (or prompts) per second and peak GPU memory.
 Architectures (random weights, built in-process and saved, then loaded by each method's own `run`):
     sd15        SD 1.5: UNet 320/640/1280/1280, CLIP ViT-L/14 text encoder, 512 px: Diffusion-DPO, InPO, SePPO
     sd3-medium  SD3-medium: 24 joint blocks of 24 heads x 64, CLIP-L + CLIP-G (no T5), 1024 px: Flow-DPO, AC-Flow
+    sd35-medium SD3.5-medium: 24 QK-normed joint blocks, a second self-attention in blocks 0-12, CLIP-L + CLIP-G +
+                T5-XXL, 1024 px, gradient checkpointing: Flow-DPO, AC-Flow, Flow-GRPO (guidance 4.5, 10 steps)
     sd35-large  SD3.5-large: 38 QK-normed joint blocks of 38 heads x 64, CLIP-L + CLIP-G + T5-XXL, 1024 px,
                 gradient checkpointing: Flow-DPO, AC-Flow
     flux-dev    FLUX.1-dev: 19 double + 38 single blocks of 24 heads x 128, guidance embedding, CLIP-L + T5-XXL,
@@ -97,6 +99,18 @@ def sd35_large() -> Any:
     return sd3_pipeline(transformer, t5=True)
 
 
+def sd35_medium() -> Any:
+    """An SD3.5-medium-architecture StableDiffusion3Pipeline: 24 QK-normed joint blocks (MMDiT-X: a second self-
+    attention in blocks 0-12; 2.47B with its position table), CLIP-L, CLIP-G and T5-XXL."""
+    import diffusers
+
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+    return sd3_pipeline(transformer, t5=True)
+
+
 def flux_dev() -> Any:
     """A FLUX.1-dev-architecture FluxPipeline: 19 double- and 38 single-stream blocks (11.9B) with the guidance
     embedding, CLIP-L (pooled) and T5-XXL (states), a 16-channel VAE."""
@@ -182,9 +196,11 @@ def sd3_pipeline(transformer, t5: bool) -> Any:
         text_encoder_3=t5_xxl() if t5 else None, tokenizer_3=t5_tokenizer(256) if t5 else None)
 
 
-PIPELINES: dict[str, Callable[[], Any]] = {"sd15": sd15, "sd3-medium": sd3_medium, "sd35-large": sd35_large,
+PIPELINES: dict[str, Callable[[], Any]] = {"sd15": sd15, "sd3-medium": sd3_medium, "sd35-medium": sd35_medium,
+                                           "sd35-large": sd35_large,
                                            "flux-dev": flux_dev, "wan-1.3b": wan_1_3b}
-TINY_KINDS = {"sd15": "sd", "sd3-medium": "sd3", "sd35-large": "sd35", "flux-dev": "flux", "wan-1.3b": "wan"}
+TINY_KINDS = {"sd15": "sd", "sd3-medium": "sd3", "sd35-medium": "sd35", "sd35-large": "sd35", "flux-dev": "flux",
+              "wan-1.3b": "wan"}
 VIDEO_FRAMES = {False: 81, True: 5}  # frames per training video at real size (Wan 2.1's 81) and in the smoke run
 
 
@@ -289,19 +305,22 @@ def qwen25_vl_7b(folder: Path, smoke: bool) -> Path:
 
 def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> list[tuple[str, ModuleType, dict]]:
     """(name, method module, settings) of every method checked on `arch`."""
-    from mmalign.diffusion import acflow, dpo, flow_dpo, inpo, seppo, video
+    from mmalign.diffusion import acflow, dpo, flow_dpo, grpo, inpo, seppo, video
     from mmalign.vision import dpo as vision_dpo
 
     pairs = dict(model=str(model), data=str(data / "pairs.parquet"), batch_size=batch_size)
     if arch == "sd15":
         return [("Diffusion-DPO", dpo, pairs), ("InPO", inpo, pairs),
                 ("SePPO", seppo, {**pairs, "reference_steps": 20})]
-    if arch in ("sd3-medium", "sd35-large", "flux-dev"):
+    if arch in ("sd3-medium", "sd35-medium", "sd35-large", "flux-dev"):
         size = {"resolution": 32 if smoke else 1024}
         memory = {"gradient_checkpointing": not smoke} if arch != "sd3-medium" else {}
-        return [("Flow-DPO", flow_dpo, {**pairs, **size, **memory}),
-                ("AC-Flow", acflow, dict(model=str(model), prompts=str(data / "prompts.txt"), **size, **memory,
-                                         batch_size=max(1, batch_size // 4), samples_per_prompt=4))]
+        online = dict(model=str(model), prompts=str(data / "prompts.txt"), **size, **memory,
+                      batch_size=max(1, batch_size // 4), samples_per_prompt=4)
+        checks = [("Flow-DPO", flow_dpo, {**pairs, **size, **memory}), ("AC-Flow", acflow, online)]
+        if arch == "sd35-medium":  # one rollout per update, so prompts/s = batch / s per step
+            checks.append(("Flow-GRPO", grpo, {**online, "updates_per_rollout": 1}))
+        return checks
     if arch == "wan-1.3b":
         return [("video DPO", video, dict(model=str(model), data=str(data / "videos" / "pairs.jsonl"),
                                           batch_size=max(1, batch_size // 4), num_frames=VIDEO_FRAMES[smoke],

@@ -11,12 +11,20 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
-# the denoiser's parameter count in the model card or paper (billions; Wan 2.1's "1.3B" transformer holds 1.42B in
-# its released checkpoint), and the text encoders' (CLIP-L text 123M, CLIP-G text 695M, the T5-XXL encoder 4.76B,
-# the UMT5-XXL encoder 5.68B)
+# the denoiser's size in the model card or paper (billions of numbers its checkpoint holds: SD3's count includes its
+# position table; Wan 2.1's "1.3B" transformer holds 1.42B as released), and the text encoders' (CLIP-L text 123M,
+# CLIP-G text 695M, the T5-XXL encoder 4.76B, the UMT5-XXL encoder 5.68B); cards round, so within 5%
 PUBLISHED = {"sd15": (0.86, {"text_encoder": 0.123}), "sd3-medium": (2.0, {"text_encoder_2": 0.695}),
+             "sd35-medium": (2.5, {"text_encoder_3": 4.76}),
              "sd35-large": (8.1, {"text_encoder_3": 4.76}), "flux-dev": (12.0, {"text_encoder_2": 4.76}),
              "wan-1.3b": (1.42, {"text_encoder": 5.68})}
+
+
+def checkpoint_size(module: torch.nn.Module) -> int:
+    """Numbers a module's checkpoint holds: its parameters (tied ones once) and persistent buffers."""
+    saved = module.state_dict()
+    return (sum(p.numel() for p in module.parameters())
+            + sum(b.numel() for name, b in module.named_buffers() if name in saved))
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +40,10 @@ def test_real_size_architectures_have_the_published_parameter_counts(gpu_check, 
     with torch.device("meta"):
         pipe = gpu_check.PIPELINES[arch]()
     denoiser, encoders = PUBLISHED[arch]
-    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) / 1e9
-              for name in ("unet" if arch == "sd15" else "transformer", *encoders)}
+    counts = {name: checkpoint_size(getattr(pipe, name)) / 1e9 for name in ("unet" if arch == "sd15" else "transformer",
+                                                                            *encoders)}
     expected = {"unet" if arch == "sd15" else "transformer": denoiser, **encoders}
-    assert counts == pytest.approx(expected, rel=0.03)
+    assert counts == pytest.approx(expected, rel=0.05)
 
 
 def test_qwen25_vl_7b_has_the_published_parameter_counts(gpu_check):
@@ -52,14 +60,14 @@ def test_qwen25_vl_7b_has_the_published_parameter_counts(gpu_check):
 
 def test_smoke_run_times_every_method(tmp_path):
     out = tmp_path / "results.json"
-    # sd35-large takes the path of sd3-medium (the SD3.5 family itself is trained in tests/test_flow.py)
+    # sd3-medium and sd35-large take the path of sd35-medium (each family is trained in tests/test_flow.py)
     subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--steps", "1", "2", "--batch-size", "4", "--arch", "sd15",
-                    "sd3-medium", "flux-dev", "wan-1.3b", "llava-7b", "qwen2.5-vl-7b", "--output", str(out)],
+                    "sd35-medium", "flux-dev", "wan-1.3b", "llava-7b", "qwen2.5-vl-7b", "--output", str(out)],
                    check=True, capture_output=True)
     results = json.loads(out.read_text())
     assert [(r["arch"], r["method"]) for r in results] == [
-        ("sd15", "Diffusion-DPO"), ("sd15", "InPO"), ("sd15", "SePPO"), ("sd3-medium", "Flow-DPO"),
-        ("sd3-medium", "AC-Flow"), ("flux-dev", "Flow-DPO"), ("flux-dev", "AC-Flow"), ("wan-1.3b", "video DPO"),
-        ("llava-7b", "vision DPO"), ("qwen2.5-vl-7b", "vision DPO")]
+        ("sd15", "Diffusion-DPO"), ("sd15", "InPO"), ("sd15", "SePPO"), ("sd35-medium", "Flow-DPO"),
+        ("sd35-medium", "AC-Flow"), ("sd35-medium", "Flow-GRPO"), ("flux-dev", "Flow-DPO"), ("flux-dev", "AC-Flow"),
+        ("wan-1.3b", "video DPO"), ("llava-7b", "vision DPO"), ("qwen2.5-vl-7b", "vision DPO")]
     assert all(r["s_per_step"] > 0 and r["items_per_s"] == r["batch_size"] / r["s_per_step"] for r in results)
     assert {r["device"] for r in results} == {"cpu"}
