@@ -1,0 +1,169 @@
+"""Named scorers on tiny random weights of their own architectures, each against its published formula by hand;
+weighted reward specs by hand; bad specs refused naming the term."""
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmalign.diffusion import world
+from mmalign.diffusion.rewards import load_scorer, save_scorer
+from mmalign.diffusion.rewards.combine import is_reward_spec, load_reward_spec, parse_reward_spec
+from mmalign.diffusion.rewards.named import (
+    IMAGEREWARD_MEAN,
+    IMAGEREWARD_STD,
+    ImageReward,
+    LinearMLP,
+    build_imagereward,
+    load_named,
+    save_imagereward,
+)
+from mmalign.errors import ConfigError
+
+ARCH = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
+PROMPTS = ["a red circle", "a blue square", "a red circle"]
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle", "square", "triangle"]
+
+
+def scenes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [world.random_scene(rng, PROMPTS[i % len(PROMPTS)])[1] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny random scorers saved the way each is published: a transformers CLIP folder with its processor, an open_clip
+    checkpoint (HPS), a LAION aesthetic MLP file (.pth of plain tensors) and an ImageReward folder."""
+    from transformers import BertTokenizerFast, BlipConfig, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from mmalign.diffusion.tiny import clip_tokenizer
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("named")
+    tokenizer = clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root / "clip")
+
+    open_clip_folder = save_scorer(load_scorer(ARCH), root / "open_clip")
+    head = LinearMLP(32)
+    torch.save(head.state_dict(), root / "aesthetic.pth")
+
+    bert = BertTokenizerFast(vocab={word: i for i, word in enumerate(WORDS)})
+    blip = BlipConfig(vision_config={**vision, "initializer_range": 0.02}, text_config=dict(vocab_size=len(WORDS), hidden_size=32,
+                                                             intermediate_size=64, num_hidden_layers=1,
+                                                             num_attention_heads=2, encoder_hidden_size=32,
+                                                             max_position_embeddings=40, pad_token_id=0))
+    reward = ImageReward(*build_imagereward(blip), bert, [])
+    save_imagereward(reward, root / "imagereward")
+    return {"clip": root / "clip", "open_clip": open_clip_folder, "aesthetic": root / "aesthetic.pth",
+            "imagereward": root / "imagereward"}
+
+
+def test_pickscore_and_clip_score_follow_their_published_formulas(folders):
+    from transformers import CLIPModel, CLIPProcessor
+
+    pil = scenes(3)
+    model, processor = CLIPModel.from_pretrained(folders["clip"]), CLIPProcessor.from_pretrained(folders["clip"])
+    with torch.no_grad():  # the PickScore README, verbatim in substance
+        image = model.get_image_features(**processor(images=pil, return_tensors="pt")).pooler_output
+        text = model.get_text_features(**processor(text=PROMPTS, padding=True, truncation=True, max_length=77,
+                                                   return_tensors="pt")).pooler_output
+        cos = F.cosine_similarity(image, text, dim=-1)
+    pickscore = load_named("pickscore", str(folders["clip"]))
+    torch.testing.assert_close(pickscore.score(pil, PROMPTS), model.logit_scale.exp() * cos, rtol=1e-3, atol=1e-3)
+    clipscore = load_named("clipscore", str(folders["clip"]))
+    assert (cos > 0).all()
+    torch.testing.assert_close(clipscore.score(pil, PROMPTS), 100 * cos, rtol=1e-3, atol=2e-3)
+    clipscore.model.text_projection.weight.data.neg_()  # every cosine turns negative: max(cos, 0) is 0 (torchmetrics)
+    assert (clipscore.score(pil, PROMPTS) == 0).all()
+
+
+def test_hps_is_the_cosine_of_its_open_clip_model(folders):
+    checkpoint = folders["open_clip"] / "open_clip_model.safetensors"
+    scorer = load_named("hpsv21", str(checkpoint), str(ARCH))
+    peer, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folders['open_clip']}")
+    pil = scenes(3)
+    with torch.no_grad():
+        image = F.normalize(peer.encode_image(torch.stack([preprocess(im) for im in pil])), dim=-1)
+        text = F.normalize(peer.encode_text(open_clip.get_tokenizer(f"local-dir:{folders['open_clip']}")(PROMPTS)),
+                           dim=-1)
+    torch.testing.assert_close(scorer.score(pil, PROMPTS), torch.diagonal(image @ text.T), rtol=1e-5, atol=1e-5)
+    assert scorer.files == [checkpoint]
+
+
+def test_laion_aesthetic_is_a_linear_mlp_on_the_normalised_image_embedding(folders):
+    scorer = load_named("aesthetic", str(folders["aesthetic"]), str(folders["open_clip"]))
+    weights = torch.load(folders["aesthetic"], weights_only=True)
+    images = torch.stack([world.pil_to_tensor(im) for im in scenes(3)])
+    with torch.no_grad():
+        x = F.normalize(scorer.clip.encode_image(scorer.pixels(images)), dim=-1)
+        for i in (0, 2, 4, 6, 7):  # Linear layers of the predictor; Dropout between, no activation
+            x = x @ weights[f"layers.{i}.weight"].T + weights[f"layers.{i}.bias"]
+    torch.testing.assert_close(scorer.score(images), x.squeeze(-1))
+    assert folders["aesthetic"] in scorer.files
+
+
+def test_imagereward_is_the_standardised_mlp_of_the_cross_attending_cls_state(folders):
+    from torchvision.transforms import v2
+
+    scorer = load_named("imagereward", str(folders["imagereward"]))
+    pil = scenes(3)
+    transform = v2.Compose([v2.Resize(32, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(32),
+                            v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                            v2.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    tokens = scorer.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert tokens.input_ids[0, :5].tolist() == [2, 5, 6, 9, 3]  # [CLS] a red circle [SEP], padded to 35
+    with torch.no_grad():
+        states = scorer.vision_model(pixel_values=torch.stack([transform(im) for im in pil])).last_hidden_state
+        cls = scorer.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                  encoder_hidden_states=states).last_hidden_state[:, 0]
+        x = cls
+        for i in (0, 2, 4, 6, 7):
+            layer = scorer.mlp.layers[i]
+            x = x @ layer.weight.T + layer.bias
+    expected = (x.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+    assert (IMAGEREWARD_MEAN, IMAGEREWARD_STD) == (0.16717362830052426, 1.0333394966054072)
+    torch.testing.assert_close(scorer.score(pil, PROMPTS), expected, rtol=1e-5, atol=1e-6)
+    other = scorer.score(pil[1:] + pil[:1], PROMPTS)  # the same prompts on other images: the cross-attention reads them
+    assert (other - expected).abs().max() > 1e-5  # small: the MLP keeps its original init, std 1/(width + 1)
+
+
+def test_a_weighted_spec_is_the_weighted_sum_of_raw_scores(folders):
+    checkpoint = folders["open_clip"] / "open_clip_model.safetensors"
+    spec = f"hpsv21={checkpoint}@{ARCH}:0.5, aesthetic={folders['aesthetic']}@{folders['open_clip']}:-2"
+    assert is_reward_spec(spec) and not is_reward_spec("mmalign.diffusion.world:reward")
+    reward = load_reward_spec(spec)
+    images = torch.stack([world.pil_to_tensor(im) for im in scenes(3)])
+    hps = load_named("hpsv21", str(checkpoint), str(ARCH)).score(images, PROMPTS)
+    aesthetic = load_named("aesthetic", str(folders["aesthetic"]), str(folders["open_clip"])).score(images)
+    torch.testing.assert_close(reward.score(images, PROMPTS, batch_size=2), 0.5 * hps - 2 * aesthetic)
+    terms = reward.term_scores(images, PROMPTS)
+    torch.testing.assert_close(reward.combine(terms), 0.5 * hps - 2 * aesthetic)
+    assert set(reward.files) == {checkpoint, folders["aesthetic"], folders["open_clip"] / "open_clip_model.safetensors"}
+    assert [t.weight for t in parse_reward_spec("pickscore,clipscore:2.5")] == [1.0, 2.5]
+    assert parse_reward_spec("openclip=local-dir:/models/rm")[0].source == "local-dir:/models/rm"
+
+
+def test_bad_specs_are_refused_naming_the_term(folders):
+    with pytest.raises(ConfigError, match=r"term 'pickscore:abc': weight 'abc' is not a finite number"):
+        parse_reward_spec("pickscore:abc", "--scorer")
+    with pytest.raises(ConfigError, match=r"--reward 'pickscore,hpsv3:1': term 'hpsv3:1': unknown scorer 'hpsv3'"):
+        parse_reward_spec("pickscore,hpsv3:1")
+    with pytest.raises(ConfigError, match="scorer imagereward needs a source"):
+        load_named("imagereward", None)
+    with pytest.raises(ConfigError, match=rf"imagereward={folders['clip']}: .* does not hold ImageReward"):
+        load_named("imagereward", str(folders["clip"]))
+    with pytest.raises(ConfigError, match="CLIP model folder .* has no config.json"):
+        load_named("pickscore", str(folders["imagereward"].parent / "open_clip"))
+    with pytest.raises(ConfigError, match="not a LAION aesthetic MLP for a 32-wide"):
+        torch.save(LinearMLP(16).state_dict(), folders["aesthetic"].parent / "narrow.pth")
+        load_named("aesthetic", str(folders["aesthetic"].parent / "narrow.pth"), str(folders["open_clip"]))
