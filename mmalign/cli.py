@@ -22,8 +22,7 @@ from mmalign.errors import UserError
 
 COMMANDS = {
     "demo": ("mmalign.diffusion.demo", "Diffusion-DPO on the embedded tiny model; prints base vs aligned reward"),
-    "eval": ("mmalign.diffusion.eval", "base vs aligned diffusion models on fixed seeds: reward means, paired win rates, "
-                                       "grids"),
+    "eval": ("mmalign.diffusion.eval", "base vs aligned diffusion models on fixed seeds: rewards, paired win rates"),
     "diffusion dpo": ("mmalign.diffusion.dpo", "Diffusion-DPO fine-tuning of an SD/SDXL pipeline on preference pairs"),
     "diffusion flow-dpo": ("mmalign.diffusion.flow_dpo", "Flow-DPO: Diffusion-DPO on an SD3-style flow-matching model"),
     "diffusion inpo": ("mmalign.diffusion.inpo", "InPO: Diffusion-DPO on latents from DDIM inversion (fewer steps)"),

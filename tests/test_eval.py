@@ -83,17 +83,9 @@ def aligned(tiny_sd, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reward_files(tmp_path_factory):
-    """A tiny open_clip scorer folder and a LAION-style aesthetic MLP file for it."""
-    from pathlib import Path
+    from mmalign.diffusion.tiny import save_tiny_scorers
 
-    from mmalign.diffusion.rewards import load_scorer, save_scorer
-    from mmalign.diffusion.rewards.named import LinearMLP
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("reward")
-    folder = save_scorer(load_scorer(Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"), root / "clip")
-    torch.save(LinearMLP(32).state_dict(), root / "head.pth")
-    return {"clip": folder, "head": root / "head.pth"}
+    return save_tiny_scorers(tmp_path_factory.mktemp("reward"))
 
 
 def sha256(path):
@@ -104,7 +96,7 @@ def test_eval_end_to_end_through_the_cli(tiny_sd, aligned, reward_files, tmp_pat
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": p}) + "\n" for p in ["a red circle", "a blue square",
                                                                           "a green triangle"]))
-    spec = f"openclip={reward_files['clip']},aesthetic={reward_files['head']}@{reward_files['clip']}:0.5"
+    spec = f"openclip={reward_files['open_clip']},aesthetic={reward_files['aesthetic']}@{reward_files['open_clip']}:0.5"
     out = tmp_path / "eval"
     code = main(["eval", "--base", str(tiny_sd), "--models", f"same={tiny_sd}", f"lora={aligned['lora']}",
                  str(aligned["checkpoint"]), "--prompts", str(prompts), "--prompt-column", "text", "--scorer", spec,
@@ -112,8 +104,8 @@ def test_eval_end_to_end_through_the_cli(tiny_sd, aligned, reward_files, tmp_pat
                  "--bootstrap-resamples", "1000"])
     assert code == 0
     result = json.loads((out / "eval.json").read_text())
-    assert set(result["summary"]) == {f"openclip={reward_files['clip']}",
-                                      f"aesthetic={reward_files['head']}", "weighted"}
+    assert set(result["summary"]) == {f"openclip={reward_files['open_clip']}",
+                                      f"aesthetic={reward_files['aesthetic']}", "weighted"}
     assert list(result["models"]) == ["base", "same", "lora", "checkpoints/checkpoint-1"]
     weighted = result["summary"]["weighted"]
     # the same pipeline on the same seeds draws the same images: every sample a tie, win rate exactly 0.5
@@ -127,8 +119,8 @@ def test_eval_end_to_end_through_the_cli(tiny_sd, aligned, reward_files, tmp_pat
     row = result["per_prompt"][0]  # the weighted sum is the weighted sum of the terms, prompt by prompt
     terms = [row["mean"][name]["lora"] for name in list(result["summary"])[:2]]
     assert row["mean"]["weighted"]["lora"] == pytest.approx(terms[0] + 0.5 * terms[1], rel=1e-6)
-    assert result["reward"]["weights"] == {f"openclip={reward_files['clip']}": 1.0,
-                                           f"aesthetic={reward_files['head']}": 0.5}
+    assert result["reward"]["weights"] == {f"openclip={reward_files['open_clip']}": 1.0,
+                                           f"aesthetic={reward_files['aesthetic']}": 0.5}
     # reproducibility: sampler, seeds, resolution and the sha256 of every weight file
     sampler = result["models"]["base"]["sampler"]
     assert sampler["scheduler"] == "DDIMScheduler" and sampler["pipeline"] == "StableDiffusionPipeline"
@@ -138,7 +130,7 @@ def test_eval_end_to_end_through_the_cli(tiny_sd, aligned, reward_files, tmp_pat
     assert result["models"]["base"]["files"][unet] == sha256(unet)
     ckpt = str(aligned["checkpoint"] / "trainable.safetensors")
     assert result["models"]["checkpoints/checkpoint-1"]["files"] == {ckpt: sha256(ckpt)}
-    assert result["reward"]["files"][str(reward_files["head"])] == sha256(reward_files["head"])
+    assert result["reward"]["files"][str(reward_files["aesthetic"])] == sha256(reward_files["aesthetic"])
     assert len(result["reward"]["files"]) == 2
     table = (out / "eval.md").read_text()
     assert "| model | mean (95% CI) | win rate vs base (95% CI) | gain (95% CI) |" in table

@@ -10,22 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.diffusion import world
-from mmalign.diffusion.rewards import load_scorer, save_scorer
 from mmalign.diffusion.rewards.combine import is_reward_spec, load_reward_spec, parse_reward_spec
 from mmalign.diffusion.rewards.named import (
     IMAGEREWARD_MEAN,
     IMAGEREWARD_STD,
-    ImageReward,
     LinearMLP,
-    build_imagereward,
     load_named,
-    save_imagereward,
 )
 from mmalign.errors import ConfigError
 
 ARCH = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
 PROMPTS = ["a red circle", "a blue square", "a red circle"]
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle", "square", "triangle"]
 
 
 def scenes(n, seed=0):
@@ -37,35 +32,9 @@ def scenes(n, seed=0):
 def folders(tmp_path_factory):
     """Tiny random scorers saved the way each is published: a transformers CLIP folder with its processor, an open_clip
     checkpoint (HPS), a LAION aesthetic MLP file (.pth of plain tensors) and an ImageReward folder."""
-    from transformers import BertTokenizerFast, BlipConfig, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from mmalign.diffusion.tiny import save_tiny_scorers
 
-    from mmalign.diffusion.tiny import clip_tokenizer
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("named")
-    tokenizer = clip_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                  patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
-    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root / "clip")
-
-    open_clip_folder = save_scorer(load_scorer(ARCH), root / "open_clip")
-    head = LinearMLP(32)
-    torch.save(head.state_dict(), root / "aesthetic.pth")
-
-    bert = BertTokenizerFast(vocab={word: i for i, word in enumerate(WORDS)})
-    blip = BlipConfig(vision_config={**vision, "initializer_range": 0.02}, text_config=dict(vocab_size=len(WORDS), hidden_size=32,
-                                                             intermediate_size=64, num_hidden_layers=1,
-                                                             num_attention_heads=2, encoder_hidden_size=32,
-                                                             max_position_embeddings=40, pad_token_id=0))
-    reward = ImageReward(*build_imagereward(blip), bert, [])
-    save_imagereward(reward, root / "imagereward")
-    return {"clip": root / "clip", "open_clip": open_clip_folder, "aesthetic": root / "aesthetic.pth",
-            "imagereward": root / "imagereward"}
+    return save_tiny_scorers(tmp_path_factory.mktemp("named"))
 
 
 def test_pickscore_and_clip_score_follow_their_published_formulas(folders):

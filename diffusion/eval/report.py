@@ -33,8 +33,8 @@ def per_prompt_rows(prompts: list[str], scores: dict[str, dict[str, torch.Tensor
     """One row per prompt: each scorer's mean over the prompt's samples, for each model."""
     means = {scorer: {model: values.view(len(prompts), per_prompt).mean(1) for model, values in by_model.items()}
              for scorer, by_model in scores.items()}
-    return [{"index": k, "prompt": prompt,
-             "mean": {scorer: {model: float(m[k]) for model, m in by_model.items()} for scorer, by_model in means.items()}}
+    return [{"index": k, "prompt": prompt, "mean": {scorer: {model: float(m[k]) for model, m in by_model.items()}
+                                                    for scorer, by_model in means.items()}}
             for k, prompt in enumerate(prompts)]
 
 

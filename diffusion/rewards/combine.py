@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
 import torch
 from PIL import Image
 from torch import nn
@@ -81,28 +82,29 @@ class WeightedReward(RewardModel):
     def __init__(self, terms: list[Term], models: list[RewardModel]):
         super().__init__()
         self.terms, self.models = terms, nn.ModuleList(models)
+        self.members = models  # the same modules, typed (the ModuleList registers them)
         self.files = sorted({file for model in models for file in model.files})
 
     @property
     def image_size(self) -> int:
-        return max(model.image_size for model in self.models)
+        return max(model.image_size for model in self.members)
 
     @property
     def needs_prompts(self) -> bool:
-        return any(model.needs_prompts for model in self.models)
+        return any(model.needs_prompts for model in self.members)
 
     @property
     def device(self) -> torch.device:
-        return self.models[0].device
+        return self.members[0].device
 
     def forward(self, images: torch.Tensor | list[Image.Image], prompts: list[str] | None = None) -> torch.Tensor:
-        return sum((term.weight * model(images, prompts) for term, model in zip(self.terms, self.models)),
+        return sum((term.weight * model(images, prompts) for term, model in zip(self.terms, self.members)),
                    torch.zeros(()))
 
     def term_scores(self, images: torch.Tensor | list[Image.Image], prompts: list[str] | None = None,
                     batch_size: int = 64) -> dict[str, torch.Tensor]:
         """Each term's raw scores [B] (no_grad, chunked, on the CPU), by label."""
-        return {term.label: model.score(images, prompts, batch_size) for term, model in zip(self.terms, self.models)}
+        return {term.label: model.score(images, prompts, batch_size) for term, model in zip(self.terms, self.members)}
 
     def combine(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """sum_k w_k * s_k from `term_scores`' output."""

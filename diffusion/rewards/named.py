@@ -1,15 +1,15 @@
 """Published reward models by name, each read from a local file or folder or from a hub id (`NAMED`).
 
-    name         model                                             score s(x, y)
-    pickscore    transformers CLIPModel + CLIPProcessor            exp(t) * cos(E_img(x), E_txt(y))     (PickScore README)
-    clipscore    transformers CLIPModel (openai ViT-L/14)          100 * max(cos(E_img(x), E_txt(y)), 0) (torchmetrics
-                                                                   CLIPScore, per image)
-    hpsv2        open_clip ViT-H-14 + HPS_v2_compressed.pt         cos(E_img(x), E_txt(y))              (HPSv2 img_score)
-    hpsv21       open_clip ViT-H-14 + HPS_v2.1_compressed.pt       cos(E_img(x), E_txt(y))
-    imagereward  BLIP ViT-L image tower + BERT text encoder with   (MLP(h_CLS(y | x)) - 0.16717362830052426)
-                 cross-attention to the image, MLP on [CLS]        / 1.0333394966054072                 (ImageReward.py)
-    aesthetic    open_clip ViT-L-14 (openai) + the LAION improved  MLP(E_img(x) / ||E_img(x)||)         (simple_inference)
-                 aesthetic predictor's MLP
+    name         model                                            score s(x, y)
+    pickscore    transformers CLIPModel + CLIPProcessor           exp(t) * cos(E_img(x), E_txt(y))   (PickScore README)
+    clipscore    transformers CLIPModel (openai ViT-L/14)         100 * max(cos(E_img(x), E_txt(y)), 0)
+                                                                  (torchmetrics CLIPScore, per image)
+    hpsv2        open_clip ViT-H-14 + HPS_v2_compressed.pt        cos(E_img(x), E_txt(y))            (HPSv2 img_score)
+    hpsv21       open_clip ViT-H-14 + HPS_v2.1_compressed.pt      cos(E_img(x), E_txt(y))
+    imagereward  BLIP ViT-L image tower + BERT text encoder with  (MLP(h_CLS(y | x)) - 0.16717362830052426)
+                 cross-attention to the image, MLP on [CLS]       / 1.0333394966054072               (ImageReward.py)
+    aesthetic    open_clip ViT-L-14 (openai) + the LAION          MLP(E_img(x) / ||E_img(x)||)
+                 improved aesthetic predictor's MLP                                                  (simple_inference)
     openclip     any scorer `load_scorer` reads (architecture, .json, folder)
 
 The MLP of ImageReward and of the LAION predictor is the same: Linear 768-1024-128-64-16-1 with dropout and no
@@ -61,7 +61,7 @@ class LinearMLP(nn.Module):
 
 
 def clip_pixels(images: torch.Tensor | list[Image.Image], size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """[N,3,size,size]: shorter side resized to `size` (bicubic), centre crop, normalised; from PIL or [0, 1] tensors."""
+    """[N,3,size,size]: shorter side resized to `size` (bicubic), centre crop, normalised; PIL or [0, 1] tensors."""
     from torchvision.transforms import v2
 
     resize = v2.Compose([v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -77,6 +77,8 @@ def clip_pixels(images: torch.Tensor | list[Image.Image], size: int, mean=CLIP_M
 class TransformersCLIP(RewardModel):
     """A transformers CLIPModel and its processor: formula "logit" exp(t) * cos (PickScore), "clipscore"
     100 * max(cos, 0)."""
+
+    model: Any  # a transformers CLIPModel
 
     def __init__(self, model: nn.Module, processor: Any, formula: Literal["logit", "clipscore"], files: list[Path]):
         super().__init__()
@@ -104,6 +106,9 @@ class TransformersCLIP(RewardModel):
 class ImageReward(RewardModel):
     """ImageReward: BLIP's text encoder reads the prompt with cross-attention to the ViT's image tokens; the MLP on its
     [CLS] state, standardised by the published mean and std: (MLP(h_CLS) - mean) / std."""
+
+    vision_model: Any  # transformers BlipVisionModel
+    text_encoder: Any  # transformers BlipTextModel
 
     def __init__(self, vision_model: nn.Module, text_encoder: nn.Module, mlp: LinearMLP, tokenizer: Any,
                  files: list[Path]):
@@ -184,7 +189,7 @@ def load_transformers_clip(formula: Literal["logit", "clipscore"], processor_def
             processor = CLIPProcessor.from_pretrained(processor_source)
         except (OSError, ValueError) as err:
             raise ConfigError(f"{source}: not a transformers CLIPModel with its processor ({one_line(err)})") from None
-        return TransformersCLIP(model.to(device), processor, formula, _weight_files(folder))
+        return TransformersCLIP(model, processor, formula, _weight_files(folder)).to(device)
     return load
 
 
@@ -223,7 +228,8 @@ Loader = Callable[[str, str | None, str | torch.device], RewardModel]
 NAMED: dict[str, tuple[Loader, str | None]] = {  # name: (loader, default source)
     "pickscore": (load_transformers_clip("logit", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
                   "yuvalkirstain/PickScore_v1"),
-    "clipscore": (load_transformers_clip("clipscore", "openai/clip-vit-large-patch14"), "openai/clip-vit-large-patch14"),
+    "clipscore": (load_transformers_clip("clipscore", "openai/clip-vit-large-patch14"),
+                  "openai/clip-vit-large-patch14"),
     "hpsv2": (load_hps("hpsv2"), "xswu/HPSv2"),
     "hpsv21": (load_hps("hpsv21"), "xswu/HPSv2"),
     "imagereward": (load_imagereward, None),
