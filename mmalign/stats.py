@@ -1,4 +1,4 @@
-"""Summaries for evaluations: a mean with its 95% confidence interval."""
+"""Summaries for evaluations: a mean with its 95% confidence interval, a paired win rate with its bootstrap CI."""
 
 from __future__ import annotations
 
