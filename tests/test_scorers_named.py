@@ -122,6 +122,24 @@ def test_a_weighted_spec_is_the_weighted_sum_of_raw_scores(folders):
     assert parse_reward_spec("openclip=local-dir:/models/rm")[0].source == "local-dir:/models/rm"
 
 
+def test_a_spec_is_taken_wherever_a_reward_is(folders):
+    from mmalign.diffusion.acflow import load_reward
+    from mmalign.diffusion.rewards import ScorerOptions
+    from mmalign.diffusion.rewards.combine import WeightedReward
+
+    spec = f"openclip={folders['open_clip']}:2,aesthetic={folders['aesthetic']}@{folders['open_clip']}:0.5"
+    images = torch.stack([world.pil_to_tensor(im) for im in scenes(3)])
+    clip = load_named("openclip", str(folders["open_clip"])).score(images, PROMPTS)
+    aesthetic = load_named("aesthetic", str(folders["aesthetic"]), str(folders["open_clip"])).score(images)
+    expected = 2 * clip + 0.5 * aesthetic
+    scorer = ScorerOptions(scorer=spec).load_scorer()  # reward score, relabel, pairs
+    assert isinstance(scorer, WeightedReward) and scorer.image_size == 32
+    torch.testing.assert_close(scorer.score(images, PROMPTS), expected)
+    torch.testing.assert_close(load_reward(spec)(images, PROMPTS), expected)  # AC-Flow's --reward
+    with pytest.raises(ConfigError, match="is a reward spec; --pretrained, --kind and --head-hidden apply"):
+        ScorerOptions(scorer=spec, kind="aesthetic").load_scorer()
+
+
 def test_bad_specs_are_refused_naming_the_term(folders):
     with pytest.raises(ConfigError, match=r"term 'pickscore:abc': weight 'abc' is not a finite number"):
         parse_reward_spec("pickscore:abc", "--scorer")

@@ -6,7 +6,7 @@
                      (Bradley-Terry; PickScore's softmax over two)
     video            s(x_1..x_T, y) = mean_t s(x_t, y)   (every frame scored, then averaged)
 
-PickScore and HPSv2 are fine-tuned open_clip ViT-H-14 models scored this way (HPSv2 reports 100 * cos).
+HPSv2 and PickScore are fine-tuned ViT-H-14 CLIP models; `named` loads them as published (HPSv2 scores cos).
 A scorer is the common reward callable `scorer(images, prompts) -> [B]`: images [B,3,H,W] or video frames
 [B,T,3,H,W] in [0, 1], or a list of PIL images. The call is differentiable (training, gradient-based
 rewards); `scorer.score(...)` is the same under no_grad in chunks (relabelling, ranking, evaluation).
