@@ -193,7 +193,7 @@ def save_tiny_scorers(root: str | Path, seed: int = 0) -> dict[str, Path]:
     processor (clip: pickscore, clipscore), an open_clip scorer folder (open_clip; its weights file is an HPS-style
     checkpoint of assets/tiny-clip.json), a LAION aesthetic MLP file for it (.pth of plain tensors, aesthetic) and an
     ImageReward folder (imagereward)."""
-    from transformers import BertTokenizerFast, BlipConfig, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import BertTokenizer, BlipConfig, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from .rewards import load_scorer, save_scorer
     from .rewards.named import ImageReward, LinearMLP, build_imagereward, save_imagereward
@@ -215,7 +215,7 @@ def save_tiny_scorers(root: str | Path, seed: int = 0) -> dict[str, Path]:
     torch.save(LinearMLP(32).state_dict(), root / "aesthetic.pth")
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle", "square", "triangle"]
-    bert = BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    bert = BertTokenizer(vocab={word: i for i, word in enumerate(words)})
     blip_text = dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                      num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=40, pad_token_id=0)
     blip = BlipConfig(vision_config=vision, text_config=blip_text)
