@@ -156,6 +156,9 @@ def test_bad_input_is_refused_naming_the_file_and_field(tiny_sd, aligned, refuse
                                                                    "caption", "--scorer", "pickscor", output=out)
     assert "term 'pickscore:high': weight 'high' is not a finite number" in refused(
         *common, "--prompts", prompts, "--prompt-column", "caption", "--scorer", "pickscore:high", output=out)
+    assert "each model needs a name of its own, not 'base'" in refused(
+        "eval", "--base", tiny_sd, "--models", f"base={aligned['lora']}", "--output", out, "--prompts", prompts,
+        "--prompt-column", "caption", "--scorer", "pickscore", output=out)
     assert "--models nowhere: no such file or folder" in refused(
         "eval", "--base", tiny_sd, "--models", "nowhere", "--output", out, "--prompts", prompts, "--prompt-column",
         "caption", "--scorer", "pickscore", output=out)

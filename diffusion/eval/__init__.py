@@ -31,7 +31,17 @@ from ..evaluate import fixed_seed_samples
 from ..models import sampling_pipeline
 from ..rewards.combine import WeightedReward, load_reward_spec, parse_reward_spec, weights_of
 from ..sample import save_images
-from .models import TRAINABLE_FILE, hashes, kind_of, load_model, parse_model, sampler_record, weight_files
+from .models import (
+    TRAINABLE_FILE,
+    hashes,
+    kind_of,
+    load_model,
+    local_weight_files,
+    parse_model,
+    sampler_record,
+    sha256,
+    weight_files,
+)
 from .prompts import read_prompt_set
 from .report import comparison_grid, markdown, per_prompt_rows, ranked_prompts, summarise
 
@@ -74,8 +84,10 @@ class Config:
                 self.bootstrap_resamples < 100 or (self.resolution is not None and self.resolution < 1):
             raise ValueError("per_prompt, batch sizes, grid_prompts and resolution must be at least 1, "
                              "bootstrap_resamples at least 100")
-        if len(self.models) != len({parse_model(m)[0] for m in self.models}):
-            raise ValueError(f"--models: two models have the same name ({', '.join(self.models)}); name them NAME=PATH")
+        names = [parse_model(m)[0] for m in self.models]
+        if len(names) != len(set(names)) or "base" in names:
+            raise ValueError(f"--models: each model needs a name of its own, not 'base' (the base model's): "
+                             f"{', '.join(names)}; name them NAME=PATH")
         parse_reward_spec(self.scorer, "--scorer")  # a bad spec stops before any model loads
 
 
@@ -92,8 +104,6 @@ def run(config: Config) -> dict:
 def evaluate(config: Config, prompts: list[str], models: dict[str, str]) -> dict:
     """The body of `run`, in the claimed output folder."""
     base = "base"
-    if base in models:
-        raise ConfigError("--models: the name 'base' is the base model's; name the aligned model otherwise")
     pipe = sampling_pipeline(config.base, None, config.mixed_precision, config.cpu)
     reward = load_reward_spec(config.scorer, pipe.device, "--scorer")
     scores: dict[str, dict[str, torch.Tensor]] = {}
@@ -143,7 +153,7 @@ def record(config: Config, prompts: list[str], models: dict[str, str], reward: W
     cache: dict[Path, str] = {}
     width, height = Image.open(sample).size
     entries = {"base": {"name": "base", "path": config.base, "kind": "base", "sampler": samplers["base"],
-                        "files": hashes(weight_files(config.base), cache)}}
+                        "files": hashes(local_weight_files(config.base), cache)}}
     for name, path in models.items():
         kind = kind_of(path)
         own = [Path(path) / TRAINABLE_FILE] if kind == "checkpoint" else weight_files(path)
@@ -151,7 +161,7 @@ def record(config: Config, prompts: list[str], models: dict[str, str], reward: W
                          "files": hashes(own, cache)}
     return {
         "prompts": prompts, "prompts_file": {"path": config.prompts, "column": config.prompt_column,
-                                             "sha256": hashes([Path(config.prompts)], cache)[config.prompts]},
+                                             "sha256": sha256(Path(config.prompts), cache)},
         "models": entries,
         "reward": {"spec": config.scorer, "weights": weights_of(reward), "standardised": False,
                    "files": hashes(reward.files, cache)},

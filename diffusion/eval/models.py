@@ -17,6 +17,7 @@ import torch
 from mmalign.config import load_yaml
 from mmalign.data import one_line
 from mmalign.errors import ConfigError
+from mmalign.hub import is_repo_id
 
 from ..models import add_lora, denoiser_of, sampling_pipeline
 from ..rewards.named import WEIGHT_SUFFIXES
@@ -73,11 +74,12 @@ def load_checkpoint(pipe, folder: Path) -> None:
         add_lora(model, int(run.get("lora_rank", 8)), run.get("lora_alpha"),
                  tuple(run.get("lora_targets") or ("to_k", "to_q", "to_v", "to_out.0")))
     weights = load_file(str(folder / TRAINABLE_FILE))
-    names = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(names))
-    if unknown:
-        raise ConfigError(f"--models {folder}: {TRAINABLE_FILE} does not fit the denoiser of the base "
-                          f"(unexpected {', '.join(unknown[:3])}); was it written by another method or model?")
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    unknown, missing = sorted(set(weights) - trained), sorted(trained - set(weights))
+    if unknown or missing:
+        raise ConfigError(f"--models {folder}: {TRAINABLE_FILE} does not fit the denoiser of the base as its run's "
+                          f"config.yaml sets it up (unexpected {', '.join(unknown[:3]) or 'none'}; missing "
+                          f"{', '.join(missing[:3]) or 'none'}); was it written by another method or model?")
     try:
         model.load_state_dict(weights, strict=False)
     except RuntimeError as err:
@@ -94,6 +96,18 @@ def weight_files(path: str | Path) -> list[Path]:
         return []
     return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
                   and "checkpoints" not in p.relative_to(path).parts)
+
+
+def local_weight_files(model: str) -> list[Path]:
+    """`weight_files` of a local path, or of a hub model's cached snapshot (what `from_pretrained` read)."""
+    if Path(model).exists() or not is_repo_id(model):
+        return weight_files(model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return weight_files(snapshot_download(model, local_files_only=True))
+    except (OSError, ValueError):  # not in the cache as a whole snapshot: nothing to hash here
+        return []
 
 
 def sha256(path: Path, cache: dict[Path, str]) -> str:
