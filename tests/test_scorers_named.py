@@ -1,6 +1,7 @@
 """Named scorers on tiny random weights of their own architectures, each against its published formula by hand;
 weighted reward specs by hand; bad specs refused naming the term."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,44 @@ def test_imagereward_is_the_standardised_mlp_of_the_cross_attending_cls_state(fo
     assert (other - expected).abs().max() > 1e-5  # small: the MLP keeps its original init, std 1/(width + 1)
 
 
+ORIGINAL_NAMES = [("vision_model.embeddings.class_embedding", "blip.visual_encoder.cls_token"),
+                  ("vision_model.embeddings.position_embedding", "blip.visual_encoder.pos_embed"),
+                  ("vision_model.embeddings.patch_embedding.", "blip.visual_encoder.patch_embed.proj."),
+                  ("vision_model.post_layernorm.", "blip.visual_encoder.norm."),
+                  ("vision_model.encoder.layers.", "blip.visual_encoder.blocks."),
+                  (".self_attn.projection.", ".attn.proj."), (".self_attn.", ".attn."),
+                  (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), ("text_encoder.", "blip.text_encoder.")]
+
+
+def test_imagereward_reads_the_published_checkpoint_layout(folders, tmp_path, monkeypatch):
+    """ImageReward.pt holds BLIP's own names (timm ViT, med.py BERT) plus tensors ImageReward does not use."""
+    from mmalign.diffusion.rewards import named
+
+    reward = load_named("imagereward", str(folders["imagereward"]))
+    original = {}
+    for key, value in reward.state_dict().items():
+        for ours, theirs in ORIGINAL_NAMES:
+            key = key.replace(ours, theirs)
+        original[key] = value
+    original["blip.vision_proj.weight"] = torch.zeros(4, 32)  # BLIP's contrastive head: left out
+    original["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
+    torch.save(original, tmp_path / "ImageReward.pt")
+    text = reward.text_encoder.config
+    (tmp_path / "med_config.json").write_text(json.dumps({  # a BertConfig, as published
+        "architectures": ["BertModel"], "vocab_size": text.vocab_size, "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 40,
+        "layer_norm_eps": 1e-12, "pad_token_id": 0, "add_cross_attention": True, "encoder_width": 32}))
+    monkeypatch.setattr(named, "IMAGEREWARD_VISION", reward.vision_model.config.to_dict())
+    published = load_named("imagereward", str(tmp_path / "ImageReward.pt"), str(folders["imagereward"]))
+    assert published.vision_model.config.hidden_size == 32 and published.files == [tmp_path / "ImageReward.pt"]
+    pil = scenes(3)
+    torch.testing.assert_close(published.score(pil, PROMPTS), reward.score(pil, PROMPTS))
+    original["blip.visual_encoder.norm.weight"] = torch.ones(8)
+    torch.save(original, tmp_path / "ImageReward.pt")
+    with pytest.raises(ConfigError, match=r"holds neither ImageReward.pt with med_config.json nor .*size mismatch"):
+        load_named("imagereward", str(tmp_path / "ImageReward.pt"), str(folders["imagereward"]))
+
+
 def test_a_weighted_spec_is_the_weighted_sum_of_raw_scores(folders):
     checkpoint = folders["open_clip"] / "open_clip_model.safetensors"
     spec = f"hpsv21={checkpoint}@{ARCH}:0.5, aesthetic={folders['aesthetic']}@{folders['open_clip']}:-2"
@@ -145,9 +184,12 @@ def test_bad_specs_are_refused_naming_the_term(folders):
         parse_reward_spec("pickscore:abc", "--scorer")
     with pytest.raises(ConfigError, match=r"--reward 'pickscore,hpsv3:1': term 'hpsv3:1': unknown scorer 'hpsv3'"):
         parse_reward_spec("pickscore,hpsv3:1")
-    with pytest.raises(ConfigError, match="scorer imagereward needs a source"):
+    with pytest.raises(ConfigError, match="scorer aesthetic needs a source"):
+        load_named("aesthetic", None)
+    with pytest.raises(ConfigError, match="imagereward THUDM/ImageReward: no such folder here, and the hub repository "
+                                          "cannot be had"):  # the published default, offline here
         load_named("imagereward", None)
-    with pytest.raises(ConfigError, match=rf"imagereward={folders['clip']}: .* does not hold ImageReward"):
+    with pytest.raises(ConfigError, match=rf"imagereward={folders['clip']}: .* holds neither ImageReward.pt"):
         load_named("imagereward", str(folders["clip"]))
     with pytest.raises(ConfigError, match="CLIP model folder .* has no config.json"):
         load_named("pickscore", str(folders["imagereward"].parent / "open_clip"))

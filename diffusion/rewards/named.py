@@ -17,14 +17,17 @@ activation between the layers (both originals have their ReLUs commented out). A
 a folder or file here, or a hub id (the default is the published one). Scorers on an open_clip tower take
 `@BACKBONE` (hpsv2: the architecture, default ViT-H-14; aesthetic: any `load_scorer` source, default ViT-L-14
 with open_clip's openai weights); transformers CLIP scorers take `@PROCESSOR`, used when the model folder has no
-preprocessor_config.json. ImageReward reads a folder holding config.json (a transformers BlipConfig),
-model.safetensors (vision_model.*, text_encoder.*, mlp.layers.*) and a BERT tokenizer (`save_imagereward`).
-Only the open_clip scorers are differentiable in the pixels of a [0, 1] tensor; the others preprocess with
-torchvision's Resize/CenterCrop/Normalize (bicubic, antialiased), which is differentiable too.
+processor config. ImageReward reads the published ImageReward.pt and med_config.json (renamed onto transformers'
+BLIP classes; `@TOKENIZER` the BERT tokenizer), or a folder holding config.json (a transformers BlipConfig),
+model.safetensors (vision_model.*, text_encoder.*, mlp.layers.*) and the tokenizer (`save_imagereward`).
+Every scorer is differentiable in the pixels of a [0, 1] tensor: open_clip's eval transform, or for the others
+torchvision's Resize/CenterCrop/Normalize (bicubic, antialiased).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +46,9 @@ IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
 IMAGEREWARD_TEXT_LENGTH = 35  # ImageReward.py: padding="max_length", truncation, max_length 35
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 LAION_HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+IMAGEREWARD_FILE = "ImageReward.pt"
+IMAGEREWARD_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          image_size=224, patch_size=16, layer_norm_eps=1e-6)  # BLIP's ViT-L/16 (vit.py: eps 1e-6)
 HPS_FILES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv21": "HPS_v2.1_compressed.pt"}
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # transformers 4 and 5 layouts
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -158,20 +164,69 @@ def save_imagereward(model: ImageReward, folder: str | Path) -> Path:
 
 
 def load_imagereward(source: str, backbone: str | None, device: str | torch.device) -> ImageReward:
-    """ImageReward from a folder written by `save_imagereward` (or a hub id of one)."""
+    """ImageReward from a folder written by `save_imagereward`, or as published: ImageReward.pt with med_config.json
+    beside it (a file, a folder, or the THUDM/ImageReward hub id); its BERT tokenizer then comes from `backbone`
+    (default google-bert/bert-base-uncased: the published model adds [DEC] and [ENC], which no prompt holds)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, BlipConfig
 
-    folder = _local_folder(source, ("config.json", "model.safetensors"), "imagereward")
+    path = Path(source)
+    original = path if path.is_file() else None
+    if original is None and not (path / "model.safetensors").is_file():
+        original = _local_folder(source, (IMAGEREWARD_FILE, "med_config.json"), "imagereward") / IMAGEREWARD_FILE
+    folder = path if original is None else original.parent
     try:
-        config = BlipConfig.from_pretrained(folder)
-        vision, text, mlp = build_imagereward(config)
-        model = ImageReward(vision, text, mlp, AutoTokenizer.from_pretrained(folder), [folder / "model.safetensors"])
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ConfigError(f"imagereward={source}: {folder} does not hold ImageReward in the layout "
-                          f"`save_imagereward` writes ({one_line(err)})") from None
+        if original is not None:
+            config = imagereward_config(json.loads((original.parent / "med_config.json").read_text()))
+            bert = backbone or "google-bert/bert-base-uncased"
+            tokenizer = AutoTokenizer.from_pretrained(_local_folder(bert, ("tokenizer_config.json",), "BERT tokenizer"))
+            weights = rename_blip_keys(_read_tensors(original))
+        else:
+            config, tokenizer = BlipConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+            weights = load_file(str(folder / "model.safetensors"))
+        model = ImageReward(*build_imagereward(config), tokenizer, [original or folder / "model.safetensors"])
+        model.load_state_dict(weights)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise ConfigError(f"imagereward={source}: {folder} holds neither ImageReward.pt with med_config.json nor the "
+                          f"layout `save_imagereward` writes ({one_line(err)})") from None
     return model.to(device)
+
+
+def imagereward_config(med: dict[str, Any]) -> Any:
+    """The transformers BlipConfig of the published ImageReward: BLIP's ViT-L/16 at 224 px (LayerNorm eps 1e-6) and
+    the BERT of its med_config.json, cross-attending to the 1024-wide image tokens."""
+    from transformers import BlipConfig
+
+    vision = IMAGEREWARD_VISION
+    text = {key: med[key] for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                      "intermediate_size", "hidden_act", "max_position_embeddings",
+                                      "layer_norm_eps", "pad_token_id") if key in med}
+    return BlipConfig(vision_config=vision, text_config={**text, "encoder_hidden_size": vision["hidden_size"]})
+
+
+BLIP_VISION_NAMES = [(r"^blip\.visual_encoder\.", "vision_model."), (r"\.blocks\.", ".encoder.layers."),
+                     (r"\.attn\.proj\.", ".self_attn.projection."), (r"\.attn\.", ".self_attn."),
+                     (r"\.norm1\.", ".layer_norm1."), (r"\.norm2\.", ".layer_norm2."),
+                     (r"^vision_model\.norm\.", "vision_model.post_layernorm."),
+                     (r"^vision_model\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
+                     (r"^vision_model\.pos_embed$", "vision_model.embeddings.position_embedding"),
+                     (r"^vision_model\.cls_token$", "vision_model.embeddings.class_embedding")]
+
+
+def rename_blip_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ImageReward.pt's tensors under transformers' BLIP names (the renaming of transformers' BLIP conversion); the
+    text encoder's BERT names are already the same; the contrastive projections and buffers are left out."""
+    renamed = {}
+    for key, value in weights.items():
+        if key.startswith("blip.visual_encoder."):
+            for pattern, name in BLIP_VISION_NAMES:
+                key = re.sub(pattern, name, key)
+        elif key.startswith("blip.text_encoder.") and not key.endswith("position_ids"):
+            key = key.removeprefix("blip.")
+        elif not key.startswith("mlp."):
+            continue
+        renamed[key] = value
+    return renamed
 
 
 def load_transformers_clip(formula: Literal["logit", "clipscore"], processor_default: str
@@ -232,7 +287,7 @@ NAMED: dict[str, tuple[Loader, str | None]] = {  # name: (loader, default source
                   "openai/clip-vit-large-patch14"),
     "hpsv2": (load_hps("hpsv2"), "xswu/HPSv2"),
     "hpsv21": (load_hps("hpsv21"), "xswu/HPSv2"),
-    "imagereward": (load_imagereward, None),
+    "imagereward": (load_imagereward, "THUDM/ImageReward"),
     "aesthetic": (load_aesthetic, None),
     "openclip": (load_openclip, None),
 }
