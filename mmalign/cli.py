@@ -45,6 +45,7 @@ COMMANDS = {
     "robotics rapl": ("mmalign.robotics.rapl", "RAPL: align a visual encoder on preference triplets; OT reward"),
     "robotics grape": ("mmalign.robotics.grape", "GRAPE: behaviour cloning, then ranked rollouts and TPO rounds"),
     "vision dpo": ("mmalign.vision.dpo", "DPO-family fine-tuning of a LLaVA-style model on TRL rows with images"),
+    "vision eval": ("mmalign.vision.eval", "QA accuracy / hallucination rate of base vs aligned VLMs on a QA file"),
     "vision demo": ("mmalign.vision.demo", "BDHS pairs + mDPO on the embedded tiny LLaVA; prints held-out QA accuracy"),
     "vision bdhs": ("mmalign.vision.builders.bdhs", "BDHS pairs: rejected = the model's answer with the image masked"),
     "vision mia-dpo": ("mmalign.vision.builders.mia_dpo",
