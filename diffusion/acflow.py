@@ -64,7 +64,8 @@ class Config(DenoiserConfig):
 
     prompts: str = option(None, "text file of training prompts, one per line")
     reward: str | RewardFn = option("mmalign.diffusion.world:reward", "reward callable as module:function, a reward-"
-                                    "model folder (`mmalign reward train`), or from Python the callable itself; "
+                                    "model folder (`mmalign reward train`), a reward spec of named scorers "
+                                    "(pickscore:1.0,hpsv21=FILE:0.5), or from Python the callable itself; "
                                     "called as reward(images, prompts) -> [N]")
     samples_per_prompt: int = option(4, "K images sampled per prompt each step")
     sample_steps: int = option(10, "Euler steps of the actor's samples")
@@ -88,7 +89,12 @@ class Config(DenoiserConfig):
 
 
 def load_reward(spec: str) -> RewardFn:
-    """The callable named `module:function`, or the `score` of a reward-model folder (`mmalign reward train`)."""
+    """The callable named `module:function`, the `score` of a reward-model folder (`mmalign reward train`), or of a
+    reward spec of named scorers (`pickscore:1.0,aesthetic=FILE:0.2`, `mmalign.diffusion.rewards.combine`)."""
+    from .rewards.combine import is_reward_spec, load_reward_spec
+
+    if is_reward_spec(spec):
+        return load_reward_spec(spec).score
     if Path(spec).is_dir():
         from .rewards import load_scorer
 

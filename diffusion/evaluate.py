@@ -13,12 +13,19 @@ from .sample import generate
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
+def fixed_seed_samples(pipe, prompts: list[str], per_prompt: int = 8, seed: int = 1000, steps: int = 20,
+                       guidance_scale: float = 5.0, **generate_kwargs) -> tuple[list[str], torch.Tensor]:
+    """`per_prompt` images of each prompt, sample i (of prompt i // per_prompt) with seed `seed + i`: the prompt of each
+    sample and the images. `generate_kwargs` go to `sample.generate` (batch_size, height, width)."""
+    expanded = [p for p in prompts for _ in range(per_prompt)]
+    return expanded, generate(pipe, expanded, seed=seed, steps=steps, guidance_scale=guidance_scale, **generate_kwargs)
+
+
 def evaluate_reward(pipe, prompts: list[str], reward_fn: RewardFn, per_prompt: int = 8, seed: int = 1000,
                     steps: int = 20, guidance_scale: float = 5.0
                     ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Sample `per_prompt` images per prompt (sample i with seed `seed + i`), score them: summary, rewards, images."""
-    expanded = [p for p in prompts for _ in range(per_prompt)]
-    images = generate(pipe, expanded, seed=seed, steps=steps, guidance_scale=guidance_scale)
+    expanded, images = fixed_seed_samples(pipe, prompts, per_prompt, seed, steps, guidance_scale)
     rewards = reward_fn(images, expanded).float()
     if not torch.isfinite(rewards).all():
         raise ValueError("the reward function returned NaN or infinite values")

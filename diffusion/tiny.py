@@ -186,3 +186,39 @@ def tiny_pipeline(kind: str = "sd", **kwargs):
                "sd35": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "video": "TextToVideoSDPipeline",
                "wan": "WanPipeline"}
     return getattr(diffusers, classes[kind])(**parts)
+
+
+def save_tiny_scorers(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Tiny random reward models saved the way each is published (`rewards.named`): a transformers CLIP folder with its
+    processor (clip: pickscore, clipscore), an open_clip scorer folder (open_clip; its weights file is an HPS-style
+    checkpoint of assets/tiny-clip.json), a LAION aesthetic MLP file for it (.pth of plain tensors, aesthetic) and an
+    ImageReward folder (imagereward)."""
+    from transformers import BertTokenizer, BlipConfig, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from .rewards import load_scorer, save_scorer
+    from .rewards.named import ImageReward, LinearMLP, build_imagereward, save_imagereward
+
+    torch.manual_seed(seed)
+    root = Path(root)
+    tokenizer = clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8, initializer_range=0.02)  # BLIP's default range is 1e-10: every image would look alike
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(root / "clip")
+
+    open_clip_folder = save_scorer(load_scorer(Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"),
+                                   root / "open_clip")
+    torch.save(LinearMLP(32).state_dict(), root / "aesthetic.pth")
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "green", "circle", "square", "triangle"]
+    bert = BertTokenizer(vocab={word: i for i, word in enumerate(words)})
+    blip_text = dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, encoder_hidden_size=32, max_position_embeddings=40, pad_token_id=0)
+    blip = BlipConfig(vision_config=vision, text_config=blip_text)
+    save_imagereward(ImageReward(*build_imagereward(blip), bert, []), root / "imagereward")
+    return {"clip": root / "clip", "open_clip": open_clip_folder, "aesthetic": root / "aesthetic.pth",
+            "imagereward": root / "imagereward"}

@@ -22,6 +22,7 @@ from mmalign.errors import UserError
 
 COMMANDS = {
     "demo": ("mmalign.diffusion.demo", "Diffusion-DPO on the embedded tiny model; prints base vs aligned reward"),
+    "eval": ("mmalign.diffusion.eval", "base vs aligned diffusion models on fixed seeds: rewards, paired win rates"),
     "diffusion dpo": ("mmalign.diffusion.dpo", "Diffusion-DPO fine-tuning of an SD/SDXL pipeline on preference pairs"),
     "diffusion flow-dpo": ("mmalign.diffusion.flow_dpo", "Flow-DPO: Diffusion-DPO on an SD3-style flow-matching model"),
     "diffusion inpo": ("mmalign.diffusion.inpo", "InPO: Diffusion-DPO on latents from DDIM inversion (fewer steps)"),
@@ -45,6 +46,7 @@ COMMANDS = {
     "robotics rapl": ("mmalign.robotics.rapl", "RAPL: align a visual encoder on preference triplets; OT reward"),
     "robotics grape": ("mmalign.robotics.grape", "GRAPE: behaviour cloning, then ranked rollouts and TPO rounds"),
     "vision dpo": ("mmalign.vision.dpo", "DPO-family fine-tuning of a LLaVA-style model on TRL rows with images"),
+    "vision eval": ("mmalign.vision.eval", "QA accuracy / hallucination rate of base vs aligned VLMs on a QA file"),
     "vision demo": ("mmalign.vision.demo", "BDHS pairs + mDPO on the embedded tiny LLaVA; prints held-out QA accuracy"),
     "vision bdhs": ("mmalign.vision.builders.bdhs", "BDHS pairs: rejected = the model's answer with the image masked"),
     "vision mia-dpo": ("mmalign.vision.builders.mia_dpo",

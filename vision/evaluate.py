@@ -9,21 +9,25 @@ from mmalign.stats import mean_ci
 from .data import CHOSEN, REJECTED
 from .world import COLOURS, COUNTS, SHAPES, prompt_text
 
+PROMPT = prompt_text("{question}")
+"""The embedded model's prompt, with the question left to fill in."""
 CHOICES = (tuple(COLOURS), (*SHAPES, "nothing"), COUNTS)
 """The answer words of each question kind: a 'choice' answer is the most likely word of the right kind."""
 
 
 @torch.no_grad()
-def greedy_answers(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False) -> list[str]:
+def greedy_answers(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False,
+                   template: str = PROMPT) -> list[str]:
     """The first word each row's answer would start with under greedy decoding: argmax of the next-token logits after
-    the prompt '<image> question : Q answer :' (the world's answers are one word); with `choice`, the argmax over
-    the words of the true answer's kind only (multiple choice)."""
+    the prompt `template` (default '<image> question : Q answer :'; the world's answers are one word); with `choice`,
+    the argmax over the words of the true answer's kind only (multiple choice)."""
     tok, answers = processor.tokenizer, []
     model.eval()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        inputs = processor(images=[r["image"] for r in chunk], text=[prompt_text(r["question"]) for r in chunk],
-                           add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        prompts = [template.format(question=r["question"]) for r in chunk]
+        inputs = processor(images=[r["image"] for r in chunk], text=prompts, add_special_tokens=False, padding=True,
+                           padding_side="left", return_tensors="pt")
         device = next(model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
@@ -38,10 +42,16 @@ def greedy_answers(model, processor, rows: list[dict], batch_size: int = 64, cho
     return answers
 
 
-def correct(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False) -> list[float]:
+def correct(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False,
+            template: str = PROMPT) -> list[float]:
     """Per row, 1.0 where the greedy answer (open, or multiple choice with `choice`) is the truth, else 0.0."""
-    answers = greedy_answers(model, processor, rows, batch_size, choice)
-    return [float(a == r["answer"]) for a, r in zip(answers, rows)]
+    answers = greedy_answers(model, processor, rows, batch_size, choice, template)
+    return [float(same_word(a, r["answer"])) for a, r in zip(answers, rows)]
+
+
+def same_word(token: str, answer: str) -> bool:
+    """Whether a token is the one-word answer, case aside and without a tokenizer's word-start mark (▁ or Ġ)."""
+    return token.lstrip("▁Ġ ").lower() == answer.strip().lower()
 
 
 def qa_accuracy(model, processor, rows: list[dict], batch_size: int = 64, choice: bool = False) -> dict[str, float]:

@@ -23,13 +23,13 @@ from mmalign.objectives import bradley_terry_loss
 from mmalign.stats import expected_calibration_error, mean_ci
 
 from ..data import PreferencePairs, collate_pairs, decode_image, image_file, read_prompts, write_atomically
-from .scorers import Scorer, ScorerOptions
+from .scorers import RewardModel, ScorerOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @torch.no_grad()
-def score_pairs(scorer: Scorer, pairs: Dataset,
+def score_pairs(scorer: RewardModel, pairs: Dataset,
                 batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores s_0, s_1 of each pair's two images and label_0, from PreferencePairs(..., as_stored=True) or a subset."""
     first, second, labels = [], [], []
@@ -148,7 +148,7 @@ def run(config: Config) -> dict:
         rows = [{"index": int(i), "score_0": float(a), "score_1": float(b), "label_0": float(y)}
                 for i, a, b, y in zip(pairs.rows, first, second, labels)]
     else:
-        if prompts is None and scorer.kind == "clip":
+        if prompts is None and scorer.needs_prompts:
             raise ConfigError("--prompts is required: the CLIP score compares each image with its prompt")
         scores = scorer.score(images, prompts, config.batch_size)
         summary = mean_ci(scores) if len(scores) > 1 else {"mean": float(scores[0]), "n": 1}

@@ -6,7 +6,7 @@
                      (Bradley-Terry; PickScore's softmax over two)
     video            s(x_1..x_T, y) = mean_t s(x_t, y)   (every frame scored, then averaged)
 
-PickScore and HPSv2 are fine-tuned open_clip ViT-H-14 models scored this way (HPSv2 reports 100 * cos).
+HPSv2 and PickScore are fine-tuned ViT-H-14 CLIP models; `named` loads them as published (HPSv2 scores cos).
 A scorer is the common reward callable `scorer(images, prompts) -> [B]`: images [B,3,H,W] or video frames
 [B,T,3,H,W] in [0, 1], or a list of PIL images. The call is differentiable (training, gradient-based
 rewards); `scorer.score(...)` is the same under no_grad in chunks (relabelling, ranking, evaluation).
@@ -55,7 +55,9 @@ class ScorerOptions:
     """Which reward model to use: the settings every `mmalign reward` command shares."""
 
     scorer: str = option(None, "open_clip architecture (ViT-H-14), architecture .json file, hf-hub:/local-dir: id, "
-                               "or a scorer folder written by `mmalign reward train`")
+                               "a scorer folder written by `mmalign reward train`, or a reward spec of named scorers "
+                               "NAME[=SOURCE][@BACKBONE][:WEIGHT],... (pickscore, clipscore, hpsv2, hpsv21, "
+                               "imagereward, aesthetic, openclip; `mmalign.diffusion.rewards.combine`)")
     pretrained: str | None = option(None, "open_clip pretrained tag or checkpoint file (e.g. a PickScore or HPSv2 "
                                           "checkpoint) for an architecture name")
     kind: Kind | None = option(None, "clip: exp(t) * cos(text, image); aesthetic: a head on the image embedding "
@@ -71,8 +73,16 @@ class ScorerOptions:
         if any(width < 1 for width in self.head_hidden):
             raise ValueError(f"head_hidden widths must be positive, got {self.head_hidden}")
 
-    def load_scorer(self, mixed_precision: str = "no", device: str | torch.device = "cpu") -> Scorer:
-        """The scorer these settings name, in open_clip's precision for `mixed_precision` (no/fp16/bf16)."""
+    def load_scorer(self, mixed_precision: str = "no", device: str | torch.device = "cpu") -> RewardModel:
+        """The scorer these settings name, in open_clip's precision for `mixed_precision` (no/fp16/bf16); a reward spec
+        of named scorers loads in float32."""
+        from .combine import is_reward_spec, load_reward_spec
+
+        if is_reward_spec(self.scorer):
+            if self.pretrained or self.kind or self.head_hidden:
+                raise ConfigError(f"--scorer {self.scorer} is a reward spec; --pretrained, --kind and --head-hidden "
+                                  "apply to an open_clip architecture (give a source as NAME=SOURCE instead)")
+            return load_reward_spec(self.scorer, device, "--scorer")
         return load_scorer(self.scorer, self.pretrained, self.kind, self.head_hidden, PRECISIONS[mixed_precision],
                            device)
 
@@ -89,20 +99,84 @@ class AestheticHead(nn.Sequential):
         self.hidden = list(hidden)
 
 
-class Scorer(nn.Module):
-    """An open_clip model with its eval transform and tokenizer: the CLIP score, or with `head` the aesthetic score."""
+class RewardModel(nn.Module):
+    """A reward model `model(images, prompts) -> [B]`: images [B,3,H,W] or frames [B,T,3,H,W] (mean over T) in [0, 1],
+    or PIL images. Subclasses give `image_scores` (one score per flat image), `image_size` and `needs_prompts`."""
+
+    files: list[Path]  # the weight files the model was read from (recorded by evaluations as sha256)
+
+    @property
+    def image_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def needs_prompts(self) -> bool:
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def image_scores(self, images: torch.Tensor | list[Image.Image], prompts: list[str] | None) -> torch.Tensor:
+        """Scores [N] of a flat batch of images, one prompt each (None for models that read no prompt)."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor | list[Image.Image], prompts: list[str] | None = None) -> torch.Tensor:
+        """Scores [B] in float32 of images [B,3,H,W], frames [B,T,3,H,W] (mean over T) or PIL images, given prompts."""
+        flat, frames = _flatten_frames(images)
+        count = len(flat) // frames
+        _check_prompts(prompts, count, required=self.needs_prompts)
+        per_image = None if prompts is None else [p for p in prompts for _ in range(frames)]
+        return self.image_scores(flat, per_image).float().view(count, frames).mean(dim=1)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor | list[Image.Image], prompts: list[str] | None = None,
+              batch_size: int = 64) -> torch.Tensor:
+        """The scores [B] under no_grad in eval mode, `batch_size` examples per forward; float32 on the CPU."""
+        _check_prompts(prompts, len(images), required=self.needs_prompts)
+        training = self.training
+        self.eval()
+        try:
+            return torch.cat([self(images[i:i + batch_size], None if prompts is None else prompts[i:i + batch_size])
+                              for i in range(0, len(images), batch_size)]).cpu()
+        finally:
+            self.train(training)
+
+    def rank(self, prompt: str | list[str], image_a, image_b) -> torch.Tensor:
+        """P(a preferred to b) = sigmoid(s(a) - s(b)): a prompt and single images give a 0-d tensor, lists give [B]."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if single:
+            image_a, image_b = (([image_a], [image_b]) if isinstance(image_a, Image.Image)
+                                else (image_a[None], image_b[None]))
+        if len(image_a) != len(image_b):
+            raise ValueError(f"rank needs as many images b as images a; got {len(image_b)} and {len(image_a)}")
+        both = image_a + image_b if isinstance(image_a, list) else torch.cat([image_a, image_b])
+        first, second = self.score(both, prompts * 2).chunk(2)
+        p = torch.sigmoid(first - second)
+        return p[0] if single else p
+
+
+class Scorer(RewardModel):
+    """An open_clip model with its eval transform and tokenizer: the CLIP score, or with `head` the aesthetic score.
+
+    `formula` turns the cosine into the CLIP score: "logit" exp(t) * cos (+ b), "cos" the cosine itself (HPSv2)."""
 
     clip: Any  # an open_clip model (CLIP, CustomTextCLIP, ...); open_clip ships no type information
 
     def __init__(self, clip: nn.Module, preprocess: Callable, tokenizer: Callable, source: dict[str, Any],
-                 head: AestheticHead | None = None):
+                 head: nn.Module | None = None, files: Sequence[Path] = (), formula: Literal["logit", "cos"] = "logit"):
         super().__init__()
-        self.clip, self.head = clip, head
-        self.preprocess, self.tokenizer, self.source = preprocess, tokenizer, source
+        self.clip, self.head, self.formula = clip, head, formula
+        self.preprocess, self.tokenizer, self.source, self.files = preprocess, tokenizer, source, list(files)
 
     @property
     def kind(self) -> Kind:
         return "clip" if self.head is None else "aesthetic"
+
+    @property
+    def needs_prompts(self) -> bool:
+        return self.head is None
 
     @property
     def image_size(self) -> int:
@@ -128,48 +202,17 @@ class Scorer(nn.Module):
         embeddings = self.clip.encode_text(tokens, normalize=True)
         return embeddings[torch.tensor([unique.index(p) for p in prompts], device=self.device)]
 
-    def forward(self, images: torch.Tensor | list[Image.Image], prompts: list[str] | None = None) -> torch.Tensor:
-        """Scores [B] in float32 of images [B,3,H,W], frames [B,T,3,H,W] (mean over T) or PIL images, given prompts."""
-        flat, frames = _flatten_frames(images)
-        count = len(flat) // frames
-        _check_prompts(prompts, count, required=self.head is None)
-        image = self.clip.encode_image(self.pixels(flat), normalize=True)
+    def image_scores(self, images: torch.Tensor | list[Image.Image], prompts: list[str] | None) -> torch.Tensor:
+        """h(E_img) with a head, else exp(t) * cos(E_img, E_txt) (+ b) or, with formula "cos", the cosine."""
+        image = self.clip.encode_image(self.pixels(images), normalize=True)
         if self.head is not None:
-            scores = self.head(image.to(self.head[0].weight.dtype)).squeeze(-1)
-        else:
-            assert prompts is not None  # _check_prompts requires them for the CLIP score
-            text = self.text_embeddings(prompts).repeat_interleave(frames, dim=0)
-            scores = self.clip.logit_scale.exp() * (image * text).sum(-1)
-            if getattr(self.clip, "logit_bias", None) is not None:
-                scores = scores + self.clip.logit_bias
-        return scores.float().view(count, frames).mean(dim=1)
-
-    @torch.no_grad()
-    def score(self, images: torch.Tensor | list[Image.Image], prompts: list[str] | None = None,
-              batch_size: int = 64) -> torch.Tensor:
-        """The scores [B] under no_grad in eval mode, `batch_size` examples per forward; float32 on the CPU."""
-        _check_prompts(prompts, len(images), required=self.head is None)
-        training = self.training
-        self.eval()
-        try:
-            return torch.cat([self(images[i:i + batch_size], None if prompts is None else prompts[i:i + batch_size])
-                              for i in range(0, len(images), batch_size)]).cpu()
-        finally:
-            self.train(training)
-
-    def rank(self, prompt: str | list[str], image_a, image_b) -> torch.Tensor:
-        """P(a preferred to b) = sigmoid(s(a) - s(b)): a prompt and single images give a 0-d tensor, lists give [B]."""
-        single = isinstance(prompt, str)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if single:
-            image_a, image_b = (([image_a], [image_b]) if isinstance(image_a, Image.Image)
-                                else (image_a[None], image_b[None]))
-        if len(image_a) != len(image_b):
-            raise ValueError(f"rank needs as many images b as images a; got {len(image_b)} and {len(image_a)}")
-        both = image_a + image_b if isinstance(image_a, list) else torch.cat([image_a, image_b])
-        first, second = self.score(both, prompts * 2).chunk(2)
-        p = torch.sigmoid(first - second)
-        return p[0] if single else p
+            return self.head(image.to(next(self.head.parameters()).dtype)).squeeze(-1)
+        assert prompts is not None  # RewardModel.forward requires them for the CLIP score
+        cos = (image * self.text_embeddings(prompts)).sum(-1)
+        if self.formula == "cos":
+            return cos
+        bias = getattr(self.clip, "logit_bias", None)
+        return self.clip.logit_scale.exp() * cos + (0 if bias is None else bias)
 
 
 def _flatten_frames(images: torch.Tensor | list[Image.Image]) -> tuple[torch.Tensor | list[Image.Image], int]:
@@ -232,7 +275,9 @@ def load_scorer(model: str | Path, pretrained: str | None = None, kind: Kind | N
         head = _load_head(Path(model), saved, open_clip.get_model_config(name)["embed_dim"], head_hidden)
         head.to(device)
     source = {"model_cfg": open_clip.get_model_config(name), "preprocess_cfg": dict(clip.visual.preprocess_cfg)}
-    return Scorer(clip, preprocess, open_clip.get_tokenizer(name), source, head)
+    files = [weights] if weights is not None and weights.is_file() else []
+    files += [Path(model) / HEAD_FILE] if saved.get("kind") == "aesthetic" else []
+    return Scorer(clip, preprocess, open_clip.get_tokenizer(name), source, head, files)
 
 
 def _checkpoint_problem(path: Path, model: str | Path, err: BaseException) -> str:
@@ -353,6 +398,8 @@ def save_scorer(scorer: Scorer, folder: str | Path) -> Path:
     meta: dict[str, Any] = {"kind": scorer.kind}
     head = scorer.head
     if head is not None:
+        if not isinstance(head, AestheticHead):
+            raise ConfigError(f"only an AestheticHead is saved in a scorer folder, not a {type(head).__name__}")
         write_atomically(folder / HEAD_FILE, lambda p: save_file(tensors(head), str(p)))
         meta["head_hidden"] = head.hidden
     write_atomically(folder / SCORER_FILE, lambda p: p.write_text(json.dumps(meta)))

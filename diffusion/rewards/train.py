@@ -102,6 +102,8 @@ def run(config: Config) -> dict[str, Any]:
     trainer = Trainer(config)
     torch.manual_seed(config.seed)  # new parameters (a model from scratch, a fresh head) start the same every run
     scorer = config.load_scorer(device=trainer.device)
+    if not isinstance(scorer, Scorer):
+        raise ConfigError(f"--scorer {config.scorer}: `reward train` fine-tunes one open_clip scorer, not a spec")
     select_trainable(scorer, config.tune)
     train_pairs, held_pairs = split_pairs(config, scorer.image_size)
     print_ = trainer.accelerator.print
