@@ -120,6 +120,15 @@ def checked_rewards(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str
     return rewards
 
 
+def reward_on_device(reward: str | RewardFn, device: torch.device) -> RewardFn:
+    """The reward callable (`load_reward` of a spec), a reward model moved to where training runs."""
+    reward_fn = reward if callable(reward) else load_reward(reward)
+    owner = getattr(reward_fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        owner.to(device)
+    return reward_fn
+
+
 class Critic(nn.Module):
     """V(x_t, sigma, c): a small conv net on the intermediate latent, with sigma and the pooled prompt embedding."""
 
@@ -244,11 +253,8 @@ def run(config: Config) -> list[dict[str, float]]:
 
     prompts = Prompts(config.prompts)
     shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
-    reward_fn = config.reward if callable(config.reward) else load_reward(config.reward)
     trainer = Trainer(config)
-    owner = getattr(reward_fn, "__self__", None)
-    if isinstance(owner, nn.Module):  # a reward model scores where training runs
-        owner.to(trainer.device)
+    reward_fn = reward_on_device(config.reward, trainer.device)
     pipe, parts = prepare(config, trainer)
     actor = denoiser_of(pipe)
     pooled = encode_prompts(pipe, [""], parts.resolution, trainer.device).kwargs["pooled_projections"].shape[-1]

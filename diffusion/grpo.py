@@ -60,7 +60,7 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import unwrap
 from mmalign.trainer import Trainer
 
-from .acflow import Prompts, RewardFn, checked_rewards, collate_prompts, diversity, load_reward, shape_rewards
+from .acflow import Prompts, RewardFn, checked_rewards, collate_prompts, diversity, reward_on_device, shape_rewards
 from .base import DenoiserConfig, Parts, first_prompts, given_grid_prompts, prepare, sample_grid, save_result
 from .latents import from_latents
 from .models import denoiser_of
@@ -279,11 +279,8 @@ def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion grpo`: Flow-GRPO (flow models) or DDPO (diffusion models) into config.output."""
     prompts = Prompts(config.prompts)
     shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
-    reward_fn = config.reward if callable(config.reward) else load_reward(config.reward)
     trainer = Trainer(config)
-    owner = getattr(reward_fn, "__self__", None)
-    if isinstance(owner, nn.Module):  # a reward model scores where training runs
-        owner.to(trainer.device)
+    reward_fn = reward_on_device(config.reward, trainer.device)
     pipe, parts = prepare(config, trainer)
     schedule = policy_schedule(pipe, parts.noise_scheduler, config.sample_steps,
                                parts.resolution // pipe.vae_scale_factor, trainer.device)

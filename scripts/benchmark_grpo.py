@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from benchmark_methods import seconds_per_step  # the same timing: scripts/ is on sys.path when run as a script
 
 from mmalign.diffusion import acflow, grpo
 from mmalign.diffusion.tiny import tiny_pipeline
@@ -27,18 +28,6 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 PROMPTS = 2  # per rollout
 COMMON = dict(num_samples=0, report_to="none", checkpoint_every=0, batch_size=PROMPTS, samples_per_prompt=4,
               sample_steps=10)
-
-
-def seconds_per_update(method: ModuleType, settings: dict[str, Any], short: int, long: int) -> float:
-    """(wall(long) - wall(short)) / (long - short) of `method.run` with `settings`."""
-    walls = []
-    for steps in (short, long):
-        with tempfile.TemporaryDirectory() as folder:
-            config = method.Config(**settings, **COMMON, output=Path(folder) / "run", max_steps=steps)
-            start = time.perf_counter()
-            method.run(config)
-            walls.append(time.perf_counter() - start)
-    return (walls[1] - walls[0]) / (long - short)
 
 
 def main() -> None:
@@ -59,7 +48,7 @@ def main() -> None:
         timed: dict[str, list[float]] = {name: [] for name, *_ in runs}
         for repeat in range(args.repeats):
             for name, method, settings, _ in runs[:: 1 if repeat % 2 == 0 else -1]:
-                timed[name].append(seconds_per_update(method, settings, args.short, args.long))
+                timed[name].append(seconds_per_step(method, settings, args.short, args.long, COMMON))
                 print(f"repeat {repeat} {name}: {timed[name][-1]:.3f} s/update", flush=True)
         reference = statistics.median(timed["AC-Flow"])
         lines = ["| method | s/update | prompts/s | s/update vs AC-Flow | prompts/s vs AC-Flow |",

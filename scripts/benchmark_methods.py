@@ -27,12 +27,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 COMMON = dict(num_samples=0, report_to="none", checkpoint_every=0, learning_rate=1e-5)
 
 
-def seconds_per_step(method, settings: dict, short: int, long: int) -> float:
-    """(wall(long) - wall(short)) / (long - short) of `method.run` with `settings`."""
+def seconds_per_step(method, settings: dict, short: int, long: int, common: dict = COMMON) -> float:
+    """(wall(long) - wall(short)) / (long - short) of `method.run` with `settings` and `common`."""
     walls = []
     for steps in (short, long):
         with tempfile.TemporaryDirectory() as folder:
-            config = method.Config(**settings, **COMMON, output=Path(folder) / "run", max_steps=steps)
+            config = method.Config(**settings, **common, output=Path(folder) / "run", max_steps=steps)
             start = time.perf_counter()
             method.run(config)
             walls.append(time.perf_counter() - start)
