@@ -7,7 +7,8 @@ and ONE timestep (a flow model: one sigma, the velocity target), and the per-vid
 them, so the loss is Diffusion-DPO's -log sigmoid(-0.5 beta ((e_w - e_l) - (e'_w - e'_l))) unchanged. Data: rows
 `caption, video_0, video_1, label_0`, each video a folder of frame images (sorted by name) or a
 video file read with imageio (.gif, or .mp4 with imageio-ffmpeg), inside the data file's folder; every
-video must have exactly `num_frames` frames (checked for every row before training).
+video must have exactly `num_frames` frames (checked when its row is loaded; `mmalign data check --kind video` checks
+every row up front).
 """
 
 from __future__ import annotations
@@ -72,9 +73,6 @@ class VideoPairs(PreferencePairs):
         if len(frames) != self.num_frames:
             raise DataError(f"has {len(frames)} frames, expected {self.num_frames} (--num-frames)")
         return frames
-
-    def check(self, value: Any) -> None:
-        self._frames(value)
 
     def load(self, value: Any) -> torch.Tensor:
         return torch.stack([to_model_pixels(frame, self.resolution) for frame in self._frames(value)])

@@ -37,8 +37,8 @@ class BuilderConfig:
         return data_root(self.data)
 
     def rows(self, schema: Schema) -> datasets.Dataset:
-        """The source rows, every one checked up front against `schema`, images included (`vision.data.load_rows`)."""
-        return load_rows(self.data, schema, self.split, self.allow_outside_paths)
+        """The source rows, every one checked up front against `schema` (`vision.data.load_rows`)."""
+        return load_rows(self.data, schema, self.split)
 
     def image(self, value, where: str = "image") -> Image.Image:
         """An RGB image from a source row's entry, a path read inside the data's folder (`vision.data.open_image`);

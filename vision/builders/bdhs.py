@@ -32,10 +32,10 @@ from mmalign.errors import ConfigError
 
 from .. import models
 from ..data import (
+    MATCHED_IMAGES,
     completion_field,
     image_entries,
     image_token_id,
-    images_match,
     message_text,
     prompt_field,
     render_prompt,
@@ -44,7 +44,8 @@ from ..scoring import rope_index
 from .base import BuilderConfig
 
 SOURCE_ROW = Schema("BDHS source row (prompt, chosen, images)", (
-    Field("prompt", prompt_field), Field("chosen", completion_field), Field("images", image_entries)), (images_match,))
+    Field("prompt", prompt_field), Field("chosen", completion_field), Field("images", image_entries)),
+    (MATCHED_IMAGES,))
 
 
 @dataclass

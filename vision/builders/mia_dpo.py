@@ -27,7 +27,7 @@ from mmalign.data import DataError, Field, Schema, text
 from mmalign.errors import ConfigError
 
 from .. import models
-from ..data import image_entries, image_token_id, one_image
+from ..data import ONE_IMAGE, image_entries, image_token_id
 from .base import BuilderConfig
 
 THRESHOLDS = {
@@ -200,7 +200,7 @@ class Config(BuilderConfig):
 
 
 QA_ROW = Schema("single-image QA row (question, answer, images)",
-                (Field("question", text), Field("answer", text), Field("images", image_entries)), (one_image,))
+                (Field("question", text), Field("answer", text), Field("images", image_entries)), (ONE_IMAGE,))
 
 
 def run(config: Config) -> dict:

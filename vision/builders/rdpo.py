@@ -22,13 +22,13 @@ from mmalign.config import option
 from mmalign.data import DataError, Field, Schema, text
 
 from .. import models
-from ..data import image_entries, image_inputs, images_match, one_image
+from ..data import MATCHED_IMAGES, ONE_IMAGE, image_entries, image_inputs
 from ..scoring import image_features
 from .base import BuilderConfig
 from .bdhs import bow_cosine
 
 SOURCE_ROW = Schema("rDPO source row (plain-text prompt and chosen, one image)", (
-    Field("prompt", text), Field("chosen", text), Field("images", image_entries)), (images_match, one_image))
+    Field("prompt", text), Field("chosen", text), Field("images", image_entries)), (MATCHED_IMAGES, ONE_IMAGE))
 
 
 class RetrievalIndex:
