@@ -31,9 +31,10 @@ import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from mmalign import __version__
-from mmalign.errors import DataError
+from mmalign.errors import BadRow, DataError
 from mmalign.hub import is_repo_id, unreachable
 
 MAX_REPORTED = 50
@@ -404,6 +405,35 @@ def checked_marker(records: datasets.Dataset, schema: Schema) -> Path | None:
     checks += [("row", True, c.check.__qualname__) for c in row_checks(schema)]
     key = hashlib.sha256(json.dumps([records._fingerprint, schema.name, checks, __version__], default=str).encode())
     return Path(records.cache_files[0]["filename"]).parent / f"mmalign-checked-{key.hexdigest()[:20]}.json"
+
+
+class Guarded(torch.utils.data.Dataset):
+    """`dataset[i]` as (item, the `BadRow`s met loading it): a bad row is returned, not raised, so that it reaches the
+    training loop from a worker process too. With `skip` the rows after it are tried in turn until one loads (a batch
+    keeps its size, and the choice is the same on resume); without, or when no row loads, the item is None."""
+
+    def __init__(self, dataset: Any, skip: bool):
+        self.dataset, self.skip = dataset, skip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, list[BadRow]]:
+        bad: list[BadRow] = []
+        for offset in range(len(self.dataset) if self.skip else 1):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)], bad
+            except BadRow as err:
+                bad.append(err)
+        return None, bad
+
+
+def collate_guarded(collate: Callable[[list], Any], items: list[tuple[Any, list[BadRow]]]
+                    ) -> tuple[Any, list[BadRow]]:
+    """A batch of `Guarded` items as (`collate` of the items, or None when one is missing; the bad rows met)."""
+    loaded = [item for item, _ in items]
+    bad = [row for _, rows in items for row in rows]
+    return (None if any(item is None for item in loaded) else collate(loaded)), bad
 
 
 def load_preferences(path: str | Path, schema: Schema, split: str = "train") -> datasets.Dataset:

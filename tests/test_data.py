@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mmalign.data import LIST, PAIR, TRL_ROW, DataError, load_preferences, load_records
-from mmalign.errors import BadRow
 from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
 from mmalign.diffusion.world import png_bytes, preference_pairs, render
+from mmalign.errors import BadRow
 
 ROWS = [{"prompt": "p0", "chosen": "a", "rejected": "b"}, {"prompt": "p1", "chosen": "c", "rejected": "d"}]
 

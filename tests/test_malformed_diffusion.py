@@ -145,16 +145,6 @@ CASES = [
      ["no-label.parquet", "need field(s) label_0"]),
     ("bad-label", lambda p, m, out: dpo(p, m, p.bad_label, "--output", out), None,
      ["bad-label.parquet", "record 2, field 'label_0': must be 0, 0.5 or 1, got 0.7"]),
-    ("image-not-an-image", lambda p, m, out: dpo(p, m, p.not_image, "--output", out), None,
-     ["not-image.parquet", "record 1, field 'jpg_1': cannot be read", "not an image"]),
-    ("image-is-a-folder", lambda p, m, out: dpo(p, m, p.folder_image, "--output", out), None,
-     ["folder-image.jsonl", "record 1, field 'jpg_1'", "folder.png is a folder, not an image file"]),
-    ("image-absolute-path", lambda p, m, out: dpo(p, m, p.absolute, "--output", out), None,
-     ["absolute.jsonl", "record 0, field 'jpg_0'", "is an absolute path", "--allow-outside-paths"]),
-    ("image-outside-the-folder", lambda p, m, out: dpo(p, m, p.outside, "--output", out), None,
-     ["outside.jsonl", "record 0, field 'jpg_1'", "'../outside.png' is outside the data folder"]),
-    ("image-missing", lambda p, m, out: dpo(p, m, p.missing, "--output", out), None,
-     ["missing.jsonl", "record 0, field 'jpg_0'", "gone.png does not exist"]),
     ("all-ties", lambda p, m, out: dpo(p, m, p.ties, "--output", out), None, ["ties.parquet", "all 4 pairs are ties"]),
     ("data-hub-id-offline", lambda p, m, out: dpo(p, m, "someone/no-such-dataset", "--output", out), None,
      ["someone/no-such-dataset: no such file or folder here", "cannot be loaded"]),
@@ -173,11 +163,6 @@ CASES = [
     ("sample-prompts-latin1", lambda p, m, out: dpo(p, m, p.bad_label, "--sample-prompts", p.latin1_prompts,
                                                     "--output", out), None,
      ["latin1-prompts.txt: line 2 is not UTF-8"]),
-    ("video-image-where-a-video-belongs", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_video,
-                                                             "--data", p.videos, "--num-frames", 2, *TRAIN,
-                                                             "--output", out],
-     None, ["videos.jsonl", "record 0, field 'video_0'", "left.png is one image, not a video",
-            "record 0, field 'video_1'", "no-frames holds no"]),
     ("video-dpo-image-model", lambda p, m, out: ["diffusion", "video-dpo", "--model", m, "--data", p.videos, *TRAIN,
                                                  "--output", out], None,
      ["StableDiffusionPipeline is an image pipeline; video-dpo trains text-to-video pipelines"]),
@@ -260,3 +245,38 @@ def test_malformed_input_is_refused_with_one_clear_message(argv, before, words, 
     for word in words:
         assert word in message, message
     assert not p.evidence.exists(), "the pickle's code ran"
+
+
+# Images are read when their row is loaded: (id, argv as in CASES, words of the message)
+LOADED = [
+    ("image-not-an-image", lambda p, m, out: dpo(p, m, p.not_image, "--output", out),
+     ["not-image.parquet", "record 1, field 'jpg_1': cannot be read", "not an image"]),
+    ("image-is-a-folder", lambda p, m, out: dpo(p, m, p.folder_image, "--output", out),
+     ["folder-image.jsonl", "record 1, field 'jpg_1'", "folder.png is a folder, not an image file"]),
+    ("image-absolute-path", lambda p, m, out: dpo(p, m, p.absolute, "--output", out),
+     ["absolute.jsonl", "record 0, field 'jpg_0'", "is an absolute path", "--allow-outside-paths"]),
+    ("image-outside-the-folder", lambda p, m, out: dpo(p, m, p.outside, "--output", out),
+     ["outside.jsonl", "record 0, field 'jpg_1'", "'../outside.png' is outside the data folder"]),
+    ("image-missing", lambda p, m, out: dpo(p, m, p.missing, "--output", out),
+     ["missing.jsonl", "record 0, field 'jpg_0'", "gone.png does not exist"]),
+    ("video-image-where-a-video-belongs", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_video,
+                                                             "--data", p.videos, "--num-frames", 2, *TRAIN,
+                                                             "--output", out],
+     ["videos.jsonl", "record 0, field 'video_0'", "left.png is one image, not a video"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", [pytest.param(*case[1:], id=case[0]) for case in LOADED])
+def test_a_bad_image_met_in_training_stops_the_run_naming_it(argv, words, p, tiny_sd, tmp_path, capsys):
+    """--bad-rows error (the default): exit 1 with the row named, no traceback, no checkpoint, the row reported."""
+    from mmalign.cli import main
+
+    output = tmp_path / "out"
+    code = main([str(a) for a in argv(p, tiny_sd, output)] + ["--batch-size", "1", "--max-steps", "2"])
+    message = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in message, message
+    for word in [*words, "training stopped at optimizer step", "--bad-rows skip"]:
+        assert word in message, message
+    assert not (output / "checkpoints").exists()
+    report = json.loads((output / "bad_rows.jsonl").read_text().splitlines()[0])
+    assert (report["index"], report["field"]) == (0 if "record 0" in words[1] else 1, words[1].split("'")[1])
