@@ -10,7 +10,15 @@ from torch import nn
 
 from mmalign import trainer as trainer_module
 from mmalign.errors import BadRow, DataError, RunFolderError
-from mmalign.trainer import EPOCH_SEED_STRIDE, EpochBatchSampler, NonFiniteLossError, TrainConfig, Trainer, checkpoints, lr_lambda
+from mmalign.trainer import (
+    EPOCH_SEED_STRIDE,
+    EpochBatchSampler,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    checkpoints,
+    lr_lambda,
+)
 
 
 class Points(torch.utils.data.Dataset):
