@@ -2,8 +2,8 @@
 
 label_0 = 1 means jpg_0 is preferred, 0 means jpg_1 is, 0.5 is a tie (dropped and counted). Image
 paths are resolved against the data file's folder and must lie inside it, unless allowed
-(`mmalign.data.resolve_path`, --allow-outside-paths). Every row's caption, label and image fields are checked,
-vectorised, before training starts (`pickapic_schema`); an image is read and decoded when its row is loaded, and
+(`mmalign.data.resolve_path`, --allow-outside-paths). Every row's caption, label and image fields (image paths
+included) are checked, vectorised, before training starts (`pickapic_schema`); an image is read and decoded when its row is loaded, and
 one that cannot be raises `BadRow` naming its row and field (`--bad-rows`), and `mmalign data check` reads every
 image up front.
 """
@@ -20,7 +20,18 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmalign.data import DataError, Field, Schema, is_text_type, load_preferences, read_utf8, resolve_path
+from mmalign.data import (
+    DataError,
+    Field,
+    Mask,
+    Schema,
+    any_of,
+    is_text_type,
+    leaving_root,
+    load_preferences,
+    read_utf8,
+    resolve_path,
+)
 from mmalign.errors import BadRow, MissingDependencyError
 from mmalign.files import write_atomically
 
@@ -67,7 +78,7 @@ def open_image(value: Any, root: Path, allow_outside: bool = False) -> Image.Ima
     return decode_image(image_bytes(value, root, allow_outside))
 
 
-def media_suspects(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+def unset_media(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
     """Rows of a column of image bytes or paths (or `datasets` {'bytes', 'path'} structs) holding neither; None for a
     column of another type."""
     kind = column.type
@@ -86,14 +97,24 @@ def label_suspects(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
     return pc.invert(pc.is_in(pc.cast(column, pa.float64()), value_set=pa.array(LABELS)))
 
 
-def pickapic_schema(fields: tuple[str, str]) -> Schema:
-    """Pick-a-Pic rows: a caption, two media fields holding bytes or a path, label_0 in {0, 0.5, 1}. Whether the media
-    can be read is checked when a row is loaded."""
-    def media(value: Any, record: dict) -> str | None:
+def pickapic_schema(fields: tuple[str, str], inside: Path | None = None, media: str = "image") -> Schema:
+    """Pick-a-Pic rows: a caption, two media fields holding bytes or a path (inside the folder `inside` unless it is
+    None, see `mmalign.data.resolve_path`), label_0 in {0, 0.5, 1}. Whether the media can be read is checked when a
+    row is loaded."""
+    def media_check(value: Any, record: dict) -> str | None:
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
-        return None if isinstance(value, (bytes, str)) else \
-            f"cannot be read (expected image bytes or a file path, got {type(value).__name__})"
+        if not isinstance(value, (bytes, str)):
+            return f"cannot be read (expected image bytes or a file path, got {type(value).__name__})"
+        if isinstance(value, str) and inside is not None:
+            try:
+                resolve_path(value, inside, where=f"{media} path")
+            except DataError as err:
+                return f"cannot be read ({err})"
+        return None
+
+    def media_suspects(column: pa.ChunkedArray) -> Mask | None:
+        return any_of(unset_media(column), *([] if inside is None else [leaving_root(column)]))
 
     def caption(value: Any, record: dict) -> str | None:
         return None if isinstance(value, str) else f"expected text, got {type(value).__name__}"
@@ -106,8 +127,9 @@ def pickapic_schema(fields: tuple[str, str]) -> Schema:
         return pc.is_null(column) if is_text_type(column.type) else None
 
     return Schema("Pick-a-Pic", (Field("caption", caption, suspects=not_text),
-                                 *(Field(name, media, suspects=media_suspects) for name in fields),
-                                 Field("label_0", label, suspects=label_suspects)))
+                                 *(Field(name, media_check, suspects=media_suspects) for name in fields),
+                                 Field("label_0", label, suspects=label_suspects)),
+                  settings=f"paths inside {inside}" if inside else "")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -128,17 +150,19 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     With as_stored=True every pair is kept, ties too, in its stored order (jpg_0 first), and each item
     also carries 'label_0' (P(jpg_0 preferred): 1, 0 or 0.5): what a reward model trains and is judged on.
-    Subclasses change the media: `fields` names the two columns, `load` turns one value into model pixels (raising
+    Subclasses change the media: `fields` names the two columns, `media` what they hold, `load` turns one value into model pixels (raising
     on media that cannot be read, which `__getitem__` reports as a `BadRow`).
     """
 
     fields = ("jpg_0", "jpg_1")
+    media = "image"
 
     def __init__(self, path: str | Path, resolution: int, split: str = "train", as_stored: bool = False,
                  allow_outside_paths: bool = False):
         self.source, self.root, self.resolution = str(path), _data_root(path), resolution
         self.allow_outside_paths = allow_outside_paths
-        records = load_preferences(path, pickapic_schema(self.fields), split)
+        inside = None if allow_outside_paths else self.root
+        records = load_preferences(path, pickapic_schema(self.fields, inside, self.media), split)
         self.labels = np.asarray(records["label_0"], dtype=np.float64)
         self.ties = int((self.labels == 0.5).sum())
         if self.ties == len(records):

@@ -62,6 +62,7 @@ class VideoPairs(PreferencePairs):
     """Non-tie video pairs as {'pixel_values': [2,F,3,R,R] winner first in [-1,1], 'caption', 'index'}."""
 
     fields = ("video_0", "video_1")
+    media = "video"
 
     def __init__(self, path: str | Path, resolution: int, split: str = "train", num_frames: int = 8,
                  as_stored: bool = False, allow_outside_paths: bool = False):

@@ -17,6 +17,7 @@ checks. The core kinds:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -70,6 +71,8 @@ class Schema:
     name: str
     fields: tuple[Field, ...]
     row_checks: tuple[RowCheck | Callable[[dict], Iterable[tuple[str, str]]], ...] = ()
+    settings: str = ""
+    """What else the checks depend on (the folder image paths must stay inside), so `checked_marker` tells them apart."""
 
 
 def is_text_type(kind: pa.DataType) -> bool:
@@ -122,6 +125,10 @@ def rows_holding(column: pa.ChunkedArray, elements: Mask) -> pa.Array:
     rows[pc.list_parent_indices(column).to_numpy()[marked]] = True
     return pa.array(rows)
 
+
+def any_of(*masks: Mask | None) -> Mask | None:
+    """Rows any of `masks` flags; None (every row a suspect) when one of them is None."""
+    return None if any(mask is None for mask in masks) else functools.reduce(pc.or_kleene, masks)
 
 def not_number_list(column: pa.ChunkedArray) -> Mask | None:
     """Rows of a list-of-numbers column that are null, empty or hold a null; None for columns of other types."""
@@ -210,6 +217,28 @@ def resolve_path(value: str | Path, root: Path, allow_outside: bool = False, whe
                             f"relative to their own folder ({root}); pass --allow-outside-paths to read it anyway")
     return resolved
 
+
+
+def leaving_root(column: pa.ChunkedArray) -> Mask | None:
+    """Rows of a column of media entries (paths, {'bytes', 'path'} structs, or lists of either) naming a path that is
+    absolute or has a '..' part: those `resolve_path` may refuse (a link leading out is refused when it is read); None
+    for a column of other types."""
+    lists = list_lengths(column) is not None
+    entries = pc.list_flatten(column) if lists else column
+    kind = entries.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return pa.array(np.zeros(len(column), dtype=bool))
+    if pa.types.is_struct(kind) and {"bytes", "path"} <= {f.name for f in kind}:
+        data = pc.struct_field(entries, "bytes")
+        paths = pc.if_else(pc.fill_null(pc.equal(pc.binary_length(data), 0), True), pc.struct_field(entries, "path"),
+                           None)
+    elif is_text_type(kind):
+        paths = entries
+    else:
+        return None
+    marked = pc.fill_null(pc.or_kleene(pc.starts_with(paths, "/"), pc.match_substring_regex(paths, r"(^|/)\.\.(/|$)")),
+                          False)
+    return rows_holding(column, marked) if lists else marked
 
 def load_records(path: str | Path, split: str = "train") -> datasets.Dataset:
     """Records from a .jsonl/.json/.parquet file, a folder of them, a `save_to_disk` folder, or a hub dataset id."""
@@ -339,6 +368,13 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
+def listed(problems: list[tuple[int, str, str]]) -> str:
+    """The lines "  record i, field 'name': problem" of the first MAX_REPORTED (record, field, problem), and how many
+    more there are."""
+    lines = [f"  record {i}, field '{name}': {problem}" for i, name, problem in problems[:MAX_REPORTED]]
+    more = len(problems) - MAX_REPORTED
+    return "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+
 def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:
     """Check every record against `schema`; raise DataError listing each bad record's index and field.
 
@@ -361,10 +397,8 @@ def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:
         start = time.perf_counter()
         problems = _problems(records, schema)
         if problems:
-            lines = [f"  record {i}, field '{name}': {problem}" for i, name, problem in problems[:MAX_REPORTED]]
-            more = len(problems) - MAX_REPORTED
             raise DataError(f"{source}: {len(problems)} problem(s) in {schema.name} records; nothing was trained\n"
-                            + "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else ""))
+                            + listed(problems))
         print(f"{source}: {len(records)} {schema.name} records checked in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
         if marker is not None:
@@ -398,12 +432,14 @@ def row_checks(schema: Schema) -> list[RowCheck]:
 
 def checked_marker(records: datasets.Dataset, schema: Schema) -> Path | None:
     """The file beside the records' cache that says they passed `schema`'s checks: named by the records' fingerprint,
-    the schema's fields and checks and this mmalign's version; None for records without a cache file (in memory)."""
+    the schema's fields, checks and settings and this mmalign's version; None for records without a cache file (in
+    memory)."""
     if not records.cache_files:
         return None
     checks = [(f.name, f.required, f.check.__qualname__) for f in schema.fields]
     checks += [("row", True, c.check.__qualname__) for c in row_checks(schema)]
-    key = hashlib.sha256(json.dumps([records._fingerprint, schema.name, checks, __version__], default=str).encode())
+    key = hashlib.sha256(json.dumps([records._fingerprint, schema.name, schema.settings, checks, __version__],
+                                    default=str).encode())
     return Path(records.cache_files[0]["filename"]).parent / f"mmalign-checked-{key.hexdigest()[:20]}.json"
 
 

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.config import option
-from mmalign.data import ALLOW_OUTSIDE_PATHS, MAX_REPORTED, Guarded, collate_guarded
+from mmalign.data import ALLOW_OUTSIDE_PATHS, Guarded, collate_guarded, listed
 from mmalign.errors import BadRow, DataError
 from mmalign.files import write_atomically
 
@@ -56,7 +56,7 @@ class TrlImages(torch.utils.data.Dataset):
     def __init__(self, path: str, split: str, allow_outside: bool):
         from mmalign.vision.data import VISION_ROW, data_root, load_rows
 
-        self.records, self.source = load_rows(path, VISION_ROW, split), path
+        self.records, self.source = load_rows(path, VISION_ROW, split, allow_outside), path
         self.root, self.allow_outside = data_root(path), allow_outside
 
     def __len__(self) -> int:
@@ -107,10 +107,8 @@ def run(config: Config) -> list[BadRow]:
         write_atomically(config.report, lambda tmp: tmp.write_text(
             "".join(json.dumps(row.to_dict()) + "\n" for row in bad)))
     if bad:
-        more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
         raise DataError(f"{config.path}: {len(bad)} of {len(rows)} rows cannot be read\n"
-                        + "\n".join(f"  record {row.index}, field '{row.field}': {row.reason}"
-                                    for row in bad[:MAX_REPORTED]) + more
+                        + listed([(row.index, row.field, row.reason) for row in bad])
                         + (f"\n(all of them listed in {config.report})" if config.report else ""))
     print(f"{config.path}: all {len(rows)} rows read; none has a problem")
     return bad

@@ -7,11 +7,11 @@ image; a conversational prompt gets the image parts put in front of its first us
 when its content is a plain string (as TRL does). An optional `retrieved_images` list (rDPO's v',
 one per image) is carried along for the visual term.
 
-Every row is checked before anything trains (`load_rows`, vectorised where the column types allow): its fields, and
-that its prompt names as many images as it has. Images are kept as their bytes or paths and read once, when their
-row is loaded for training: a path must name a file inside the data's folder (absolute paths and paths leading out
-of it only with --allow-outside-paths), and an image that cannot be read raises `BadRow` naming its row
-(`--bad-rows`; `mmalign data check --kind trl` reads every image up front).
+Every row is checked before anything trains (`load_rows`, vectorised where the column types allow): its fields, that
+its prompt names as many images as it has, and that its image paths name files inside the data's folder (absolute
+paths and paths leading out of it only with --allow-outside-paths). Images are kept as their bytes or paths and read
+once, when their row is loaded for training; one that cannot be read raises `BadRow` naming its row (`--bad-rows`;
+`mmalign data check --kind trl` reads every image up front).
 
 Tokenisation follows TRL's vision collator: prompt through the processor (image placeholders expanded)
 and completions through the tokenizer, all without added special tokens (the chat template adds
@@ -41,8 +41,10 @@ from mmalign.data import (
     Mask,
     RowCheck,
     Schema,
+    any_of,
     bad_messages,
     is_text_type,
+    leaving_root,
     list_lengths,
     load_records,
     resolve_path,
@@ -254,7 +256,8 @@ def open_image(value: Any, root: Path = Path("."), allow_outside: bool = False, 
     try:
         return to_rgb(source if isinstance(source, Image.Image) else Image.open(source))
     except IMAGE_ERRORS as err:
-        raise DataError(f"{where}: not a readable image: {unreadable(err)}") from None
+        named = source if isinstance(source, Path) else "embedded bytes"
+        raise DataError(f"{where} ({named}): not a readable image: {unreadable(err)}") from None
 
 
 def undecoded(records: datasets.Dataset) -> datasets.Dataset:
@@ -266,10 +269,37 @@ def undecoded(records: datasets.Dataset) -> datasets.Dataset:
     return records
 
 
-def load_rows(path: str | Path, schema: Schema, split: str = "train") -> datasets.Dataset:
-    """Records of `path` checked up front against `schema` (`mmalign.data.validate`), their images left undecoded
-    (`undecoded`): whether an image can be read is checked when its row is loaded."""
+def paths_inside(field: Field, root: Path) -> Field:
+    """An image-list field whose entries' paths must also lie inside `root` (`mmalign.data.resolve_path`): absolute
+    paths and '..' parts are found up front (`leaving_root`), a link leading out when its image is read."""
+    def check(value: Any, record: dict) -> str | None:
+        problem = field.check(value, record)
+        if problem or not value:
+            return problem
+        for i, entry in enumerate(value):
+            path = entry.get("path") if isinstance(entry, dict) and not entry.get("bytes") else entry
+            try:
+                if isinstance(path, str):
+                    resolve_path(path, root, where=f"image {i + 1}")
+            except DataError as err:
+                return str(err)
+        return None
+
+    def suspects(column: pa.ChunkedArray) -> Mask | None:
+        return any_of(field.suspects(column) if field.suspects else None, leaving_root(column))
+    return dataclasses.replace(field, check=check, suspects=suspects)
+
+
+def load_rows(path: str | Path, schema: Schema, split: str = "train", allow_outside: bool = False
+              ) -> datasets.Dataset:
+    """Records of `path` checked up front against `schema` (`mmalign.data.validate`), image paths included (inside
+    the data's folder unless `allow_outside`, see `paths_inside`), their images left undecoded (`undecoded`): whether
+    an image can be read is checked when its row is loaded."""
     records = undecoded(load_records(path, split))
+    if not allow_outside:
+        root = data_root(path)
+        schema = dataclasses.replace(schema, settings=f"paths inside {root}", fields=tuple(
+            paths_inside(f, root) if f.name in IMAGE_FIELDS else f for f in schema.fields))
     validate(records, schema, source=str(path))
     return records
 
@@ -352,7 +382,7 @@ class VisionPairs(torch.utils.data.Dataset):
              retrieved: bool = False, allow_outside: bool = False) -> VisionPairs:
         """Load and check every row of `path` up front: its fields (see `load_rows`), then how it renders and fits
         max_length (see `check_rows`); its images are read when it is loaded."""
-        records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split)
+        records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split, allow_outside)
         pairs = cls(records, processor, max_length, str(path), data_root(path), retrieved, allow_outside)
         pairs.check_rows()
         return pairs

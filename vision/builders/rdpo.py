@@ -107,9 +107,8 @@ def run(config: Config) -> dict:
     """`mmalign vision rdpo`: retrieve v', refill the masked words, keep dissimilar rejects; write rows and a report."""
     from ..world import COLOURS, COUNTS, SHAPES
 
-    records = config.rows(SOURCE_ROW)
+    rows = config.opened(config.rows(SOURCE_ROW))
     model, processor = models.load(config.model)
-    rows = [{**r, "images": [config.image(r["images"][0], f"record {i}, image 1")]} for i, r in enumerate(records)]
     vocabulary = set(config.vocabulary) or {*COLOURS, *SHAPES, *COUNTS}
     built, report = build_rows(model.eval(), processor, rows, vocabulary, threshold=config.threshold)
     if not built:
