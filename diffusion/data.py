@@ -3,9 +3,9 @@
 label_0 = 1 means jpg_0 is preferred, 0 means jpg_1 is, 0.5 is a tie (dropped and counted). Image
 paths are resolved against the data file's folder and must lie inside it, unless allowed
 (`mmalign.data.resolve_path`, --allow-outside-paths). Every row's caption, label and image fields (image paths
-included) are checked, vectorised, before training starts (`pickapic_schema`); an image is read and decoded when its row is loaded, and
-one that cannot be raises `BadRow` naming its row and field (`--bad-rows`), and `mmalign data check` reads every
-image up front.
+included) are checked, vectorised, before training starts (`pickapic_schema`); an image is read and decoded when
+its row is loaded, and one that cannot be raises `BadRow` naming its row and field (`--bad-rows`); `mmalign data
+check` reads every image up front.
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     With as_stored=True every pair is kept, ties too, in its stored order (jpg_0 first), and each item
     also carries 'label_0' (P(jpg_0 preferred): 1, 0 or 0.5): what a reward model trains and is judged on.
-    Subclasses change the media: `fields` names the two columns, `media` what they hold, `load` turns one value into model pixels (raising
-    on media that cannot be read, which `__getitem__` reports as a `BadRow`).
+    Subclasses change the media: `fields` names the two columns, `media` what they hold, `load` turns one value into
+    model pixels (raising on media that cannot be read, which `__getitem__` reports as a `BadRow`).
     """
 
     fields = ("jpg_0", "jpg_1")

@@ -72,7 +72,7 @@ class Schema:
     fields: tuple[Field, ...]
     row_checks: tuple[RowCheck | Callable[[dict], Iterable[tuple[str, str]]], ...] = ()
     settings: str = ""
-    """What else the checks depend on (the folder image paths must stay inside), so `checked_marker` tells them apart."""
+    """What else the checks depend on (the folder image paths must stay in), so `checked_marker` tells them apart."""
 
 
 def is_text_type(kind: pa.DataType) -> bool:

@@ -46,10 +46,12 @@ class BuilderConfig:
         rows, problems = [], []
         for index, record in enumerate(records):
             try:
-                rows.append({**record, "images": [open_image(value, self.root, self.allow_outside_paths, f"image {i + 1}")
-                                                  for i, value in enumerate(record["images"] or [])]})
+                images = [open_image(value, self.root, self.allow_outside_paths, f"image {i + 1}")
+                          for i, value in enumerate(record["images"] or [])]
             except DataError as err:
                 problems.append((index, "images", str(err)))
+                continue
+            rows.append({**record, "images": images})
         if problems:
             raise DataError(f"{self.data}: {len(problems)} row(s) with an image that cannot be read; nothing was "
                             f"built or written\n{listed(problems)}")
