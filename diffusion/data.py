@@ -11,6 +11,7 @@ check` reads every image up front.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,17 +204,25 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Pairs as VAE posterior statistics {'latent_mean', 'latent_std': [2,C,h,w] winner first, 'caption', 'index'}."""
+    """Pairs as VAE posterior statistics {'latent_mean', 'latent_std': [2,C,h,w] winner first, 'caption', 'index'}:
+    `mean[k]`, `std[k]` those of pair `positions[k]`; a pair that could not be loaded raises its `BadRow` again."""
 
-    def __init__(self, pairs: PreferencePairs, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, pairs: PreferencePairs, positions: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 bad: Sequence[BadRow] = ()):
         self.pairs, self.mean, self.std = pairs, mean, std
+        self.slot = torch.full((len(pairs),), -1, dtype=torch.long)
+        self.slot[positions] = torch.arange(len(positions))
+        self.bad = {row.index: row for row in bad}
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"latent_mean": self.mean[i], "latent_std": self.std[i], "caption": self.pairs.caption(i),
-                "index": int(self.pairs.rows[i])}
+        row, slot = int(self.pairs.rows[i]), int(self.slot[i])
+        if slot < 0:
+            raise self.bad[row]
+        return {"latent_mean": self.mean[slot], "latent_std": self.std[slot], "caption": self.pairs.caption(i),
+                "index": row}
 
 
 def to_model_pixels(image: Image.Image, resolution: int) -> torch.Tensor:

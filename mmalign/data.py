@@ -22,7 +22,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from tqdm.auto import tqdm
 
 from mmalign import __version__
 from mmalign.errors import BadRow, DataError
@@ -464,12 +465,30 @@ class Guarded(torch.utils.data.Dataset):
         return None, bad
 
 
-def collate_guarded(collate: Callable[[list], Any], items: list[tuple[Any, list[BadRow]]]
+def collate_guarded(collate: Callable[[list], Any], items: list[tuple[Any, list[BadRow]]], drop: bool = False
                     ) -> tuple[Any, list[BadRow]]:
-    """A batch of `Guarded` items as (`collate` of the items, or None when one is missing; the bad rows met)."""
-    loaded = [item for item, _ in items]
+    """A batch of `Guarded` items as (`collate` of the items, or None when one is missing, or with `drop` when all
+    are, the missing ones left out; the bad rows met)."""
+    loaded = [item for item, _ in items if item is not None or not drop]
     bad = [row for _, rows in items for row in rows]
-    return (None if any(item is None for item in loaded) else collate(loaded)), bad
+    return (None if not loaded or any(item is None for item in loaded) else collate(loaded)), bad
+
+
+def read_once(dataset: Any, collate: Callable[[list], Any], batch_size: int, workers: int = 0, desc: str = "read",
+              stop: bool = False) -> Iterator[tuple[Any, list[BadRow]]]:
+    """Every row of `dataset` once, in order, read in `workers` processes with a progress bar: per `batch_size` rows,
+    (`collate` of those that load, None when none does; the `BadRow`s met). With `stop` (--bad-rows error, in a pass
+    before training such as a cache) the first bad row raises a DataError naming it."""
+    loader = torch.utils.data.DataLoader(Guarded(dataset, skip=False), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=functools.partial(collate_guarded, collate, drop=True))
+    with tqdm(total=len(dataset), desc=desc, unit="row", leave=False) as progress:
+        for batch, bad in loader:
+            if stop and bad:
+                raise DataError(f"{bad[0]}; met by {desc} before training, so nothing was trained. Fix or remove the "
+                                "row (`mmalign data check` lists every bad row), or pass --bad-rows skip to train "
+                                "without it")
+            progress.update(min(batch_size, progress.total - progress.n))
+            yield batch, bad
 
 
 def load_preferences(path: str | Path, schema: Schema, split: str = "train") -> datasets.Dataset:

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from mmalign.config import option
-from mmalign.data import ALLOW_OUTSIDE_PATHS, Guarded, collate_guarded, listed
+from mmalign.data import ALLOW_OUTSIDE_PATHS, listed, read_once
 from mmalign.errors import BadRow, DataError
 from mmalign.files import write_atomically
 
@@ -89,14 +88,7 @@ def rows_of(config: Config) -> Any:
 
 def scan(rows: Any, workers: int, batch_size: int = 32) -> list[BadRow]:
     """Load every item of `rows` in `workers` processes, with a progress bar; the bad rows met, in row order."""
-    loader = torch.utils.data.DataLoader(Guarded(rows, skip=False), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=functools.partial(collate_guarded, len))
-    bad: list[BadRow] = []
-    with tqdm(total=len(rows), desc="check", unit="row") as progress:
-        for _, found in loader:
-            bad += found
-            progress.update(batch_size)
-    return bad
+    return [row for _, found in read_once(rows, len, batch_size, workers, desc="check") for row in found]
 
 
 def run(config: Config) -> list[BadRow]:

@@ -11,10 +11,12 @@ from diffusers import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from mmalign.diffusion import base, dpo, pairwise
-from mmalign.diffusion.data import PreferencePairs, collate_pairs
+from mmalign.data import Guarded
+from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
 from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.sample import generate
-from mmalign.errors import ConfigError, DataError, RunFolderError
+from mmalign.diffusion.world import preference_pairs
+from mmalign.errors import BadRow, ConfigError, DataError, RunFolderError
 from mmalign.reference import FrozenCopy
 from mmalign.trainer import Trainer, step_generator
 
@@ -205,6 +207,25 @@ def test_cached_latents_give_the_same_step_as_encoding_each_time(tiny_sd, pickap
     torch.testing.assert_close(reused[0], fresh[0])
     with pytest.raises(ValueError, match="exclude each other"):
         config(tiny_sd, pickapic, tmp_path, cache_latents=True, random_flip=True)
+
+
+def test_the_latent_cache_stops_at_a_bad_pair_or_leaves_it_for_training_to_skip(tiny_sd, tmp_path):
+    rows = preference_pairs(5, seed=0)
+    for row in rows:
+        row["label_0"] = 1.0
+    rows[2]["jpg_1"] = b"not an image"
+    pairs = PreferencePairs(write_pickapic(rows, tmp_path / "pairs.parquet"), resolution=32)
+    vae = load_pipeline(tiny_sd).vae
+    with pytest.raises(DataError, match=r"pairs.parquet: record 2, field 'jpg_1': cannot be read .*before training, so "
+                                        "nothing was trained.*--bad-rows skip"):
+        pairwise.cache_pair_latents(vae, pairs, torch.float32, "cpu", batch_size=2)
+    cached = pairwise.cache_pair_latents(vae, pairs, torch.float32, "cpu", batch_size=2, bad_rows="skip")
+    with pytest.raises(BadRow, match="record 2, field 'jpg_1'"):
+        cached[2]
+    item, bad = Guarded(cached, skip=True)[2]  # what training does with it under --bad-rows skip
+    assert item["index"] == 3 and [(row.index, row.field) for row in bad] == [(2, "jpg_1")]
+    fresh = pairwise.encode_pairs(vae, pairs[3]["pixel_values"][None], torch.float32)[0]
+    torch.testing.assert_close(item["latent_mean"], torch.stack(fresh.chunk(2), dim=1)[0])
 
 
 @pytest.mark.slow

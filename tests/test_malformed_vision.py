@@ -156,6 +156,27 @@ def test_a_bad_image_met_in_training_stops_the_run_naming_it(tiny_dir, data_dir,
     assert reported["file"].endswith(words[0]) and reported["field"] == "images"
 
 
+def test_cached_reference_scores_honour_bad_rows(tiny_dir, data_dir, capsys):
+    """--reference cached reads every row before training: a bad row stops the run there (error), or is left unscored
+    and skipped and reported by training (skip)."""
+    from safetensors.torch import load_file
+
+    from mmalign.cli import main
+
+    data = write(data_dir, [ROW, {**ROW, "images": ["bad.png"]}, ROW, ROW])
+    argv = ["vision", "dpo", "--model", tiny_dir, "--data", data, "--max-steps", 2, "--batch-size", 2, "--report-to",
+            "none", "--reference", "cached"]
+    assert main([str(a) for a in [*argv, "--output", data_dir.parent / "error"]]) == 1
+    err = capsys.readouterr().err
+    assert "record 1, field 'images'" in err and "met by reference scores before training" in err, err
+    out = data_dir.parent / "skip"
+    assert main([str(a) for a in [*argv, "--output", out, "--bad-rows", "skip"]]) == 0
+    scores = load_file(out / "reference_scores.safetensors")["scores"]
+    assert scores[1].isnan().all() and scores[[0, 2, 3]].isfinite().all()
+    assert [json.loads(line)["index"] for line in (out / "bad_rows.jsonl").read_text().splitlines()] == [1]
+    assert sum(json.loads(line)["bad_rows"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
 def test_a_folder_holding_other_files_is_left_as_it_was(refused, tiny_dir, data_dir):
     out = data_dir.parent / "run"
     out.mkdir()
