@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from mmalign.diffusion import base, dpo, pairwise
 from mmalign.data import Guarded
+from mmalign.diffusion import base, dpo, pairwise
 from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
 from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.sample import generate
