@@ -164,7 +164,7 @@ class PreferencePairs(torch.utils.data.Dataset):
         self.allow_outside_paths = allow_outside_paths
         inside = None if allow_outside_paths else self.root
         records = load_preferences(path, pickapic_schema(self.fields, inside, self.media), split)
-        self.labels = np.asarray(records["label_0"], dtype=np.float64)
+        self.labels = records.with_format("arrow")[:]["label_0"].to_numpy().astype(np.float64)
         self.ties = int((self.labels == 0.5).sum())
         if self.ties == len(records):
             raise DataError(f"{path}: all {len(records)} pairs are ties (label_0 = 0.5); nothing to learn from")
@@ -201,6 +201,11 @@ class PreferencePairs(torch.utils.data.Dataset):
     def caption(self, i: int) -> str:
         """The caption of pair i, without decoding its images."""
         return self.records[int(self.rows[i])]["caption"]
+
+    def captions(self, count: int) -> list[str]:
+        """The captions of the first `count` pairs, read as one column slice (no image is read)."""
+        captions = self.records.with_format("arrow", columns=["caption"])
+        return captions[self.rows[:count].tolist()]["caption"].to_pylist()
 
 
 class CachedLatents(torch.utils.data.Dataset):

@@ -34,6 +34,7 @@ from mmalign.reference import Stateful
 from mmalign.trainer import Trainer
 
 from .base import (
+    CAPTIONS_SCANNED,
     DenoiserConfig,
     Parts,
     ReferenceFactory,
@@ -205,7 +206,7 @@ def train(config: PairConfigT, make_step: Callable[[Parts[PairConfigT]], Step], 
     pairs = pairs_class(config.data, resolution=parts.resolution, split=config.split,
                         allow_outside_paths=config.allow_outside_paths)
     trainer.accelerator.print(f"{len(pairs)} preference pairs from {config.data} ({pairs.ties} ties dropped)")
-    prompts = given or first_prompts(pairs.caption(i) for i in range(len(pairs)))
+    prompts = given or first_prompts(pairs.captions(CAPTIONS_SCANNED))
     dataset: Dataset = cache_pair_latents(pipe.vae, pairs, parts.vae_dtype, trainer.device,
                                           bad_rows=config.bad_rows, workers=config.num_workers) \
         if cache_latents else pairs

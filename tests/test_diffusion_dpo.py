@@ -243,8 +243,8 @@ def test_a_compiled_denoiser_gives_the_eager_run_and_saves_a_loadable_lora(tiny_
 def test_from_python_bad_input_stops_before_the_run_folder_exists(tiny_sd, pickapic, tmp_path):
     """Trainer creation writes nothing; the data, the grid prompts and the model are checked before `trainer.begin`."""
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"caption": "a red circle", "jpg_0": "gone.png", "jpg_1": "gone.png", "label_0": 1}\n')
-    with pytest.raises(DataError, match="record 0, field 'jpg_0': cannot be read"):
+    bad.write_text('{"caption": "a red circle", "jpg_0": "../a.png", "jpg_1": "b.png", "label_0": 1}\n')
+    with pytest.raises(DataError, match="record 0, field 'jpg_0': cannot be read .* is outside the data folder"):
         dpo.run(config(tiny_sd, bad, tmp_path))
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("un carré rouge\n".encode("latin-1"))

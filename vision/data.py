@@ -278,11 +278,11 @@ def paths_inside(field: Field, root: Path) -> Field:
             return problem
         for i, entry in enumerate(value):
             path = entry.get("path") if isinstance(entry, dict) and not entry.get("bytes") else entry
-            try:
-                if isinstance(path, str):
+            if isinstance(path, str):
+                try:
                     resolve_path(path, root, where=f"image {i + 1}")
-            except DataError as err:
-                return str(err)
+                except DataError as err:
+                    return str(err)
         return None
 
     def suspects(column: pa.ChunkedArray) -> Mask | None:
