@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 from mmalign.diffusion.data import write_pickapic
 from mmalign.diffusion.rewards import load_scorer, save_scorer
-from mmalign.diffusion.tiny import tiny_pipeline
 from mmalign.diffusion.world import png_bytes, preference_pairs, render
 
 ARCH = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
@@ -40,7 +39,7 @@ def row(jpg_0="left.png", jpg_1="right.png", caption="a red circle", label_0=1):
 
 
 @pytest.fixture(scope="module")
-def p(tmp_path_factory):
+def p(tmp_path_factory, tiny_family):
     """Every malformed input of the table, written once."""
     root = tmp_path_factory.mktemp("malformed")
     data = root / "data"
@@ -95,10 +94,7 @@ def p(tmp_path_factory):
     save_file({"weight": torch.zeros(2, 2)}, str(x.random_weights))
     x.no_index = root / "no-index"
     x.no_index.mkdir()
-    x.tiny_video = root / "tiny-video"
-    tiny_pipeline(kind="video").save_pretrained(x.tiny_video)
-    x.tiny_wan = root / "tiny-wan"
-    tiny_pipeline(kind="wan").save_pretrained(x.tiny_wan)
+    x.tiny = tiny_family  # video and Wan pipelines, built when a case first needs them and shared by the session
     x.scorer = save_scorer(load_scorer(ARCH), root / "scorer")
     x.bad_scorer = root / "bad-scorer"
     x.bad_scorer.mkdir()
@@ -170,15 +166,15 @@ CASES = [
     ("video-dpo-image-model", lambda p, m, out: ["diffusion", "video-dpo", "--model", m, "--data", p.videos, *TRAIN,
                                                  "--output", out], None,
      ["StableDiffusionPipeline is an image pipeline; video-dpo trains text-to-video pipelines"]),
-    ("dpo-video-model", lambda p, m, out: dpo(p, p.tiny_video, p.bad_label, "--output", out), None,
+    ("dpo-video-model", lambda p, m, out: dpo(p, p.tiny("video"), p.bad_label, "--output", out), None,
      ["TextToVideoSDPipeline is a text-to-video pipeline", "mmalign diffusion video-dpo"]),
-    ("flow-dpo-wan-model", lambda p, m, out: ["diffusion", "flow-dpo", "--model", p.tiny_wan, "--data", p.bad_label,
+    ("flow-dpo-wan-model", lambda p, m, out: ["diffusion", "flow-dpo", "--model", p.tiny("wan"), "--data", p.bad_label,
                                               "--output", out], None,
      ["WanPipeline is a text-to-video pipeline", "mmalign diffusion video-dpo"]),
-    ("video-dpo-wan-frames", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_wan, "--data", p.videos,
+    ("video-dpo-wan-frames", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny("wan"), "--data", p.videos,
                                                 "--num-frames", 8, "--resolution", 32, *TRAIN, "--output", out],
      None, ["--num-frames 8: WanPipeline's VAE encodes 1 + 4k frames", "use 5 or 9"]),
-    ("video-dpo-wan-resolution", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_wan, "--data",
+    ("video-dpo-wan-resolution", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny("wan"), "--data",
                                                     p.videos, "--num-frames", 5, "--resolution", 36, *TRAIN,
                                                     "--output", out],
      None, ["--resolution 36: WanPipeline takes sizes that are multiples of 8"]),
@@ -259,7 +255,7 @@ LOADED = [
      ["folder-image.jsonl", "record 1, field 'jpg_1'", "folder.png is a folder, not an image file"]),
     ("image-missing", lambda p, m, out: dpo(p, m, p.missing, "--output", out),
      ["missing.jsonl", "record 0, field 'jpg_0'", "gone.png does not exist"]),
-    ("video-image-where-a-video-belongs", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_video,
+    ("video-image-where-a-video-belongs", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny("video"),
                                                              "--data", p.videos, "--num-frames", 2, *TRAIN,
                                                              "--output", out],
      ["videos.jsonl", "record 0, field 'video_0'", "left.png is one image, not a video"]),
