@@ -127,7 +127,7 @@ def cache_pair_latents(vae, pairs: PreferencePairs, dtype: torch.dtype, device, 
     be loaded stops the run naming it (`bad_rows` 'error'), or is left out and raises its `BadRow` again when training
     meets it ('skip'), as an uncached pair would."""
     positions, means, stds, bad = [], [], [], []
-    for batch, found in read_once(pairs, collate_pairs, batch_size, workers, "cache latents", bad_rows == "error"):
+    for batch, found in read_once(pairs, collate_pairs, batch_size, workers, "caching latents", bad_rows == "error"):
         bad += found
         if batch is not None:
             mean, std = encode_pairs(vae, batch["pixel_values"].to(device), dtype)

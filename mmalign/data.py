@@ -444,10 +444,15 @@ def checked_marker(records: datasets.Dataset, schema: Schema) -> Path | None:
     return Path(records.cache_files[0]["filename"]).parent / f"mmalign-checked-{key.hexdigest()[:20]}.json"
 
 
+SKIP_LIMIT = 100
+"""Rows in a row that `Guarded` tries under --bad-rows skip: when none of them loads, the data is broken, not a row."""
+
+
 class Guarded(torch.utils.data.Dataset):
     """`dataset[i]` as (item, the `BadRow`s met loading it): a bad row is returned, not raised, so that it reaches the
     training loop from a worker process too. With `skip` the rows after it are tried in turn until one loads (a batch
-    keeps its size, and the choice is the same on resume); without, or when no row loads, the item is None."""
+    keeps its size, and the choice is the same on resume), SKIP_LIMIT rows at most; without, or when none of them
+    loads, the item is None."""
 
     def __init__(self, dataset: Any, skip: bool):
         self.dataset, self.skip = dataset, skip
@@ -457,7 +462,7 @@ class Guarded(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, list[BadRow]]:
         bad: list[BadRow] = []
-        for offset in range(len(self.dataset) if self.skip else 1):
+        for offset in range(min(len(self.dataset), SKIP_LIMIT) if self.skip else 1):
             try:
                 return self.dataset[(index + offset) % len(self.dataset)], bad
             except BadRow as err:
@@ -484,8 +489,8 @@ def read_once(dataset: Any, collate: Callable[[list], Any], batch_size: int, wor
     with tqdm(total=len(dataset), desc=desc, unit="row", leave=False) as progress:
         for batch, bad in loader:
             if stop and bad:
-                raise DataError(f"{bad[0]}; met by {desc} before training, so nothing was trained. Fix or remove the "
-                                "row (`mmalign data check` lists every bad row), or pass --bad-rows skip to train "
+                raise DataError(f"{bad[0]}; met while {desc}, before training: nothing was trained. Fix or remove "
+                                "the row (`mmalign data check` lists every bad row), or pass --bad-rows skip to train "
                                 "without it")
             progress.update(min(batch_size, progress.total - progress.n))
             yield batch, bad

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from mmalign import run_folder, trackers
 from mmalign.config import option, save_config, to_dict
-from mmalign.data import Guarded, collate_guarded
+from mmalign.data import SKIP_LIMIT, Guarded, collate_guarded
 from mmalign.errors import (
     BadRow,
     ConfigError,
@@ -402,12 +402,15 @@ class Trainer:
         if stopping:
             last = checkpoints(self.config.output)
             met = str(bad[0]) if bad else "another process met a row that cannot be loaded"
+            fix = ("Fix or remove the row (`mmalign data check` lists every bad row), or pass --bad-rows skip to train "
+                   "on the next row instead") if self.config.bad_rows == "error" else (
+                f"Neither it nor the rows after it (up to {SKIP_LIMIT} in all) can be loaded, so the data looks broken "
+                "(a moved or missing images folder?) and --bad-rows skip stops too. Fix the data (`mmalign data "
+                "check` lists every bad row)")
             raise DataError(
                 f"{met}; training stopped at optimizer step {step + 1}. The last checkpoint is "
-                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; nothing was saved after it. Fix or "
-                f"remove the row (`mmalign data check` lists every bad row), or pass --bad-rows skip to train on the "
-                f"next row instead; then continue with --resume latest. Bad rows met: "
-                f"{self.config.output / BAD_ROWS_FILE}")
+                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; nothing was saved after it. {fix}; "
+                f"then continue with --resume latest. Bad rows met: {self.config.output / BAD_ROWS_FILE}")
         return len(bad)
 
     def _trim_log(self, name: str, step: int) -> None:

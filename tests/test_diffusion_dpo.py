@@ -216,8 +216,8 @@ def test_the_latent_cache_stops_at_a_bad_pair_or_leaves_it_for_training_to_skip(
     rows[2]["jpg_1"] = b"not an image"
     pairs = PreferencePairs(write_pickapic(rows, tmp_path / "pairs.parquet"), resolution=32)
     vae = load_pipeline(tiny_sd).vae
-    with pytest.raises(DataError, match=r"pairs.parquet: record 2, field 'jpg_1': cannot be read .*before training, so "
-                                        "nothing was trained.*--bad-rows skip"):
+    with pytest.raises(DataError, match=r"pairs.parquet: record 2, field 'jpg_1': cannot be read .*met while caching "
+                                        "latents, before training: nothing was trained.*--bad-rows skip"):
         pairwise.cache_pair_latents(vae, pairs, torch.float32, "cpu", batch_size=2)
     cached = pairwise.cache_pair_latents(vae, pairs, torch.float32, "cpu", batch_size=2, bad_rows="skip")
     with pytest.raises(BadRow, match="record 2, field 'jpg_1'"):

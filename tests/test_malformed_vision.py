@@ -168,7 +168,7 @@ def test_cached_reference_scores_honour_bad_rows(tiny_dir, data_dir, capsys):
             "none", "--reference", "cached"]
     assert main([str(a) for a in [*argv, "--output", data_dir.parent / "error"]]) == 1
     err = capsys.readouterr().err
-    assert "record 1, field 'images'" in err and "met by reference scores before training" in err, err
+    assert "record 1, field 'images'" in err and "met while caching reference scores, before training" in err, err
     out = data_dir.parent / "skip"
     assert main([str(a) for a in [*argv, "--output", out, "--bad-rows", "skip"]]) == 0
     scores = load_file(out / "reference_scores.safetensors")["scores"]

@@ -299,7 +299,7 @@ def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: 
     config, skipped = parts.config, []
 
     def batches():
-        for batch, bad in read_once(pairs, collate, config.batch_size, config.num_workers, "reference scores",
+        for batch, bad in read_once(pairs, collate, config.batch_size, config.num_workers, "caching reference scores",
                                     stop=config.bad_rows == "error"):
             skipped.extend(row.index for row in bad)
             if batch is not None:
