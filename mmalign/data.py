@@ -381,7 +381,7 @@ def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:
 
     Only the rows the vectorised pre-checks flag (`Field.suspects`, `RowCheck.suspects`) are checked one by one. In a
     run of several processes the main process checks first; a dataset that passed is marked by its fingerprint
-    (`checked_marker`), and the others, or a later run, skip the checks."""
+    (`check_once`), and the others, or a later run, skip the checks."""
     columns = set(records.column_names)
     missing_fields = [f.name for f in schema.fields if f.required and f.name not in columns]
     if missing_fields:
@@ -389,12 +389,7 @@ def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:
                         f"the data has {', '.join(sorted(columns)) or 'no fields'}")
     if len(records) == 0:
         raise DataError(f"{source}: no records")
-    from accelerate import PartialState
-
-    marker = checked_marker(records, schema)
-    with PartialState().main_process_first():
-        if marker is not None and marker.exists():
-            return
+    def check() -> None:
         start = time.perf_counter()
         problems = _problems(records, schema)
         if problems:
@@ -402,9 +397,24 @@ def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:
                             + listed(problems))
         print(f"{source}: {len(records)} {schema.name} records checked in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
+
+    checks = [(f.name, f.required, f.check.__qualname__) for f in schema.fields]
+    checks += [("row", True, c.check.__qualname__) for c in row_checks(schema)]
+    check_once(records, [schema.name, schema.settings, checks], check, source)
+
+
+def check_once(records: datasets.Dataset, key: list, check: Callable[[], None], source: str) -> None:
+    """Run `check` (which raises on a problem) on the main process first; records that passed it under `key` are
+    marked (`checked_marker`), so that the other processes of a run, and later runs, do not run it again."""
+    from accelerate import PartialState
+
+    marker = checked_marker(records, key)
+    with PartialState().main_process_first():
+        if marker is not None and marker.exists():
+            return
+        check()
         if marker is not None:
             marker.write_text(json.dumps({"source": source, "records": len(records)}))
-
 
 def _problems(records: datasets.Dataset, schema: Schema) -> list[tuple[int, str, str]]:
     """(record, field, problem) of every bad record: the suspects' rows checked one by one, in record order."""
@@ -431,18 +441,14 @@ def row_checks(schema: Schema) -> list[RowCheck]:
     return [c if isinstance(c, RowCheck) else RowCheck(c) for c in schema.row_checks]
 
 
-def checked_marker(records: datasets.Dataset, schema: Schema) -> Path | None:
-    """The file beside the records' cache that says they passed `schema`'s checks: named by the records' fingerprint,
-    the schema's fields, checks and settings and this mmalign's version; None for records without a cache file (in
-    memory)."""
+def checked_marker(records: datasets.Dataset, key: list) -> Path | None:
+    """The file beside the records' cache that says they passed the checks `key` names (e.g. a schema's fields,
+    checks and settings): named by the records' fingerprint, `key` and this mmalign's version; None for records without
+    a cache file (in memory)."""
     if not records.cache_files:
         return None
-    checks = [(f.name, f.required, f.check.__qualname__) for f in schema.fields]
-    checks += [("row", True, c.check.__qualname__) for c in row_checks(schema)]
-    key = hashlib.sha256(json.dumps([records._fingerprint, schema.name, schema.settings, checks, __version__],
-                                    default=str).encode())
-    return Path(records.cache_files[0]["filename"]).parent / f"mmalign-checked-{key.hexdigest()[:20]}.json"
-
+    digest = hashlib.sha256(json.dumps([records._fingerprint, key, __version__], default=str).encode())
+    return Path(records.cache_files[0]["filename"]).parent / f"mmalign-checked-{digest.hexdigest()[:20]}.json"
 
 SKIP_LIMIT = 100
 """Rows in a row that `Guarded` tries under --bad-rows skip: when none of them loads, the data is broken, not a row."""

@@ -243,6 +243,16 @@ def test_vision_demo_checks_its_inputs_before_evaluating(refused, tiny_dir, data
     assert all(fragment in err for fragment in expected), err
 
 
+def test_rows_are_rendered_and_fitted_once_per_processor_and_max_length(tmp_path, monkeypatch):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    data, processor, calls = write(tmp_path, [ROW, ROW]), tiny_llava()[1], []
+    check_rows = VisionPairs.check_rows
+    monkeypatch.setattr(VisionPairs, "check_rows", lambda pairs: calls.append(pairs.max_length) or check_rows(pairs))
+    for max_length in (None, None, 64, 64):
+        VisionPairs.load(data, processor, max_length)
+    assert calls == [None, 64]
+
+
 def test_a_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
     levels = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16).repeat(4, axis=0)
     Image.fromarray(levels).save(tmp_path / "grey16.png")

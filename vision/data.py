@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from datasets.fingerprint import Hasher
 from PIL import Image, UnidentifiedImageError
 
 from mmalign.data import (
@@ -43,6 +44,7 @@ from mmalign.data import (
     Schema,
     any_of,
     bad_messages,
+    check_once,
     is_text_type,
     leaving_root,
     list_lengths,
@@ -381,10 +383,12 @@ class VisionPairs(torch.utils.data.Dataset):
     def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
              retrieved: bool = False, allow_outside: bool = False) -> VisionPairs:
         """Load and check every row of `path` up front: its fields (see `load_rows`), then how it renders and fits
-        max_length (see `check_rows`); its images are read when it is loaded."""
+        max_length (see `check_rows`; once for these records, processor and settings, see `check_once`); its images are
+        read when it is loaded."""
         records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split, allow_outside)
         pairs = cls(records, processor, max_length, str(path), data_root(path), retrieved, allow_outside)
-        pairs.check_rows()
+        check_once(records, ["vision rows", Hasher.hash(processor), max_length, retrieved, allow_outside],
+                   pairs.check_rows, str(path))
         return pairs
 
     def __len__(self) -> int:
