@@ -46,6 +46,7 @@ from .scoring import PREDICTION_TYPES, is_flow, sampler_default
 
 FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 GRID_PROMPTS = 4  # prompts in the before/after grids when no --sample-prompts file is given
+CAPTIONS_SCANNED = 10_000  # training captions `first_prompts` looks through for GRID_PROMPTS distinct ones
 
 
 @dataclass

@@ -2,21 +2,38 @@
 
 label_0 = 1 means jpg_0 is preferred, 0 means jpg_1 is, 0.5 is a tie (dropped and counted). Image
 paths are resolved against the data file's folder and must lie inside it, unless allowed
-(`mmalign.data.resolve_path`, --allow-outside-paths). Every row is checked before training starts
-(`pickapic_schema`), and an image that fails to decode later still names its row.
+(`mmalign.data.resolve_path`, --allow-outside-paths). Every row's caption, label and image fields (image paths
+included) are checked, vectorised, before training starts (`pickapic_schema`); an image is read and decoded when
+its row is loaded, and one that cannot be raises `BadRow` naming its row and field (`--bad-rows`); `mmalign data
+check` reads every image up front.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mmalign.data import DataError, Field, Schema, load_preferences, read_utf8, resolve_path
+from mmalign.data import (
+    DataError,
+    Field,
+    Mask,
+    Schema,
+    any_of,
+    is_text_type,
+    leaving_root,
+    load_preferences,
+    read_utf8,
+    resolve_path,
+)
+from mmalign.errors import BadRow, MissingDependencyError
 from mmalign.files import write_atomically
 
 LABELS = (0.0, 0.5, 1.0)
@@ -62,14 +79,43 @@ def open_image(value: Any, root: Path, allow_outside: bool = False) -> Image.Ima
     return decode_image(image_bytes(value, root, allow_outside))
 
 
-def pickapic_schema(fields: tuple[str, str], check_media) -> Schema:
-    """Pick-a-Pic rows: a caption, two media fields that pass `check_media(value)`, label_0 in {0, 0.5, 1}."""
-    def media(value: Any, record: dict) -> str | None:
-        try:
-            check_media(value)
-        except Exception as err:  # noqa: BLE001 - any decoding failure is reported with its row
-            return f"cannot be read ({err})"
+def unset_media(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Rows of a column of image bytes or paths (or `datasets` {'bytes', 'path'} structs) holding neither; None for a
+    column of another type."""
+    kind = column.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or is_text_type(kind):
+        return pc.is_null(column)
+    if pa.types.is_struct(kind) and {"bytes", "path"} <= {f.name for f in kind}:
+        return pc.or_kleene(pc.is_null(column), pc.and_kleene(pc.is_null(pc.struct_field(column, "bytes")),
+                                                              pc.is_null(pc.struct_field(column, "path"))))
+    return None
+
+
+def label_suspects(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """Rows of a numeric label column that are not 0, 0.5 or 1; None for a column of another type."""
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
         return None
+    return pc.invert(pc.is_in(pc.cast(column, pa.float64()), value_set=pa.array(LABELS)))
+
+
+def pickapic_schema(fields: tuple[str, str], inside: Path | None = None, media: str = "image") -> Schema:
+    """Pick-a-Pic rows: a caption, two media fields holding bytes or a path (inside the folder `inside` unless it is
+    None, see `mmalign.data.resolve_path`), label_0 in {0, 0.5, 1}. Whether the media can be read is checked when a
+    row is loaded."""
+    def media_check(value: Any, record: dict) -> str | None:
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if not isinstance(value, (bytes, str)):
+            return f"cannot be read (expected image bytes or a file path, got {type(value).__name__})"
+        if isinstance(value, str) and inside is not None:
+            try:
+                resolve_path(value, inside, where=f"{media} path")
+            except DataError as err:
+                return f"cannot be read ({err})"
+        return None
+
+    def media_suspects(column: pa.ChunkedArray) -> Mask | None:
+        return any_of(unset_media(column), *([] if inside is None else [leaving_root(column)]))
 
     def caption(value: Any, record: dict) -> str | None:
         return None if isinstance(value, str) else f"expected text, got {type(value).__name__}"
@@ -78,8 +124,13 @@ def pickapic_schema(fields: tuple[str, str], check_media) -> Schema:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         return None if number and float(value) in LABELS else f"must be 0, 0.5 or 1, got {value!r}"
 
-    return Schema("Pick-a-Pic", (Field("caption", caption), *(Field(name, media) for name in fields),
-                                 Field("label_0", label)))
+    def not_text(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+        return pc.is_null(column) if is_text_type(column.type) else None
+
+    return Schema("Pick-a-Pic", (Field("caption", caption, suspects=not_text),
+                                 *(Field(name, media_check, suspects=media_suspects) for name in fields),
+                                 Field("label_0", label, suspects=label_suspects)),
+                  settings=f"paths inside {inside}" if inside else "")
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -100,18 +151,20 @@ class PreferencePairs(torch.utils.data.Dataset):
 
     With as_stored=True every pair is kept, ties too, in its stored order (jpg_0 first), and each item
     also carries 'label_0' (P(jpg_0 preferred): 1, 0 or 0.5): what a reward model trains and is judged on.
-    Subclasses change the media: `fields` names the two columns, `check` validates one value up front,
-    `load` turns one value into model pixels.
+    Subclasses change the media: `fields` names the two columns, `media` what they hold, `load` turns one value into
+    model pixels (raising on media that cannot be read, which `__getitem__` reports as a `BadRow`).
     """
 
     fields = ("jpg_0", "jpg_1")
+    media = "image"
 
     def __init__(self, path: str | Path, resolution: int, split: str = "train", as_stored: bool = False,
                  allow_outside_paths: bool = False):
         self.source, self.root, self.resolution = str(path), _data_root(path), resolution
         self.allow_outside_paths = allow_outside_paths
-        records = load_preferences(path, pickapic_schema(self.fields, self.check), split)
-        self.labels = np.asarray(records["label_0"], dtype=np.float64)
+        inside = None if allow_outside_paths else self.root
+        records = load_preferences(path, pickapic_schema(self.fields, inside, self.media), split)
+        self.labels = records.with_format("arrow")[:]["label_0"].to_numpy().astype(np.float64)
         self.ties = int((self.labels == 0.5).sum())
         if self.ties == len(records):
             raise DataError(f"{path}: all {len(records)} pairs are ties (label_0 = 0.5); nothing to learn from")
@@ -123,10 +176,6 @@ class PreferencePairs(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def check(self, value: Any) -> None:
-        """Raise if the image cannot be read (PIL's verify: headers and checksums, no full decode)."""
-        open_image(value, self.root, self.allow_outside_paths).verify()
-
     def load(self, value: Any) -> torch.Tensor:
         """Model pixels [3,R,R] in [-1, 1]."""
         return to_model_pixels(open_image(value, self.root, self.allow_outside_paths).convert("RGB"), self.resolution)
@@ -134,8 +183,10 @@ class PreferencePairs(torch.utils.data.Dataset):
     def _pixels(self, value: Any, row: int, field: str) -> torch.Tensor:
         try:
             return self.load(value)
+        except MissingDependencyError:
+            raise
         except Exception as err:  # noqa: BLE001
-            raise DataError(f"{self.source}: record {row}, field '{field}': cannot be read ({err})") from err
+            raise BadRow(self.source, row, field, f"cannot be read ({err})") from err
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = int(self.rows[i])
@@ -151,19 +202,32 @@ class PreferencePairs(torch.utils.data.Dataset):
         """The caption of pair i, without decoding its images."""
         return self.records[int(self.rows[i])]["caption"]
 
+    def captions(self, count: int) -> list[str]:
+        """The captions of the first `count` pairs, read as one column slice (no image is read)."""
+        captions = self.records.with_format("arrow", columns=["caption"])
+        return captions[self.rows[:count].tolist()]["caption"].to_pylist()
+
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Pairs as VAE posterior statistics {'latent_mean', 'latent_std': [2,C,h,w] winner first, 'caption', 'index'}."""
+    """Pairs as VAE posterior statistics {'latent_mean', 'latent_std': [2,C,h,w] winner first, 'caption', 'index'}:
+    `mean[k]`, `std[k]` those of pair `positions[k]`; a pair that could not be loaded raises its `BadRow` again."""
 
-    def __init__(self, pairs: PreferencePairs, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(self, pairs: PreferencePairs, positions: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                 bad: Sequence[BadRow] = ()):
         self.pairs, self.mean, self.std = pairs, mean, std
+        self.slot = torch.full((len(pairs),), -1, dtype=torch.long)
+        self.slot[positions] = torch.arange(len(positions))
+        self.bad = {row.index: row for row in bad}
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"latent_mean": self.mean[i], "latent_std": self.std[i], "caption": self.pairs.caption(i),
-                "index": int(self.pairs.rows[i])}
+        row, slot = int(self.pairs.rows[i]), int(self.slot[i])
+        if slot < 0:
+            raise self.bad[row]
+        return {"latent_mean": self.mean[slot], "latent_std": self.std[slot], "caption": self.pairs.caption(i),
+                "index": row}
 
 
 def to_model_pixels(image: Image.Image, resolution: int) -> torch.Tensor:

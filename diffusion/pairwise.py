@@ -17,22 +17,24 @@ reward_margin (beta*(r_w - r_l)), chosen_reward, rejected_reward, model_mse, ref
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from mmalign.config import option
-from mmalign.data import ALLOW_OUTSIDE_PATHS
+from mmalign.data import ALLOW_OUTSIDE_PATHS, DataError, read_once
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
 from mmalign.reference import Stateful
 from mmalign.trainer import Trainer
 
 from .base import (
+    CAPTIONS_SCANNED,
     DenoiserConfig,
     Parts,
     ReferenceFactory,
@@ -119,15 +121,25 @@ def encode_pairs(vae, pixels: torch.Tensor, dtype: torch.dtype, flip_generator: 
     return encode(vae, torch.cat([pixels[:, 0], pixels[:, 1]]), dtype)
 
 
-def cache_pair_latents(vae, pairs: PreferencePairs, dtype: torch.dtype, device, batch_size: int = 32) -> CachedLatents:
-    """Encode every pair once: the dataset of posterior statistics the step samples latents from."""
-    means, stds = [], []
-    loader = torch.utils.data.DataLoader(pairs, batch_size=batch_size, collate_fn=collate_pairs)
-    for batch in tqdm(loader, desc="cache latents", leave=False):
-        mean, std = encode_pairs(vae, batch["pixel_values"].to(device), dtype)
-        means.append(torch.stack(mean.chunk(2), dim=1).cpu())
-        stds.append(torch.stack(std.chunk(2), dim=1).cpu())
-    return CachedLatents(pairs, torch.cat(means), torch.cat(stds))
+def cache_pair_latents(vae, pairs: PreferencePairs, dtype: torch.dtype, device, batch_size: int = 32,
+                       bad_rows: str = "error", workers: int = 0) -> CachedLatents:
+    """Encode every pair once: the dataset of posterior statistics the step samples latents from. A pair that cannot
+    be loaded stops the run naming it (`bad_rows` 'error'), or is left out and raises its `BadRow` again when training
+    meets it ('skip'), as an uncached pair would."""
+    positions, means, stds, bad = [], [], [], []
+    for batch, found in read_once(pairs, collate_pairs, batch_size, workers, "caching latents", bad_rows == "error"):
+        bad += found
+        if batch is not None:
+            mean, std = encode_pairs(vae, batch["pixel_values"].to(device), dtype)
+            positions.append(torch.as_tensor(np.searchsorted(pairs.rows, batch["index"].numpy())))
+            means.append(torch.stack(mean.chunk(2), dim=1).cpu())
+            stds.append(torch.stack(std.chunk(2), dim=1).cpu())
+    if not means:
+        raise DataError(f"{pairs.source}: none of its {len(pairs)} pairs can be loaded; the first: {bad[0]}")
+    if bad:
+        print(f"{pairs.source}: {len(bad)} pair(s) cannot be loaded; training skips them (--bad-rows skip) and lists "
+              "them in bad_rows.jsonl", file=sys.stderr)
+    return CachedLatents(pairs, torch.cat(positions), torch.cat(means), torch.cat(stds), bad)
 
 
 def pair_latents(batch: dict[str, Any], generator: torch.Generator, parts: PairParts) -> torch.Tensor:
@@ -194,9 +206,10 @@ def train(config: PairConfigT, make_step: Callable[[Parts[PairConfigT]], Step], 
     pairs = pairs_class(config.data, resolution=parts.resolution, split=config.split,
                         allow_outside_paths=config.allow_outside_paths)
     trainer.accelerator.print(f"{len(pairs)} preference pairs from {config.data} ({pairs.ties} ties dropped)")
-    prompts = given or first_prompts(pairs.caption(i) for i in range(len(pairs)))
-    dataset: Dataset = cache_pair_latents(pipe.vae, pairs, parts.vae_dtype, trainer.device) if cache_latents \
-        else pairs
+    prompts = given or first_prompts(pairs.captions(CAPTIONS_SCANNED))
+    dataset: Dataset = cache_pair_latents(pipe.vae, pairs, parts.vae_dtype, trainer.device,
+                                          bad_rows=config.bad_rows, workers=config.num_workers) \
+        if cache_latents else pairs
     trainer.begin()  # everything is checked: the run folder is created here, before the first grid is written
     if trainer.resume_from is None:
         sample_grid(trainer, parts, prompts, "samples_before.png")

@@ -7,7 +7,8 @@ and ONE timestep (a flow model: one sigma, the velocity target), and the per-vid
 them, so the loss is Diffusion-DPO's -log sigmoid(-0.5 beta ((e_w - e_l) - (e'_w - e'_l))) unchanged. Data: rows
 `caption, video_0, video_1, label_0`, each video a folder of frame images (sorted by name) or a
 video file read with imageio (.gif, or .mp4 with imageio-ffmpeg), inside the data file's folder; every
-video must have exactly `num_frames` frames (checked for every row before training).
+video must have exactly `num_frames` frames (checked when its row is loaded; `mmalign data check --kind video` checks
+every row up front).
 """
 
 from __future__ import annotations
@@ -61,20 +62,18 @@ class VideoPairs(PreferencePairs):
     """Non-tie video pairs as {'pixel_values': [2,F,3,R,R] winner first in [-1,1], 'caption', 'index'}."""
 
     fields = ("video_0", "video_1")
+    media = "video"
 
     def __init__(self, path: str | Path, resolution: int, split: str = "train", num_frames: int = 8,
-                 allow_outside_paths: bool = False):
+                 as_stored: bool = False, allow_outside_paths: bool = False):
         self.num_frames = num_frames
-        super().__init__(path, resolution, split, allow_outside_paths=allow_outside_paths)
+        super().__init__(path, resolution, split, as_stored, allow_outside_paths)
 
     def _frames(self, value: Any) -> list[Image.Image]:
         frames = read_video(value, self.root, self.allow_outside_paths)
         if len(frames) != self.num_frames:
             raise DataError(f"has {len(frames)} frames, expected {self.num_frames} (--num-frames)")
         return frames
-
-    def check(self, value: Any) -> None:
-        self._frames(value)
 
     def load(self, value: Any) -> torch.Tensor:
         return torch.stack([to_model_pixels(frame, self.resolution) for frame in self._frames(value)])

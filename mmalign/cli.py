@@ -21,6 +21,7 @@ from mmalign.config import parse_config
 from mmalign.errors import UserError
 
 COMMANDS = {
+    "data check": ("mmalign.datacheck", "read every row of a dataset (in parallel) and list each that cannot be read"),
     "demo": ("mmalign.diffusion.demo", "Diffusion-DPO on the embedded tiny model; prints base vs aligned reward"),
     "eval": ("mmalign.diffusion.eval", "base vs aligned diffusion models on fixed seeds: rewards, paired win rates"),
     "diffusion dpo": ("mmalign.diffusion.dpo", "Diffusion-DPO fine-tuning of an SD/SDXL pipeline on preference pairs"),
@@ -81,6 +82,9 @@ def user_error(err: BaseException) -> str | None:
 def run_command(name: str, argv: list[str]) -> int:
     """Parse the command's config and run it, its output folder claimed for it (`run_folder.claim`)."""
     module = importlib.import_module(COMMANDS[name][0])
+    positional = getattr(module.Config, "positional", None)  # `mmalign data check PATH`
+    if positional and argv and not argv[0].startswith("-"):
+        argv = [f"--{positional.replace('_', '-')}", *argv]
     config = parse_config(module.Config, argv, prog=f"mmalign {name}",
                           description=(module.__doc__ or "").split("\n\n")[0])
     output = getattr(config, "output", None)

@@ -1,9 +1,14 @@
-"""Preference records: loading from JSONL, Parquet or a `datasets` directory, and up-front validation.
+"""Preference records: loading from JSONL, Parquet or a `datasets` directory, and cheap up-front validation.
 
 A record kind is a `Schema`: named fields, each with a check that returns a problem or None, plus
-row checks across fields. `load_preferences(path, schema)` loads every record and checks all of
+row checks across fields. `load_preferences(path, schema)` loads the records and checks all of
 them before anything trains; every bad record is reported with its index and field, then the run
-stops with a `DataError`. The core kinds:
+stops with a `DataError`. The checks are vectorised: each field's `suspects` reads its whole Arrow
+column at once (types, labels, empty text, list lengths) and only the rows it flags are checked one
+by one, so the messages stay those of the per-value checks. What is expensive to check (that an
+image decodes) is checked when its row is loaded (`mmalign.errors.BadRow`, `--bad-rows`). A dataset
+that passed is remembered by its fingerprint, so other processes of a run, and later runs, skip the
+checks. The core kinds:
 
     PAIR      prompt, chosen, rejected                    one preference pair
     LIST      prompt, responses [K], labels [K]           a ranked list (LiPO)
@@ -12,38 +17,128 @@ stops with a `DataError`. The core kinds:
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
-from collections.abc import Callable, Iterable
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from tqdm.auto import tqdm
 
-from mmalign.errors import DataError
+from mmalign import __version__
+from mmalign.errors import BadRow, DataError
 from mmalign.hub import is_repo_id, unreachable
 
 MAX_REPORTED = 50
 ALLOW_OUTSIDE_PATHS = "let data files name images/videos by absolute paths or paths outside their folder"
+Mask = Any
+"""A boolean Arrow array (or chunked array) over the rows; null counts as True."""
 
 
 @dataclass(frozen=True)
 class Field:
-    """A record field and its check: `check(value, record)` returns a problem description or None."""
+    """A record field and its check: `check(value, record)` returns a problem description or None; `suspects(column)`,
+    a vectorised pre-check of the field's Arrow column, masks the rows `check` may flag (None from it, or no
+    `suspects`: every row is checked)."""
 
     name: str
     check: Callable[[Any, dict], str | None]
     required: bool = True
+    suspects: Callable[[pa.ChunkedArray], Mask | None] | None = None
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """A check across fields returning (field, problem) pairs; `suspects(table)` as `Field.suspects`, over the table."""
+
+    check: Callable[[dict], Iterable[tuple[str, str]]]
+    suspects: Callable[[pa.Table], Mask | None] | None = None
 
 
 @dataclass(frozen=True)
 class Schema:
-    """A kind of record: its fields, and checks across fields returning (field, problem) pairs."""
+    """A kind of record: its fields, and checks across fields (`RowCheck`s, or plain checks run on every row)."""
 
     name: str
     fields: tuple[Field, ...]
-    row_checks: tuple[Callable[[dict], Iterable[tuple[str, str]]], ...] = ()
+    row_checks: tuple[RowCheck | Callable[[dict], Iterable[tuple[str, str]]], ...] = ()
+    settings: str = ""
+    """What else the checks depend on (the folder image paths must stay in), so `checked_marker` tells them apart."""
+
+
+def is_text_type(kind: pa.DataType) -> bool:
+    """An Arrow string type."""
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def list_lengths(column: pa.ChunkedArray) -> pa.ChunkedArray | None:
+    """The length of each row's list (0 for null), or None when the column is not a list column."""
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        return None
+    return pc.list_value_length(column).fill_null(0)
+
+
+def missing(column: pa.ChunkedArray) -> Mask:
+    """Rows whose value is null."""
+    return pc.is_null(column)
+
+
+def blank_text(column: pa.ChunkedArray) -> Mask | None:
+    """Rows of a text column that are null or only whitespace; None for a column of another type."""
+    if not is_text_type(column.type):
+        return None
+    return pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(column), ""))
+
+
+def bad_messages(column: pa.ChunkedArray, content_must_be_text: bool = False) -> Mask | None:
+    """Rows of a text column that are blank, or of a column of {'role', 'content'} message lists that are null, empty
+    or hold a null message or role; None for columns of other types (or, with `content_must_be_text`, whose content
+    is not text)."""
+    if is_text_type(column.type):
+        return blank_text(column)
+    lengths = list_lengths(column)
+    kind = column.type.value_type if lengths is not None else None
+    if kind is None or not pa.types.is_struct(kind) or {"role", "content"} - {f.name for f in kind}:
+        return None
+    if content_must_be_text and not is_text_type(kind.field("content").type):
+        return None
+    messages = pc.list_flatten(column)
+    bad = pc.or_kleene(pc.is_null(messages), pc.is_null(pc.struct_field(messages, "role")))
+    if content_must_be_text:
+        bad = pc.or_kleene(bad, blank_text(pc.struct_field(messages, "content")))
+    return pc.or_kleene(pc.or_kleene(pc.is_null(column), pc.equal(lengths, 0)), rows_holding(column, bad))
+
+
+def rows_holding(column: pa.ChunkedArray, elements: Mask) -> pa.Array:
+    """The rows of a list column holding an element that `elements` (a mask over the flattened lists) marks."""
+    rows = np.zeros(len(column), dtype=bool)
+    marked = pc.fill_null(elements, True).to_numpy(zero_copy_only=False)
+    rows[pc.list_parent_indices(column).to_numpy()[marked]] = True
+    return pa.array(rows)
+
+
+def any_of(*masks: Mask | None) -> Mask | None:
+    """Rows any of `masks` flags; None (every row a suspect) when one of them is None."""
+    return None if any(mask is None for mask in masks) else functools.reduce(pc.or_kleene, masks)
+
+def not_number_list(column: pa.ChunkedArray) -> Mask | None:
+    """Rows of a list-of-numbers column that are null, empty or hold a null; None for columns of other types."""
+    lengths = list_lengths(column)
+    if lengths is None or not (pa.types.is_integer(column.type.value_type)
+                               or pa.types.is_floating(column.type.value_type)):
+        return None
+    return pc.or_kleene(pc.or_kleene(pc.is_null(column), pc.equal(lengths, 0)),
+                        rows_holding(column, pc.is_null(pc.list_flatten(column))))
 
 
 def text(value: Any, record: dict) -> str | None:
@@ -81,18 +176,32 @@ def _same_length(record: dict) -> Iterable[tuple[str, str]]:
         yield "labels", f"has {len(labels)} entries for {len(responses)} responses"
 
 
+def _unequal_lengths(table: pa.Table) -> Mask | None:
+    responses, labels = (list_lengths(table.column(name)) for name in ("responses", "labels"))
+    return None if responses is None or labels is None else pc.not_equal(responses, labels)
+
+
 def _image_list(value: Any, record: dict) -> str | None:
     if value is None or isinstance(value, list):
         return None
     return f"expected a list of images, got {type(value).__name__}"
 
 
-PAIR = Schema("pair", (Field("prompt", text_or_messages), Field("chosen", present), Field("rejected", present)))
-LIST = Schema("list", (Field("prompt", text_or_messages), Field("responses", present), Field("labels", number_list)),
-              (_same_length,))
+def not_list(column: pa.ChunkedArray) -> Mask | None:
+    """No row of a list column (null or a list, as `_image_list` takes); None for columns of other types."""
+    return None if list_lengths(column) is None else pa.array(np.zeros(len(column), dtype=bool))
+
+
+PROMPT = Field("prompt", text_or_messages, suspects=bad_messages)
+PAIR = Schema("pair", (PROMPT, Field("chosen", present, suspects=missing),
+                       Field("rejected", present, suspects=missing)))
+LIST = Schema("list", (PROMPT, Field("responses", present, suspects=missing),
+                       Field("labels", number_list, suspects=not_number_list)),
+              (RowCheck(_same_length, _unequal_lengths),))
 TRL_ROW = Schema("TRL preference row", (
-    Field("prompt", text_or_messages), Field("chosen", text_or_messages), Field("rejected", text_or_messages),
-    Field("images", _image_list, required=False)))
+    PROMPT, Field("chosen", text_or_messages, suspects=bad_messages),
+    Field("rejected", text_or_messages, suspects=bad_messages),
+    Field("images", _image_list, required=False, suspects=not_list)))
 
 
 def resolve_path(value: str | Path, root: Path, allow_outside: bool = False, where: str = "") -> Path:
@@ -109,6 +218,28 @@ def resolve_path(value: str | Path, root: Path, allow_outside: bool = False, whe
                             f"relative to their own folder ({root}); pass --allow-outside-paths to read it anyway")
     return resolved
 
+
+
+def leaving_root(column: pa.ChunkedArray) -> Mask | None:
+    """Rows of a column of media entries (paths, {'bytes', 'path'} structs, or lists of either) naming a path that is
+    absolute or has a '..' part: those `resolve_path` may refuse (a link leading out is refused when it is read); None
+    for a column of other types."""
+    lists = list_lengths(column) is not None
+    entries = pc.list_flatten(column) if lists else column
+    kind = entries.type
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return pa.array(np.zeros(len(column), dtype=bool))
+    if pa.types.is_struct(kind) and {"bytes", "path"} <= {f.name for f in kind}:
+        data = pc.struct_field(entries, "bytes")
+        paths = pc.if_else(pc.fill_null(pc.equal(pc.binary_length(data), 0), True), pc.struct_field(entries, "path"),
+                           None)
+    elif is_text_type(kind):
+        paths = entries
+    else:
+        return None
+    marked = pc.fill_null(pc.or_kleene(pc.starts_with(paths, "/"), pc.match_substring_regex(paths, r"(^|/)\.\.(/|$)")),
+                          False)
+    return rows_holding(column, marked) if lists else marked
 
 def load_records(path: str | Path, split: str = "train") -> datasets.Dataset:
     """Records from a .jsonl/.json/.parquet file, a folder of them, a `save_to_disk` folder, or a hub dataset id."""
@@ -238,26 +369,137 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
+def listed(problems: list[tuple[int, str, str]]) -> str:
+    """The lines "  record i, field 'name': problem" of the first MAX_REPORTED (record, field, problem), and how many
+    more there are."""
+    lines = [f"  record {i}, field '{name}': {problem}" for i, name, problem in problems[:MAX_REPORTED]]
+    more = len(problems) - MAX_REPORTED
+    return "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+
 def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:
-    """Check every record against `schema`; raise DataError listing each bad record's index and field."""
+    """Check every record against `schema`; raise DataError listing each bad record's index and field.
+
+    Only the rows the vectorised pre-checks flag (`Field.suspects`, `RowCheck.suspects`) are checked one by one. In a
+    run of several processes the main process checks first; a dataset that passed is marked by its fingerprint
+    (`check_once`), and the others, or a later run, skip the checks."""
     columns = set(records.column_names)
-    missing = [f.name for f in schema.fields if f.required and f.name not in columns]
-    if missing:
-        raise DataError(f"{source}: {schema.name} records need field(s) {', '.join(missing)}; "
+    missing_fields = [f.name for f in schema.fields if f.required and f.name not in columns]
+    if missing_fields:
+        raise DataError(f"{source}: {schema.name} records need field(s) {', '.join(missing_fields)}; "
                         f"the data has {', '.join(sorted(columns)) or 'no fields'}")
     if len(records) == 0:
         raise DataError(f"{source}: no records")
+    def check() -> None:
+        start = time.perf_counter()
+        problems = _problems(records, schema)
+        if problems:
+            raise DataError(f"{source}: {len(problems)} problem(s) in {schema.name} records; nothing was trained\n"
+                            + listed(problems))
+        print(f"{source}: {len(records)} {schema.name} records checked in {time.perf_counter() - start:.1f} s",
+              file=sys.stderr)
+
+    checks = [(f.name, f.required, f.check.__qualname__) for f in schema.fields]
+    checks += [("row", True, c.check.__qualname__) for c in row_checks(schema)]
+    check_once(records, [schema.name, schema.settings, checks], check, source)
+
+
+def check_once(records: datasets.Dataset, key: list, check: Callable[[], None], source: str) -> None:
+    """Run `check` (which raises on a problem) on the main process first; records that passed it under `key` are
+    marked (`checked_marker`), so that the other processes of a run, and later runs, do not run it again."""
+    from accelerate import PartialState
+
+    marker = checked_marker(records, key)
+    with PartialState().main_process_first():
+        if marker is not None and marker.exists():
+            return
+        check()
+        if marker is not None:
+            marker.write_text(json.dumps({"source": source, "records": len(records)}))
+
+def _problems(records: datasets.Dataset, schema: Schema) -> list[tuple[int, str, str]]:
+    """(record, field, problem) of every bad record: the suspects' rows checked one by one, in record order."""
+    table = records.with_format("arrow")[:]
+    checks = row_checks(schema)
+    masks = [f.suspects(table.column(f.name)) if f.suspects else None for f in schema.fields
+             if f.name in table.column_names]
+    masks += [c.suspects(table) if c.suspects else None for c in checks]
+    suspect = np.zeros(len(table), dtype=bool)
+    for mask in masks:
+        suspect |= True if mask is None else pc.fill_null(mask, True).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(suspect)
     problems = []
-    for index, record in enumerate(records):
+    for index, record in zip(rows.tolist(), records.select(rows)):
         problems += [(index, f.name, problem) for f in schema.fields if f.name in record
                      for problem in [f.check(record[f.name], record)] if problem]
-        for check in schema.row_checks:
-            problems += [(index, field, problem) for field, problem in check(record)]
-    if problems:
-        lines = [f"  record {i}, field '{name}': {problem}" for i, name, problem in problems[:MAX_REPORTED]]
-        more = len(problems) - MAX_REPORTED
-        raise DataError(f"{source}: {len(problems)} problem(s) in {schema.name} records; nothing was trained\n"
-                        + "\n".join(lines) + (f"\n  ... and {more} more" if more > 0 else ""))
+        for check in checks:
+            problems += [(index, field, problem) for field, problem in check.check(record)]
+    return problems
+
+
+def row_checks(schema: Schema) -> list[RowCheck]:
+    """The schema's row checks, each as a `RowCheck` (a plain check has no suspects: it checks every row)."""
+    return [c if isinstance(c, RowCheck) else RowCheck(c) for c in schema.row_checks]
+
+
+def checked_marker(records: datasets.Dataset, key: list) -> Path | None:
+    """The file beside the records' cache that says they passed the checks `key` names (e.g. a schema's fields,
+    checks and settings): named by the records' fingerprint, `key` and this mmalign's version; None for records without
+    a cache file (in memory)."""
+    if not records.cache_files:
+        return None
+    digest = hashlib.sha256(json.dumps([records._fingerprint, key, __version__], default=str).encode())
+    return Path(records.cache_files[0]["filename"]).parent / f"mmalign-checked-{digest.hexdigest()[:20]}.json"
+
+SKIP_LIMIT = 100
+"""Rows in a row that `Guarded` tries under --bad-rows skip: when none of them loads, the data is broken, not a row."""
+
+
+class Guarded(torch.utils.data.Dataset):
+    """`dataset[i]` as (item, the `BadRow`s met loading it): a bad row is returned, not raised, so that it reaches the
+    training loop from a worker process too. With `skip` the rows after it are tried in turn until one loads (a batch
+    keeps its size, and the choice is the same on resume), SKIP_LIMIT rows at most; without, or when none of them
+    loads, the item is None."""
+
+    def __init__(self, dataset: Any, skip: bool):
+        self.dataset, self.skip = dataset, skip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, list[BadRow]]:
+        bad: list[BadRow] = []
+        for offset in range(min(len(self.dataset), SKIP_LIMIT) if self.skip else 1):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)], bad
+            except BadRow as err:
+                bad.append(err)
+        return None, bad
+
+
+def collate_guarded(collate: Callable[[list], Any], items: list[tuple[Any, list[BadRow]]], drop: bool = False
+                    ) -> tuple[Any, list[BadRow]]:
+    """A batch of `Guarded` items as (`collate` of the items, or None when one is missing, or with `drop` when all
+    are, the missing ones left out; the bad rows met)."""
+    loaded = [item for item, _ in items if item is not None or not drop]
+    bad = [row for _, rows in items for row in rows]
+    return (None if not loaded or any(item is None for item in loaded) else collate(loaded)), bad
+
+
+def read_once(dataset: Any, collate: Callable[[list], Any], batch_size: int, workers: int = 0, desc: str = "read",
+              stop: bool = False) -> Iterator[tuple[Any, list[BadRow]]]:
+    """Every row of `dataset` once, in order, read in `workers` processes with a progress bar: per `batch_size` rows,
+    (`collate` of those that load, None when none does; the `BadRow`s met). With `stop` (--bad-rows error, in a pass
+    before training such as a cache) the first bad row raises a DataError naming it."""
+    loader = torch.utils.data.DataLoader(Guarded(dataset, skip=False), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=functools.partial(collate_guarded, collate, drop=True))
+    with tqdm(total=len(dataset), desc=desc, unit="row", leave=False) as progress:
+        for batch, bad in loader:
+            if stop and bad:
+                raise DataError(f"{bad[0]}; met while {desc}, before training: nothing was trained. Fix or remove "
+                                "the row (`mmalign data check` lists every bad row), or pass --bad-rows skip to train "
+                                "without it")
+            progress.update(min(batch_size, progress.total - progress.n))
+            yield batch, bad
 
 
 def load_preferences(path: str | Path, schema: Schema, split: str = "train") -> datasets.Dataset:

@@ -28,3 +28,19 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional package that the chosen settings need is not installed; the message names the extra."""
+
+
+class BadRow(DataError):
+    """One record that cannot be loaded (an image that does not decode, a row that does not fit): names its file,
+    record index and field, and why; `--bad-rows` decides whether training skips it or stops."""
+
+    def __init__(self, source: str, index: int, field: str, reason: str):
+        super().__init__(f"{source}: record {index}, field '{field}': {reason}")
+        self.source, self.index, self.field, self.reason = source, index, field, reason
+
+    def __reduce__(self):
+        return BadRow, (self.source, self.index, self.field, self.reason)
+
+    def to_dict(self) -> dict[str, object]:
+        """The report line of the row: file, index, field, reason."""
+        return {"file": self.source, "index": self.index, "field": self.field, "reason": self.reason}

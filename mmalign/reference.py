@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -117,8 +117,10 @@ class CachedScores:
     @classmethod
     @torch.no_grad()
     def build(cls, reference: AdapterDisabled | FrozenCopy, score_fn: ScoreFn, policy: nn.Module,
-              batches: Any, size: int) -> CachedScores:
-        """Score every batch (each carrying 'index') once with `reference`; the result is [size, ...] on the CPU."""
+              batches: Any, size: int, skipped: Collection[int] = ()) -> CachedScores:
+        """Score every batch (each carrying 'index') once with `reference`; the result is [size, ...] on the CPU. The
+        records `skipped` (known once `batches` is spent: rows that cannot be loaded, which training skips) are left
+        unscored, NaN."""
         table: torch.Tensor | None = None
         filled = torch.zeros(size, dtype=torch.bool)
         for batch in batches:
@@ -127,6 +129,9 @@ class CachedScores:
                 table = torch.zeros((size, *scores.shape[1:]))
             index = torch.as_tensor(batch["index"]).cpu()
             table[index], filled[index] = scores, True
+        if table is not None:
+            table[list(skipped)] = torch.nan
+            filled[list(skipped)] = True
         if table is None or not bool(filled.all()):
             raise ValueError(f"the cache covers {int(filled.sum())} of {size} records; every record must be scored")
         return cls(table)

@@ -5,7 +5,10 @@ mixed precision (no/fp16/bf16), gradient accumulation and clipping, a warm-up LR
 tqdm progress, TensorBoard (accelerate trackers) plus `metrics.jsonl` (one object per optimizer step),
 atomic checkpoints (written to a temp folder, then renamed; the last K kept), exact resume, one run per
 output folder (`run_folder`), and a guard that stops on a non-finite loss and leaves the last good
-checkpoint untouched.
+checkpoint untouched. A row that cannot be loaded (`mmalign.errors.BadRow`: an image that does not decode) stops
+the run naming it, its last checkpoint intact (`--bad-rows error`), or is skipped for the next row (`skip`); either
+way it is listed with its file, index, field and reason in `bad_rows.jsonl`, and skipped rows are counted in the
+`bad_rows` metric.
 
 Exact resume is by construction: the data order of epoch e is a permutation seeded by (seed, e), and
 the randomness of micro-step k on process p (noise, timesteps, prompt dropout) comes from the
@@ -20,6 +23,7 @@ so resuming from a checkpoint someone shared cannot run code; other files in a c
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -41,7 +45,16 @@ from tqdm.auto import tqdm
 
 from mmalign import run_folder, trackers
 from mmalign.config import option, save_config, to_dict
-from mmalign.errors import ConfigError, DataError, MissingDependencyError, NonFiniteLossError, RunFolderError, UserError
+from mmalign.data import SKIP_LIMIT, Guarded, collate_guarded
+from mmalign.errors import (
+    BadRow,
+    ConfigError,
+    DataError,
+    MissingDependencyError,
+    NonFiniteLossError,
+    RunFolderError,
+    UserError,
+)
 from mmalign.files import follow_umask, write_atomically
 from mmalign.reference import Stateful, unwrap
 from mmalign.state import StateFormatError, load_state, save_state
@@ -50,6 +63,7 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 StepFn = Callable[[ModelT, Any, torch.Generator], "tuple[torch.Tensor, dict[str, Any]]"]
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
+BAD_ROWS_FILE = "bad_rows.jsonl"
 TRAINABLE_FILE = "trainable.safetensors"
 EPOCH_SEED_STRIDE = 100_003  # epoch e of seed s is shuffled by seed s * stride + e: distinct for e < stride
 CHECKPOINT_FORMAT = 2  # 1: accelerate's save_state (pickled optimizer, schedule and RNG states), no longer read
@@ -81,7 +95,10 @@ class TrainConfig:
     resume: str | None = option(None, "'latest' or a checkpoint folder to continue from")
     report_to: Literal["tensorboard", "wandb", "none"] = option(
         "tensorboard", "tracker besides metrics.jsonl (wandb: the [wandb] extra; see mmalign.trackers)")
-    num_workers: int = option(0, "data-loading worker processes")
+    num_workers: int = option(0, "data-loading worker processes (they read and decode the data while the model trains)")
+    bad_rows: Literal["error", "skip"] = option(
+        "error", "a row that cannot be loaded in training (e.g. an image that does not decode): 'error' stops the run "
+        "naming it, its last checkpoint intact; 'skip' trains on the next row instead; both list it in bad_rows.jsonl")
     cpu: bool = option(False, "train on the CPU even when a GPU is present")
 
     def __post_init__(self) -> None:
@@ -291,18 +308,25 @@ class Trainer:
         if self.resume_from is not None:
             step = self.load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {step}")
-        self._trim_metrics(step)
+        for name in ("metrics.jsonl", BAD_ROWS_FILE):
+            self._trim_log(name, step)
+        acc.wait_for_everyone()  # no process reports a bad row before the main process has trimmed the report
 
         sampler.start_batch = step * accum
-        batches = iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=c.num_workers))
+        skip = c.bad_rows == "skip"
+        batches = iter(DataLoader(Guarded(dataset, skip), batch_sampler=sampler, num_workers=c.num_workers,
+                                  collate_fn=functools.partial(collate_guarded, collate)))
         progress = tqdm(total=c.max_steps, initial=step, disable=not self.is_main, desc="train")
         history: list[dict[str, float]] = []
         sums: dict[str, torch.Tensor] = {}
+        skipped = 0
         model.train()
         micro_step = step * accum
         try:  # the progress bar is closed first, so an error message starts on a line of its own
             while step < c.max_steps:
-                batch = send_to_device(next(batches), self.device)
+                batch, bad = next(batches)
+                skipped += self._report_bad_rows(bad, batch is None or not skip, step)
+                batch = send_to_device(batch, self.device)
                 generator_seed, global_seed = step_seeds(c.seed, micro_step, acc.process_index)
                 set_seed(global_seed)
                 generator = torch.Generator(device=self.device).manual_seed(generator_seed)
@@ -324,6 +348,9 @@ class Trainer:
                 step += 1
                 logged = {k: acc.reduce(v / accum, "mean").item() for k, v in sums.items()}
                 logged.update(step=step, lr=schedule.get_last_lr()[0])
+                if skip:
+                    logged["bad_rows"] = acc.reduce(torch.tensor(float(skipped), device=self.device), "sum").item()
+                    skipped = 0
                 if grad_norm is not None:
                     logged["grad_norm"] = float(grad_norm)
                 sums = {}
@@ -361,10 +388,35 @@ class Trainer:
             with open(self.config.output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(logged) + "\n")
 
-    def _trim_metrics(self, step: int) -> None:
-        """Drop metrics logged after `step` by an interrupted run (and a last line it left cut off), so the file
-        matches the resumed one."""
-        path = self.config.output / "metrics.jsonl"
+    def _report_bad_rows(self, bad: list[BadRow], stop: bool, step: int) -> int:
+        """List the bad rows met loading a micro-batch in bad_rows.jsonl (each process adds its own lines) and return
+        how many there were; when a bad row must stop the run (`stop`) and any process met one, every process stops
+        with a DataError naming it and the last checkpoint."""
+        if bad:
+            lines = "".join(json.dumps({"step": step + 1, **row.to_dict()}) + "\n" for row in bad)
+            with open(self.config.output / BAD_ROWS_FILE, "a") as f:
+                f.write(lines)
+        stopping = stop and bool(bad)
+        if self.accelerator.num_processes > 1:
+            stopping = self.accelerator.reduce(torch.tensor(float(stopping), device=self.device), "sum").item() > 0
+        if stopping:
+            last = checkpoints(self.config.output)
+            met = str(bad[0]) if bad else "another process met a row that cannot be loaded"
+            fix = ("Fix or remove the row (`mmalign data check` lists every bad row), or pass --bad-rows skip to train "
+                   "on the next row instead") if self.config.bad_rows == "error" else (
+                f"Neither it nor the rows after it (up to {SKIP_LIMIT} in all) can be loaded, so the data looks broken "
+                "(a moved or missing images folder?) and --bad-rows skip stops too. Fix the data (`mmalign data "
+                "check` lists every bad row)")
+            raise DataError(
+                f"{met}; training stopped at optimizer step {step + 1}. The last checkpoint is "
+                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; nothing was saved after it. {fix}; "
+                f"then continue with --resume latest. Bad rows met: {self.config.output / BAD_ROWS_FILE}")
+        return len(bad)
+
+    def _trim_log(self, name: str, step: int) -> None:
+        """Drop the lines of a run log (metrics.jsonl, bad_rows.jsonl) written after `step` by an interrupted run (and
+        a last line it left cut off), so the file matches the resumed one."""
+        path = self.config.output / name
         if self.is_main and path.exists():
             kept = []
             for line in path.read_text(errors="replace").splitlines():

@@ -1,5 +1,6 @@
 """Preference records: loading from JSONL/Parquet/datasets folders, and up-front validation naming record and field."""
 
+import dataclasses
 import json
 
 import datasets
@@ -9,6 +10,7 @@ import torch
 from mmalign.data import LIST, PAIR, TRL_ROW, DataError, load_preferences, load_records
 from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
 from mmalign.diffusion.world import png_bytes, preference_pairs, render
+from mmalign.errors import BadRow
 
 ROWS = [{"prompt": "p0", "chosen": "a", "rejected": "b"}, {"prompt": "p1", "chosen": "c", "rejected": "d"}]
 
@@ -90,19 +92,45 @@ def test_pickapic_images_as_file_paths(tmp_path):
 
 
 def test_pickapic_bad_rows_name_row_and_field(tmp_path):
+    """Labels are checked up front; an image when its row is loaded (a `BadRow` naming the row and field)."""
     good = preference_pairs(3, seed=0)
     good[1]["jpg_1"] = b"not an image"
     good[2]["label_0"] = 0.7
-    path = write_pickapic(good, tmp_path / "bad.parquet")
-    with pytest.raises(DataError) as err:
-        PreferencePairs(path, resolution=32)
-    assert "record 1, field 'jpg_1': cannot be read" in str(err.value)
-    assert "record 2, field 'label_0': must be 0, 0.5 or 1" in str(err.value)
+    with pytest.raises(DataError, match=r"1 problem\(s\).*\n  record 2, field 'label_0': must be 0, 0.5 or 1"):
+        PreferencePairs(write_pickapic(good, tmp_path / "bad.parquet"), resolution=32)
+    good[2]["label_0"] = 1.0
+    pairs = PreferencePairs(write_pickapic(good, tmp_path / "bad-image.parquet"), resolution=32)
+    with pytest.raises(BadRow, match="record 1, field 'jpg_1': cannot be read") as err:
+        pairs[1]
+    assert (err.value.index, err.value.field) == (1, "jpg_1") and err.value.source.endswith("bad-image.parquet")
     missing = write_jsonl(tmp_path / "m.jsonl", [{"caption": "c", "jpg_0": "gone.png",
                                                   "jpg_1": "gone.png", "label_0": 1}])
     with pytest.raises(DataError,
                        match=r"record 0, field 'jpg_0': cannot be read \(image file .*gone.png does not exist"):
-        PreferencePairs(missing, resolution=32)
+        PreferencePairs(missing, resolution=32)[0]
+
+
+def test_cheap_checks_are_vectorised_and_remembered(tmp_path, capsys):
+    """Only the rows the column pre-checks flag are checked one by one; a dataset that passed is not checked again."""
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(2000)]
+    rows[1500]["prompt"] = " "
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match="1 problem.*\n  record 1500, field 'prompt': is empty$"):
+        load_preferences(path, PAIR)
+    checked = []
+    original = PAIR.fields[0].check
+    field = dataclasses.replace(PAIR.fields[0], check=lambda value, record: checked.append(value) or original(value,
+                                                                                                         record))
+    schema = dataclasses.replace(PAIR, fields=(field, *PAIR.fields[1:]))
+    with pytest.raises(DataError):
+        load_preferences(path, schema)
+    assert checked == [" "]
+    rows[1500]["prompt"] = "p"
+    path = write_jsonl(tmp_path / "fixed.jsonl", rows)
+    capsys.readouterr()
+    load_preferences(path, PAIR)
+    load_preferences(path, PAIR)
+    assert capsys.readouterr().err.count("2000 pair records checked") == 1
 
 
 def test_all_ties_is_an_error(tmp_path):
@@ -184,7 +212,7 @@ def test_image_paths_stay_inside_the_data_folder_unless_allowed(tmp_path):
     path = write_jsonl(tmp_path / "data" / "pairs.jsonl", [{"caption": "a red circle", "jpg_0": "../left.png",
                                                             "jpg_1": str(tmp_path / "data" / "right.png"),
                                                             "label_0": 1}])
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataError) as err:  # found up front: no image is read for it
         PreferencePairs(path, resolution=16)
     message = str(err.value)
     assert "record 0, field 'jpg_0': cannot be read (image path: '../left.png' is outside the data folder" in message

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from mmalign.data import Guarded
 from mmalign.diffusion import base, dpo, pairwise
-from mmalign.diffusion.data import PreferencePairs, collate_pairs
+from mmalign.diffusion.data import PreferencePairs, collate_pairs, write_pickapic
 from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.sample import generate
-from mmalign.errors import ConfigError, DataError, RunFolderError
+from mmalign.diffusion.world import preference_pairs
+from mmalign.errors import BadRow, ConfigError, DataError, RunFolderError
 from mmalign.reference import FrozenCopy
 from mmalign.trainer import Trainer, step_generator
 
@@ -207,6 +209,25 @@ def test_cached_latents_give_the_same_step_as_encoding_each_time(tiny_sd, pickap
         config(tiny_sd, pickapic, tmp_path, cache_latents=True, random_flip=True)
 
 
+def test_the_latent_cache_stops_at_a_bad_pair_or_leaves_it_for_training_to_skip(tiny_sd, tmp_path):
+    rows = preference_pairs(5, seed=0)
+    for row in rows:
+        row["label_0"] = 1.0
+    rows[2]["jpg_1"] = b"not an image"
+    pairs = PreferencePairs(write_pickapic(rows, tmp_path / "pairs.parquet"), resolution=32)
+    vae = load_pipeline(tiny_sd).vae
+    with pytest.raises(DataError, match=r"pairs.parquet: record 2, field 'jpg_1': cannot be read .*met while caching "
+                                        "latents, before training: nothing was trained.*--bad-rows skip"):
+        pairwise.cache_pair_latents(vae, pairs, torch.float32, "cpu", batch_size=2)
+    cached = pairwise.cache_pair_latents(vae, pairs, torch.float32, "cpu", batch_size=2, bad_rows="skip")
+    with pytest.raises(BadRow, match="record 2, field 'jpg_1'"):
+        cached[2]
+    item, bad = Guarded(cached, skip=True)[2]  # what training does with it under --bad-rows skip
+    assert item["index"] == 3 and [(row.index, row.field) for row in bad] == [(2, "jpg_1")]
+    fresh = pairwise.encode_pairs(vae, pairs[3]["pixel_values"][None], torch.float32)[0]
+    torch.testing.assert_close(item["latent_mean"], torch.stack(fresh.chunk(2), dim=1)[0])
+
+
 @pytest.mark.slow
 def test_a_compiled_denoiser_gives_the_eager_run_and_saves_a_loadable_lora(tiny_sd, pickapic, tmp_path):
     eager = config(tiny_sd, pickapic, tmp_path / "eager", max_steps=3, learning_rate=1e-2)
@@ -222,8 +243,8 @@ def test_a_compiled_denoiser_gives_the_eager_run_and_saves_a_loadable_lora(tiny_
 def test_from_python_bad_input_stops_before_the_run_folder_exists(tiny_sd, pickapic, tmp_path):
     """Trainer creation writes nothing; the data, the grid prompts and the model are checked before `trainer.begin`."""
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"caption": "a red circle", "jpg_0": "gone.png", "jpg_1": "gone.png", "label_0": 1}\n')
-    with pytest.raises(DataError, match="record 0, field 'jpg_0': cannot be read"):
+    bad.write_text('{"caption": "a red circle", "jpg_0": "../a.png", "jpg_1": "b.png", "label_0": 1}\n')
+    with pytest.raises(DataError, match="record 0, field 'jpg_0': cannot be read .* is outside the data folder"):
         dpo.run(config(tiny_sd, bad, tmp_path))
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes("un carré rouge\n".encode("latin-1"))

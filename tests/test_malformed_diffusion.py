@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 from mmalign.diffusion.data import write_pickapic
 from mmalign.diffusion.rewards import load_scorer, save_scorer
-from mmalign.diffusion.tiny import tiny_pipeline
 from mmalign.diffusion.world import png_bytes, preference_pairs, render
 
 ARCH = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
@@ -40,7 +39,7 @@ def row(jpg_0="left.png", jpg_1="right.png", caption="a red circle", label_0=1):
 
 
 @pytest.fixture(scope="module")
-def p(tmp_path_factory):
+def p(tmp_path_factory, tiny_family):
     """Every malformed input of the table, written once."""
     root = tmp_path_factory.mktemp("malformed")
     data = root / "data"
@@ -95,10 +94,7 @@ def p(tmp_path_factory):
     save_file({"weight": torch.zeros(2, 2)}, str(x.random_weights))
     x.no_index = root / "no-index"
     x.no_index.mkdir()
-    x.tiny_video = root / "tiny-video"
-    tiny_pipeline(kind="video").save_pretrained(x.tiny_video)
-    x.tiny_wan = root / "tiny-wan"
-    tiny_pipeline(kind="wan").save_pretrained(x.tiny_wan)
+    x.tiny = tiny_family  # video and Wan pipelines, built when a case first needs them and shared by the session
     x.scorer = save_scorer(load_scorer(ARCH), root / "scorer")
     x.bad_scorer = root / "bad-scorer"
     x.bad_scorer.mkdir()
@@ -145,16 +141,10 @@ CASES = [
      ["no-label.parquet", "need field(s) label_0"]),
     ("bad-label", lambda p, m, out: dpo(p, m, p.bad_label, "--output", out), None,
      ["bad-label.parquet", "record 2, field 'label_0': must be 0, 0.5 or 1, got 0.7"]),
-    ("image-not-an-image", lambda p, m, out: dpo(p, m, p.not_image, "--output", out), None,
-     ["not-image.parquet", "record 1, field 'jpg_1': cannot be read", "not an image"]),
-    ("image-is-a-folder", lambda p, m, out: dpo(p, m, p.folder_image, "--output", out), None,
-     ["folder-image.jsonl", "record 1, field 'jpg_1'", "folder.png is a folder, not an image file"]),
     ("image-absolute-path", lambda p, m, out: dpo(p, m, p.absolute, "--output", out), None,
      ["absolute.jsonl", "record 0, field 'jpg_0'", "is an absolute path", "--allow-outside-paths"]),
     ("image-outside-the-folder", lambda p, m, out: dpo(p, m, p.outside, "--output", out), None,
      ["outside.jsonl", "record 0, field 'jpg_1'", "'../outside.png' is outside the data folder"]),
-    ("image-missing", lambda p, m, out: dpo(p, m, p.missing, "--output", out), None,
-     ["missing.jsonl", "record 0, field 'jpg_0'", "gone.png does not exist"]),
     ("all-ties", lambda p, m, out: dpo(p, m, p.ties, "--output", out), None, ["ties.parquet", "all 4 pairs are ties"]),
     ("data-hub-id-offline", lambda p, m, out: dpo(p, m, "someone/no-such-dataset", "--output", out), None,
      ["someone/no-such-dataset: no such file or folder here", "cannot be loaded"]),
@@ -173,23 +163,18 @@ CASES = [
     ("sample-prompts-latin1", lambda p, m, out: dpo(p, m, p.bad_label, "--sample-prompts", p.latin1_prompts,
                                                     "--output", out), None,
      ["latin1-prompts.txt: line 2 is not UTF-8"]),
-    ("video-image-where-a-video-belongs", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_video,
-                                                             "--data", p.videos, "--num-frames", 2, *TRAIN,
-                                                             "--output", out],
-     None, ["videos.jsonl", "record 0, field 'video_0'", "left.png is one image, not a video",
-            "record 0, field 'video_1'", "no-frames holds no"]),
     ("video-dpo-image-model", lambda p, m, out: ["diffusion", "video-dpo", "--model", m, "--data", p.videos, *TRAIN,
                                                  "--output", out], None,
      ["StableDiffusionPipeline is an image pipeline; video-dpo trains text-to-video pipelines"]),
-    ("dpo-video-model", lambda p, m, out: dpo(p, p.tiny_video, p.bad_label, "--output", out), None,
+    ("dpo-video-model", lambda p, m, out: dpo(p, p.tiny("video"), p.bad_label, "--output", out), None,
      ["TextToVideoSDPipeline is a text-to-video pipeline", "mmalign diffusion video-dpo"]),
-    ("flow-dpo-wan-model", lambda p, m, out: ["diffusion", "flow-dpo", "--model", p.tiny_wan, "--data", p.bad_label,
+    ("flow-dpo-wan-model", lambda p, m, out: ["diffusion", "flow-dpo", "--model", p.tiny("wan"), "--data", p.bad_label,
                                               "--output", out], None,
      ["WanPipeline is a text-to-video pipeline", "mmalign diffusion video-dpo"]),
-    ("video-dpo-wan-frames", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_wan, "--data", p.videos,
+    ("video-dpo-wan-frames", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny("wan"), "--data", p.videos,
                                                 "--num-frames", 8, "--resolution", 32, *TRAIN, "--output", out],
      None, ["--num-frames 8: WanPipeline's VAE encodes 1 + 4k frames", "use 5 or 9"]),
-    ("video-dpo-wan-resolution", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny_wan, "--data",
+    ("video-dpo-wan-resolution", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny("wan"), "--data",
                                                     p.videos, "--num-frames", 5, "--resolution", 36, *TRAIN,
                                                     "--output", out],
      None, ["--resolution 36: WanPipeline takes sizes that are multiples of 8"]),
@@ -260,3 +245,34 @@ def test_malformed_input_is_refused_with_one_clear_message(argv, before, words, 
     for word in words:
         assert word in message, message
     assert not p.evidence.exists(), "the pickle's code ran"
+
+
+# Images are read when their row is loaded: (id, argv as in CASES, words of the message)
+LOADED = [
+    ("image-not-an-image", lambda p, m, out: dpo(p, m, p.not_image, "--output", out),
+     ["not-image.parquet", "record 1, field 'jpg_1': cannot be read", "not an image"]),
+    ("image-is-a-folder", lambda p, m, out: dpo(p, m, p.folder_image, "--output", out),
+     ["folder-image.jsonl", "record 1, field 'jpg_1'", "folder.png is a folder, not an image file"]),
+    ("image-missing", lambda p, m, out: dpo(p, m, p.missing, "--output", out),
+     ["missing.jsonl", "record 0, field 'jpg_0'", "gone.png does not exist"]),
+    ("video-image-where-a-video-belongs", lambda p, m, out: ["diffusion", "video-dpo", "--model", p.tiny("video"),
+                                                             "--data", p.videos, "--num-frames", 2, *TRAIN,
+                                                             "--output", out],
+     ["videos.jsonl", "record 0, field 'video_0'", "left.png is one image, not a video"]),
+]
+
+
+@pytest.mark.parametrize("argv, words", [pytest.param(*case[1:], id=case[0]) for case in LOADED])
+def test_a_bad_image_met_in_training_stops_the_run_naming_it(argv, words, p, tiny_sd, tmp_path, capsys):
+    """--bad-rows error (the default): exit 1 with the row named, no traceback, no checkpoint, the row reported."""
+    from mmalign.cli import main
+
+    output = tmp_path / "out"
+    code = main([str(a) for a in argv(p, tiny_sd, output)] + ["--batch-size", "1", "--max-steps", "2"])
+    message = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in message, message
+    for word in [*words, "training stopped at optimizer step", "--bad-rows skip"]:
+        assert word in message, message
+    assert not (output / "checkpoints").exists()
+    report = json.loads((output / "bad_rows.jsonl").read_text().splitlines()[0])
+    assert (report["index"], report["field"]) == (0 if "record 0" in words[1] else 1, words[1].split("'")[1])

@@ -1,6 +1,7 @@
 """Malformed inputs to `mmalign vision dpo`, the vision demo and the pair builders: each is refused with one message
-naming the file, record and field (exit 1 or 2, no traceback), before anything is written or trained; plus the
-16-bit image conversion and the image-count check they rely on."""
+naming the file, record and field (exit 1 or 2, no traceback), before anything is written or trained, except an
+image that cannot be read in training, which stops the run at its row; plus the 16-bit image conversion and the
+image-count check they rely on."""
 
 import json
 
@@ -67,16 +68,6 @@ def text_part(text):
 
 
 DPO_CASES = [
-    pytest.param([{**ROW, "images": ["nope.png"]}], [], ["record 0, field 'images'", "'nope.png'", "does not exist"],
-                 id="missing-image"),
-    pytest.param([ROW, {**ROW, "images": ["bad.png"]}], [],
-                 ["record 1, field 'images'", "bad.png", "not a readable image", "cannot identify"],
-                 id="corrupt-image"),
-    pytest.param([{**ROW, "images": ["trunc.png"]}], [], ["record 0, field 'images'", "trunc.png", "not a readable"],
-                 id="truncated-image"),
-    pytest.param(embedded_garbage, [], ["train.parquet", "record 0, field 'images'", "embedded bytes"],
-                 id="corrupt-embedded-image"),
-    pytest.param([{**ROW, "images": ["sub"]}], [], ["record 0, field 'images'", "is a folder"], id="folder-as-image"),
     pytest.param([{**ROW, "prompt": f"<image> <image> {QUESTION}"}], [],
                  ["record 0, field 'prompt'", "has 2 <image> placeholder(s) for 1 image(s)"], id="more-placeholders"),
     pytest.param([{**ROW, "prompt": QUESTION}], [],
@@ -132,6 +123,58 @@ def test_vision_dpo_refuses_malformed_input(refused, tiny_dir, data_dir, spec, f
                   "--batch-size", 2, "--report-to", "none", *flags, output=out)
     assert all(fragment in err for fragment in expected), err
     assert "\n\n" not in err.strip()  # one paragraph
+
+
+# Images are read when their row is loaded: (data, words of the message)
+LOADED = [
+    pytest.param([ROW, {**ROW, "images": ["nope.png"]}], ["train.jsonl", "'nope.png'", "does not exist"],
+                 id="missing-image"),
+    pytest.param([ROW, {**ROW, "images": ["bad.png"]}], ["train.jsonl", "bad.png", "not a readable image",
+                                                         "cannot identify"], id="corrupt-image"),
+    pytest.param([ROW, {**ROW, "images": ["trunc.png"]}], ["train.jsonl", "trunc.png", "not a readable image"],
+                 id="truncated-image"),
+    pytest.param(embedded_garbage, ["train.parquet", "embedded bytes", "not a readable image"],
+                 id="corrupt-embedded-image"),
+    pytest.param([ROW, {**ROW, "images": ["sub"]}], ["train.jsonl", "is a folder"], id="folder-as-image"),
+]
+
+
+@pytest.mark.parametrize("spec, words", LOADED)
+def test_a_bad_image_met_in_training_stops_the_run_naming_it(tiny_dir, data_dir, capsys, spec, words):
+    """--bad-rows error (the default): exit 1 naming file, record and field, no traceback, no checkpoint, the row
+    listed in bad_rows.jsonl."""
+    from mmalign.cli import main
+
+    out = data_dir.parent / "run"
+    code = main([str(a) for a in ("vision", "dpo", "--model", tiny_dir, "--data", write(data_dir, spec), "--output",
+                                  out, "--max-steps", 2, "--batch-size", 1, "--report-to", "none")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert all(word in err for word in [*words, "field 'images'", "training stopped at optimizer step"]), err
+    assert not (out / "checkpoints").exists()
+    reported = json.loads((out / "bad_rows.jsonl").read_text().splitlines()[0])
+    assert reported["file"].endswith(words[0]) and reported["field"] == "images"
+
+
+def test_cached_reference_scores_honour_bad_rows(tiny_dir, data_dir, capsys):
+    """--reference cached reads every row before training: a bad row stops the run there (error), or is left unscored
+    and skipped and reported by training (skip)."""
+    from safetensors.torch import load_file
+
+    from mmalign.cli import main
+
+    data = write(data_dir, [ROW, {**ROW, "images": ["bad.png"]}, ROW, ROW])
+    argv = ["vision", "dpo", "--model", tiny_dir, "--data", data, "--max-steps", 2, "--batch-size", 2, "--report-to",
+            "none", "--reference", "cached"]
+    assert main([str(a) for a in [*argv, "--output", data_dir.parent / "error"]]) == 1
+    err = capsys.readouterr().err
+    assert "record 1, field 'images'" in err and "met while caching reference scores, before training" in err, err
+    out = data_dir.parent / "skip"
+    assert main([str(a) for a in [*argv, "--output", out, "--bad-rows", "skip"]]) == 0
+    scores = load_file(out / "reference_scores.safetensors")["scores"]
+    assert scores[1].isnan().all() and scores[[0, 2, 3]].isfinite().all()
+    assert [json.loads(line)["index"] for line in (out / "bad_rows.jsonl").read_text().splitlines()] == [1]
+    assert sum(json.loads(line)["bad_rows"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_folder_holding_other_files_is_left_as_it_was(refused, tiny_dir, data_dir):
@@ -200,6 +243,16 @@ def test_vision_demo_checks_its_inputs_before_evaluating(refused, tiny_dir, data
     assert all(fragment in err for fragment in expected), err
 
 
+def test_rows_are_rendered_and_fitted_once_per_processor_and_max_length(tmp_path, monkeypatch):
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    data, processor, calls = write(tmp_path, [ROW, ROW]), tiny_llava()[1], []
+    check_rows = VisionPairs.check_rows
+    monkeypatch.setattr(VisionPairs, "check_rows", lambda pairs: calls.append(pairs.max_length) or check_rows(pairs))
+    for max_length in (None, None, 64, 64):
+        VisionPairs.load(data, processor, max_length)
+    assert calls == [None, 64]
+
+
 def test_a_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
     levels = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16).repeat(4, axis=0)
     Image.fromarray(levels).save(tmp_path / "grey16.png")
@@ -250,10 +303,11 @@ def test_a_missing_vision_dependency_names_the_extra():
     assert "mmalign.vision needs peft: pip install 'mmalign[vision]'" in result.stderr
 
 
-def test_damage_verify_cannot_see_stops_at_the_row_naming_it(tmp_path):
+def test_a_cut_jpeg_stops_at_the_row_naming_it(tmp_path):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     image.save(tmp_path / "full.jpg")
     (tmp_path / "a.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:-200])  # header intact, scan data cut
-    pairs = VisionPairs.load(write(tmp_path, [{**ROW, "images": ["a.jpg"]}]), tiny_llava()[1])  # verify passes
-    with pytest.raises(DataError, match=r"train.jsonl: record 0, field 'images': image 1: not a readable image"):
+    pairs = VisionPairs.load(write(tmp_path, [{**ROW, "images": ["a.jpg"]}]), tiny_llava()[1])
+    with pytest.raises(DataError, match=r"train.jsonl: record 0, field 'images': image 1 \(.*a.jpg\): not a readable "
+                                        "image"):
         pairs[0]

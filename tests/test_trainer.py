@@ -9,8 +9,16 @@ import torch
 from torch import nn
 
 from mmalign import trainer as trainer_module
-from mmalign.errors import RunFolderError
-from mmalign.trainer import EpochBatchSampler, NonFiniteLossError, TrainConfig, Trainer, checkpoints, lr_lambda
+from mmalign.errors import BadRow, DataError, RunFolderError
+from mmalign.trainer import (
+    EPOCH_SEED_STRIDE,
+    EpochBatchSampler,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    checkpoints,
+    lr_lambda,
+)
 
 
 class Points(torch.utils.data.Dataset):
@@ -171,3 +179,43 @@ def test_an_error_during_training_starts_on_a_line_of_its_own(tmp_path, capsys):
     with pytest.raises(RuntimeError):
         fit(tmp_path, step=fails)
     assert capsys.readouterr().err.endswith("\n")
+
+
+class WithBadRow(Points):
+    """Points whose rows `bad` cannot be loaded."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.bad = bad
+
+    def __getitem__(self, i):
+        if i in self.bad:
+            raise BadRow("points.parquet", i, "x", "cannot be read (truncated)")
+        return super().__getitem__(i)
+
+
+def test_a_bad_row_is_skipped_and_reported_or_stops_the_run_with_the_checkpoint_intact(tmp_path):
+    bad = torch.randperm(40, generator=torch.Generator().manual_seed(1 * EPOCH_SEED_STRIDE))[13].item()  # step 4
+    settings = dict(max_steps=6, batch_size=4, learning_rate=0.05, checkpoint_every=2, report_to="none", seed=1)
+    history = Trainer(TrainConfig(output=tmp_path / "skip", bad_rows="skip", **settings)).fit(
+        nn.Linear(3, 1), WithBadRow([bad]), collate, step_fn)
+    assert [row["bad_rows"] for row in history] == [0, 0, 0, 1, 0, 0]
+    report = [json.loads(line) for line in (tmp_path / "skip" / "bad_rows.jsonl").read_text().splitlines()]
+    assert report == [{"step": 4, "file": "points.parquet", "index": bad, "field": "x",
+                       "reason": "cannot be read (truncated)"}]
+    trainer = Trainer(TrainConfig(output=tmp_path / "error", num_workers=1, **settings))
+    with pytest.raises(DataError, match=f"points.parquet: record {bad}, field 'x': cannot be read \\(truncated\\); "
+                                        "training stopped at optimizer step 4. The last checkpoint is .*checkpoint-2"):
+        trainer.fit(nn.Linear(3, 1), WithBadRow([bad]), collate, step_fn)
+    assert [c.name for c in checkpoints(tmp_path / "error")] == ["checkpoint-2"]
+    assert len((tmp_path / "error" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (tmp_path / "error" / "bad_rows.jsonl").read_text().count(f'"index": {bad}') == 1
+
+
+def test_skipping_stops_when_no_row_loads(tmp_path):
+    """A data set whose every row is bad (a moved images folder) stops the run under --bad-rows skip too."""
+    trainer = Trainer(TrainConfig(output=tmp_path, bad_rows="skip", max_steps=2, batch_size=4, report_to="none"))
+    with pytest.raises(DataError, match=r"Neither it nor the rows after it \(up to 100 in all\) can be loaded"):
+        trainer.fit(nn.Linear(3, 1), WithBadRow(bad=range(40)), collate, step_fn)
+    assert {json.loads(line)["index"] for line in (tmp_path / "bad_rows.jsonl").read_text().splitlines()} == \
+        set(range(40))

@@ -7,10 +7,11 @@ image; a conversational prompt gets the image parts put in front of its first us
 when its content is a plain string (as TRL does). An optional `retrieved_images` list (rDPO's v',
 one per image) is carried along for the visual term.
 
-Every row is checked before anything trains (`load_rows`): its fields, that its prompt names as many images as it
-has, and that each image can be read: a path names a file inside the data's folder (absolute paths and paths
-leading out of it only with --allow-outside-paths), and every image passes PIL's `verify`. Images are kept as
-their bytes or paths and decoded once, when their row is loaded for training.
+Every row is checked before anything trains (`load_rows`, vectorised where the column types allow): its fields, that
+its prompt names as many images as it has, and that its image paths name files inside the data's folder (absolute
+paths and paths leading out of it only with --allow-outside-paths). Images are kept as their bytes or paths and read
+once, when their row is loaded for training; one that cannot be read raises `BadRow` naming its row (`--bad-rows`;
+`mmalign data check --kind trl` reads every image up front).
 
 Tokenisation follows TRL's vision collator: prompt through the processor (image placeholders expanded)
 and completions through the tokenizer, all without added special tokens (the chat template adds
@@ -23,17 +24,37 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from datasets.fingerprint import Hasher
 from PIL import Image, UnidentifiedImageError
 
-from mmalign.data import MAX_REPORTED, DataError, Field, Schema, load_records, resolve_path, text_or_messages, validate
+from mmalign.data import (
+    MAX_REPORTED,
+    DataError,
+    Field,
+    Mask,
+    RowCheck,
+    Schema,
+    any_of,
+    bad_messages,
+    check_once,
+    is_text_type,
+    leaving_root,
+    list_lengths,
+    load_records,
+    resolve_path,
+    rows_holding,
+    text_or_messages,
+    validate,
+)
+from mmalign.errors import BadRow
 from mmalign.files import write_atomically
 
 IMAGE_FIELDS = ("images", "retrieved_images")
@@ -122,6 +143,18 @@ def images_match(record: dict) -> list[tuple[str, str]]:
     return problems
 
 
+def unmatched_images(table: pa.Table) -> Mask | None:
+    """`images_match`'s suspects where the prompts are text: rows whose <image> count differs from their image count,
+    or whose retrieved images are not as many as their images; None for conversational prompts."""
+    if "prompt" not in table.column_names or not is_text_type(table.column("prompt").type):
+        return None
+    counts = [list_lengths(table.column(name)) if name in table.column_names else None for name in IMAGE_FIELDS]
+    if counts[0] is None:
+        return None
+    mask = pc.not_equal(pc.count_substring(table.column("prompt"), "<image>"), counts[0])
+    return mask if counts[1] is None else pc.or_kleene(mask, pc.not_equal(counts[1], counts[0]))
+
+
 def one_image(record: dict) -> list[tuple[str, str]]:
     """Rows of the single-image builders hold exactly one image."""
     images = record.get("images")
@@ -130,11 +163,47 @@ def one_image(record: dict) -> list[tuple[str, str]]:
     return []
 
 
+def not_one_image(table: pa.Table) -> Mask | None:
+    """`one_image`'s suspects: rows of an image-list column without exactly one image."""
+    lengths = list_lengths(table.column("images")) if "images" in table.column_names else None
+    return None if lengths is None else pc.not_equal(lengths, 1)
+
+
+def bad_entries(column: pa.ChunkedArray) -> Mask | None:
+    """`image_entries`' suspects: rows of a list column of paths or {'bytes', 'path'} structs holding an entry with
+    neither; None for columns of other types."""
+    if list_lengths(column) is None:
+        return None
+    entries, kind = pc.list_flatten(column), column.type.value_type
+    if is_text_type(kind):
+        return rows_holding(column, pc.or_kleene(pc.is_null(entries), pc.equal(entries, "")))
+    if not pa.types.is_struct(kind) or {"bytes", "path"} - {f.name for f in kind}:
+        return None
+    no_bytes = pc.or_kleene(pc.is_null(pc.struct_field(entries, "bytes")),
+                            pc.equal(pc.binary_length(pc.struct_field(entries, "bytes")), 0))
+    no_path = pc.or_kleene(pc.is_null(pc.struct_field(entries, "path")), pc.equal(pc.struct_field(entries, "path"), ""))
+    return rows_holding(column, pc.or_kleene(pc.is_null(entries), pc.and_kleene(no_bytes, no_path)))
+
+
+def missing_entries(column: pa.ChunkedArray) -> Mask | None:
+    """`_retrieved_entries`' suspects: null rows, and those of `bad_entries`."""
+    bad = bad_entries(column)
+    return None if bad is None else pc.or_kleene(pc.is_null(column), bad)
+
+
+def completions(column: pa.ChunkedArray) -> Mask | None:
+    """`completion_field`'s suspects: blank text, or conversations with a blank or null message (text content only)."""
+    return bad_messages(column, content_must_be_text=True)
+
+
+MATCHED_IMAGES = RowCheck(images_match, unmatched_images)
+ONE_IMAGE = RowCheck(one_image, not_one_image)
 VISION_ROW = Schema("TRL vision preference row", (
-    Field("prompt", prompt_field), Field("chosen", completion_field), Field("rejected", completion_field),
-    Field("images", image_entries), Field("retrieved_images", image_entries, required=False)), (images_match,))
+    Field("prompt", prompt_field, suspects=bad_messages), Field("chosen", completion_field, suspects=completions),
+    Field("rejected", completion_field, suspects=completions), Field("images", image_entries, suspects=bad_entries),
+    Field("retrieved_images", image_entries, required=False, suspects=bad_entries)), (MATCHED_IMAGES,))
 RETRIEVED_ROW = dataclasses.replace(VISION_ROW, name="TRL vision preference row with retrieved images", fields=(
-    *VISION_ROW.fields[:-1], Field("retrieved_images", _retrieved_entries)))
+    *VISION_ROW.fields[:-1], Field("retrieved_images", _retrieved_entries, suspects=missing_entries)))
 """A row for the retrieved visual term (rDPO): every row has its v'."""
 
 
@@ -189,36 +258,8 @@ def open_image(value: Any, root: Path = Path("."), allow_outside: bool = False, 
     try:
         return to_rgb(source if isinstance(source, Image.Image) else Image.open(source))
     except IMAGE_ERRORS as err:
-        raise DataError(f"{where}: not a readable image: {unreadable(err)}") from None
-
-
-def _entry_problem(value: Any, root: Path, allow_outside: bool, where: str) -> str | None:
-    """Why one image entry cannot be read, or None: its file (see `image_source`), then PIL's `verify`."""
-    try:
-        source = image_source(value, root, allow_outside, where)
-    except DataError as err:
-        return str(err)
-    if isinstance(source, Image.Image):
-        return None
-    try:
-        with Image.open(source) as image:
-            image.verify()
-    except IMAGE_ERRORS as err:
-        return f"{where} ({source if isinstance(source, Path) else 'embedded bytes'}) is not a readable image: " + \
-            unreadable(err)
-    return None
-
-
-def readable(check: Callable[[Any, dict], str | None], root: Path, allow_outside: bool
-             ) -> Callable[[Any, dict], str | None]:
-    """An image-list field check that, once `check` passes, also reads every entry's header (see `load_rows`)."""
-    def check_files(value: Any, record: dict) -> str | None:
-        problem = check(value, record)
-        if problem or not value:
-            return problem
-        found = [_entry_problem(entry, root, allow_outside, f"image {i + 1}") for i, entry in enumerate(value)]
-        return "; ".join(p for p in found if p) or None
-    return check_files
+        named = source if isinstance(source, Path) else "embedded bytes"
+        raise DataError(f"{where} ({named}): not a readable image: {unreadable(err)}") from None
 
 
 def undecoded(records: datasets.Dataset) -> datasets.Dataset:
@@ -230,20 +271,38 @@ def undecoded(records: datasets.Dataset) -> datasets.Dataset:
     return records
 
 
+def paths_inside(field: Field, root: Path) -> Field:
+    """An image-list field whose entries' paths must also lie inside `root` (`mmalign.data.resolve_path`): absolute
+    paths and '..' parts are found up front (`leaving_root`), a link leading out when its image is read."""
+    def check(value: Any, record: dict) -> str | None:
+        problem = field.check(value, record)
+        if problem or not value:
+            return problem
+        for i, entry in enumerate(value):
+            path = entry.get("path") if isinstance(entry, dict) and not entry.get("bytes") else entry
+            if isinstance(path, str):
+                try:
+                    resolve_path(path, root, where=f"image {i + 1}")
+                except DataError as err:
+                    return str(err)
+        return None
+
+    def suspects(column: pa.ChunkedArray) -> Mask | None:
+        return any_of(field.suspects(column) if field.suspects else None, leaving_root(column))
+    return dataclasses.replace(field, check=check, suspects=suspects)
+
+
 def load_rows(path: str | Path, schema: Schema, split: str = "train", allow_outside: bool = False
               ) -> datasets.Dataset:
-    """Records of `path` checked up front against `schema` (`mmalign.data.validate`), their images included.
-
-    Each image entry of the schema's image fields must name a file inside the data's folder (unless
-    `allow_outside`), and pass PIL's `verify`: its header, and for PNG every chunk's checksum, read without decoding
-    the pixels, so start-up does not decode each image on top of the decoding training does. Damage `verify`
-    cannot see (a JPEG's entropy-coded data) is found when its row is loaded and stops the run with a DataError
-    naming the row. Images stay undecoded (`undecoded`) until then."""
+    """Records of `path` checked up front against `schema` (`mmalign.data.validate`), image paths included (inside
+    the data's folder unless `allow_outside`, see `paths_inside`), their images left undecoded (`undecoded`): whether
+    an image can be read is checked when its row is loaded."""
     records = undecoded(load_records(path, split))
-    root = data_root(path)
-    fields = tuple(dataclasses.replace(f, check=readable(f.check, root, allow_outside)) if f.name in IMAGE_FIELDS
-                   else f for f in schema.fields)
-    validate(records, dataclasses.replace(schema, fields=fields), source=str(path))
+    if not allow_outside:
+        root = data_root(path)
+        schema = dataclasses.replace(schema, settings=f"paths inside {root}", fields=tuple(
+            paths_inside(f, root) if f.name in IMAGE_FIELDS else f for f in schema.fields))
+    validate(records, schema, source=str(path))
     return records
 
 
@@ -323,11 +382,13 @@ class VisionPairs(torch.utils.data.Dataset):
     @classmethod
     def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
              retrieved: bool = False, allow_outside: bool = False) -> VisionPairs:
-        """Load and check every row of `path` up front: fields and images (see `load_rows`), then how each renders
-        and fits max_length (see `check_rows`)."""
+        """Load and check every row of `path` up front: its fields (see `load_rows`), then how it renders and fits
+        max_length (see `check_rows`; once for these records, processor and settings, see `check_once`); its images are
+        read when it is loaded."""
         records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split, allow_outside)
         pairs = cls(records, processor, max_length, str(path), data_root(path), retrieved, allow_outside)
-        pairs.check_rows()
+        check_once(records, ["vision rows", Hasher.hash(processor), max_length, retrieved, allow_outside],
+                   pairs.check_rows, str(path))
         return pairs
 
     def __len__(self) -> int:
@@ -348,7 +409,7 @@ class VisionPairs(torch.utils.data.Dataset):
                       for i, image in enumerate(images)] if images else None
             out = self.processor(images=opened, text=text, add_special_tokens=False, return_tensors="pt")
         except (KeyError, *IMAGE_ERRORS) as err:
-            raise DataError(f"{self.source}: record {index}, field '{field}': {err}") from None
+            raise BadRow(self.source, index, field, str(err)) from None
         return out["input_ids"][0].tolist(), image_inputs(self.processor, out) if opened else None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -436,8 +497,11 @@ class VisionPairs(torch.utils.data.Dataset):
             except DataError as err:
                 problems.append(f"  record {index}: {err}")
                 continue
-            problem = None if self.max_length is None else \
-                self._fit_problem(prompt, completions, self.image_tokens(index, n))
+            try:
+                problem = None if self.max_length is None else \
+                    self._fit_problem(prompt, completions, self.image_tokens(index, n))
+            except (DataError, *IMAGE_ERRORS) as err:  # an any-resolution model reads each image's size
+                problem = f"field 'images': {unreadable(err)}"
             if problem:
                 problems.append(f"  record {index}: {problem}")
         if problems:

@@ -37,7 +37,7 @@ from accelerate.utils import send_to_device
 from torchvision.transforms.v2 import functional as TF
 
 from mmalign.config import option
-from mmalign.data import ALLOW_OUTSIDE_PATHS
+from mmalign.data import ALLOW_OUTSIDE_PATHS, read_once
 from mmalign.errors import ConfigError
 from mmalign.files import write_atomically
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss, preference_metrics
@@ -291,18 +291,25 @@ def prepare(config: Config, trainer: Trainer, processor):
 
 
 def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: Trainer) -> CachedScores:
-    """Reference scores of every row, computed once (or read back from the run directory on resume)."""
+    """Reference scores of every row, computed once (or read back from the run directory on resume); a row that cannot
+    be loaded stops the run (--bad-rows error) or is left unscored, for training skips it too (skip)."""
     path = parts.config.output / CACHE_FILE
     if path.is_file():
         return CachedScores.load(str(path))
-    loader = torch.utils.data.DataLoader(pairs, batch_size=parts.config.batch_size, collate_fn=collate)
+    config, skipped = parts.config, []
 
     def batches():
-        for batch in loader:
-            yield with_visual_images(send_to_device(batch, trainer.device), None, parts.config)
+        for batch, bad in read_once(pairs, collate, config.batch_size, config.num_workers, "caching reference scores",
+                                    stop=config.bad_rows == "error"):
+            skipped.extend(row.index for row in bad)
+            if batch is not None:
+                yield with_visual_images(send_to_device(batch, trainer.device), None, config)
 
     with trainer.accelerator.autocast():
-        cache = CachedScores.build(parts.reference, sequence_scores, model, batches(), len(pairs))
+        cache = CachedScores.build(parts.reference, sequence_scores, model, batches(), len(pairs), skipped)
+    if skipped:
+        trainer.accelerator.print(f"{config.data}: {len(skipped)} row(s) cannot be loaded; training skips them "
+                                  "(--bad-rows skip) and lists them in bad_rows.jsonl")
     if trainer.is_main:
         write_atomically(path, lambda tmp: cache.save(str(tmp)))
     return cache

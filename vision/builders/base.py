@@ -10,7 +10,7 @@ import datasets
 from PIL import Image
 
 from mmalign.config import option
-from mmalign.data import ALLOW_OUTSIDE_PATHS, Schema
+from mmalign.data import ALLOW_OUTSIDE_PATHS, DataError, Schema, listed
 from mmalign.files import write_atomically
 
 from ..data import data_root, load_rows, open_image, write_rows
@@ -37,8 +37,25 @@ class BuilderConfig:
         return data_root(self.data)
 
     def rows(self, schema: Schema) -> datasets.Dataset:
-        """The source rows, every one checked up front against `schema`, images included (`vision.data.load_rows`)."""
+        """The source rows, every one checked up front against `schema` (`vision.data.load_rows`)."""
         return load_rows(self.data, schema, self.split, self.allow_outside_paths)
+
+    def opened(self, records: datasets.Dataset) -> list[dict]:
+        """The source rows with their images read (RGB PIL images, see `image`), every one before anything is built:
+        a DataError lists each row with an image that cannot be read (record, field), and nothing is written."""
+        rows, problems = [], []
+        for index, record in enumerate(records):
+            try:
+                images = [open_image(value, self.root, self.allow_outside_paths, f"image {i + 1}")
+                          for i, value in enumerate(record["images"] or [])]
+            except DataError as err:
+                problems.append((index, "images", str(err)))
+                continue
+            rows.append({**record, "images": images})
+        if problems:
+            raise DataError(f"{self.data}: {len(problems)} row(s) with an image that cannot be read; nothing was "
+                            f"built or written\n{listed(problems)}")
+        return rows
 
     def image(self, value, where: str = "image") -> Image.Image:
         """An RGB image from a source row's entry, a path read inside the data's folder (`vision.data.open_image`);

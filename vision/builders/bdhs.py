@@ -32,10 +32,10 @@ from mmalign.errors import ConfigError
 
 from .. import models
 from ..data import (
+    MATCHED_IMAGES,
     completion_field,
     image_entries,
     image_token_id,
-    images_match,
     message_text,
     prompt_field,
     render_prompt,
@@ -44,7 +44,8 @@ from ..scoring import rope_index
 from .base import BuilderConfig
 
 SOURCE_ROW = Schema("BDHS source row (prompt, chosen, images)", (
-    Field("prompt", prompt_field), Field("chosen", completion_field), Field("images", image_entries)), (images_match,))
+    Field("prompt", prompt_field), Field("chosen", completion_field), Field("images", image_entries)),
+    (MATCHED_IMAGES,))
 
 
 @dataclass
@@ -157,14 +158,14 @@ def build_rows(model, processor, rows: list[dict], config: Config, similarity: C
 
 def run(config: Config) -> dict:
     """`mmalign vision bdhs`: build pairs from `data` with `model`; write train.parquet and report.json."""
-    records = config.rows(SOURCE_ROW)
+    rows = config.opened(config.rows(SOURCE_ROW))
     model, processor = models.load(config.model)
     if rope_index(model) is not None:
         raise ConfigError(f"--model {config.model}: it places tokens by multi-axis rotary positions (M-RoPE) read "
                           "from the attention mask, which BDHS uses to hide image tokens; build BDHS pairs with "
                           "another model")
-    rows, report = build_rows(model.eval(), processor, [records[i] for i in range(len(records))], config)
-    if not rows:
+    built, report = build_rows(model.eval(), processor, rows, config)
+    if not built:
         raise DataError(f"{config.data}: every row's rejected response stayed too similar to the chosen one; nothing "
                         "was written (raise --threshold or --max-resamples)")
-    return config.write(rows, report)
+    return config.write(built, report)

@@ -27,7 +27,7 @@ from mmalign.data import DataError, Field, Schema, text
 from mmalign.errors import ConfigError
 
 from .. import models
-from ..data import image_entries, image_token_id, one_image
+from ..data import ONE_IMAGE, image_entries, image_token_id
 from .base import BuilderConfig
 
 THRESHOLDS = {
@@ -200,19 +200,18 @@ class Config(BuilderConfig):
 
 
 QA_ROW = Schema("single-image QA row (question, answer, images)",
-                (Field("question", text), Field("answer", text), Field("images", image_entries)), (one_image,))
+                (Field("question", text), Field("answer", text), Field("images", image_entries)), (ONE_IMAGE,))
 
 
 def run(config: Config) -> dict:
     """`mmalign vision mia-dpo`: compose, answer, select; write train.parquet and report.json."""
-    records = config.rows(QA_ROW)
+    records = config.opened(config.rows(QA_ROW))
     model, processor = models.load(config.model)
     if model.config.model_type not in SQUARE_GRID_FAMILIES:
         raise ConfigError(f"--model {config.model}: MIA-DPO's attention ratio reads an image's tokens as one square "
                           f"grid, the layout of {', '.join(SQUARE_GRID_FAMILIES)}; {model.config.model_type} lays them "
                           "out otherwise (tiles, merged patches of any shape)")
-    qa = [{"image": config.image(r["images"][0], f"record {i}, image 1"), "question": r["question"],
-           "answer": r["answer"]} for i, r in enumerate(records)]
+    qa = [{"image": r["images"][0], "question": r["question"], "answer": r["answer"]} for r in records]
     rows, report = build_rows(model.eval(), processor, qa, config.layout, config.count, config.seed,
                               config.max_confidence, config.template)
     if not rows:

@@ -22,13 +22,13 @@ from mmalign.config import option
 from mmalign.data import DataError, Field, Schema, text
 
 from .. import models
-from ..data import image_entries, image_inputs, images_match, one_image
+from ..data import MATCHED_IMAGES, ONE_IMAGE, image_entries, image_inputs
 from ..scoring import image_features
 from .base import BuilderConfig
 from .bdhs import bow_cosine
 
 SOURCE_ROW = Schema("rDPO source row (plain-text prompt and chosen, one image)", (
-    Field("prompt", text), Field("chosen", text), Field("images", image_entries)), (images_match, one_image))
+    Field("prompt", text), Field("chosen", text), Field("images", image_entries)), (MATCHED_IMAGES, ONE_IMAGE))
 
 
 class RetrievalIndex:
@@ -107,9 +107,8 @@ def run(config: Config) -> dict:
     """`mmalign vision rdpo`: retrieve v', refill the masked words, keep dissimilar rejects; write rows and a report."""
     from ..world import COLOURS, COUNTS, SHAPES
 
-    records = config.rows(SOURCE_ROW)
+    rows = config.opened(config.rows(SOURCE_ROW))
     model, processor = models.load(config.model)
-    rows = [{**r, "images": [config.image(r["images"][0], f"record {i}, image 1")]} for i, r in enumerate(records)]
     vocabulary = set(config.vocabulary) or {*COLOURS, *SHAPES, *COUNTS}
     built, report = build_rows(model.eval(), processor, rows, vocabulary, threshold=config.threshold)
     if not built:
