@@ -1,19 +1,20 @@
 """Train one diffusion method on the embedded world and report its paired held-out placement gain over the base.
 
 The demo's training settings (`demo.embedded_config`: full fine-tune of assets/tiny-sd, beta 5000, lr 1e-4, 300
-steps of 16, unless --set says otherwise; the flow methods train the flow twin assets/tiny-sd3, and AC-Flow the
-world's captions and reward instead of pairs), then 4 fixed-seed samples per caption (48; --eval-per-prompt) from
-the base and the trained model, scored by the world's placement reward; the gain is the mean of the paired
-differences with its 95% CI. `--model-winners K N` replaces the human pairs by the base model's own samples
-(`world.model_pairs`): for each caption, the N best by placement of K samples are the winners (the N worst the
-losers), as Pick-a-Pic rows. Also printed: the change in denoising error on the held-out winners (test.parquet) at
-fixed noise and timesteps, and the implicit accuracy over the first 30 and last 50 steps.
+steps of 16, unless --set says otherwise; the flow methods and GRPO train the flow twin assets/tiny-sd3, AC-Flow
+and GRPO on the world's captions and reward instead of pairs), then 4 fixed-seed samples per caption (48;
+--eval-per-prompt) from the base and the trained model, scored by the world's placement reward; the gain is the
+mean of the paired differences with its 95% CI. `--model-winners K N` replaces the human pairs by the base model's
+own samples (`world.model_pairs`): for each caption, the N best by placement of K samples are the winners (the N
+worst the losers), as Pick-a-Pic rows. Also printed: the change in denoising error on the held-out winners
+(test.parquet) at fixed noise and timesteps, and the implicit accuracy over the first 30 and last 50 steps.
 
     python scripts/embedded_gain.py seppo --set max_steps=150 batch_size=8 reference_steps=10
     python scripts/embedded_gain.py seppo --model-winners 32 8 --set max_steps=300 batch_size=8 reference_steps=10
     python scripts/embedded_gain.py inpo --set beta=2000 max_steps=150 batch_size=8
     python scripts/embedded_gain.py flow-dpo --set max_steps=200
-    python scripts/embedded_gain.py acflow --set max_steps=100 batch_size=4
+    python scripts/embedded_gain.py acflow --set max_steps=60 batch_size=4 sample_steps=8 learning_rate=1e-3
+    python scripts/embedded_gain.py grpo --set max_steps=40 batch_size=4 guidance_scale=1 learning_rate=1e-3
 """
 
 from __future__ import annotations
@@ -27,17 +28,18 @@ import torch
 import yaml
 
 from mmalign.config import coerce_values
-from mmalign.diffusion import acflow, dpo, flow_dpo, inpo, latents, seppo, world
+from mmalign.diffusion import acflow, dpo, flow_dpo, grpo, inpo, latents, seppo, world
 from mmalign.diffusion.data import collate_pairs, write_pickapic
 from mmalign.diffusion.demo import embedded_config
 from mmalign.diffusion.evaluate import paired_gain
-from mmalign.diffusion.models import denoiser_of, load_pipeline
+from mmalign.diffusion.models import denoiser_of, load_pipeline, sampling_pipeline
 from mmalign.diffusion.pairwise import pair_noising
 from mmalign.diffusion.scoring import encode_prompts, predict
 from mmalign.stats import mean_ci
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-METHODS = {"dpo": dpo, "inpo": inpo, "seppo": seppo, "flow-dpo": flow_dpo, "acflow": acflow}
+METHODS = {"dpo": dpo, "inpo": inpo, "seppo": seppo, "flow-dpo": flow_dpo, "acflow": acflow, "grpo": grpo}
+ONLINE = (acflow, grpo)  # trained on the world's captions and reward instead of pairs
 FLOW_TWIN = ASSETS / "tiny-sd3"
 
 
@@ -65,7 +67,7 @@ def main() -> None:
     method = METHODS[args.method]
     overrides = coerce_values(method.Config, {key: yaml.safe_load(value) for key, value in
                                               (item.split("=", 1) for item in args.set)}, "--set")
-    if method.Config.schedule == "flow":
+    if method.Config.schedule == "flow" or method is grpo:
         overrides = {"model": str(FLOW_TWIN), **overrides}
     with tempfile.TemporaryDirectory() as folder:
         base = load_pipeline(overrides.get("model", ASSETS / "tiny-sd"))
@@ -73,11 +75,12 @@ def main() -> None:
         data = (write_pickapic(world.model_pairs(base, *args.model_winners), Path(folder) / "winners.parquet")
                 if args.model_winners else ASSETS / "tiny-sd-prefs" / "train.parquet")
         output = Path(folder) / "run"
-        config = (acflow.Config(prompts=str(ASSETS / "tiny-sd-prompts.txt"), output=output, num_samples=0,
-                                report_to="none", checkpoint_every=0, **overrides) if method is acflow
+        config = (method.Config(prompts=str(ASSETS / "tiny-sd-prompts.txt"), output=output, num_samples=0,
+                                report_to="none", checkpoint_every=0, **overrides) if method in ONLINE
                   else embedded_config(method, output, data=str(data), **overrides))
         history = method.run(config)
-        tuned = load_pipeline(config.output)
+        tuned = (load_pipeline(config.output) if config.full
+                 else sampling_pipeline(str(config.model), lora=config.output))
         tuned.set_progress_bar_config(disable=True)
         gain, _ = paired_gain(base, tuned, list(world.CAPTIONS), world.reward, per_prompt=args.eval_per_prompt,
                                  seed=args.eval_seed)

@@ -114,16 +114,40 @@ class Embedded:
 
         return embedded_config(method, output, **overrides)
 
-    def gain(self, config, seed: int, per_prompt: int = 4):
+    def pipelines(self, config):
+        """(base, tuned) pipelines of a run: the tuned one is its pipeline folder (--full) or the base with its LoRA."""
+        from mmalign.diffusion.models import load_pipeline, sampling_pipeline
+
+        base = load_pipeline(config.model)
+        tuned = (load_pipeline(config.output) if config.full
+                 else sampling_pipeline(str(config.model), lora=config.output))
+        for pipe in (base, tuned):
+            pipe.set_progress_bar_config(disable=True)
+        return base, tuned
+
+    def gain(self, config, seed: int, per_prompt: int = 4, steps: int = 20):
         """Paired held-out placement gain of config.output over config.model on the 12 captions: (mean/CI, images)."""
         from mmalign.diffusion import world
         from mmalign.diffusion.evaluate import paired_gain
-        from mmalign.diffusion.models import load_pipeline
 
-        base, tuned = (load_pipeline(path) for path in (config.model, config.output))
-        for pipe in (base, tuned):
-            pipe.set_progress_bar_config(disable=True)
-        return paired_gain(base, tuned, list(world.CAPTIONS), world.reward, per_prompt=per_prompt, seed=seed)
+        return paired_gain(*self.pipelines(config), list(world.CAPTIONS), world.reward, per_prompt=per_prompt,
+                           seed=seed, steps=steps)
+
+    def reward_run_summary(self, config, seed: int = 2000, per_prompt: int = 6, steps: int = 10) -> dict:
+        """What a run trained on the world's reward must move and keep, on per_prompt fixed-seed samples of each
+        caption: the paired placement gain (mean/CI), the tuned colour match, and tuned / base diversity."""
+        from mmalign.diffusion import acflow, world
+        from mmalign.diffusion.evaluate import evaluate_reward
+        from mmalign.stats import mean_ci
+
+        captions = list(world.CAPTIONS)
+        (_, base, base_images), (_, tuned, images) = (
+            evaluate_reward(pipe, captions, world.reward, per_prompt=per_prompt, seed=seed, steps=steps)
+            for pipe in self.pipelines(config))
+        expanded = [c for c in captions for _ in range(per_prompt)]
+        return {"gain": mean_ci(tuned - base), "colour_match": world.colour_match(images, expanded).mean().item(),
+                "diversity_ratio": (acflow.diversity(images, per_prompt)
+                                    / acflow.diversity(base_images, per_prompt)).item()}
 
 
 @pytest.fixture(scope="session")
