@@ -12,7 +12,7 @@ from mmalign.diffusion.models import load_pipeline
 from mmalign.diffusion.rewards import load_scorer, save_scorer
 
 FLOW_FAMILIES = ["sd3", "sd35", "flux"]
-ACFLOW_TWIN = dict(max_steps=40, batch_size=4, samples_per_prompt=4, sample_steps=6, critic_warmup=10,
+ACFLOW_TWIN = dict(max_steps=60, batch_size=4, samples_per_prompt=4, sample_steps=8, critic_warmup=10,
                    learning_rate=1e-3, warmup_steps=5)
 
 
