@@ -11,7 +11,7 @@ scheduler, and everything below is the same for both. The choices, where the pap
    of every trained step. The K samples of a prompt are drawn on one process (its prompts are expanded there), so a
    group never spans processes and the advantages need no gathering; equal prompts drawn on two processes are two
    groups. `--shared-noise` starts a group from one initial noise (DanceGRPO).
-2. Reward and advantage. The reward callable is AC-Flow's (`acflow.load_reward`); A = (r - mean_K r) / (std_K r + 1e-6)
+2. Reward and advantage. Reward: `evaluate.load_reward` of --reward; A = (r - mean_K r) / (std_K r + 1e-6)
    (`acflow.shape_rewards`) clipped to [-5, 5] (Flow-GRPO's adv_clip_max). No reward history per prompt (Flow-GRPO's
    stat tracker keeps none across epochs either).
 3. Loss per (sample, trained step): PPO's -min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(log pi_theta - log pi_old),
@@ -60,8 +60,9 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import unwrap
 from mmalign.trainer import Trainer
 
-from .acflow import Prompts, RewardFn, checked_rewards, collate_prompts, diversity, reward_on_device, shape_rewards
+from .acflow import Prompts, collate_prompts, diversity, shape_rewards
 from .base import DenoiserConfig, Parts, first_prompts, given_grid_prompts, prepare, sample_grid, save_result
+from .evaluate import RewardFn, checked_rewards, reward_on_device
 from .latents import from_latents
 from .models import denoiser_of
 from .scoring import Condition, encode_prompts, is_flow, predict
