@@ -40,7 +40,17 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import unwrap
 from mmalign.trainer import Trainer
 
-from .base import DenoiserConfig, Parts, first_prompts, given_grid_prompts, prepare, sample_grid, save_result
+from .base import (
+    DenoiserConfig,
+    Parts,
+    first_prompts,
+    given_grid_prompts,
+    held_out_evaluation,
+    prepare,
+    read_held_out,
+    sample_grid,
+    save_result,
+)
 from .data import read_prompts
 from .evaluate import RewardFn, checked_rewards, reward_on_device
 from .flow import flow_interpolate, sample_u
@@ -211,6 +221,7 @@ def run(config: Config) -> list[dict[str, float]]:
     shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
     trainer = Trainer(config)
     reward_fn = reward_on_device(config.reward, trainer.device)
+    held_out = read_held_out(config, trainer.device)
     pipe, parts = prepare(config, trainer)
     actor = denoiser_of(pipe)
     pooled = encode_prompts(pipe, [""], parts.resolution, trainer.device).kwargs["pooled_projections"].shape[-1]
@@ -227,7 +238,8 @@ def run(config: Config) -> list[dict[str, float]]:
         sample_grid(trainer, parts, shown, "samples_before.png")
     step = functools.partial(acflow_step, parts=parts, reward_fn=reward_fn, count=count)
     history = trainer.fit(container, prompts, collate_prompts, step, save_model=save, stateful=(count,),
-                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps))
+                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps),
+                          evaluation=held_out_evaluation(parts, held_out))
     if trainer.is_main:
         plot_metrics(history, ["reward", "diversity", "critic_loss", "advantage", "w2", "loss"],
                      config.output / "curves.png", title="AC-Flow")

@@ -61,7 +61,17 @@ from mmalign.reference import unwrap
 from mmalign.trainer import Trainer
 
 from .acflow import Prompts, collate_prompts, diversity, shape_rewards
-from .base import DenoiserConfig, Parts, first_prompts, given_grid_prompts, prepare, sample_grid, save_result
+from .base import (
+    DenoiserConfig,
+    Parts,
+    first_prompts,
+    given_grid_prompts,
+    held_out_evaluation,
+    prepare,
+    read_held_out,
+    sample_grid,
+    save_result,
+)
 from .evaluate import RewardFn, checked_rewards, reward_on_device
 from .latents import from_latents
 from .models import denoiser_of
@@ -282,6 +292,7 @@ def run(config: Config) -> list[dict[str, float]]:
     shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
     trainer = Trainer(config)
     reward_fn = reward_on_device(config.reward, trainer.device)
+    held_out = read_held_out(config, trainer.device)
     pipe, parts = prepare(config, trainer)
     schedule = policy_schedule(pipe, parts.noise_scheduler, config.sample_steps,
                                parts.resolution // pipe.vae_scale_factor, trainer.device)
@@ -293,7 +304,8 @@ def run(config: Config) -> list[dict[str, float]]:
     history = trainer.fit(denoiser_of(pipe), prompts, collate_prompts, step,
                           save_model=lambda model, output: save_result(parts, model, Path(output)),
                           stateful=(buffer,),
-                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps))
+                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps),
+                          evaluation=held_out_evaluation(parts, held_out))
     if trainer.is_main:
         method = "Flow-GRPO" if is_flow(parts.noise_scheduler) else "DDPO"
         plot_metrics(history, ["reward", "advantage", "ratio", "clip_fraction", "kl", "approx_kl", "diversity", "loss"],

@@ -322,7 +322,8 @@ class Trainer:
         model.train()
         micro_step = step * accum
         if held_out is not None and evaluation is not None and step == 0:  # the baseline
-            history.append(baseline := {"step": 0})
+            baseline: dict[str, float] = {"step": 0}
+            history.append(baseline)
             self._evaluate(held_out, evaluation, model, baseline)
             self._log(baseline)
         stop = False
