@@ -84,9 +84,10 @@ class DenoiserConfig(TrainConfig):
                                        "--guidance-scale (see mmalign.diffusion.flux)")
     eval_prompts: str | None = option(None, "--eval-every: text file of held-out prompts (one a line), sampled with "
                                             "fixed seeds and scored by --eval-reward")
-    eval_reward: str | None = option(None, "--eval-every: the held-out gold reward, scorers not used for training: "
-                                           "module:function, a reward-model folder, or a reward spec "
-                                           "(pickscore:1.0,aesthetic=FILE:0.2); logged as eval/reward")
+    eval_reward: str | RewardFn | None = option(
+        None, "--eval-every: the held-out gold reward, scorers not used for training: module:function, a reward-model "
+        "folder, a reward spec (pickscore:1.0,aesthetic=FILE:0.2), or from Python the callable itself; called as "
+        "reward(images, prompts) -> [N], logged as eval/reward")
     eval_per_prompt: int = option(4, "--eval-every: fixed-seed samples per held-out prompt")
     eval_seed: int = option(1000, "--eval-every: seed of the first held-out sample (sample i uses seed + i)")
     eval_steps: int = option(20, "--eval-every: sampler steps of the held-out samples")
