@@ -135,3 +135,27 @@ def test_bad_eval_options_name_the_option(tiny_sd, pickapic, tmp_path, refused):
     assert "--eval-prompts: prompts file" in refused(
         *args, "--eval-every", 1, "--eval-prompts", tmp_path / "missing.txt", "--eval-reward",
         "mmalign.diffusion.world:reward", output=tmp_path / "run")
+
+
+def test_vision_dpo_logs_held_out_accuracy(tiny_dir, tmp_path, capsys):
+    from mmalign.vision import models
+    from mmalign.vision.data import write_rows
+    from mmalign.vision.evaluate import correct
+    from mmalign.vision.world import preference_rows, qa_rows
+
+    questions = qa_rows(8, seed=3)
+    qa = write_rows([{"images": [r["image"]], "question": r["question"], "answer": r["answer"]} for r in questions],
+                    tmp_path / "qa.parquet")
+    data = write_rows(preference_rows(4, seed=0), tmp_path / "train.parquet")
+    code = main([str(a) for a in (
+        "vision", "dpo", "--model", tiny_dir, "--data", data, "--output", tmp_path / "run", "--batch-size", 2,
+        "--max-steps", 2, "--learning-rate", 1e-2, "--report-to", "none", "--checkpoint-every", 0,
+        "--eval-every", 1, "--eval-data", qa)])
+    assert code == 0, capsys.readouterr().err
+    logged = [r for r in rows(tmp_path / "run") if "eval/accuracy" in r]
+    assert [r["step"] for r in logged] == [0, 1, 2]
+    model, processor = models.load(tiny_dir)
+    base = correct(model, processor, questions)  # `mmalign vision eval`'s measure, before training
+    assert logged[0]["eval/accuracy"] == pytest.approx(sum(base) / len(base))
+    best = json.loads((tmp_path / "run" / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "eval/accuracy" and (tmp_path / "run" / "checkpoints" / best["folder"]).is_dir()
