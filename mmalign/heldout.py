@@ -13,14 +13,16 @@ state is written as a complete checkpoint `checkpoints/best-<step>` (the format 
 best folder is removed; a crash at any moment leaves best.json naming a complete folder, and keep-last-K never
 prunes it.
 
-Early stop (`early_stop_patience` K > 0). L_i is the mean training loss over the optimizer steps since evaluation
-i - 1 (its window), b the index of the best evaluation. The run stops at evaluation i when
+Early stop (`early_stop_patience` K > 0). L_j is the mean training loss over the optimizer steps between evaluations
+j - 1 and j (window j, eval_every steps), b the index of the best evaluation. The run stops at evaluation i when
 
-    i - b >= K   and   L_i < L_max(b, 1)
+    i - b >= K   and   mean(L_b+1, ..., L_i) < L_max(b, 1)
 
-that is, K evaluations have not beaten the best while the training loss is still below what it was at the best
-(at the first window when the best is the step-0 baseline, which has no window). A held-out score that stalls
-while the loss stalls too is not over-optimisation, so that run goes on. The stop writes a checkpoint of its step,
+that is, K evaluations have not beaten the best while the training loss since the best, averaged over every step
+after it, is below its value in the window that ended at the best (the first window when the best is the step-0
+baseline, which has none): the objective still improves, the held-out score does not. Averaging since the best
+rather than reading the last window alone keeps one noisy window from deciding. A held-out score that stalls while
+the loss stalls too is not over-optimisation, so that run goes on. The stop writes a checkpoint of its step,
 so `--resume latest` (with another patience) can continue past it. The state above (best, windows, the loss of
 the steps since the last evaluation) is part of every checkpoint, so a resumed run decides as an uninterrupted one.
 """
@@ -75,10 +77,12 @@ class HeldOut:
         return False, self.should_stop(index)
 
     def should_stop(self, index: int) -> bool:
-        """i - b >= K and L_i < L_max(b, 1) (windows are 1-based: L_i is window_losses[i - 1])."""
+        """i - b >= K and mean(L_b+1..L_i) < L_max(b, 1) (windows are 1-based: L_j is window_losses[j - 1])."""
         if self.patience < 1 or self.best is None or index - self.best["index"] < self.patience:
             return False
-        return self.window_losses[index - 1] < self.window_losses[max(self.best["index"], 1) - 1]
+        best = self.best["index"]
+        since = self.window_losses[best:index]
+        return sum(since) / len(since) < self.window_losses[max(best, 1) - 1]
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "window_losses": list(self.window_losses), "evaluations": self.evaluations,

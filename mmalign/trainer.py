@@ -91,8 +91,8 @@ class TrainConfig:
                                 "keep the best checkpoint as checkpoints/best-<step> (0: never; the method's "
                                 "held-out options say what is scored)")
     early_stop_patience: int = option(0, "stop when K evaluations in a row have not beaten the best held-out score "
-                                         "while the training loss is still below its value at the best (0: never; "
-                                         "see mmalign.heldout)")
+                                         "while the training loss since the best is below its value at the best "
+                                         "(0: never; see mmalign.heldout)")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_checkpoints"):
@@ -405,7 +405,8 @@ class Trainer:
             kept = self.config.output / "checkpoints" / f"{BEST_PREFIX}{held_out.best['step']}"
             acc.print(f"early stop at step {step}: eval/{evaluation.key} has not beaten its best "
                       f"({held_out.best['value']:.4g} at step {held_out.best['step']}) for {held_out.patience} "
-                      f"evaluations while the training loss is below its value there; the best checkpoint is {kept}")
+                      f"evaluations while the training loss since then is below its value there; the best "
+                      f"checkpoint is {kept}")
         return stop
 
     def _save_best(self, step: int, metric: str, value: float) -> None:

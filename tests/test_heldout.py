@@ -52,13 +52,22 @@ def test_the_early_stop_rule_by_hand(tmp_path):
     held.add_loss(3.0)
     assert held.update(4, 0.4) == (False, True)  # two, and L_2 = 3 < L_max(0, 1) = L_1 = 4: over-optimisation
 
-    stalled = HeldOut(patience=2)
-    for step, value, loss in ((0, 0.0, None), (2, 1.0, 4.0), (4, 0.9, 3.0), (6, 0.8, 4.5), (8, 0.7, 3.9)):
-        if loss is not None:
-            stalled.add_loss(loss)
-        decision = stalled.update(step, value)
-    assert decision == (False, True) and stalled.best == {"index": 1, "step": 2, "value": 1.0}  # 3.9 < L_1 = 4
-    assert stalled.should_stop(3) is False  # at evaluation 3, L_3 = 4.5 was not below 4: the loss stalled too
+    def decisions(patience, evaluations):
+        held = HeldOut(patience)
+        out = []
+        for step, value, window in evaluations:  # window: the training losses since the last evaluation
+            for loss in window:
+                held.add_loss(loss)
+            out.append(held.update(step, value))
+        return held, out
+
+    # the best is evaluation 1 (L_1 = 4); then the loss stalls (4.5, 4.0: mean 4.25 >= 4), then falls (mean 3.83)
+    stalled, out = decisions(2, [(0, 0.0, []), (2, 1.0, [4.0]), (4, 0.9, [4.5]), (6, 0.8, [4.0]), (8, 0.7, [3.0])])
+    assert out == [(True, False), (True, False), (False, False), (False, False), (False, True)]
+    assert stalled.best == {"index": 1, "step": 2, "value": 1.0}
+    # one noisy window above L_1 does not decide: the mean since the best, (2 + 5) / 2, is below 4
+    _, out = decisions(2, [(0, 0.0, []), (2, 1.0, [4.0]), (4, 0.9, [2.0]), (6, 0.8, [5.0])])
+    assert out[-1] == (False, True)
 
     save_state(stalled.state_dict(), tmp_path, "held_out")
     restored = HeldOut(patience=2)
@@ -88,10 +97,10 @@ def test_early_stop_near_the_best_and_resume_decides_the_same(tmp_path):
     w0 = [r["eval/w0"] for r in logged if "eval/w0" in r]
     assert w0[0] < 0.3 < w0[-1]  # the objective pulls w_0 up, past the held-out optimum 0.3
     best = json.loads((tmp_path / "full" / "checkpoints" / "best.json").read_text())
-    # seeded: the best is at step 14 (w_0 = 0.29); steps 16 and 18 do not beat it, but the loss window of 18
-    # (3.27) is above the best's (2.72), so the run goes on; at step 20 (1.98) it stops
-    assert best["step"] == 14 and history[-1]["step"] == 20
-    assert [c.name for c in checkpoints(tmp_path / "full")] == ["checkpoint-20"]
+    # seeded: the best is at step 14 (w_0 = 0.29, its window's loss 2.72); no later evaluation beats it, and the mean
+    # loss since step 14 is 3.62, 3.07, 2.80, 2.81 at steps 18 to 24 (noisy batches of 4), then 2.43 < 2.72 at 26
+    assert best["step"] == 14 and history[-1]["step"] == 26
+    assert [c.name for c in checkpoints(tmp_path / "full")] == ["checkpoint-26"]
 
     fit(tmp_path / "part", closeness(0.3), max_steps=16, early_stop_patience=2)
     fit(tmp_path / "part", closeness(0.3), max_steps=30, early_stop_patience=2, resume="latest")
