@@ -48,10 +48,10 @@ class Evaluation:
 
 
 class HeldOut:
-    """The best-so-far and early-stop bookkeeping of a run's evaluations (see the module docstring); Stateful."""
+    """A run's evaluation with its best-so-far and early-stop bookkeeping (see the module docstring); Stateful."""
 
-    def __init__(self, patience: int):
-        self.patience = patience
+    def __init__(self, evaluation: Evaluation, patience: int):
+        self.evaluation, self.patience = evaluation, patience
         self.best: dict[str, Any] | None = None  # {"index", "step", "value"}
         self.window_losses: list[float] = []  # L_1, L_2, ...: the mean training loss of each evaluation's window
         self.evaluations = 0  # evaluations so far, the step-0 baseline included

@@ -304,7 +304,7 @@ class Trainer:
         model, optimizer = acc.prepare(model, optimizer)
         self._training = {"model": model, "optimizer": optimizer, "scheduler": schedule,
                           **{f"state_{i}": obj for i, obj in enumerate(stateful)}}
-        held_out = HeldOut(c.early_stop_patience) if evaluation is not None and c.eval_every else None
+        held_out = HeldOut(evaluation, c.early_stop_patience) if evaluation is not None and c.eval_every else None
         if held_out is not None:
             self._training["held_out"] = held_out
 
@@ -321,10 +321,10 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         model.train()
         micro_step = step * accum
-        if held_out is not None and evaluation is not None and step == 0:  # the baseline
+        if held_out is not None and step == 0:  # the baseline
             baseline: dict[str, float] = {"step": 0}
             history.append(baseline)
-            self._evaluate(held_out, evaluation, model, baseline)
+            self._evaluate(held_out, model, baseline)
             self._log(baseline)
         stop = False
         try:  # the progress bar is closed first, so an error message starts on a line of its own
@@ -354,10 +354,10 @@ class Trainer:
                 if grad_norm is not None:
                     logged["grad_norm"] = float(grad_norm)
                 sums = {}
-                if held_out is not None and evaluation is not None:
+                if held_out is not None:
                     held_out.add_loss(logged["loss"])
                     if step % c.eval_every == 0:
-                        stop = self._evaluate(held_out, evaluation, model, logged)
+                        stop = self._evaluate(held_out, model, logged)
                 history.append(logged)
                 self._log(logged)
                 progress.update(1)
@@ -381,10 +381,10 @@ class Trainer:
         self.end()
         return history
 
-    def _evaluate(self, held_out: HeldOut, evaluation: Evaluation, model: nn.Module, logged: dict[str, float]) -> bool:
+    def _evaluate(self, held_out: HeldOut, model: nn.Module, logged: dict[str, float]) -> bool:
         """Score the held-out set at step logged["step"] (main process; the others receive the metrics), add the
         metrics to `logged` as eval/*, keep a new best's checkpoint; whether to stop early (`mmalign.heldout`)."""
-        acc, step = self.accelerator, int(logged["step"])
+        acc, step, evaluation = self.accelerator, int(logged["step"]), held_out.evaluation
         metrics: dict[str, float] | None = None
         if self.is_main:
             inner = acc.unwrap_model(model)

@@ -44,7 +44,7 @@ def fit(output, evaluation, **overrides):
 
 
 def test_the_early_stop_rule_by_hand(tmp_path):
-    held = HeldOut(patience=2)
+    held = HeldOut(closeness(0.0), patience=2)
     assert held.update(0, 1.0) == (True, False)  # the baseline is the first best
     for loss in (5.0, 3.0):
         held.add_loss(loss)
@@ -53,7 +53,7 @@ def test_the_early_stop_rule_by_hand(tmp_path):
     assert held.update(4, 0.4) == (False, True)  # two, and L_2 = 3 < L_max(0, 1) = L_1 = 4: over-optimisation
 
     def decisions(patience, evaluations):
-        held = HeldOut(patience)
+        held = HeldOut(closeness(0.0), patience)
         out = []
         for step, value, window in evaluations:  # window: the training losses since the last evaluation
             for loss in window:
@@ -70,7 +70,7 @@ def test_the_early_stop_rule_by_hand(tmp_path):
     assert out[-1] == (False, True)
 
     save_state(stalled.state_dict(), tmp_path, "held_out")
-    restored = HeldOut(patience=2)
+    restored = HeldOut(closeness(0.0), patience=2)
     restored.load_state_dict(load_state(tmp_path, "held_out"))
     assert restored.state_dict() == stalled.state_dict()
     with pytest.raises(ValueError, match="not a finite number"):
