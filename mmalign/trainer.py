@@ -420,9 +420,10 @@ class Trainer:
                     shutil.rmtree(old, ignore_errors=True)
 
     def _plot_held_out(self) -> None:
-        """held_out.png: every eval/* metric and the training loss of the whole run (metrics.jsonl) against the step."""
+        """held_out.png: every eval/* metric (its 95% CI as a band) and the training loss of the whole run
+        (metrics.jsonl) against the step."""
         rows = [json.loads(line) for line in (self.config.output / "metrics.jsonl").read_text().splitlines()]
-        keys = sorted({key for row in rows for key in row if key.startswith("eval/")})
+        keys = sorted({key for row in rows for key in row if key.startswith("eval/") and "_ci_" not in key})
         plot_metrics(rows, [*keys, "loss"], self.config.output / "held_out.png", title="held-out evaluation")
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
