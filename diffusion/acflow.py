@@ -26,9 +26,7 @@ pixel distance among a prompt's K samples).
 from __future__ import annotations
 
 import functools
-import importlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -38,20 +36,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmalign.config import option
-from mmalign.errors import ConfigError
 from mmalign.plots import plot_metrics
 from mmalign.reference import unwrap
 from mmalign.trainer import Trainer
 
-from .base import DenoiserConfig, Parts, first_prompts, given_grid_prompts, prepare, sample_grid, save_result
+from .base import (
+    DenoiserConfig,
+    Parts,
+    first_prompts,
+    given_grid_prompts,
+    held_out_evaluation,
+    prepare,
+    read_held_out,
+    sample_grid,
+    save_result,
+)
 from .data import read_prompts
+from .evaluate import RewardFn, checked_rewards, reward_on_device
 from .flow import flow_interpolate, sample_u
 from .flux import latent_grid
 from .latents import from_latents
 from .models import denoiser_of
 from .scoring import encode_prompts, predict
 
-RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
 TIME_FREQUENCIES = 8  # the critic sees sigma through sin and cos at 8 frequencies (16 features)
 TIME_SCALE = 1000  # sigma in [0, 1] scaled to the range of diffusion timesteps before the sinusoids
 
@@ -86,47 +93,6 @@ class Config(DenoiserConfig):
             raise ValueError("samples_per_prompt must be at least 2 (rewards are standardised per prompt)")
         if self.sample_steps < 1 or self.critic_warmup < 0 or self.advantage_clip <= 0:
             raise ValueError("sample_steps >= 1, critic_warmup >= 0 and advantage_clip > 0 are required")
-
-
-def load_reward(spec: str) -> RewardFn:
-    """The callable named `module:function`, the `score` of a reward-model folder (`mmalign reward train`), or of a
-    reward spec of named scorers (`pickscore:1.0,aesthetic=FILE:0.2`, `mmalign.diffusion.rewards.combine`)."""
-    from .rewards.combine import is_reward_spec, load_reward_spec
-
-    if is_reward_spec(spec):
-        return load_reward_spec(spec).score
-    if Path(spec).is_dir():
-        from .rewards import load_scorer
-
-        return load_scorer(spec).requires_grad_(False).score
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"--reward {spec}: cannot import it as module:function ({err})") from None
-    if not callable(fn):
-        raise ConfigError(f"--reward {spec}: {name} is not callable")
-    return fn
-
-
-def checked_rewards(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str],
-                    spec: str | RewardFn) -> torch.Tensor:
-    """reward_fn(images, prompts) as float32 [N] on the images' device; anything but N finite numbers: ConfigError."""
-    rewards = reward_fn(images, prompts).float().to(images.device)
-    if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
-        raise ConfigError(f"--reward {spec} returned {tuple(rewards.shape)} values"
-                          f"{'' if torch.isfinite(rewards).all() else ' with NaN or inf'}; expected {len(prompts)} "
-                          "finite numbers, one per image")
-    return rewards
-
-
-def reward_on_device(reward: str | RewardFn, device: torch.device) -> RewardFn:
-    """The reward callable (`load_reward` of a spec), a reward model moved to where training runs."""
-    reward_fn = reward if callable(reward) else load_reward(reward)
-    owner = getattr(reward_fn, "__self__", None)
-    if isinstance(owner, nn.Module):
-        owner.to(device)
-    return reward_fn
 
 
 class Critic(nn.Module):
@@ -255,6 +221,7 @@ def run(config: Config) -> list[dict[str, float]]:
     shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
     trainer = Trainer(config)
     reward_fn = reward_on_device(config.reward, trainer.device)
+    held_out = read_held_out(config, trainer.device)
     pipe, parts = prepare(config, trainer)
     actor = denoiser_of(pipe)
     pooled = encode_prompts(pipe, [""], parts.resolution, trainer.device).kwargs["pooled_projections"].shape[-1]
@@ -271,7 +238,8 @@ def run(config: Config) -> list[dict[str, float]]:
         sample_grid(trainer, parts, shown, "samples_before.png")
     step = functools.partial(acflow_step, parts=parts, reward_fn=reward_fn, count=count)
     history = trainer.fit(container, prompts, collate_prompts, step, save_model=save, stateful=(count,),
-                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps))
+                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps),
+                          evaluation=held_out_evaluation(parts, held_out))
     if trainer.is_main:
         plot_metrics(history, ["reward", "diversity", "critic_loss", "advantage", "w2", "loss"],
                      config.output / "curves.png", title="AC-Flow")

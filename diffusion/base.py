@@ -4,12 +4,14 @@ A method's Config extends `DenoiserConfig` (the model, LoRA or full fine-tune, t
 options, the before/after grids). Its run:
 
     trainer = Trainer(config)
+    held_out = read_held_out(config, trainer.device)  # --eval-prompts and --eval-reward, checked
     pipe, parts = prepare(config, trainer)         # frozen parts placed and cast, LoRA attached, reference built
     ...                                            # the method's data, checked
     trainer.begin()                                # the run folder is written from here on
     sample_grid(trainer, parts, prompts, "samples_before.png")
     trainer.fit(denoiser_of(pipe), data, collate, step, save_model=lambda m, out: save_result(parts, m, out),
-                finish=lambda: sample_grid(trainer, parts, prompts, "samples_after.png", config.max_steps))
+                finish=lambda: sample_grid(trainer, parts, prompts, "samples_after.png", config.max_steps),
+                evaluation=held_out_evaluation(parts, held_out))
 
 What a method needs of the model is stated on its Config class: `schedule` ("flow" or "diffusion" when it
 works with one kind only) and `video` (a text-to-video pipeline instead of an image one).
@@ -25,11 +27,14 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import torch
 
 from mmalign.config import option
-from mmalign.errors import ConfigError
+from mmalign.errors import ConfigError, DataError
+from mmalign.heldout import Evaluation
 from mmalign.reference import AdapterDisabled, FrozenCopy, Reference
+from mmalign.stats import mean_ci
 from mmalign.trainer import TrainConfig, Trainer
 
 from .data import read_prompts
+from .evaluate import RewardFn, checked_rewards, fixed_seed_samples, reward_on_device
 from .flux import DISTILLED_GUIDANCE
 from .models import (
     LORA_TARGETS,
@@ -78,6 +83,15 @@ class DenoiserConfig(TrainConfig):
     distilled_guidance: float = option(DISTILLED_GUIDANCE, "guidance-distilled models (FLUX.1-dev): the value of "
                                        "their guidance embedding in training and in every sample, in place of "
                                        "--guidance-scale (see mmalign.diffusion.flux)")
+    eval_prompts: str | None = option(None, "--eval-every: text file of held-out prompts (one a line), sampled with "
+                                            "fixed seeds and scored by --eval-reward")
+    eval_reward: str | RewardFn | None = option(
+        None, "--eval-every: the held-out gold reward, scorers not used for training: module:function, a reward-model "
+        "folder, a reward spec (pickscore:1.0,aesthetic=FILE:0.2), or from Python the callable itself; called as "
+        "reward(images, prompts) -> [N], logged as eval/reward")
+    eval_per_prompt: int = option(4, "--eval-every: fixed-seed samples per held-out prompt")
+    eval_seed: int = option(1000, "--eval-every: seed of the first held-out sample (sample i uses seed + i)")
+    eval_steps: int = option(20, "--eval-every: sampler steps of the held-out samples")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,6 +99,13 @@ class DenoiserConfig(TrainConfig):
             raise ValueError("--model (a pipeline folder, hub id or checkpoint file) is required")
         if not self.full and self.lora_rank < 1:
             raise ValueError(f"lora_rank must be at least 1 (or pass --full), got {self.lora_rank}")
+        if self.eval_every and not (self.eval_prompts and self.eval_reward):
+            raise ValueError("--eval-every needs --eval-prompts (held-out prompts) and --eval-reward (their reward)")
+        if (self.eval_prompts or self.eval_reward) and not self.eval_every:
+            raise ValueError("--eval-prompts and --eval-reward are scored every --eval-every N steps; pass it")
+        if self.eval_per_prompt < 1 or self.eval_steps < 1:
+            raise ValueError(f"eval_per_prompt and eval_steps must be at least 1, got {self.eval_per_prompt} and "
+                             f"{self.eval_steps}")
 
     def sampler_guidance(self, pipe, guidance_scale: float) -> float:
         """The pipeline's `guidance_scale` argument: `distilled_guidance` for a guidance-embedded denoiser (FLUX.1-dev),
@@ -208,6 +229,44 @@ def prepare(config: ConfigT, trainer: Trainer, reference_factory: ReferenceFacto
         model.compile()
     resolution = config.resolution or native_resolution(pipe)
     return pipe, Parts(pipe, training_scheduler(pipe), reference, config, resolution, vae_dtype=dtype)
+
+
+HeldOutReward = tuple[list[str], RewardFn]
+
+
+def read_held_out(config: DenoiserConfig, device: torch.device) -> HeldOutReward | None:
+    """With --eval-every, the --eval-prompts and the --eval-reward callable on `device`, read and checked before the
+    model loads; else None."""
+    if not config.eval_every or config.eval_prompts is None or config.eval_reward is None:
+        return None
+    try:
+        prompts = read_prompts(config.eval_prompts)
+    except DataError as err:
+        raise DataError(f"--eval-prompts: {err}") from None
+    if len(prompts) * config.eval_per_prompt < 2:
+        raise ConfigError(f"--eval-prompts {config.eval_prompts}: 1 prompt x --eval-per-prompt 1 is one sample; a "
+                          "confidence interval needs at least 2")
+    return prompts, reward_on_device(config.eval_reward, device, where="--eval-reward")
+
+
+def held_out_evaluation(parts: Parts, held_out: HeldOutReward | None) -> Evaluation | None:
+    """The trainer's evaluation: the current denoiser's fixed-seed samples of the held-out prompts (sample i seeded
+    eval_seed + i) scored by the gold reward: eval/reward = mean r with its 95% CI (eval/reward_ci_low, _high)."""
+    if held_out is None:
+        return None
+    prompts, reward_fn = held_out
+    config = parts.config
+
+    def run(_model: torch.nn.Module) -> dict[str, float]:
+        expanded, images = fixed_seed_samples(
+            parts.pipe, prompts, config.eval_per_prompt, config.eval_seed, config.eval_steps,
+            config.sampler_guidance(parts.pipe, config.guidance_scale), height=parts.resolution,
+            width=parts.resolution, **config.sampling_kwargs())
+        device = denoiser_of(parts.pipe).device
+        summary = mean_ci(checked_rewards(reward_fn, images.to(device), expanded, config.eval_reward, "--eval-reward"))
+        return {"reward": summary["mean"], "reward_ci_low": summary["ci_low"], "reward_ci_high": summary["ci_high"]}
+
+    return Evaluation(run, "reward")
 
 
 def given_grid_prompts(config: DenoiserConfig) -> list[str] | None:

@@ -1,11 +1,16 @@
-"""Held-out evaluation of a pipeline by a reward: fixed-seed samples per prompt, mean reward with a 95% CI."""
+"""Held-out evaluation of a pipeline by a reward: fixed-seed samples per prompt, mean reward with a 95% CI; the reward
+callables every command reads (`load_reward`)."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from torch import nn
 
+from mmalign.errors import ConfigError
 from mmalign.stats import mean_ci
 
 from .sample import generate
@@ -40,3 +45,44 @@ def paired_gain(base, tuned, prompts: list[str], reward_fn: RewardFn,
     _, base_rewards, _ = evaluate_reward(base, prompts, reward_fn, **sampling)
     _, tuned_rewards, images = evaluate_reward(tuned, prompts, reward_fn, **sampling)
     return mean_ci(tuned_rewards - base_rewards), images
+
+
+def load_reward(spec: str, where: str = "--reward") -> RewardFn:
+    """The callable named `module:function`, the `score` of a reward-model folder (`mmalign reward train`), or of a
+    reward spec of named scorers (`pickscore:1.0,aesthetic=FILE:0.2`, `mmalign.diffusion.rewards.combine`)."""
+    from .rewards.combine import is_reward_spec, load_reward_spec
+
+    if is_reward_spec(spec):
+        return load_reward_spec(spec, where=where).score
+    if Path(spec).is_dir():
+        from .rewards import load_scorer
+
+        return load_scorer(spec).requires_grad_(False).score
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"{where} {spec}: cannot import it as module:function ({err})") from None
+    if not callable(fn):
+        raise ConfigError(f"{where} {spec}: {name} is not callable")
+    return fn
+
+
+def checked_rewards(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str],
+                    spec: str | RewardFn, where: str = "--reward") -> torch.Tensor:
+    """reward_fn(images, prompts) as float32 [N] on the images' device; anything but N finite numbers: ConfigError."""
+    rewards = reward_fn(images, prompts).float().to(images.device)
+    if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
+        raise ConfigError(f"{where} {spec} returned {tuple(rewards.shape)} values"
+                          f"{'' if torch.isfinite(rewards).all() else ' with NaN or inf'}; expected {len(prompts)} "
+                          "finite numbers, one per image")
+    return rewards
+
+
+def reward_on_device(reward: str | RewardFn, device: torch.device, where: str = "--reward") -> RewardFn:
+    """The reward callable (`load_reward` of a spec), a reward model moved to where training runs."""
+    reward_fn = reward if callable(reward) else load_reward(reward, where)
+    owner = getattr(reward_fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        owner.to(device)
+    return reward_fn

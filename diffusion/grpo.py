@@ -11,7 +11,7 @@ scheduler, and everything below is the same for both. The choices, where the pap
    of every trained step. The K samples of a prompt are drawn on one process (its prompts are expanded there), so a
    group never spans processes and the advantages need no gathering; equal prompts drawn on two processes are two
    groups. `--shared-noise` starts a group from one initial noise (DanceGRPO).
-2. Reward and advantage. The reward callable is AC-Flow's (`acflow.load_reward`); A = (r - mean_K r) / (std_K r + 1e-6)
+2. Reward and advantage. Reward: `evaluate.load_reward` of --reward; A = (r - mean_K r) / (std_K r + 1e-6)
    (`acflow.shape_rewards`) clipped to [-5, 5] (Flow-GRPO's adv_clip_max). No reward history per prompt (Flow-GRPO's
    stat tracker keeps none across epochs either).
 3. Loss per (sample, trained step): PPO's -min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(log pi_theta - log pi_old),
@@ -60,8 +60,19 @@ from mmalign.plots import plot_metrics
 from mmalign.reference import unwrap
 from mmalign.trainer import Trainer
 
-from .acflow import Prompts, RewardFn, checked_rewards, collate_prompts, diversity, reward_on_device, shape_rewards
-from .base import DenoiserConfig, Parts, first_prompts, given_grid_prompts, prepare, sample_grid, save_result
+from .acflow import Prompts, collate_prompts, diversity, shape_rewards
+from .base import (
+    DenoiserConfig,
+    Parts,
+    first_prompts,
+    given_grid_prompts,
+    held_out_evaluation,
+    prepare,
+    read_held_out,
+    sample_grid,
+    save_result,
+)
+from .evaluate import RewardFn, checked_rewards, reward_on_device
 from .latents import from_latents
 from .models import denoiser_of
 from .scoring import Condition, encode_prompts, is_flow, predict
@@ -281,6 +292,7 @@ def run(config: Config) -> list[dict[str, float]]:
     shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
     trainer = Trainer(config)
     reward_fn = reward_on_device(config.reward, trainer.device)
+    held_out = read_held_out(config, trainer.device)
     pipe, parts = prepare(config, trainer)
     schedule = policy_schedule(pipe, parts.noise_scheduler, config.sample_steps,
                                parts.resolution // pipe.vae_scale_factor, trainer.device)
@@ -292,7 +304,8 @@ def run(config: Config) -> list[dict[str, float]]:
     history = trainer.fit(denoiser_of(pipe), prompts, collate_prompts, step,
                           save_model=lambda model, output: save_result(parts, model, Path(output)),
                           stateful=(buffer,),
-                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps))
+                          finish=lambda: sample_grid(trainer, parts, shown, "samples_after.png", config.max_steps),
+                          evaluation=held_out_evaluation(parts, held_out))
     if trainer.is_main:
         method = "Flow-GRPO" if is_flow(parts.noise_scheduler) else "DDPO"
         plot_metrics(history, ["reward", "advantage", "ratio", "clip_fraction", "kl", "approx_kl", "diversity", "loss"],

@@ -40,7 +40,9 @@ from .base import (
     ReferenceFactory,
     first_prompts,
     given_grid_prompts,
+    held_out_evaluation,
     prepare,
+    read_held_out,
     sample_grid,
     save_result,
 )
@@ -201,6 +203,7 @@ def train(config: PairConfigT, make_step: Callable[[Parts[PairConfigT]], Step], 
     pipeline), grids and curves."""
     trainer = Trainer(config)
     given = given_grid_prompts(config)
+    held_out = read_held_out(config, trainer.device)
     pipe, parts = prepare(config, trainer, reference_factory)
     step = make_step(parts)
     pairs = pairs_class(config.data, resolution=parts.resolution, split=config.split,
@@ -216,7 +219,8 @@ def train(config: PairConfigT, make_step: Callable[[Parts[PairConfigT]], Step], 
     stateful = (parts.reference,) if isinstance(parts.reference, Stateful) else ()
     history = trainer.fit(denoiser_of(pipe), dataset, collate_pairs, step, stateful=stateful,
                           save_model=lambda model, output: save_result(parts, model, output),
-                          finish=lambda: sample_grid(trainer, parts, prompts, "samples_after.png", config.max_steps))
+                          finish=lambda: sample_grid(trainer, parts, prompts, "samples_after.png", config.max_steps),
+                          evaluation=held_out_evaluation(parts, held_out))
     if trainer.is_main:
         plot_metrics(history, ["loss", "implicit_acc", "reward_margin", "model_mse", *curves, "lr"],
                      config.output / "curves.png", title=title)

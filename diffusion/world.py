@@ -9,6 +9,7 @@ it scores any generated image the same way it scores a rendered one.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -61,20 +62,28 @@ def placement_reward(images: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, 1.0 - centroid / (images.shape[-1] - 1), torch.zeros_like(mass))
 
 
+def object_area(images: torch.Tensor) -> torch.Tensor:
+    """r(x) = (object pixels) / (H * W), the share of the image the object covers; images [B,3,H,W] in [0,1]."""
+    background = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1) / 255.0
+    return ((images - background).abs().amax(dim=1) * 255.0 > OBJECT_THRESHOLD).to(images.dtype).mean(dim=(1, 2))
+
+
 def placement_agreement(pairs) -> float:
     """Share of pairs ({'pixel_values': [2,3,H,W] in [-1, 1], winner first}) whose winner placement_reward prefers."""
     agree = [bool(placement_reward((pairs[i]["pixel_values"] + 1) / 2).diff() < 0) for i in range(len(pairs))]
     return sum(agree) / len(agree)
 
 
-def preference_pairs(n: int, seed: int, tie_margin: float = 0.03) -> list[dict]:
-    """`n` Pick-a-Pic rows (caption, jpg_0, jpg_1 as PNG bytes, label_0) labelled by placement_reward, ties if close."""
+def preference_pairs(n: int, seed: int, tie_margin: float = 0.03,
+                     reward: Callable[[torch.Tensor], torch.Tensor] = placement_reward) -> list[dict]:
+    """`n` Pick-a-Pic rows (caption, jpg_0, jpg_1 as PNG bytes, label_0) labelled by `reward` (placement_reward),
+    a tie when the two rewards differ by less than `tie_margin`."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(n):
         caption, first = random_scene(rng)
         _, second = random_scene(rng, caption)
-        rewards = placement_reward(torch.stack([pil_to_tensor(first), pil_to_tensor(second)]))
+        rewards = reward(torch.stack([pil_to_tensor(first), pil_to_tensor(second)]))
         gap = float(rewards[0] - rewards[1])
         label = 0.5 if abs(gap) < tie_margin else float(gap > 0)
         rows.append({"caption": caption, "jpg_0": png_bytes(first), "jpg_1": png_bytes(second), "label_0": label})

@@ -4,10 +4,11 @@ The modality supplies `step_fn(model, batch, generator) -> (loss, metrics)`; the
 mixed precision (no/fp16/bf16), gradient accumulation and clipping, a warm-up LR schedule, seeding,
 tqdm progress, TensorBoard (accelerate trackers) plus `metrics.jsonl` (one object per optimizer step),
 atomic checkpoints (written to a temp folder, then renamed; the last K kept), exact resume, one run per
-output folder (`run_folder`), and a guard that stops on a non-finite loss and leaves the last good
-checkpoint untouched. A row that cannot be loaded (`mmalign.errors.BadRow`: an image that does not decode) stops
-the run naming it, its last checkpoint intact (`--bad-rows error`), or is skipped for the next row (`skip`); either
-way it is listed with its file, index, field and reason in `bad_rows.jsonl`, and skipped rows are counted in the
+output folder (`run_folder`), a guard that stops on a non-finite loss and leaves the last good checkpoint
+untouched, and a held-out evaluation every `eval_every` steps with its best checkpoint kept and an early stop
+(`mmalign.heldout`). A row that cannot be loaded (`mmalign.errors.BadRow`: an image that does not decode) stops the
+run naming it, its last checkpoint intact (`--bad-rows error`), or is skipped for the next row (`skip`); either way
+it is listed with its file, index, field and reason in `bad_rows.jsonl`, and skipped rows are counted in the
 `bad_rows` metric.
 
 Exact resume is by construction: the data order of epoch e is a permutation seeded by (seed, e), and
@@ -56,6 +57,8 @@ from mmalign.errors import (
     UserError,
 )
 from mmalign.files import follow_umask, write_atomically
+from mmalign.heldout import Evaluation, HeldOut
+from mmalign.plots import plot_metrics
 from mmalign.reference import Stateful, unwrap
 from mmalign.state import StateFormatError, load_state, save_state
 
@@ -65,6 +68,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 BAD_ROWS_FILE = "bad_rows.jsonl"
 TRAINABLE_FILE = "trainable.safetensors"
+BEST_PREFIX, BEST_FILE = "best-", "best.json"  # checkpoints/best-<step>, and the file naming it (mmalign.heldout)
 EPOCH_SEED_STRIDE = 100_003  # epoch e of seed s is shuffled by seed s * stride + e: distinct for e < stride
 CHECKPOINT_FORMAT = 2  # 1: accelerate's save_state (pickled optimizer, schedule and RNG states), no longer read
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -100,18 +104,27 @@ class TrainConfig:
         "error", "a row that cannot be loaded in training (e.g. an image that does not decode): 'error' stops the run "
         "naming it, its last checkpoint intact; 'skip' trains on the next row instead; both list it in bad_rows.jsonl")
     cpu: bool = option(False, "train on the CPU even when a GPU is present")
+    eval_every: int = option(0, "score the held-out set every N optimizer steps and at step 0, log it as eval/*, "
+                                "keep the best checkpoint as checkpoints/best-<step> (0: never; the method's "
+                                "held-out options say what is scored)")
+    early_stop_patience: int = option(0, "stop when K evaluations in a row have not beaten the best held-out score "
+                                         "while the training loss since the best is below its value at the best "
+                                         "(0: never; see mmalign.heldout)")
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "num_workers", "max_grad_norm", "weight_decay", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "num_workers", "max_grad_norm", "weight_decay", "seed",
+                     "eval_every", "early_stop_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.output is None:
             raise ValueError("output (the run directory) is required")
+        if self.early_stop_patience and not self.eval_every:
+            raise ValueError("early_stop_patience needs eval_every (the held-out score it watches)")
         self.output = Path(self.output)
 
 
@@ -283,14 +296,19 @@ class Trainer:
 
     def fit(self, model: ModelT, dataset: Any, collate: Callable, step_fn: StepFn[ModelT],
             save_model: Callable[[ModelT, Path], object] | None = None, stateful: tuple[Stateful, ...] = (),
-            finish: Callable[[], object] | None = None) -> list[dict[str, float]]:
+            finish: Callable[[], object] | None = None, evaluation: Evaluation | None = None
+            ) -> list[dict[str, float]]:
         """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics.
 
         `stateful` objects (with state_dict/load_state_dict, states of tensors, numbers and strings) are saved in
         every checkpoint and restored on resume. `finish()` runs after the model is saved, while the run folder
-        is still held and the tracker open (the after-training grids).
+        is still held and the tracker open (the after-training grids). `evaluation` is scored every eval_every
+        steps, its best checkpoint kept, and may stop the run early (`mmalign.heldout`).
         """
         c, acc = self.config, self.accelerator
+        if c.eval_every and evaluation is None:
+            raise ConfigError("--eval-every: this trainer was given nothing held out to score (the method's held-out "
+                              "options, e.g. --eval-prompts and --eval-reward, say what)")
         accum = c.gradient_accumulation_steps
         sampler = EpochBatchSampler(len(dataset), c.batch_size, acc.num_processes, acc.process_index, c.seed)
         self.begin()
@@ -303,6 +321,9 @@ class Trainer:
         model, optimizer = acc.prepare(model, optimizer)
         self._training = {"model": model, "optimizer": optimizer, "scheduler": schedule,
                           **{f"state_{i}": obj for i, obj in enumerate(stateful)}}
+        held_out = HeldOut(evaluation, c.early_stop_patience) if evaluation is not None and c.eval_every else None
+        if held_out is not None:
+            self._training["held_out"] = held_out
 
         step = 0
         if self.resume_from is not None:
@@ -322,6 +343,12 @@ class Trainer:
         skipped = 0
         model.train()
         micro_step = step * accum
+        if held_out is not None and step == 0:  # the baseline
+            baseline: dict[str, float] = {"step": 0}
+            history.append(baseline)
+            self._evaluate(held_out, model, baseline)
+            self._log(baseline)
+        stop = False
         try:  # the progress bar is closed first, so an error message starts on a line of its own
             while step < c.max_steps:
                 batch, bad = next(batches)
@@ -354,15 +381,23 @@ class Trainer:
                 if grad_norm is not None:
                     logged["grad_norm"] = float(grad_norm)
                 sums = {}
+                if held_out is not None:
+                    held_out.add_loss(logged["loss"])
+                    if step % c.eval_every == 0:
+                        stop = self._evaluate(held_out, model, logged)
                 history.append(logged)
                 self._log(logged)
                 progress.update(1)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}")
-                if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.max_steps:
+                if (c.checkpoint_every and step % c.checkpoint_every == 0) or step == c.max_steps or stop:
                     self.save_checkpoint(step)
+                if stop:
+                    break
         finally:
             progress.close()
         acc.wait_for_everyone()
+        if held_out is not None and self.is_main:
+            self._plot_held_out()
         if save_model is not None and self.is_main:
             save_model(acc.unwrap_model(model), c.output)
             follow_umask(c.output)
@@ -372,6 +407,51 @@ class Trainer:
         acc.end_training()
         self.end()
         return history
+
+    def _evaluate(self, held_out: HeldOut, model: nn.Module, logged: dict[str, float]) -> bool:
+        """Score the held-out set at step logged["step"] (main process; the others receive the metrics), add the
+        metrics to `logged` as eval/*, keep a new best's checkpoint; whether to stop early (`mmalign.heldout`)."""
+        acc, step, evaluation = self.accelerator, int(logged["step"]), held_out.evaluation
+        metrics: dict[str, float] | None = None
+        if self.is_main:
+            inner = acc.unwrap_model(model)
+            inner.eval()
+            with torch.no_grad(), acc.autocast():
+                metrics = {name: float(value) for name, value in evaluation.run(inner).items()}
+            inner.train()
+        if acc.num_processes > 1:
+            metrics = broadcast_object_list([metrics])[0]
+        assert metrics is not None
+        if evaluation.key not in metrics:
+            raise ValueError(f"the held-out evaluation returned {sorted(metrics)}, not its key {evaluation.key!r}")
+        logged.update({f"eval/{name}": value for name, value in metrics.items()})
+        best, stop = held_out.update(step, metrics[evaluation.key])
+        if best:
+            self._save_best(step, f"eval/{evaluation.key}", metrics[evaluation.key])
+        if stop and held_out.best is not None:
+            kept = self.config.output / "checkpoints" / f"{BEST_PREFIX}{held_out.best['step']}"
+            acc.print(f"early stop at step {step}: eval/{evaluation.key} has not beaten its best "
+                      f"({held_out.best['value']:.4g} at step {held_out.best['step']}) for {held_out.patience} "
+                      f"evaluations while the training loss since then is below its value there; the best "
+                      f"checkpoint is {kept}")
+        return stop
+
+    def _save_best(self, step: int, metric: str, value: float) -> None:
+        """Write checkpoints/best-<step>, name it in checkpoints/best.json (atomically), then remove older bests."""
+        folder = self.save_checkpoint(step, name=f"{BEST_PREFIX}{step}")
+        if self.is_main:
+            record = {"step": step, "folder": folder.name, "metric": metric, "value": value}
+            write_atomically(folder.parent / BEST_FILE, lambda tmp: tmp.write_text(json.dumps(record) + "\n"))
+            for old in folder.parent.glob(BEST_PREFIX + "*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _plot_held_out(self) -> None:
+        """held_out.png: every eval/* metric (its 95% CI as a band) and the training loss of the whole run
+        (metrics.jsonl) against the step."""
+        rows = [json.loads(line) for line in (self.config.output / "metrics.jsonl").read_text().splitlines()]
+        keys = sorted({key for row in rows for key in row if key.startswith("eval/") and "_ci_" not in key})
+        plot_metrics(rows, [*keys, "loss"], self.config.output / "held_out.png", title="held-out evaluation")
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
         finite = self.accelerator.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min")
@@ -427,11 +507,13 @@ class Trainer:
                     continue
             write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
-    def save_checkpoint(self, step: int) -> Path:
-        """Write the training state to checkpoints/.tmp-checkpoint-N, then rename it; prune beyond keep_checkpoints."""
+    def save_checkpoint(self, step: int, name: str | None = None) -> Path:
+        """Write the training state to checkpoints/.tmp-<name>, then rename it to <name> (default checkpoint-N); prune
+        checkpoint-N folders beyond keep_checkpoints."""
         acc = self.accelerator
         root = self.config.output / "checkpoints"
-        final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f".tmp-{CHECKPOINT_PREFIX}{step}"
+        final = root / (name or f"{CHECKPOINT_PREFIX}{step}")
+        tmp = root / f".tmp-{final.name}"
         acc.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)

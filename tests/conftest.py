@@ -130,8 +130,9 @@ class Embedded:
         from mmalign.diffusion import world
         from mmalign.diffusion.evaluate import paired_gain
 
-        return paired_gain(*self.pipelines(config), list(world.CAPTIONS), world.reward, per_prompt=per_prompt,
-                           seed=seed, steps=steps)
+        base, tuned = self.pipelines(config)
+        return paired_gain(base, tuned, list(world.CAPTIONS), world.reward, per_prompt=per_prompt, seed=seed,
+                           steps=steps)
 
     def reward_run_summary(self, config, seed: int = 2000, per_prompt: int = 6, steps: int = 10) -> dict:
         """What a run trained on the world's reward must move and keep, on per_prompt fixed-seed samples of each

@@ -162,7 +162,7 @@ def test_a_weighted_spec_is_the_weighted_sum_of_raw_scores(folders):
 
 
 def test_a_spec_is_taken_wherever_a_reward_is(folders):
-    from mmalign.diffusion.acflow import load_reward
+    from mmalign.diffusion.evaluate import load_reward
     from mmalign.diffusion.rewards import ScorerOptions
     from mmalign.diffusion.rewards.combine import WeightedReward
 

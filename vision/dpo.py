@@ -47,6 +47,8 @@ from mmalign.trainer import TrainConfig, Trainer
 
 from . import models, online, token_level
 from .data import CHOSEN, REJECTED, VISUAL, VisionPairs, collate_pairs, stack_images
+from .eval import held_out_accuracy, qa_rows
+from .evaluate import PROMPT
 from .scoring import image_features, rope_index, sequence_scores, token_log_probs
 
 LossKind = Literal[PAIRWISE_KINDS]  # type: ignore[valid-type]
@@ -94,6 +96,11 @@ class Config(TrainConfig):
                                           "reaches this is drawn again (up to 5 times)")
     gradient_checkpointing: bool = option(False, "trade compute for memory in the language model")
     learning_rate: float = option(1e-5, "peak learning rate")
+    eval_data: str | None = option(None, "--eval-every: held-out QA rows (images (one), question, one-word answer; "
+                                         "Parquet/JSONL, folder or hub id) answered greedily, logged as eval/accuracy "
+                                         "(as `mmalign vision eval` measures it)")
+    eval_template: str = option(PROMPT, "--eval-every: the prompt of the held-out questions, {question} where the "
+                                        "question goes")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +127,10 @@ class Config(TrainConfig):
             raise ValueError("--reference adapter needs a LoRA; --full trains the weights themselves (use frozen)")
         if self.reference == "frozen" and not self.full:
             raise ValueError("--reference frozen is for --full; a LoRA's reference is the model with its adapter off")
+        if bool(self.eval_every) != bool(self.eval_data):
+            raise ValueError("--eval-every and --eval-data go together: the held-out QA rows are scored every N steps")
+        if "{question}" not in self.eval_template:
+            raise ValueError(f"--eval-template {self.eval_template!r} has no {{question}}")
         if self.reference == "cached" and self.visual_term == "corrupted":
             raise ValueError("--reference cached needs fixed images; the corrupted visual term draws new crops each "
                              "step")
@@ -324,13 +335,16 @@ def run(config: Config) -> list[dict[str, float]]:
     processor = models.load_processor(config.model)
     pairs = load_pairs(config, processor)
     trainer.accelerator.print(f"{len(pairs)} preference rows from {config.data}")
+    held_out = qa_rows(config.eval_data, allow_outside_paths=config.allow_outside_paths) if config.eval_data else None
     model, parts = prepare(config, trainer, processor)
     collate = collate_for(processor, config)
     trainer.begin()
     if config.reference == "cached":
         parts.reference = cached_reference(parts, model, pairs, collate, trainer)
     history = trainer.fit(model, pairs, collate, functools.partial(dpo_step, parts=parts),
-                          save_model=lambda m, out: models.save(m, processor, Path(out)))
+                          save_model=lambda m, out: models.save(m, processor, Path(out)),
+                          evaluation=held_out_accuracy(processor, held_out, config.batch_size, config.eval_template)
+                          if held_out is not None else None)
     if trainer.is_main:
         plot_metrics(history, ["loss", "dpo_loss", "visual_loss", "anchor_loss", "implicit_acc", "reward_margin", "lr"],
                      config.output / "curves.png", title="vision DPO")

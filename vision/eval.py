@@ -21,6 +21,7 @@ from mmalign.config import option
 from mmalign.data import ALLOW_OUTSIDE_PATHS, Field, Schema, text
 from mmalign.errors import ConfigError
 from mmalign.files import write_atomically
+from mmalign.heldout import Evaluation
 from mmalign.stats import mean_ci
 
 from . import models
@@ -79,11 +80,28 @@ def load_aligned(path: str | Path, base: str):
 
 
 def read_rows(config: Config) -> list[dict]:
-    """The QA rows, checked up front (a missing field or unreadable image names the row), images opened."""
-    records = load_rows(config.data, QA_ROW, config.split, config.allow_outside_paths)
-    root = data_root(config.data)
-    return [{"image": open_image(r["images"][0], root, config.allow_outside_paths, f"{config.data} row {i} images"),
+    """The QA rows of --data (`qa_rows`)."""
+    return qa_rows(config.data, config.split, config.allow_outside_paths)
+
+
+def qa_rows(data: str, split: str = "train", allow_outside_paths: bool = False) -> list[dict]:
+    """QA rows, checked up front (a missing field or unreadable image names the row), images opened."""
+    records = load_rows(data, QA_ROW, split, allow_outside_paths)
+    root = data_root(data)
+    return [{"image": open_image(r["images"][0], root, allow_outside_paths, f"{data} row {i} images"),
              "question": r["question"], "answer": r["answer"]} for i, r in enumerate(records)]
+
+
+def held_out_accuracy(processor, rows: list[dict], batch_size: int, template: str = PROMPT) -> Evaluation:
+    """The trainer's evaluation of a vision model: eval/accuracy = share of `rows` answered right greedily (as
+    `mmalign vision eval` measures it), with its 95% CI (eval/accuracy_ci_low, _high)."""
+    def run(model) -> dict[str, float]:
+        answers = greedy_answers(model, processor, rows, batch_size, template=template)
+        summary = mean_ci([float(same_word(a, r["answer"])) for a, r in zip(answers, rows)])
+        return {"accuracy": summary["mean"], "accuracy_ci_low": summary["ci_low"],
+                "accuracy_ci_high": summary["ci_high"]}
+
+    return Evaluation(run, "accuracy")
 
 
 def run(config: Config) -> dict:
