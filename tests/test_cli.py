@@ -18,10 +18,11 @@ def run_cli(capsys, *argv):
 
 def test_bad_data_names_the_record_and_trains_nothing(tiny_sd, tmp_path, capsys):
     rows = preference_pairs(4, seed=1)
-    rows[2]["jpg_0"] = b"\x89PNG broken"
+    rows[2].update(jpg_0=b"\x89PNG broken", label_0=1.0)  # found when the first batch, every usable pair, loads
     data = write_pickapic(rows, tmp_path / "bad.parquet")
+    usable = sum(row["label_0"] != 0.5 for row in rows)
     code, err = run_cli(capsys, "diffusion", "dpo", "--model", tiny_sd, "--data", data, "--output", tmp_path / "run",
-                        "--max-steps", 1, "--report-to", "none")
+                        "--max-steps", 1, "--batch-size", usable, "--report-to", "none")
     assert code == 1
     assert "bad.parquet" in err and "record 2, field 'jpg_0': cannot be read" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
