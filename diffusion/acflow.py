@@ -42,6 +42,7 @@ from mmalign.trainer import Trainer
 
 from .base import (
     DenoiserConfig,
+    HeldOutReward,
     Parts,
     first_prompts,
     given_grid_prompts,
@@ -209,6 +210,17 @@ class Prompts(torch.utils.data.Dataset):
         return {"prompt": self.prompts[i]}
 
 
+def online_setup(config: DenoiserConfig, prompts_file: str, reward: str | RewardFn
+                 ) -> tuple[Prompts, list[str], Trainer, RewardFn, HeldOutReward | None]:
+    """What an online method (AC-Flow, GRPO) reads and checks before its model loads: the training prompts, the grid
+    prompts, the trainer, the reward callable on its device and the held-out set."""
+    prompts = Prompts(prompts_file)
+    trainer = Trainer(config)
+    reward_fn = reward_on_device(reward, trainer.device)
+    return (prompts, given_grid_prompts(config) or first_prompts(prompts.prompts), trainer, reward_fn,
+            read_held_out(config, trainer.device))
+
+
 def collate_prompts(items: list[dict[str, str]]) -> dict[str, list[str]]:
     return {"prompt": [it["prompt"] for it in items]}
 
@@ -217,11 +229,7 @@ def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion acflow`: AC-Flow training into config.output (actor LoRA or pipeline, critic.safetensors)."""
     from safetensors.torch import save_file
 
-    prompts = Prompts(config.prompts)
-    shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
-    trainer = Trainer(config)
-    reward_fn = reward_on_device(config.reward, trainer.device)
-    held_out = read_held_out(config, trainer.device)
+    prompts, shown, trainer, reward_fn, held_out = online_setup(config, config.prompts, config.reward)
     pipe, parts = prepare(config, trainer)
     actor = denoiser_of(pipe)
     pooled = encode_prompts(pipe, [""], parts.resolution, trainer.device).kwargs["pooled_projections"].shape[-1]

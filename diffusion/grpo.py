@@ -58,21 +58,17 @@ from mmalign.config import option
 from mmalign.errors import ConfigError
 from mmalign.plots import plot_metrics
 from mmalign.reference import unwrap
-from mmalign.trainer import Trainer
 
-from .acflow import Prompts, collate_prompts, diversity, shape_rewards
+from .acflow import collate_prompts, diversity, online_setup, shape_rewards
 from .base import (
     DenoiserConfig,
     Parts,
-    first_prompts,
-    given_grid_prompts,
     held_out_evaluation,
     prepare,
-    read_held_out,
     sample_grid,
     save_result,
 )
-from .evaluate import RewardFn, checked_rewards, reward_on_device
+from .evaluate import RewardFn, checked_rewards
 from .latents import from_latents
 from .models import denoiser_of
 from .scoring import Condition, encode_prompts, is_flow, predict
@@ -288,11 +284,7 @@ def grpo_step(model: nn.Module, batch: dict[str, Any], generator: torch.Generato
 
 def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion grpo`: Flow-GRPO (flow models) or DDPO (diffusion models) into config.output."""
-    prompts = Prompts(config.prompts)
-    shown = given_grid_prompts(config) or first_prompts(prompts.prompts)
-    trainer = Trainer(config)
-    reward_fn = reward_on_device(config.reward, trainer.device)
-    held_out = read_held_out(config, trainer.device)
+    prompts, shown, trainer, reward_fn, held_out = online_setup(config, config.prompts, config.reward)
     pipe, parts = prepare(config, trainer)
     schedule = policy_schedule(pipe, parts.noise_scheduler, config.sample_steps,
                                parts.resolution // pipe.vae_scale_factor, trainer.device)
