@@ -25,14 +25,14 @@ import torch
 from mmalign import run_folder
 from mmalign.config import option
 from mmalign.errors import ConfigError
+from mmalign.files import write_atomically
+from mmalign.trainer import TRAINABLE_FILE
 
-from ..data import write_atomically
 from ..evaluate import fixed_seed_samples
 from ..models import sampling_pipeline
 from ..rewards.combine import WeightedReward, load_reward_spec, parse_reward_spec, weights_of
 from ..sample import save_images
 from .models import (
-    TRAINABLE_FILE,
     hashes,
     kind_of,
     load_model,
@@ -91,6 +91,11 @@ class Config:
         parse_reward_spec(self.scorer, "--scorer")  # a bad spec stops before any model loads
 
 
+def file_stem(name: str) -> str:
+    """A model's name as a file or folder name: runs of characters other than letters, digits and ._- become _."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
 def run(config: Config) -> dict:
     """Sample, score and compare; writes everything into config.output, a folder of its own (new or empty)."""
     prompts = read_prompt_set(config.prompts, config.prompt_column)
@@ -127,7 +132,7 @@ def sample_and_score(pipe, reward: WeightedReward, prompts: list[str], config: C
     scored by every term (and the weighted sum): {scorer: [P * per_prompt]}."""
     chunk = max(1, config.batch_size // config.per_prompt)
     size = {"height": config.resolution, "width": config.resolution} if config.resolution else {}
-    folder = config.output / "samples" / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    folder = config.output / "samples" / file_stem(name)
     parts: dict[str, list[torch.Tensor]] = {}
     files[name] = []
     for start in range(0, len(prompts), chunk):
@@ -187,7 +192,7 @@ def write_outputs(config: Config, result: dict, rows: list[dict], files: dict[st
         if model == base:
             continue
         order = ranked_prompts(rows, primary, model, base)
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", model)
+        stem = file_stem(model)
         for which, chosen in (("best", order[:count]), ("worst", order[::-1][:count])):
             grid = comparison_grid(files, chosen, base, model, config.per_prompt, max(1, 128 // result["sampling"]
                                                                                       ["width"]))

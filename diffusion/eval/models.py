@@ -18,11 +18,10 @@ from mmalign.config import load_yaml
 from mmalign.data import one_line
 from mmalign.errors import ConfigError
 from mmalign.hub import is_repo_id
+from mmalign.trainer import TRAINABLE_FILE, TRAINER_STATE
 
-from ..models import add_lora, denoiser_of, sampling_pipeline
+from ..models import LORA_TARGETS, add_lora, denoiser_of, sampling_pipeline
 from ..rewards.named import WEIGHT_SUFFIXES
-
-TRAINABLE_FILE, TRAINER_STATE = "trainable.safetensors", "trainer_state.json"  # what `mmalign.trainer` writes
 
 
 def parse_model(spec: str) -> tuple[str, str]:
@@ -72,7 +71,7 @@ def load_checkpoint(pipe, folder: Path) -> None:
     model = denoiser_of(pipe)
     if not run.get("full", False):
         add_lora(model, int(run.get("lora_rank", 8)), run.get("lora_alpha"),
-                 tuple(run.get("lora_targets") or ("to_k", "to_q", "to_v", "to_out.0")))
+                 tuple(run.get("lora_targets") or LORA_TARGETS))
     weights = load_file(str(folder / TRAINABLE_FILE))
     trained = {name for name, param in model.named_parameters() if param.requires_grad}
     unknown, missing = sorted(set(weights) - trained), sorted(trained - set(weights))
