@@ -79,11 +79,6 @@ def load_aligned(path: str | Path, base: str):
     return PeftModel.from_pretrained(models.load_model(base), str(path)).merge_and_unload()
 
 
-def read_rows(config: Config) -> list[dict]:
-    """The QA rows of --data (`qa_rows`)."""
-    return qa_rows(config.data, config.split, config.allow_outside_paths)
-
-
 def qa_rows(data: str, split: str = "train", allow_outside_paths: bool = False) -> list[dict]:
     """QA rows, checked up front (a missing field or unreadable image names the row), images opened."""
     records = load_rows(data, QA_ROW, split, allow_outside_paths)
@@ -106,7 +101,7 @@ def held_out_accuracy(processor, rows: list[dict], batch_size: int, template: st
 
 def run(config: Config) -> dict:
     """Answer every row with every model; write the comparison into config.output, a folder of its own."""
-    rows = read_rows(config)
+    rows = qa_rows(config.data, config.split, config.allow_outside_paths)
     aligned = dict(model_name(m) for m in config.models)
     with run_folder.claim(config.output, resuming=False):
         model, processor = models.load(config.base)
