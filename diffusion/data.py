@@ -35,6 +35,7 @@ from mmalign.data import (
 )
 from mmalign.errors import BadRow, MissingDependencyError
 from mmalign.files import write_atomically
+from mmalign.stream import Stream
 
 LABELS = (0.0, 0.5, 1.0)
 PICKAPIC_FIELDS = ("caption", "jpg_0", "jpg_1", "label_0")
@@ -159,19 +160,21 @@ class PreferencePairs(torch.utils.data.Dataset):
     media = "image"
 
     def __init__(self, path: str | Path, resolution: int, split: str = "train", as_stored: bool = False,
-                 allow_outside_paths: bool = False):
+                 allow_outside_paths: bool = False, streaming: bool = False, shuffle_buffer: int = 1000):
         self.source, self.root, self.resolution = str(path), _data_root(path), resolution
-        self.allow_outside_paths = allow_outside_paths
-        inside = None if allow_outside_paths else self.root
-        records = load_preferences(path, pickapic_schema(self.fields, inside, self.media), split)
+        self.allow_outside_paths, self.as_stored = allow_outside_paths, as_stored
+        schema = pickapic_schema(self.fields, None if allow_outside_paths else self.root, self.media)
+        if streaming:  # read as training goes: the pairs are `self.stream`'s, and this object only loads them
+            self.stream = Stream(path, schema, self.item, lambda record: as_stored or record.get("label_0") != 0.5,
+                                 split, shuffle_buffer)
+            return
+        records = load_preferences(path, schema, split)
         self.labels = records.with_format("arrow")[:]["label_0"].to_numpy().astype(np.float64)
         self.ties = int((self.labels == 0.5).sum())
         if self.ties == len(records):
             raise DataError(f"{path}: all {len(records)} pairs are ties (label_0 = 0.5); nothing to learn from")
-        self.as_stored = as_stored
         self.rows = np.arange(len(records)) if as_stored else np.flatnonzero(self.labels != 0.5)
         self.records = records
-        self.winner_first = as_stored | (self.labels[self.rows] == 1.0)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -188,15 +191,22 @@ class PreferencePairs(torch.utils.data.Dataset):
         except Exception as err:  # noqa: BLE001
             raise BadRow(self.source, row, field, f"cannot be read ({err})") from err
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row = int(self.rows[i])
-        record = self.records[row]
+    def winner_first(self, record: dict) -> bool:
+        """Whether the record's first media is the one to put first: the winner (label_0 = 1), or as stored."""
+        return self.as_stored or record["label_0"] == 1.0
+
+    def item(self, record: dict, row: int) -> dict[str, Any]:
+        """The training item of record `row`."""
         first, second = (self._pixels(record[name], row, name) for name in self.fields)
-        pair = (first, second) if self.winner_first[i] else (second, first)
+        pair = (first, second) if self.winner_first(record) else (second, first)
         item = {"pixel_values": torch.stack(pair), "caption": record["caption"], "index": row}
         if self.as_stored:
-            item["label_0"] = torch.tensor(self.labels[row], dtype=torch.float32)
+            item["label_0"] = torch.tensor(float(record["label_0"]), dtype=torch.float32)
         return item
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = int(self.rows[i])
+        return self.item(self.records[row], row)
 
     def caption(self, i: int) -> str:
         """The caption of pair i, without decoding its images."""

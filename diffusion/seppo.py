@@ -60,10 +60,8 @@ SeppoParts = Parts[Config]
 class Winners(PreferencePairs):
     """The preferred image of each non-tie Pick-a-Pic pair: {'pixel_values': [1,3,R,R], 'caption', 'index'}."""
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        row = int(self.rows[i])
-        record = self.records[row]
-        field = self.fields[0] if self.winner_first[i] else self.fields[1]
+    def item(self, record: dict, row: int) -> dict[str, Any]:
+        field = self.fields[0] if self.winner_first(record) else self.fields[1]
         return {"pixel_values": self._pixels(record[field], row, field)[None], "caption": record["caption"],
                 "index": row}
 

@@ -64,10 +64,9 @@ class VideoPairs(PreferencePairs):
     fields = ("video_0", "video_1")
     media = "video"
 
-    def __init__(self, path: str | Path, resolution: int, split: str = "train", num_frames: int = 8,
-                 as_stored: bool = False, allow_outside_paths: bool = False):
+    def __init__(self, path: str | Path, resolution: int, split: str = "train", num_frames: int = 8, **options: Any):
         self.num_frames = num_frames
-        super().__init__(path, resolution, split, as_stored, allow_outside_paths)
+        super().__init__(path, resolution, split, **options)
 
     def _frames(self, value: Any) -> list[Image.Image]:
         frames = read_video(value, self.root, self.allow_outside_paths)

@@ -427,13 +427,16 @@ def _problems(records: datasets.Dataset, schema: Schema) -> list[tuple[int, str,
     for mask in masks:
         suspect |= True if mask is None else pc.fill_null(mask, True).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(suspect)
-    problems = []
-    for index, record in zip(rows.tolist(), records.select(rows)):
-        problems += [(index, f.name, problem) for f in schema.fields if f.name in record
-                     for problem in [f.check(record[f.name], record)] if problem]
-        for check in checks:
-            problems += [(index, field, problem) for field, problem in check.check(record)]
-    return problems
+    return [(index, field, problem) for index, record in zip(rows.tolist(), records.select(rows))
+            for field, problem in record_problems(record, schema, checks)]
+
+
+def record_problems(record: dict, schema: Schema, checks: list[RowCheck]) -> list[tuple[str, str]]:
+    """(field, problem) of each check of `schema` (its fields', then the row `checks`) that one record fails."""
+    problems = [(f.name, "is missing") for f in schema.fields if f.required and f.name not in record]
+    problems += [(f.name, problem) for f in schema.fields if f.name in record
+                 for problem in [f.check(record[f.name], record)] if problem]
+    return problems + [found for check in checks for found in check.check(record)]
 
 
 def row_checks(schema: Schema) -> list[RowCheck]:

@@ -15,7 +15,8 @@ Exact resume is by construction: the data order of epoch e is a permutation seed
 the randomness of micro-step k on process p (noise, timesteps, prompt dropout) comes from the
 `generator` seeded by (seed, k, p); the global RNGs (torch, numpy, random: dropout, anything a library
 draws) are reseeded from (seed, k, p) too before every micro-step. A resumed run therefore sees the same
-batches and draws as an uninterrupted one, and a checkpoint needs no RNG state.
+batches and draws as an uninterrupted one, and a checkpoint needs no RNG state. Data read as training goes
+(`mmalign.stream.Stream`, --streaming) is batched by the stream itself, micro-step k again its batch k.
 
 A checkpoint holds only safetensors and JSON (`mmalign.state`): the trainable parameters, the optimizer,
 LR schedule and gradient-scaler states, and the methods' own training state. Nothing in it is unpickled,
@@ -61,6 +62,7 @@ from mmalign.heldout import Evaluation, HeldOut
 from mmalign.plots import plot_metrics
 from mmalign.reference import Stateful, unwrap
 from mmalign.state import StateFormatError, load_state, save_state
+from mmalign.stream import Stream
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 StepFn = Callable[[ModelT, Any, torch.Generator], "tuple[torch.Tensor, dict[str, Any]]"]
@@ -310,7 +312,8 @@ class Trainer:
             raise ConfigError("--eval-every: this trainer was given nothing held out to score (the method's held-out "
                               "options, e.g. --eval-prompts and --eval-reward, say what)")
         accum = c.gradient_accumulation_steps
-        sampler = EpochBatchSampler(len(dataset), c.batch_size, acc.num_processes, acc.process_index, c.seed)
+        sampler = None if isinstance(dataset, Stream) else \
+            EpochBatchSampler(len(dataset), c.batch_size, acc.num_processes, acc.process_index, c.seed)
         self.begin()
         set_seed(c.seed)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -333,10 +336,14 @@ class Trainer:
             self._trim_log(name, step)
         acc.wait_for_everyone()  # no process reports a bad row before the main process has trimmed the report
 
-        sampler.start_batch = step * accum
         skip = c.bad_rows == "skip"
-        batches = iter(DataLoader(Guarded(dataset, skip), batch_sampler=sampler, num_workers=c.num_workers,
-                                  collate_fn=functools.partial(collate_guarded, collate)))
+        if sampler is None:
+            batches = dataset.batches(collate, c.batch_size, step * accum, c.seed, acc.process_index,
+                                      acc.num_processes, c.num_workers, skip)
+        else:
+            sampler.start_batch = step * accum
+            batches = iter(DataLoader(Guarded(dataset, skip), batch_sampler=sampler, num_workers=c.num_workers,
+                                      collate_fn=functools.partial(collate_guarded, collate)))
         progress = tqdm(total=c.max_steps, initial=step, disable=not self.is_main, desc="train")
         history: list[dict[str, float]] = []
         sums: dict[str, torch.Tensor] = {}
@@ -484,7 +491,8 @@ class Trainer:
             met = str(bad[0]) if bad else "another process met a row that cannot be loaded"
             fix = ("Fix or remove the row (`mmalign data check` lists every bad row), or pass --bad-rows skip to train "
                    "on the next row instead") if self.config.bad_rows == "error" else (
-                f"Neither it nor the rows after it (up to {SKIP_LIMIT} in all) can be loaded, so the data looks broken "
+                f"No row tried in its place can be loaded either (up to {SKIP_LIMIT} rows; with --streaming, the "
+                "rest of its batch), so the data looks broken "
                 "(a moved or missing images folder?) and --bad-rows skip stops too. Fix the data (`mmalign data "
                 "check` lists every bad row)")
             raise DataError(
