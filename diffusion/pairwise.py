@@ -31,7 +31,7 @@ from mmalign.data import ALLOW_OUTSIDE_PATHS, DataError, read_once
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
 from mmalign.reference import Stateful
-from mmalign.stream import Stream
+from mmalign.stream import Stream, StreamOptions
 from mmalign.trainer import Trainer
 
 from .base import (
@@ -61,15 +61,12 @@ PairConfigT = TypeVar("PairConfigT", bound="PairwiseConfig")
 
 
 @dataclass
-class PairwiseConfig(DenoiserConfig):
+class PairwiseConfig(DenoiserConfig, StreamOptions):
     """Preference pairs and the pairwise objective (plus the denoiser's and the training loop's settings)."""
 
     data: str = option(None, "Pick-a-Pic style preference data: .parquet/.jsonl file, folder, or hub id")
     split: str = option("train", "split to read from a dataset folder or hub id")
     allow_outside_paths: bool = option(False, ALLOW_OUTSIDE_PATHS)
-    streaming: bool = option(False, "read --data as training goes (a hub dataset streamed, a folder's Parquet/JSONL "
-                                    "files in turn), each row checked when read: start-up does not grow with the data")
-    shuffle_buffer: int = option(1000, "--streaming: rows are shuffled within a buffer of this many (1: stored order)")
     beta: float = option(5000.0, "KL strength in the -0.5*beta form (paper: 5000 for SD 1.5 and SDXL)")
     loss: LossKind = option("sigmoid", "preference objective applied to the -0.5*error scores")
     label_smoothing: float = option(0.0, "label smoothing for the robust/conservative/exo_pair objectives")
@@ -87,8 +84,6 @@ class PairwiseConfig(DenoiserConfig):
             raise ValueError(f"beta must be positive, got {self.beta}")
         if not 0 <= self.prompt_dropout < 1:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be at least 1, got {self.shuffle_buffer}")
         if self.streaming and getattr(self, "cache_latents", False):
             raise ValueError("--cache-latents reads every pair before training, --streaming reads them as training "
                              "goes: use one or the other")
@@ -221,7 +216,7 @@ def train(config: PairConfigT, make_step: Callable[[Parts[PairConfigT]], Step], 
     dataset: Dataset | Stream
     if config.streaming:
         trainer.accelerator.print(f"streaming preference pairs from {config.data} (ties dropped)")
-        prompts = given or first_prompts(pairs.stream.first(CAPTIONS_SCANNED, "caption"))
+        prompts = given or first_prompts([r["caption"] for r in pairs.stream.first(CAPTIONS_SCANNED)])
         dataset = pairs.stream
     else:
         trainer.accelerator.print(f"{len(pairs)} preference pairs from {config.data} ({pairs.ties} ties dropped)")

@@ -16,20 +16,31 @@ import collections
 import itertools
 import multiprocessing
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 from datasets.distributed import split_dataset_by_node
 
+from mmalign.config import option
 from mmalign.data import Schema, record_problems, row_checks
-from mmalign.errors import BadRow, DataError
+from mmalign.errors import BadRow, ConfigError, DataError
 from mmalign.hub import is_repo_id
 
 SHUFFLE_SEED_STRIDE = 100_003  # as the trainer's epochs: seed s shuffles with s * stride (set_epoch adds the epoch)
 PREFETCH = 2  # batches loading ahead per worker
 Loaded = tuple[Any, list[BadRow]]
 """A batch as (the collated items that loaded, or None when none did; the `BadRow`s met)."""
+
+
+@dataclass
+class StreamOptions:
+    """The options of a trainer that can read its data as training goes."""
+
+    streaming: bool = option(False, "read --data as training goes (a hub dataset streamed, a folder's Parquet/JSONL "
+                                    "files in turn), each row checked when read: start-up does not grow with the data")
+    shuffle_buffer: int = option(1000, "--streaming: rows are shuffled within a buffer of this many (1: stored order)")
 
 
 def open_stream(path: str | Path, split: str = "train") -> datasets.IterableDataset:
@@ -64,6 +75,8 @@ class Stream:
 
     def __init__(self, path: str | Path, schema: Schema, load: Callable[[dict, int], Any],
                  keep: Callable[[dict], bool] = lambda record: True, split: str = "train", shuffle_buffer: int = 1000):
+        if shuffle_buffer < 1:
+            raise ConfigError(f"--shuffle-buffer {shuffle_buffer}: must be at least 1")
         self.source, self.schema, self.load, self.keep = str(path), schema, load, keep
         self.shuffle_buffer, self.checks = shuffle_buffer, row_checks(schema)
         self.records = open_stream(path, split)
@@ -75,9 +88,9 @@ class Stream:
             raise DataError(f"{path}: {schema.name} records need field(s) {', '.join(missing)}; the data has "
                             f"{', '.join(sorted(first)) or 'no fields'}")
 
-    def first(self, count: int, field: str) -> list[Any]:
-        """`field` of the first `count` kept records, in stored order (e.g. captions for sample grids)."""
-        return [r[field] for r in itertools.islice(filter(self.keep, self.records), count)]
+    def first(self, count: int) -> list[dict]:
+        """The first `count` kept records, in stored order (e.g. the captions of sample grids)."""
+        return list(itertools.islice(filter(self.keep, self.records), count))
 
     def rows(self, seed: int, rank: int = 0, processes: int = 1) -> Iterator[tuple[int, dict]]:
         """(row, record) of this process's part, epoch after epoch, each epoch shuffled anew."""

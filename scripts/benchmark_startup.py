@@ -7,6 +7,7 @@ is when metrics.jsonl appears; RSS is the process's peak (`wait4`), and its anon
 (sampled from /proc), without the pages of the memory-mapped Arrow cache it touched.
 
     python scripts/benchmark_startup.py --pairs 2000 20000 200000
+    python scripts/benchmark_startup.py --pairs 2000 1000000 --streaming   # the data read as training goes
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ def anonymous_kib(pid: int) -> int:
     return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
 
 
-def launch(model: Path, data: Path, output: Path, env: dict[str, str]) -> tuple[float, float, float, float]:
+def launch(model: Path, data: Path, output: Path, env: dict[str, str], flags: list[str]
+           ) -> tuple[float, float, float, float]:
     """(seconds to the first step, seconds in all, peak RSS and peak anonymous RSS in MiB) of one run of one step.
     RSS counts the pages of the memory-mapped Arrow cache the process has touched (clean, shared with the page cache);
     the anonymous part, sampled every 20 ms, is the memory it allocated."""
     command = [sys.executable, "-m", "mmalign", "diffusion", "dpo", "--model", str(model), "--data", str(data),
                "--output", str(output), "--max-steps", "1", "--batch-size", "1", "--num-samples", "0",
-               "--report-to", "none", "--resolution", "64"]
+               "--report-to", "none", "--resolution", "64", *flags]
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first, anonymous = None, 0
@@ -80,7 +82,9 @@ def launch(model: Path, data: Path, output: Path, env: dict[str, str]) -> tuple[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, nargs="+", default=[2000, 20000, 200000])
+    parser.add_argument("--streaming", action="store_true", help="train with --streaming (no cache: one run a size)")
     args = parser.parse_args()
+    flags, caches = (["--streaming"], ("none",)) if args.streaming else ([], ("cold", "warm"))
     root = Path(tempfile.mkdtemp(prefix="mmalign-startup-"))
     try:
         model = root / "tiny-sd"
@@ -88,8 +92,8 @@ def main() -> None:
         env = {**os.environ, "HF_DATASETS_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         for count in args.pairs:
             data = write_pairs(root / f"pairs-{count}.parquet", count)
-            for cache in ("cold", "warm"):
-                first, total, rss, anonymous = launch(model, data, root / f"run-{count}-{cache}", env)
+            for cache in caches:
+                first, total, rss, anonymous = launch(model, data, root / f"run-{count}-{cache}", env, flags)
                 print(json.dumps({"pairs": count, "cache": cache, "first_step_s": round(first, 2),
                                   "total_s": round(total, 2), "peak_rss_mib": round(rss),
                                   "peak_anonymous_mib": round(anonymous),

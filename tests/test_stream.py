@@ -142,3 +142,43 @@ def test_streamed_pairs_train_diffusion_dpo_and_resume_exactly(tiny_sd, pickapic
     assert run(tmp_path / "part", max_steps=4, resume="latest") == full
     with pytest.raises(ValueError, match="use one or the other"):
         dpo.Config(model=str(tiny_sd), data=str(shards), output=tmp_path / "x", streaming=True, cache_latents=True)
+
+
+def test_streamed_vision_rows_train_vision_dpo_resume_exactly_and_skip_a_row_that_does_not_fit(tiny_dir, tmp_path):
+    """TRL rows streamed from two Parquet shards: the items are VisionPairs' items, a run resumed at step 2 logs the
+    losses of an uninterrupted one, and a row whose prompt cannot fit --max-length is a bad row, skipped and named."""
+    from mmalign.cli import main
+    from mmalign.vision.data import VisionPairs, write_rows
+    from mmalign.vision.models import load_processor
+    from mmalign.vision.world import preference_rows
+
+    rows = preference_rows(8, seed=0)
+    shards = tmp_path / "rows"
+    shards.mkdir()
+    for i in range(2):
+        write_rows(rows[4 * i:4 * (i + 1)], shards / f"train-{i}.parquet")
+    processor = load_processor(str(tiny_dir))
+    stored = VisionPairs.load(write_rows(rows, tmp_path / "all.parquet"), processor)
+    streamed = VisionPairs.stream(shards, processor, shuffle_buffer=1)
+    for (row, record), i in zip(streamed.rows(seed=0), range(len(rows))):
+        item, expected = streamed.load(record, row), stored[i]
+        assert [item[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")] == \
+            [expected[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        torch.testing.assert_close(item["images"]["pixel_values"], expected["images"]["pixel_values"])
+
+    def run(output, *flags):
+        assert main(["vision", "dpo", "--model", str(tiny_dir), "--data", str(shards), "--streaming", "--output",
+                     str(output), "--batch-size", "2", "--learning-rate", "1e-2", "--report-to", "none",
+                     *map(str, flags)]) == 0
+        return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+    full = run(tmp_path / "full", "--max-steps", 4)
+    run(tmp_path / "part", "--max-steps", 2)
+    assert [m["loss"] for m in run(tmp_path / "part", "--max-steps", 4, "--resume", "latest")] == \
+        pytest.approx([m["loss"] for m in full], rel=1e-5)
+    rows[2]["prompt"] = rows[2]["prompt"] + " describe the image ." * 8  # too long for --max-length 40
+    write_rows(rows[:4], shards / "train-0.parquet")
+    skipped = run(tmp_path / "skip", "--max-steps", 4, "--max-length", 40, "--bad-rows", "skip", "--shuffle-buffer", 1)
+    assert sum(m["bad_rows"] for m in skipped) == 1
+    report = [json.loads(line) for line in (tmp_path / "skip" / "bad_rows.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["field"]) for r in report] == [(2, "chosen")]

@@ -142,9 +142,9 @@ def test_truncation_that_would_cut_image_tokens_names_the_row(tiny, tmp_path):
     # the same rules hold item by item (models whose image token count varies are only checked there)
     pairs = VisionPairs(datasets.Dataset.from_parquet(str(path)), processor, max_length=27, source="r.parquet")
     assert len(pairs[0]["chosen_ids"]) == 1  # completions are cut to fit: 26 prompt tokens + 1
-    with pytest.raises(DataError, match=r"r.parquet: record 1: max_length 27 would cut image tokens .*position 27"):
+    with pytest.raises(DataError, match=r"r.parquet: record 1, field 'chosen': max_length 27 would cut image tokens"):
         pairs[1]
-    with pytest.raises(DataError, match=r"r.parquet: record 2: the prompt has 38 tokens, leaving no room"):
+    with pytest.raises(DataError, match=r"r.parquet: record 2, field 'chosen': the prompt has 38 tokens, leaving no"):
         pairs[2]
     assert len(VisionPairs.load(path, processor, max_length=38 + 2)) == 3
 

@@ -56,6 +56,7 @@ from mmalign.data import (
 )
 from mmalign.errors import BadRow
 from mmalign.files import write_atomically
+from mmalign.stream import Stream
 
 IMAGE_FIELDS = ("images", "retrieved_images")
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -298,12 +299,18 @@ def load_rows(path: str | Path, schema: Schema, split: str = "train", allow_outs
     the data's folder unless `allow_outside`, see `paths_inside`), their images left undecoded (`undecoded`): whether
     an image can be read is checked when its row is loaded."""
     records = undecoded(load_records(path, split))
-    if not allow_outside:
-        root = data_root(path)
-        schema = dataclasses.replace(schema, settings=f"paths inside {root}", fields=tuple(
-            paths_inside(f, root) if f.name in IMAGE_FIELDS else f for f in schema.fields))
-    validate(records, schema, source=str(path))
+    validate(records, placed(schema, path, allow_outside), source=str(path))
     return records
+
+
+def placed(schema: Schema, path: str | Path, allow_outside: bool = False) -> Schema:
+    """`schema` with its image paths required to lie inside the folder of the data at `path` (`paths_inside`),
+    unless `allow_outside`."""
+    if allow_outside:
+        return schema
+    root = data_root(path)
+    return dataclasses.replace(schema, settings=f"paths inside {root}", fields=tuple(
+        paths_inside(f, root) if f.name in IMAGE_FIELDS else f for f in schema.fields))
 
 
 def image_inputs(processor, out: Any) -> dict[str, torch.Tensor]:
@@ -367,39 +374,23 @@ def render(record: dict, processor, keys: tuple[str, ...] = ("chosen", "rejected
     return prompt_text, *completions
 
 
-class VisionPairs(torch.utils.data.Dataset):
-    """Validated TRL rows, each item tokenised: prompt ids (image tokens expanded), chosen/rejected ids, pixels."""
+class RowLoader:
+    """Loads a TRL row for training: tokenised (prompt ids with image tokens expanded, chosen/rejected ids cut to
+    max_length), its images processed; a row that cannot be loaded raises `BadRow` naming it."""
 
-    def __init__(self, records: datasets.Dataset, processor, max_length: int | None = None, source: str = "data",
-                 root: Path = Path("."), retrieved: bool = False, allow_outside: bool = False):
-        self.records, self.processor, self.max_length = records, processor, max_length
+    def __init__(self, processor, max_length: int | None = None, source: str = "data", root: Path = Path("."),
+                 retrieved: bool = False, allow_outside: bool = False):
+        self.processor, self.max_length = processor, max_length
         self.source, self.root, self.retrieved, self.allow_outside = source, root, retrieved, allow_outside
         self.image_token_id = image_token_id(processor)
         self.placeholder_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-        if retrieved and "retrieved_images" not in records.column_names:
-            raise DataError(f"{source}: the retrieved-image visual term needs a 'retrieved_images' field (rDPO's v')")
-
-    @classmethod
-    def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
-             retrieved: bool = False, allow_outside: bool = False) -> VisionPairs:
-        """Load and check every row of `path` up front: its fields (see `load_rows`), then how it renders and fits
-        max_length (see `check_rows`; once for these records, processor and settings, see `check_once`); its images are
-        read when it is loaded."""
-        records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split, allow_outside)
-        pairs = cls(records, processor, max_length, str(path), data_root(path), retrieved, allow_outside)
-        check_once(records, ["vision rows", Hasher.hash(processor), max_length, retrieved, allow_outside],
-                   pairs.check_rows, str(path))
-        return pairs
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def _render(self, record: dict, index: int) -> tuple[str, ...]:
         """`render`, its errors naming the row."""
         try:
             return render(record, self.processor)
         except DataError as err:
-            raise DataError(f"{self.source}: record {index}: {err}") from None
+            raise BadRow(self.source, index, "prompt", str(err)) from None
 
     def _encode(self, text: str, images: list | None, index: int, field: str
                 ) -> tuple[list[int], dict[str, torch.Tensor] | None]:
@@ -412,8 +403,8 @@ class VisionPairs(torch.utils.data.Dataset):
             raise BadRow(self.source, index, field, str(err)) from None
         return out["input_ids"][0].tolist(), image_inputs(self.processor, out) if opened else None
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
+    def item(self, record: dict, index: int) -> dict[str, Any]:
+        """Row `index` tokenised, its images processed."""
         prompt, chosen, rejected = self._render(record, index)
         prompt_ids, images = self._encode(prompt, record.get("images"), index, "images")
         tok = self.processor.tokenizer
@@ -433,13 +424,51 @@ class VisionPairs(torch.utils.data.Dataset):
         """The completion cut to fit max_length after the prompt; an error naming the row if image tokens or the whole
         completion would be cut."""
         if not completion:
-            raise DataError(f"{self.source}: record {index}, field '{key}': tokenises to no tokens")
+            raise BadRow(self.source, index, key, "tokenises to no tokens")
         image_positions = [i for i, t in enumerate(prompt_ids) if t == self.image_token_id]
         problem = length_problem(len(prompt_ids), image_positions[-1] if image_positions else None, len(completion),
                                  self.max_length, key)
         if problem:
-            raise DataError(f"{self.source}: record {index}: {problem}")
+            raise BadRow(self.source, index, key, problem)
         return completion if self.max_length is None else completion[:self.max_length - len(prompt_ids)]
+
+
+class VisionPairs(RowLoader, torch.utils.data.Dataset):
+    """Validated TRL rows, each item tokenised: prompt ids (image tokens expanded), chosen/rejected ids, pixels."""
+
+    def __init__(self, records: datasets.Dataset, processor, max_length: int | None = None, source: str = "data",
+                 root: Path = Path("."), retrieved: bool = False, allow_outside: bool = False):
+        super().__init__(processor, max_length, source, root, retrieved, allow_outside)
+        self.records = records
+        if retrieved and "retrieved_images" not in records.column_names:
+            raise DataError(f"{source}: the retrieved-image visual term needs a 'retrieved_images' field (rDPO's v')")
+
+    @classmethod
+    def load(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
+             retrieved: bool = False, allow_outside: bool = False) -> VisionPairs:
+        """Load and check every row of `path` up front: its fields (see `load_rows`), then how it renders and fits
+        max_length (see `check_rows`; once for these records, processor and settings, see `check_once`); its images are
+        read when it is loaded."""
+        records = load_rows(path, RETRIEVED_ROW if retrieved else VISION_ROW, split, allow_outside)
+        pairs = cls(records, processor, max_length, str(path), data_root(path), retrieved, allow_outside)
+        check_once(records, ["vision rows", Hasher.hash(processor), max_length, retrieved, allow_outside],
+                   pairs.check_rows, str(path))
+        return pairs
+
+    @classmethod
+    def stream(cls, path: str | Path, processor, max_length: int | None = None, split: str = "train",
+               retrieved: bool = False, allow_outside: bool = False, shuffle_buffer: int = 1000) -> Stream:
+        """The rows of `path` read as training goes (`mmalign.stream`), each checked (fields, rendering, lengths) and
+        tokenised when read."""
+        rows = RowLoader(processor, max_length, str(path), data_root(path), retrieved, allow_outside)
+        schema = placed(RETRIEVED_ROW if retrieved else VISION_ROW, path, allow_outside)
+        return Stream(path, schema, rows.item, split=split, shuffle_buffer=shuffle_buffer)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.item(self.records[index], index)
 
     def image_counts(self) -> list[int]:
         """How many images each row has, read from the column's list lengths (no image is read)."""

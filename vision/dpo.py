@@ -43,6 +43,7 @@ from mmalign.files import write_atomically
 from mmalign.objectives import PAIRWISE_KINDS, preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
 from mmalign.reference import AdapterDisabled, CachedScores, FrozenCopy
+from mmalign.stream import Stream, StreamOptions
 from mmalign.trainer import TrainConfig, Trainer
 
 from . import models, online, token_level
@@ -56,7 +57,7 @@ CACHE_FILE = "reference_scores.safetensors"
 
 
 @dataclass
-class Config(TrainConfig):
+class Config(TrainConfig, StreamOptions):
     """Vision-language DPO settings (plus the shared training-loop settings)."""
 
     model: str = option(None, "transformers LLaVA-style model folder or hub id (with its processor)")
@@ -134,6 +135,9 @@ class Config(TrainConfig):
         if self.reference == "cached" and self.visual_term == "corrupted":
             raise ValueError("--reference cached needs fixed images; the corrupted visual term draws new crops each "
                              "step")
+        if self.streaming and self.reference == "cached":
+            raise ValueError("--reference cached scores every row before training, --streaming reads them as training "
+                             "goes: use one or the other")
         if self.online_bdhs and self.reference == "cached":
             raise ValueError("--online-bdhs samples new rejected responses every step; their reference scores cannot "
                              "be cached")
@@ -260,20 +264,22 @@ def collate_for(processor, config: Config):
     return functools.partial(collate_pairs, pad_token_id=pad, visual=config.visual_term != "none")
 
 
-def load_pairs(config: Config, processor) -> VisionPairs:
+def load_pairs(config: Config, processor) -> VisionPairs | Stream:
     """The run's preference rows, each checked up front (fields, images, rendering, lengths; `VisionPairs.load`), and
     for the corrupted visual term that the processor gives whole images to crop (`check_croppable`)."""
-    pairs = VisionPairs.load(config.data, processor, config.max_length, config.split,
-                             retrieved=config.visual_term == "retrieved", allow_outside=config.allow_outside_paths)
+    where = dict(retrieved=config.visual_term == "retrieved", allow_outside=config.allow_outside_paths)
+    pairs = VisionPairs.stream(config.data, processor, config.max_length, config.split,
+                               shuffle_buffer=config.shuffle_buffer, **where) if config.streaming else \
+        VisionPairs.load(config.data, processor, config.max_length, config.split, **where)
     if config.visual_term == "corrupted":
-        check_croppable(pairs, config.model)
+        check_croppable(pairs.load(pairs.first(1)[0], 0) if isinstance(pairs, Stream) else pairs[0], config.model)
     return pairs
 
 
-def check_croppable(pairs: VisionPairs, model: str) -> None:
+def check_croppable(first: dict[str, Any], model: str) -> None:
     """mDPO's crops (`corrupt_images`) take pixel_values [N,3,H,W], one whole image each; a ConfigError naming the model
-    when its processor gives another layout (any-resolution tiles, flattened patches), read from the first row."""
-    images = pairs[0]["images"] if len(pairs) else None
+    when its processor gives another layout (any-resolution tiles, flattened patches), read from the `first` row."""
+    images = first["images"]
     if images is not None and images["pixel_values"].dim() != 4:
         raise ConfigError(f"--visual-term corrupted: {model}'s processor gives pixel_values of shape "
                           f"{tuple(images['pixel_values'].shape)} per row (image tiles or patches), not whole images "
@@ -334,12 +340,14 @@ def run(config: Config) -> list[dict[str, float]]:
     trainer = Trainer(config)
     processor = models.load_processor(config.model)
     pairs = load_pairs(config, processor)
-    trainer.accelerator.print(f"{len(pairs)} preference rows from {config.data}")
+    trainer.accelerator.print(f"streaming preference rows from {config.data}" if isinstance(pairs, Stream) else
+                              f"{len(pairs)} preference rows from {config.data}")
     held_out = qa_rows(config.eval_data, allow_outside_paths=config.allow_outside_paths) if config.eval_data else None
     model, parts = prepare(config, trainer, processor)
     collate = collate_for(processor, config)
     trainer.begin()
     if config.reference == "cached":
+        assert isinstance(pairs, VisionPairs)  # Config refuses --streaming with --reference cached
         parts.reference = cached_reference(parts, model, pairs, collate, trainer)
     history = trainer.fit(model, pairs, collate, functools.partial(dpo_step, parts=parts),
                           save_model=lambda m, out: models.save(m, processor, Path(out)),
