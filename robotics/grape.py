@@ -213,7 +213,7 @@ def success_point(step: int, successes: dict[str, np.ndarray]) -> dict[str, Any]
     """One point of the success curve: per way of acting, the success rate and its 95% CI."""
     point: dict[str, Any] = {"step": step}
     for mode, success in successes.items():
-        ci = mean_ci(success.astype(np.float64))
+        ci = mean_ci(success.astype(np.float64).tolist())
         point.update({f"success_{mode}": ci["mean"], f"success_{mode}_ci_low": ci["ci_low"],
                       f"success_{mode}_ci_high": ci["ci_high"]})
     return point
@@ -222,7 +222,8 @@ def success_point(step: int, successes: dict[str, np.ndarray]) -> dict[str, Any]
 def round_decision(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, Any]:
     """Accept unless, for some way of acting, the paired change d_i = s_i(after) - s_i(before) has its 95% CI wholly
     below 0: mean(d) + 1.96 * std(d) / sqrt(n) < 0 (`mean_ci`)."""
-    change = {mode: mean_ci(after[mode].astype(np.float64) - before[mode].astype(np.float64)) for mode in before}
+    change = {mode: mean_ci((after[mode].astype(np.float64) - before[mode].astype(np.float64)).tolist())
+              for mode in before}
     fell = [mode for mode, ci in change.items() if ci["ci_high"] < 0]
     return {"accepted": not fell, "fell": fell, "change": change}
 

@@ -258,9 +258,12 @@ def run(config: Config) -> dict[str, Any]:
         if config.mode == "align":
             torch.manual_seed(config.seed)
             encoder = VisualEncoder(backbone, features, config.embed_dim)
-            evaluation = Evaluation(lambda m: {"spearman": spearman_of(m, held_out, demos, config.ot_reg)[0]},
-                                    "spearman")
-            history = align(config, encoder, train, evaluation if config.eval_every else None)
+            def held_out_spearman(model: torch.nn.Module) -> dict[str, float]:
+                assert isinstance(model, VisualEncoder)  # the encoder being aligned
+                return {"spearman": spearman_of(model, held_out, demos, config.ot_reg)[0]}
+
+            evaluation = Evaluation(held_out_spearman, "spearman") if config.eval_every else None
+            history = align(config, encoder, train, evaluation)
             after, after_rewards = spearman_of(encoder, held_out, demos, config.ot_reg)
             report.update(spearman_after=after, triplets=config.triplets)
             if config.eval_every:
