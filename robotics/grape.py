@@ -145,8 +145,10 @@ class Config(TrainConfig):
     """Settings of `mmalign robotics grape` (the training-loop settings are TPO's, per round)."""
 
     task: str = option(None, "Meta-World v3 task with stage constraints in stages.py")
-    policy: str | None = option(None, "start from this behaviour-cloned policy folder instead of training one")
-    demos: str | None = option(None, "demonstrations for behaviour cloning (.npz); default: collect them")
+    policy: str | None = option(None, "start from this behaviour-cloned policy folder instead of training one",
+                                reads="folder")
+    demos: str | None = option(None, "demonstrations for behaviour cloning (.npz); default: collect them",
+                               reads="file")
     demo_episodes: int = option(20, "noisy expert episodes to collect when --demos is not given")
     demo_noise: float = option(1.0, "action-noise std of the collected demonstrations")
     bc_steps: int = option(1000, "behaviour-cloning optimizer steps")

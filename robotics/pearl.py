@@ -149,8 +149,10 @@ def target_pairs(z_target: np.ndarray, num: int, seed: int, task: str) -> Pairs:
 class Config(RewardConfig):
     """Settings of `mmalign robotics pearl` (plus the reward-model and training-loop settings)."""
 
-    source: str = option(None, "labelled source folder from `mmalign robotics label` (segments.npz, pairs.jsonl)")
-    target: str = option(None, "unlabelled target-task trajectory file (.npz); its rewards only score the transfer")
+    source: str = option(None, "labelled source folder from `mmalign robotics label` (segments.npz, pairs.jsonl)",
+                         reads="folder")
+    target: str = option(None, "unlabelled target-task trajectory file (.npz); its rewards only score the transfer",
+                         reads="file")
     target_segments: int = option(500, "target segments to cut (of the source segments' length)")
     target_pairs: int = option(4000, "random target pairs labelled by the transfer for reward learning")
     features: Literal["hand", "full"] = option("hand", "segment features the intra-task distances use")

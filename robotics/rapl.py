@@ -121,12 +121,15 @@ def triplet_step(encoder: VisualEncoder, frames: torch.Tensor, generator: torch.
 class Config(TrainConfig):
     """Settings of `mmalign robotics rapl` (plus the training-loop settings of the alignment)."""
 
-    data: str = option(None, "training trajectory file with frames (.npz, from `collect --frames`)")
-    eval_data: str = option(None, "held-out trajectory file with frames, for the Spearman correlations")
-    demos: str | None = option(None, "preferred demonstrations with frames (default: the best training trajectories)")
+    data: str = option(None, "training trajectory file with frames (.npz, from `collect --frames`)", reads="file")
+    eval_data: str = option(None, "held-out trajectory file with frames, for the Spearman correlations",
+                            reads="file")
+    demos: str | None = option(None, "preferred demonstrations with frames (default: the best training trajectories)",
+                               reads="file")
     num_demos: int = option(3, "demonstrations taken from the training data when --demos is not given")
     backbone: str = option("small-cnn", "small-cnn, torchvision:NAME or timm:NAME")
-    backbone_checkpoint: str | None = option(None, "state dict for the backbone (small-cnn: skips the pretraining)")
+    backbone_checkpoint: str | None = option(None, "state dict for the backbone (small-cnn: skips the pretraining)",
+                                             reads="file")
     pretrain_steps: int = option(1500, "small-cnn autoencoder pretraining steps (without a checkpoint)")
     embed_dim: int = option(32, "embedding size of the linear head")
     train_backbone: bool = option(False, "fine-tune the backbone with the head (else the backbone is frozen)")
