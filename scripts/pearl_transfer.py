@@ -29,8 +29,7 @@ from mmalign.robotics.trajectories import Trajectories
 
 PAIRS = [("button-press-v3", "button-press-topdown-v3"), ("button-press-topdown-v3", "button-press-v3"),
          ("button-press-v3", "button-press-wall-v3"), ("button-press-topdown-v3", "button-press-topdown-wall-v3"),
-         ("push-v3", "button-press-v3"), ("window-open-v3", "window-close-v3"), ("drawer-open-v3", "drawer-close-v3"),
-         ("door-open-v3", "door-close-v3"), ("button-press-v3", "push-v3")]
+         ("push-v3", "button-press-v3"), ("window-open-v3", "window-close-v3"), ("drawer-open-v3", "drawer-close-v3")]
 RULES = ["pearl", "later_segment", "smoother_actions", "nearest_neighbour", "random_plan"]
 NOISE = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0]
 
