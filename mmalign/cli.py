@@ -2,8 +2,10 @@
 
 Each command is a module with a `Config` dataclass and a `run(config)` function; the table below is
 the whole registry. Modules load only when their command runs, so `mmalign --help` stays fast.
-A command's `--output` folder is claimed for it (one run per folder, see `mmalign.run_folder`), unless
-its Config says `writes_file = True` (the output is one new file). Mistakes in what the user gave
+Every input a command's Config marks (`option(reads="file")`) is checked to exist and be readable before it
+runs (`check_inputs`: the error names the flag and the path). A command's `--output` folder is claimed for it
+(one run per folder, see `mmalign.run_folder`), unless its Config says `writes_file = True` (the output is one
+new file). A misspelled group or command is answered with the close matches. Mistakes in what the user gave
 (`mmalign.errors.UserError`, a missing file, a full or read-only disk) print one message and exit 1;
 anything else is a bug and shows its traceback.
 """
@@ -17,7 +19,7 @@ import os
 import sys
 
 from mmalign import run_folder
-from mmalign.config import parse_config
+from mmalign.config import check_inputs, parse_config
 from mmalign.errors import UserError
 
 COMMANDS = {
@@ -87,6 +89,7 @@ def run_command(name: str, argv: list[str]) -> int:
         argv = [f"--{positional.replace('_', '-')}", *argv]
     config = parse_config(module.Config, argv, prog=f"mmalign {name}",
                           description=(module.__doc__ or "").split("\n\n")[0])
+    check_inputs(config)
     output = getattr(config, "output", None)
     if output is None or getattr(config, "writes_file", False) or int(os.environ.get("RANK", "0")) != 0:
         module.run(config)
@@ -117,11 +120,17 @@ def dispatch(argv: list[str]) -> int:
         print(usage())
         return 0
     group = argv[0] if argv[0] in groups else ""
-    asked = " ".join(argv[:2] if group else argv[:1])
-    names = {name.split()[-1]: name for name in COMMANDS if name.startswith(f"{group} ") or not group}
-    close = [names[word] for word in difflib.get_close_matches(asked.split()[-1], names, n=3, cutoff=0.6)]
+    guessed = "" if group or argv[0] in COMMANDS else next(iter(difflib.get_close_matches(argv[0], groups, n=1)), "")
+    within = group or guessed  # the group named, or the one a misspelled group name is closest to
+    sub = argv[1] if within and len(argv) > 1 and (group or not argv[1].startswith("-")) else None
+    asked = " ".join(argv[:2] if sub is not None else argv[:1])
+    names = {name.split()[-1]: name for name in COMMANDS if name.startswith(f"{within} ") or not within}
+    word = sub if within else argv[0]
+    close = [] if word is None else [names[word]] if word in names else \
+        [names[w] for w in difflib.get_close_matches(word, names, n=3, cutoff=0.6)]
+    close = close or ([guessed] if guessed else [])
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    print(f"mmalign: unknown command {asked!r}{hint}\n\n" + usage(group), file=sys.stderr)
+    print(f"mmalign: unknown command {asked!r}{hint}\n\n" + usage(within), file=sys.stderr)
     return 2
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -18,14 +19,32 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from mmalign.errors import ConfigError
+from mmalign.errors import ConfigError, DataError
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with help text (shown by `--help`)."""
+def option(default: Any, help: str, reads: Literal["file", "folder"] | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with help text (shown by `--help`); `reads`: the field names an input file or folder, which
+    `check_inputs` checks before the command runs."""
+    metadata = {"help": help, "reads": reads}
     if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def check_inputs(config: Any) -> None:
+    """DataError naming the flag and the path of the first input (`option(reads=...)`) that is missing, of the other
+    kind (a folder for a file) or not readable."""
+    for item in dataclasses.fields(config):
+        kind, value = item.metadata.get("reads"), getattr(config, item.name)
+        if not kind or value in (None, ""):
+            continue
+        path, flag = Path(value), "--" + item.name.replace("_", "-")
+        if not path.exists():
+            raise DataError(f"{flag} {path}: no such {kind}")
+        if path.is_dir() != (kind == "folder"):
+            raise DataError(f"{flag} {path}: a {'folder' if path.is_dir() else 'file'}, not the {kind} it names")
+        if not os.access(path, os.R_OK | (os.X_OK if kind == "folder" else 0)):
+            raise DataError(f"{flag} {path}: the {kind} cannot be read (permission denied)")
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -39,7 +39,8 @@ class Config:
     episodes: int = option(100, "episodes to collect")
     policy: Literal["expert", "random", "learned"] = option("expert", "who acts")
     noise: list[float] = option([0.0], "expert action-noise std per episode, cycled")
-    policy_path: str | None = option(None, "--policy learned: a folder holding policy.safetensors/.json")
+    policy_path: str | None = option(None, "--policy learned: a folder holding policy.safetensors/.json",
+                                     reads="folder")
     deterministic: bool = option(False, "--policy learned: act with the mean instead of sampling")
     max_episode_steps: int = option(150, "steps per episode")
     first_state: int = option(0, "initial state of the first episode (episode i starts in first_state + i, mod 50)")

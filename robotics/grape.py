@@ -14,11 +14,27 @@ cloning on noisy scripted-expert demonstrations (or loads one, `--policy`), then
    i.e. the core sigmoid objective on log-ratios summed over a window of `--window` steps (8, GRAPE's
    chunk; the same random offset in both trajectories; 0: the whole trajectory).
 
-Success is measured before and after every round over `--eval-episodes` episodes from initial states
-the training never saw (`--eval-state-seed` draws another 50), acting by sampling (the policy as
-trained and ranked) and by its mean. The run folder gets policy.safetensors/.json (final), bc/ and
-round-k/ (each with metrics.jsonl), eval.json and success.png. The clipped action that was executed is
-the one scored: the Gaussian's density there stands in for GRAPE's action-token probability.
+Held-out success is measured before and after every round over `--eval-episodes` episodes from initial
+states the training never saw (`--eval-state-seed` draws another 50), acting by sampling (the policy as
+trained and ranked) and by its mean; episode i starts from the same state with the same action noise for
+every policy, so two policies' successes pair up.
+
+Round guard (`--round-guard`, on by default). TPO's loss can keep falling while the policy collapses
+(success 0.54 -> 0.00 in one round on door-open-v3), so every round is judged on the held-out episodes:
+with d_i = s_i(after) - s_i(before) the paired change of episode i's success, the round is rejected when,
+for either way of acting, the 95% CI of mean(d) (`mmalign.stats.mean_ci`) lies wholly below 0, i.e. its
+drop is beyond what the episodes' noise explains. A rejected round is rolled back to the policy it started
+from, the last accepted one: its update is discarded whole (nothing in it is known to be good), and the
+next round samples fresh rollouts from that policy under its own seed, so a bad round costs one round and
+a collapse never compounds. Accepted rounds within the noise are kept even when their means fall a little;
+the best policy so far (the highest mean of the two held-out success rates, the earlier on a tie, among the
+policies the run went on from) is saved to best/ and named in eval.json and the output.
+`--no-round-guard` keeps every round (the decision is still measured and logged).
+
+The run folder gets policy.safetensors/.json (final: the last policy the run went on from), best/, bc/ and
+round-k/ (each with metrics.jsonl), rounds.jsonl (per round: rollouts, held-out success with 95% CIs, the
+paired change with its CI, the decision), eval.json and success.png. The clipped action that was executed
+is the one scored: the Gaussian's density there stands in for GRAPE's action-token probability.
 
 `--policy` and `--demos` are read and checked before anything is written. `--resume latest` continues
 an interrupted run: it keeps demos.npz, takes each stage that has checkpoints (bc/, round-k/) from its
@@ -45,6 +61,7 @@ from mmalign.errors import ConfigError, DataError
 from mmalign.objectives import preference_loss, preference_metrics
 from mmalign.plots import plot_metrics
 from mmalign.reference import FrozenCopy
+from mmalign.stats import mean_ci
 from mmalign.trainer import TrainConfig, Trainer
 
 from .bc import behaviour_clone
@@ -59,6 +76,7 @@ from .trajectories import Trajectories
 LOG_FLOOR = float(np.log(0.05))
 EVAL_SEED_OFFSET = 7  # the evaluation's action noise: seed + 7, apart from every round's (seed * stride + k)
 ROUND_SEED_STRIDE = 1000  # round k of seed s samples its rollouts' actions with seed s * stride + k
+MODES = ("sampled", "mean_action")  # the two ways of acting that held-out success is measured for
 
 
 def grape_score(log_probs: np.ndarray, success: np.ndarray, r_ext: np.ndarray) -> np.ndarray:
@@ -127,8 +145,10 @@ class Config(TrainConfig):
     """Settings of `mmalign robotics grape` (the training-loop settings are TPO's, per round)."""
 
     task: str = option(None, "Meta-World v3 task with stage constraints in stages.py")
-    policy: str | None = option(None, "start from this behaviour-cloned policy folder instead of training one")
-    demos: str | None = option(None, "demonstrations for behaviour cloning (.npz); default: collect them")
+    policy: str | None = option(None, "start from this behaviour-cloned policy folder instead of training one",
+                                reads="folder")
+    demos: str | None = option(None, "demonstrations for behaviour cloning (.npz); default: collect them",
+                               reads="file")
     demo_episodes: int = option(20, "noisy expert episodes to collect when --demos is not given")
     demo_noise: float = option(1.0, "action-noise std of the collected demonstrations")
     bc_steps: int = option(1000, "behaviour-cloning optimizer steps")
@@ -142,20 +162,24 @@ class Config(TrainConfig):
     samples_per_state: int = option(8, "rollouts per initial state per round")
     beta: float = option(0.1, "TPO beta")
     window: int = option(8, "steps per TPO window (0: the whole trajectory)")
-    eval_episodes: int = option(50, "evaluation episodes before and after each round")
+    eval_episodes: int = option(50, "evaluation episodes before and after each round (at least 2: a CI)")
     eval_state_seed: int = option(1, "seed of the evaluation's 50 initial states (training uses seed 0)")
     num_envs: int = option(10, "vectorised environments for rollouts")
     max_steps: int = option(200, "TPO optimizer steps per round")
     batch_size: int = option(16, "trajectory pairs per TPO step")
     learning_rate: float = option(3e-5, "TPO learning rate")
     checkpoint_every: int = option(0, "checkpoint every N TPO steps (0: at the end of each round only)")
+    round_guard: bool = option(True, "roll back a round whose held-out success falls beyond its 95% CI (sampled or "
+                                     "mean action); --no-round-guard keeps every round")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.task:
             raise ValueError("--task is required")
         stages(self.task)
-        for name in ("rounds", "states", "eval_episodes", "bc_steps", "bc_batch_size", "num_envs", "demo_episodes",
+        if self.eval_episodes < 2:
+            raise ValueError(f"eval_episodes must be at least 2 (a confidence interval), got {self.eval_episodes}")
+        for name in ("rounds", "states", "bc_steps", "bc_batch_size", "num_envs", "demo_episodes",
                      "max_episode_steps", "hidden", "layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -177,14 +201,38 @@ class Config(TrainConfig):
                              f"steps than one behaviour-cloning batch (bc_batch_size {self.bc_batch_size})")
 
 
-def success_rate(policy: GaussianPolicy, config: Config, deterministic: bool) -> float:
-    """Share of `eval_episodes` episodes from held-out initial states that succeed."""
+def held_out_success(policy: GaussianPolicy, config: Config) -> dict[str, np.ndarray]:
+    """Per way of acting (MODES), whether each of `eval_episodes` episodes from held-out initial states succeeds."""
     env = make_vector_env(config.task, min(config.num_envs, config.eval_episodes), config.max_episode_steps,
                           state_seed=config.eval_state_seed)
-    trajs = rollout(env, PolicyActor(policy, deterministic, seed=config.seed + EVAL_SEED_OFFSET),
-                    np.arange(config.eval_episodes), config.task)
+    successes = {mode: rollout(env, PolicyActor(policy, mode == "mean_action", seed=config.seed + EVAL_SEED_OFFSET),
+                               np.arange(config.eval_episodes), config.task).success() for mode in MODES}
     env.close()
-    return float(trajs.success().mean())
+    return successes
+
+
+def success_point(step: int, successes: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One point of the success curve: per way of acting, the success rate and its 95% CI."""
+    point: dict[str, Any] = {"step": step}
+    for mode, success in successes.items():
+        ci = mean_ci(success.astype(np.float64).tolist())
+        point.update({f"success_{mode}": ci["mean"], f"success_{mode}_ci_low": ci["ci_low"],
+                      f"success_{mode}_ci_high": ci["ci_high"]})
+    return point
+
+
+def round_decision(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Accept unless, for some way of acting, the paired change d_i = s_i(after) - s_i(before) has its 95% CI wholly
+    below 0: mean(d) + 1.96 * std(d) / sqrt(n) < 0 (`mean_ci`)."""
+    change = {mode: mean_ci((after[mode].astype(np.float64) - before[mode].astype(np.float64)).tolist())
+              for mode in before}
+    fell = [mode for mode, ci in change.items() if ci["ci_high"] < 0]
+    return {"accepted": not fell, "fell": fell, "change": change}
+
+
+def best_score(successes: dict[str, np.ndarray]) -> float:
+    """What `best/` maximises: the mean of the held-out success rates of the two ways of acting."""
+    return float(np.mean([success.mean() for success in successes.values()]))
 
 
 def rank_rollouts(policy: GaussianPolicy, config: Config,
@@ -236,38 +284,72 @@ def pretrained_policy(config: Config) -> GaussianPolicy:
     return behaviour_clone(bc_config, demos, arch)[0]
 
 
+def tpo_round(policy: GaussianPolicy, config: Config, k: int) -> dict[str, Any]:
+    """Round k: rollouts ranked into pairs, then TPO against the round's starting policy (skipped without a batch)."""
+    trajs, chosen, rejected, summary = rank_rollouts(policy, config, k)
+    print(f"round {k}: {json.dumps(summary)}")
+    if len(chosen) < config.batch_size:
+        print(f"round {k}: {len(chosen)} pair(s), fewer than one batch (--batch-size {config.batch_size}); "
+              "no TPO this round")
+        return {**summary, "trained": False}
+    trainer = Trainer(dataclasses.replace(config, output=config.output / f"round-{k}"))
+    policy.to(trainer.device).train()
+    reference = FrozenCopy(policy)
+    trainer.fit(policy, TrajectoryPairs(trajs, chosen, rejected), default_collate,
+                functools.partial(tpo_step, reference=reference, beta=config.beta, window=config.window))
+    policy.eval()
+    return {**summary, "trained": True}
+
+
+def decision_line(k: int, record: dict[str, Any]) -> str:
+    """The output line of round k's decision: the paired changes with their CIs and what was done."""
+    changes = ", ".join(f"{mode} {c['mean']:+.3f} (95% CI {c['ci_low']:+.3f} .. {c['ci_high']:+.3f})"
+                        for mode, c in record["change"].items())
+    return f"round {k}: held-out success change {changes}: {record['decision']}"
+
+
 def run(config: Config) -> dict[str, Any]:
-    """BC (or load), then rounds of rollouts, GRAPE ranking and TPO; success before and after each round."""
+    """BC (or load), then rounds of rollouts, GRAPE ranking and TPO, each judged on held-out success (round guard)."""
     with run_folder.claim(config.output, resuming=config.resume is not None):
         if config.states < config.batch_size:
             raise ConfigError(f"--states {config.states} gives at most {config.states} pairs a round, fewer than one "
                               f"TPO batch (--batch-size {config.batch_size})")
         policy = pretrained_policy(config)
-        curve = [{"step": 0, "success_sampled": success_rate(policy, config, False),
-                  "success_mean_action": success_rate(policy, config, True)}]
+        current = held_out_success(policy, config)  # the policy the run goes on from
+        curve = [success_point(0, current)]
         print(json.dumps(curve[-1]))
-        rounds = []
+        best = {"round": 0, "score": best_score(current), "folder": str(config.output / "best"), **curve[-1]}
+        policy.save(config.output / "best")
+        rounds: list[dict[str, Any]] = []
+        policy_round = 0  # the round whose policy the run goes on from
         for k in range(1, config.rounds + 1):
-            trajs, chosen, rejected, summary = rank_rollouts(policy, config, k)
-            print(f"round {k}: {json.dumps(summary)}")
-            if len(chosen) >= config.batch_size:
-                trainer = Trainer(dataclasses.replace(config, output=config.output / f"round-{k}"))
-                policy.to(trainer.device).train()
-                reference = FrozenCopy(policy)
-                trainer.fit(policy, TrajectoryPairs(trajs, chosen, rejected), default_collate,
-                            functools.partial(tpo_step, reference=reference, beta=config.beta, window=config.window))
-                policy.eval()
+            start = {name: value.detach().clone() for name, value in policy.state_dict().items()}
+            summary = tpo_round(policy, config, k)
+            after = held_out_success(policy, config) if summary["trained"] else current
+            curve.append(success_point(k, after))
+            decision = round_decision(current, after)
+            fell = " and ".join(decision["fell"])
+            if decision["accepted"] or not config.round_guard:
+                current, policy_round = after, k
+                verdict = "accepted" if decision["accepted"] else \
+                    f"kept although {fell} fell beyond the CI (--no-round-guard)"
             else:
-                print(f"round {k}: {len(chosen)} pair(s), fewer than one batch (--batch-size {config.batch_size}); "
-                      "no TPO this round")
-            curve.append({"step": k, "success_sampled": success_rate(policy, config, False),
-                          "success_mean_action": success_rate(policy, config, True)})
-            rounds.append(summary)
-            print(json.dumps(curve[-1]))
+                policy.load_state_dict(start)
+                verdict = f"rejected: {fell} fell beyond the CI; rolled back to the policy of round {policy_round}"
+            rounds.append({"round": k, **summary, **curve[-1], "change": decision["change"],
+                           "accepted": decision["accepted"], "decision": verdict, "policy_round": policy_round})
+            print(decision_line(k, rounds[-1]))
+            if policy_round == k and best_score(after) > best["score"]:
+                best = {"round": k, "score": best_score(after), "folder": best["folder"], **curve[-1]}
+                policy.save(config.output / "best")
+            (config.output / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
         policy.save(config.output)
+        print(f"best policy: round {best['round']} (held-out success {best['success_sampled']:.3f} sampled, "
+              f"{best['success_mean_action']:.3f} mean action) in {best['folder']}")
         plot_metrics(curve, ["success_sampled", "success_mean_action"], config.output / "success.png",
-                     f"GRAPE on {config.task}: success per round")
-        report = {"task": config.task, "eval_episodes": config.eval_episodes, "before": curve[0], "after": curve[-1],
-                  "curve": curve, "rounds": rounds}
+                     f"GRAPE on {config.task}: held-out success per round (before the round guard)")
+        report = {"task": config.task, "eval_episodes": config.eval_episodes, "round_guard": config.round_guard,
+                  "before": curve[0], "after": success_point(config.rounds, current), "best": best, "curve": curve,
+                  "rounds": rounds}
         (config.output / "eval.json").write_text(json.dumps(report, indent=1))
     return report

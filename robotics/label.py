@@ -31,7 +31,7 @@ TeacherName = Literal[TEACHER_NAMES]  # type: ignore[valid-type]
 class Config:
     """Settings of `mmalign robotics label`."""
 
-    data: str = option(None, "trajectory file (.npz) to fragment and label")
+    data: str = option(None, "trajectory file (.npz) to fragment and label", reads="file")
     output: Path = option(None, "folder for segments.npz, pairs.jsonl and labels.json")
     teacher: TeacherName = option("oracle", "B-Pref scripted teacher")
     segment_length: int = option(50, "steps per segment")

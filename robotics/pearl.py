@@ -25,6 +25,11 @@ found it on some task pairs (transferred accuracy below 0.5). `restarts` solves 
 starting couplings and keeps the lowest GW objective, which was the right orientation in every case
 measured. RRL (rrl.py) then trains on `target_pairs` random target pairs with their soft labels Z_t.
 
+Baselines (baselines.py). The transferred-label accuracy is reported beside label-free rules on the same target
+pairs (those the transfer decides): prefer the later segment, prefer smoother actions, nearest neighbour on the
+same features, and the transfer through a random plan; and again on the pairs whose segments start at most
+`--same-window` steps apart, where progress in time gives little away (eval.json: "baselines", "same_window").
+
 The run folder gets target_segments.npz and target_pairs.jsonl (written once every input has been
 read and checked and the transfer is done), then the reward model (reward.py). `--resume latest`
 computes the same transfer again (same seed) and continues the reward model's training.
@@ -44,6 +49,7 @@ from mmalign.config import option
 from mmalign.errors import ConfigError, DataError
 from mmalign.trainer import Trainer
 
+from . import baselines
 from .pairs import Pairs
 from .reward import RewardConfig, check_batch, load_held_out, load_labelled, report_reward_model, train_reward_model
 from .trajectories import Trajectories
@@ -113,13 +119,17 @@ def transfer_labels(coupling: np.ndarray, z_source: np.ndarray, mask: np.ndarray
     return np.divide(numerator, denominator, out=np.full_like(numerator, 0.5), where=denominator > 1e-300)
 
 
-def label_accuracy(z_target: np.ndarray, true_returns: np.ndarray) -> float:
-    """Share of target pairs k < l with Z_t[k, l] != 0.5 whose transferred preference matches the true returns."""
+def label_accuracy(z_target: np.ndarray, true_returns: np.ndarray, pairs: np.ndarray | None = None) -> float:
+    """Share of target pairs k < l (those in `pairs` [n, n] bool; default: Z_t[k, l] != 0.5) whose label matches the
+    true returns (k preferred when R_k > R_l); a label of 0.5 counts half."""
     upper = np.triu_indices(len(true_returns), 1)
     z = z_target[upper]
     truth = (true_returns[:, None] > true_returns[None, :])[upper]
-    decided = z != 0.5
-    return float(np.mean((z[decided] > 0.5) == truth[decided]))
+    scored = z != 0.5 if pairs is None else pairs[upper]
+    if not scored.any():
+        raise ValueError("no target pair to score")
+    right = np.where(z == 0.5, 0.5, (z > 0.5) == truth)
+    return float(right[scored].mean())
 
 
 def target_pairs(z_target: np.ndarray, num: int, seed: int, task: str) -> Pairs:
@@ -139,14 +149,18 @@ def target_pairs(z_target: np.ndarray, num: int, seed: int, task: str) -> Pairs:
 class Config(RewardConfig):
     """Settings of `mmalign robotics pearl` (plus the reward-model and training-loop settings)."""
 
-    source: str = option(None, "labelled source folder from `mmalign robotics label` (segments.npz, pairs.jsonl)")
-    target: str = option(None, "unlabelled target-task trajectory file (.npz); its rewards only score the transfer")
+    source: str = option(None, "labelled source folder from `mmalign robotics label` (segments.npz, pairs.jsonl)",
+                         reads="folder")
+    target: str = option(None, "unlabelled target-task trajectory file (.npz); its rewards only score the transfer",
+                         reads="file")
     target_segments: int = option(500, "target segments to cut (of the source segments' length)")
     target_pairs: int = option(4000, "random target pairs labelled by the transfer for reward learning")
     features: Literal["hand", "full"] = option("hand", "segment features the intra-task distances use")
     entropic: bool = option(True, "entropic Gromov-Wasserstein (else exact)")
     epsilon: float = option(5e-3, "entropic regularisation of GW (distances are scaled to a maximum of 1)")
     restarts: int = option(5, "GW solves from different starting couplings; the lowest GW objective wins")
+    same_window: int = option(5, "the accuracies are reported again on the target pairs that start at most this "
+                                 "many steps apart (where progress in time gives little away)")
     gaussian: bool = option(True, "Gaussian reward with RRL (PEARL); --no-gaussian trains plain Bradley-Terry")
 
     def __post_init__(self) -> None:
@@ -156,6 +170,8 @@ class Config(RewardConfig):
         if not self.epsilon > 0 or self.restarts < 1:
             raise ValueError(f"epsilon must be positive and restarts at least 1, got {self.epsilon} and "
                              f"{self.restarts}")
+        if self.same_window < 0:
+            raise ValueError(f"same_window must not be negative, got {self.same_window}")
         if self.target_segments < 2 or self.target_pairs < 1:
             raise ValueError(f"target_segments must be at least 2 and target_pairs at least 1, got "
                              f"{self.target_segments} and {self.target_pairs}")
@@ -169,6 +185,25 @@ def align(source: Trajectories, source_pairs: Pairs, target: Trajectories, featu
                            distance_matrix(segment_features(target, features)), entropic, epsilon, restarts, seed)
     z_source, mask = label_matrix(source_pairs, len(source))
     return coupling, transfer_labels(coupling, z_source, mask)
+
+
+def baseline_report(source: Trajectories, source_pairs: Pairs, target: Trajectories, z_target: np.ndarray,
+                    features: str = "hand", window: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Transferred-label accuracy beside the label-free rules (baselines.py) on the pairs the transfer decides, and
+    on those of them that start at most `window` steps apart (with their number)."""
+    z_source, mask = label_matrix(source_pairs, len(source))
+    rules = {"pearl": z_target, "later_segment": baselines.later_segment(target.info["start"]),
+             "smoother_actions": baselines.smoother_actions(target.actions),
+             "nearest_neighbour": baselines.nearest_neighbour(segment_features(source, features),
+                                                              segment_features(target, features), z_source, mask),
+             "random_plan": transfer_labels(baselines.random_plan(len(source), len(target), seed), z_source, mask)}
+    returns, decided = target.returns(), z_target != 0.5
+    close = decided & baselines.same_window(target.info["start"], window)
+    report: dict[str, Any] = {"baselines": {name: label_accuracy(z, returns, decided) for name, z in rules.items()}}
+    if np.triu(close, 1).any():
+        report["same_window"] = {"window": window, "pairs": int(np.triu(close, 1).sum()),
+                                 **{name: label_accuracy(z, returns, close) for name, z in rules.items()}}
+    return report
 
 
 def load_target(config: Config, segment_length: int) -> Trajectories:
@@ -199,7 +234,9 @@ def run(config: Config) -> dict[str, Any]:
         transfer = {"source_task": source.task, "target_task": target.task, "source_segments": len(source),
                     "source_pairs": len(source_pairs), "target_segments": len(target),
                     "transferred_label_accuracy": label_accuracy(z_target, returns),
-                    "train_pair_accuracy": float(np.mean(returns[pairs.chosen] > returns[pairs.rejected]))}
+                    "train_pair_accuracy": float(np.mean(returns[pairs.chosen] > returns[pairs.rejected])),
+                    **baseline_report(source, source_pairs, target, z_target, config.features, config.same_window,
+                                      config.seed)}
         trainer.accelerator.print(json.dumps(transfer, indent=1))
         model, history = train_reward_model(config, target, pairs, trainer)
         report = report_reward_model(config, model, held_out, target.horizon, history, transfer)

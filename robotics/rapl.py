@@ -23,8 +23,14 @@ plus a linear head to `--embed-dim` (32 as in the research code, which freezes i
 of held-out trajectories, for the pretrained backbone's features (before alignment) and the aligned
 encoder; demonstrations are the highest-return training trajectories unless `--demos` is given.
 
+Best checkpoint. The alignment's loss is the training triplets', not the held-out ranking, so the held-out
+Spearman is scored at step 0 and every `--eval-every` steps (the trainer's held-out evaluation, `mmalign.heldout`,
+logged as eval/spearman); the best one's training state is kept as checkpoints/best-<step> (named in
+checkpoints/best.json), and its encoder is written to best/rapl_encoder.pt and named in eval.json ("best") and
+the output. rapl_encoder.pt is the encoder of the last step.
+
 The run folder gets pretrain/ (the small CNN's autoencoder run), then the alignment's checkpoints,
-metrics.jsonl and rapl_encoder.pt, eval.json and the pictures; every input file is read and checked
+metrics.jsonl, rapl_encoder.pt and best/, eval.json and the pictures; every input file is read and checked
 before the first of them is written. `--resume` continues the alignment from the checkpoint it names
 (or the latest); the pretraining stage continues from its own latest checkpoint.
 """
@@ -46,9 +52,10 @@ from torch.utils.data import Dataset, default_collate
 from mmalign import run_folder
 from mmalign.config import option
 from mmalign.errors import ConfigError, DataError
+from mmalign.heldout import Evaluation
 from mmalign.objectives import bradley_terry_loss
 from mmalign.plots import plot_metrics, plot_scatter
-from mmalign.trainer import TrainConfig, Trainer
+from mmalign.trainer import BEST_FILE, TRAINABLE_FILE, TrainConfig, Trainer
 
 from .reward_models import spearman
 from .trajectories import Trajectories
@@ -114,12 +121,15 @@ def triplet_step(encoder: VisualEncoder, frames: torch.Tensor, generator: torch.
 class Config(TrainConfig):
     """Settings of `mmalign robotics rapl` (plus the training-loop settings of the alignment)."""
 
-    data: str = option(None, "training trajectory file with frames (.npz, from `collect --frames`)")
-    eval_data: str = option(None, "held-out trajectory file with frames, for the Spearman correlations")
-    demos: str | None = option(None, "preferred demonstrations with frames (default: the best training trajectories)")
+    data: str = option(None, "training trajectory file with frames (.npz, from `collect --frames`)", reads="file")
+    eval_data: str = option(None, "held-out trajectory file with frames, for the Spearman correlations",
+                            reads="file")
+    demos: str | None = option(None, "preferred demonstrations with frames (default: the best training trajectories)",
+                               reads="file")
     num_demos: int = option(3, "demonstrations taken from the training data when --demos is not given")
     backbone: str = option("small-cnn", "small-cnn, torchvision:NAME or timm:NAME")
-    backbone_checkpoint: str | None = option(None, "state dict for the backbone (small-cnn: skips the pretraining)")
+    backbone_checkpoint: str | None = option(None, "state dict for the backbone (small-cnn: skips the pretraining)",
+                                             reads="file")
     pretrain_steps: int = option(1500, "small-cnn autoencoder pretraining steps (without a checkpoint)")
     embed_dim: int = option(32, "embedding size of the linear head")
     train_backbone: bool = option(False, "fine-tune the backbone with the head (else the backbone is frozen)")
@@ -129,6 +139,8 @@ class Config(TrainConfig):
     batch_size: int = option(8, "triplets per step")
     learning_rate: float = option(1e-3, "Adam learning rate (the research code's)")
     checkpoint_every: int = option(0, "checkpoint every N steps (0: at the end only)")
+    eval_every: int = option(50, "score the held-out Spearman every N steps and at step 0; the best is kept as best/ "
+                                 "(0: only after training)")
     mode: Literal["align", "evaluate"] = option("align", "evaluate: only report the pretrained encoder")
 
     def __post_init__(self) -> None:
@@ -200,20 +212,38 @@ def pretrained_backbone(config: Config, train: Trajectories) -> tuple[torch.nn.M
         return make_backbone(config.backbone, config.backbone_checkpoint)
     pretrain = dataclasses.replace(config, output=config.output / "pretrain", max_steps=config.pretrain_steps,
                                    batch_size=PRETRAIN_BATCH, learning_rate=1e-3, warmup_steps=0,
-                                   resume="latest" if config.resume else None)
+                                   resume="latest" if config.resume else None, eval_every=0,
+                                   early_stop_patience=0)  # nothing held out scores an autoencoder
     return pretrain_autoencoder(pretrain, frames_of(train)), SmallCNN.features
 
 
-def align(config: Config, encoder: VisualEncoder, train: Trajectories) -> list[dict]:
-    """Fit the encoder (head, and the backbone with --train-backbone) to -log p over triplets ranked by true return."""
+def align(config: Config, encoder: VisualEncoder, train: Trajectories,
+          evaluation: Evaluation | None = None) -> list[dict]:
+    """Fit the encoder (head, and the backbone with --train-backbone) to -log p over triplets ranked by true return;
+    `evaluation` (held-out Spearman) is scored every eval_every steps and its best checkpoint kept."""
     trainer = Trainer(config)
     encoder.backbone.requires_grad_(config.train_backbone)
     triplets = rank_triplets(train.returns(), config.triplets, config.seed)
     history = trainer.fit(encoder.to(trainer.device), Triplets(frames_of(train), triplets), default_collate,
                           lambda m, b, g: triplet_step(m, b, g, config.ot_reg),
-                          save_model=lambda m, out: torch.save(m.state_dict(), Path(out) / "rapl_encoder.pt"))
+                          save_model=lambda m, out: torch.save(m.state_dict(), Path(out) / "rapl_encoder.pt"),
+                          evaluation=evaluation)
     encoder.eval()
     return history
+
+
+def keep_best(config: Config, encoder: VisualEncoder) -> dict[str, Any]:
+    """Write the encoder of the best held-out checkpoint (checkpoints/best.json) to best/rapl_encoder.pt; name it."""
+    from safetensors.torch import load_file
+
+    record = json.loads((config.output / "checkpoints" / BEST_FILE).read_text())
+    checkpoint = config.output / "checkpoints" / record["folder"]
+    state = {name: value.cpu() for name, value in encoder.state_dict().items()}
+    state.update(load_file(str(checkpoint / TRAINABLE_FILE)))  # what trained, as it was at the best step
+    (config.output / "best").mkdir(exist_ok=True)
+    torch.save(state, config.output / "best" / "rapl_encoder.pt")
+    return {"step": record["step"], "spearman": record["value"], "checkpoint": str(checkpoint),
+            "encoder": str(config.output / "best" / "rapl_encoder.pt")}
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -231,9 +261,18 @@ def run(config: Config) -> dict[str, Any]:
         if config.mode == "align":
             torch.manual_seed(config.seed)
             encoder = VisualEncoder(backbone, features, config.embed_dim)
-            history = align(config, encoder, train)
+            def held_out_spearman(model: torch.nn.Module) -> dict[str, float]:
+                assert isinstance(model, VisualEncoder)  # the encoder being aligned
+                return {"spearman": spearman_of(model, held_out, demos, config.ot_reg)[0]}
+
+            evaluation = Evaluation(held_out_spearman, "spearman") if config.eval_every else None
+            history = align(config, encoder, train, evaluation)
             after, after_rewards = spearman_of(encoder, held_out, demos, config.ot_reg)
             report.update(spearman_after=after, triplets=config.triplets)
+            if config.eval_every:
+                report["best"] = keep_best(config, encoder)
+                print(f"best held-out Spearman {report['best']['spearman']:.3f} at step {report['best']['step']}: "
+                      f"{report['best']['encoder']}")
             plot_metrics(history, ["loss", "triplet_acc"], config.output / "curves.png")
             plot_scatter(held_out.returns(), after_rewards, config.output / "reward_vs_return.png", "true return",
                          "OT reward (aligned)", f"RAPL on {train.task}: Spearman {before:.2f} -> {after:.2f}")

@@ -49,7 +49,8 @@ class RewardConfig(TrainConfig):
     gaussian: bool = option(False, "Gaussian reward trained with PEARL's RRL instead of plain Bradley-Terry")
     rrl_weight: float = option(0.1, "RRL: weight of the variance regulariser")
     prior_std: float = option(1.0, "RRL: the prior standard deviation sigma0 of each step's reward")
-    eval_data: str | None = option(None, "held-out trajectory file (.npz) for pair accuracy and Spearman")
+    eval_data: str | None = option(None, "held-out trajectory file (.npz) for pair accuracy and Spearman",
+                                     reads="file")
     eval_pairs: int = option(2000, "oracle-labelled held-out segment pairs for the accuracy")
     max_steps: int = option(2000, "optimizer steps")
     batch_size: int = option(64, "pairs per step")
@@ -70,7 +71,8 @@ class RewardConfig(TrainConfig):
 class Config(RewardConfig):
     """Settings of `mmalign robotics reward`."""
 
-    data: str = option(None, "folder written by `mmalign robotics label` (segments.npz and pairs.jsonl)")
+    data: str = option(None, "folder written by `mmalign robotics label` (segments.npz and pairs.jsonl)",
+                     reads="folder")
 
     def __post_init__(self) -> None:
         super().__post_init__()

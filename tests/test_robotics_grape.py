@@ -125,3 +125,51 @@ def test_resume_latest_takes_every_finished_stage_from_its_checkpoint(tmp_path):
     assert again == first and {name: (config.output / name).read_bytes() for name in files} == before, \
         "the same policy after every stage: rollouts replayed, each stage resumed from its last checkpoint"
     assert (config.output / "demos.npz").stat().st_mtime_ns == demos, "the demonstrations are not collected again"
+
+
+def test_round_decision_rolls_back_a_fall_beyond_the_ci_and_accepts_one_within_it():
+    before = {"sampled": np.array([1, 1, 1, 1, 0, 0, 0, 0]), "mean_action": np.array([1, 1, 0, 0, 1, 1, 0, 0])}
+    collapsed = {"sampled": np.zeros(8, dtype=int), "mean_action": before["mean_action"]}
+    decision = grape.round_decision(before, collapsed)
+    # d = (-1, -1, -1, -1, 0, 0, 0, 0): mean -0.5, std sqrt(2/7), CI high -0.5 + 1.96 * sqrt(2/7) / sqrt(8) < 0
+    half = 1.959964 * math.sqrt(2 / 7) / math.sqrt(8)
+    assert decision["change"]["sampled"]["ci_high"] == pytest.approx(-0.5 + half, rel=1e-5)
+    assert not decision["accepted"] and decision["fell"] == ["sampled"]
+    # one episode lost of eight: d = (-1, 0, ..., 0), mean -1/8, std sqrt(1/8), CI high -0.125 + 0.245 > 0
+    slipped = {"sampled": np.array([0, 1, 1, 1, 0, 0, 0, 0]), "mean_action": np.array([1, 1, 1, 0, 1, 1, 0, 0])}
+    decision = grape.round_decision(before, slipped)
+    half = 1.959964 * math.sqrt(1 / 8) / math.sqrt(8)
+    assert decision["change"]["sampled"]["ci_high"] == pytest.approx(-0.125 + half, rel=1e-5)
+    assert decision["accepted"] and decision["fell"] == []
+    assert grape.best_score(slipped) == pytest.approx((3 / 8 + 5 / 8) / 2)
+
+
+def collapse_step(policy, batch, generator, reference, beta, window):
+    """A bad update: drive every mean action to +50 (clipped to the corner of the action box)."""
+    return (policy.mean[-1].bias - 50.0).pow(2).sum(), {}
+
+
+@pytest.mark.slow
+def test_a_collapsing_round_is_rolled_back_and_the_earlier_policy_kept(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(grape, "tpo_step", collapse_step)
+    config = grape.Config(task="reach-v3", output=tmp_path / "run", demo_episodes=6, demo_noise=0.3, bc_steps=300,
+                          bc_batch_size=64, hidden=64, layers=2, max_episode_steps=50, rounds=1, states=8,
+                          samples_per_state=2, max_steps=3, batch_size=8, learning_rate=1.0, eval_episodes=8,
+                          num_envs=4, report_to="none")
+    report = grape.run(config)
+    bad = report["rounds"][0]
+    assert report["before"]["success_sampled"] >= 0.5 and bad["success_sampled"] == 0.0, report["curve"]
+    assert not bad["accepted"] and bad["policy_round"] == 0
+    assert "rolled back to the policy of round 0" in bad["decision"]
+    assert "round 1: held-out success change sampled -0.500" in capsys.readouterr().out
+    bc = load_policy(config.output / "bc").state_dict()
+    for folder in (config.output, config.output / "best"):
+        kept = load_policy(folder).state_dict()
+        assert all(torch.equal(kept[k], v) for k, v in bc.items()), f"{folder} holds the behaviour-cloned policy"
+    assert report["best"]["round"] == 0 and report["after"] == {**report["before"], "step": 1}
+    logged = [json.loads(line) for line in (config.output / "rounds.jsonl").read_text().splitlines()]
+    assert [r["decision"] for r in logged] == [bad["decision"]]
+    unguarded = grape.run(dataclasses.replace(config, output=tmp_path / "unguarded", policy=str(config.output / "bc"),
+                                              round_guard=False))
+    assert unguarded["rounds"][0]["policy_round"] == 1 and unguarded["after"]["success_sampled"] == 0.0
+    assert unguarded["best"]["round"] == 0 and "--no-round-guard" in unguarded["rounds"][0]["decision"]

@@ -92,7 +92,7 @@ def synthetic_file(path, n: int, seed: int) -> str:
 def test_aligning_lowers_the_triplet_loss(tmp_path):
     train = Trajectories.load(synthetic_file(tmp_path / "train.npz", 24, seed=0))
     config = rapl.Config(data="unused", eval_data="unused", output=tmp_path / "run", triplets=64, max_steps=60,
-                         batch_size=8, embed_dim=8, report_to="none")
+                         batch_size=8, embed_dim=8, eval_every=0, report_to="none")
     torch.manual_seed(0)
     encoder = VisualEncoder(*make_backbone("small-cnn"), embed_dim=8)
     triplets = torch.from_numpy(train.frames[rapl.rank_triplets(train.returns(), 64, config.seed)])
@@ -128,6 +128,26 @@ def test_resume_continues_the_alignment_and_takes_the_pretraining_from_its_check
     for resume in ("latest", str(named)):
         assert rapl.run(dataclasses.replace(config, resume=resume)) == first
     assert len((config.output / "pretrain" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_encoder_of_the_best_held_out_spearman_is_kept_and_named(tmp_path, capsys):
+    train, held_out = synthetic_file(tmp_path / "train.npz", 16, 0), synthetic_file(tmp_path / "eval.npz", 8, 1)
+    config = rapl.Config(data=train, eval_data=held_out, output=tmp_path / "run", pretrain_steps=4, triplets=16,
+                         max_steps=6, eval_every=2, embed_dim=4, learning_rate=0.3, report_to="none")
+    report = rapl.run(config)
+    rows = [json.loads(line) for line in (config.output / "metrics.jsonl").read_text().splitlines()]
+    scored = {row["step"]: row["eval/spearman"] for row in rows if "eval/spearman" in row}
+    assert sorted(scored) == [0, 2, 4, 6]
+    best_step = max(scored, key=lambda step: (scored[step], -step))  # the first of the highest
+    assert best_step not in (0, 6), f"the best is neither the start nor the last step here: {scored}"
+    assert report["best"]["step"] == best_step and report["best"]["spearman"] == pytest.approx(scored[best_step])
+    assert report["spearman_after"] == pytest.approx(scored[6], abs=1e-6)
+    held, demos = rapl.load_inputs(config)[1:]
+    encoder = VisualEncoder(*make_backbone("small-cnn"), embed_dim=4)
+    encoder.load_state_dict(torch.load(report["best"]["encoder"], weights_only=True))
+    assert rapl.spearman_of(encoder.eval(), held, demos, config.ot_reg)[0] == pytest.approx(scored[best_step],
+                                                                                          abs=1e-6)
+    assert f"best held-out Spearman {scored[best_step]:.3f} at step {best_step}" in capsys.readouterr().out
 
 
 def test_bad_inputs(tmp_path):
