@@ -3,8 +3,8 @@
 Synthetic Pick-a-Pic pairs of 64 px JPEGs (a few distinct images repeated: Parquet's dictionary encoding keeps the
 file small) train the embedded tiny pipeline for one step, in a fresh process per size, with a cold `datasets`
 cache (the first run converts the Parquet file to Arrow) and then a warm one (the same data again). The first step
-is when metrics.jsonl appears; RSS is the process's peak (`wait4`), and its anonymous part the memory it allocated
-(sampled from /proc), without the pages of the memory-mapped Arrow cache it touched.
+is when metrics.jsonl appears; RSS is the process's peak (VmHWM), and its anonymous part the memory it allocated
+(both sampled from /proc), without the pages of the memory-mapped Arrow cache it touched.
 
     python scripts/benchmark_startup.py --pairs 2000 20000 200000
     python scripts/benchmark_startup.py --pairs 2000 1000000 --streaming   # the data read as training goes
@@ -45,29 +45,34 @@ def write_pairs(path: Path, count: int, distinct: int = 16) -> Path:
     return path
 
 
-def anonymous_kib(pid: int) -> int:
-    """The process's resident anonymous memory (heap, not the pages of files it maps) in KiB; 0 once it is gone."""
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(peak resident memory, resident anonymous memory) of the process in KiB, from /proc: VmHWM is the peak since
+    its exec (the rusage of a child also counts the parent's pages it shared between fork and exec), RssAnon the
+    heap without the pages of files it maps; (0, 0) once it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return 0
-    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+        return 0, 0
+    fields = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
+              if line.startswith(("VmHWM:", "RssAnon:"))}
+    return fields.get("VmHWM", 0), fields.get("RssAnon", 0)
 
 
 def launch(model: Path, data: Path, output: Path, env: dict[str, str], flags: list[str]
            ) -> tuple[float, float, float, float]:
-    """(seconds to the first step, seconds in all, peak RSS and peak anonymous RSS in MiB) of one run of one step.
-    RSS counts the pages of the memory-mapped Arrow cache the process has touched (clean, shared with the page cache);
-    the anonymous part, sampled every 20 ms, is the memory it allocated."""
+    """(seconds to the first step, seconds in all, peak RSS and peak anonymous RSS in MiB) of one run of one step,
+    sampled every 20 ms. RSS counts the pages of the memory-mapped Arrow cache the process has touched (clean, shared
+    with the page cache); the anonymous part is the memory it allocated."""
     command = [sys.executable, "-m", "mmalign", "diffusion", "dpo", "--model", str(model), "--data", str(data),
                "--output", str(output), "--max-steps", "1", "--batch-size", "1", "--num-samples", "0",
                "--report-to", "none", "--resolution", "64", *flags]
     start = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first, anonymous = None, 0
+    first, peak, anonymous = None, 0, 0
     while True:
-        anonymous = max(anonymous, anonymous_kib(process.pid))
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        resident, heap = memory_kib(process.pid)
+        peak, anonymous = max(peak, resident), max(anonymous, heap)
+        pid, status = os.waitpid(process.pid, os.WNOHANG)
         if first is None and (output / "metrics.jsonl").exists():
             first = time.perf_counter() - start
         if pid:
@@ -76,7 +81,7 @@ def launch(model: Path, data: Path, output: Path, env: dict[str, str], flags: li
     total = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"run failed: {process.stderr.read().decode()[-2000:] if process.stderr else ''}")
-    return first or total, total, usage.ru_maxrss / 1024, anonymous / 1024
+    return first or total, total, peak / 1024, anonymous / 1024
 
 
 def main() -> None:

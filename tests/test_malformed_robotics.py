@@ -127,7 +127,7 @@ CASES = {
     "NaN observations": ("label --data {nan}",
                          "field 'observations': 1 NaN or infinite value(s), first at trajectory 2 step 7"),
     "text instead of numbers": ("label --data {strings}", "field 'actions': expected numbers, got an array of <U1"),
-    "missing trajectory file": ("label --data {missing}", "missing.npz does not exist"),
+    "missing trajectory file": ("label --data {missing}", "--data {missing}: no such file"),
     "segments longer than the trajectories": ("label --data {good}", "--segment-length 50 is longer than"),
     "unknown teacher": ("label --config {bad_teacher} --data {good}", "key 'teacher': 'lazy' must be one of oracle"),
     "one segment": ("label --data {good} --segments 1", "segments must be at least 2"),
@@ -141,7 +141,7 @@ CASES = {
     "labelled folder without pairs": ("reward --data {no_pairs_file}", "no-pairs-file holds no pairs.jsonl"),
     "too few pairs for a batch": ("reward --data {labelled}", "40 pair(s), fewer than one batch of 64"),
     "missing --eval-data": ("reward --data {labelled} --batch-size 8 --eval-data {missing}",
-                            "missing.npz does not exist"),
+                            "--eval-data {missing}: no such file"),
     "corrupt --eval-data": ("reward --data {labelled} --batch-size 8 --eval-data {truncated}",
                             "truncated.npz: not a readable .npz"),
     "--eval-data of another task": ("reward --data {labelled} --batch-size 8 --eval-data {reach}",
@@ -160,7 +160,7 @@ CASES = {
     "trajectories without frames": ("rapl --data {no_frames} --eval-data {eval}", "no-frames.npz: no frames"),
     "rapl: corrupt --eval-data": ("rapl --data {good} --eval-data {zip}", "zip.npz: missing field(s)"),
     "rapl: one held-out trajectory": ("rapl --data {good} --eval-data {one}", "one.npz: 1 held-out trajectory"),
-    "missing --demos": ("rapl --data {good} --eval-data {eval} --demos {missing}", "missing.npz does not exist"),
+    "missing --demos": ("rapl --data {good} --eval-data {eval} --demos {missing}", "--demos {missing}: no such file"),
     "--demos of another task": ("rapl --data {good} --eval-data {eval} --demos {reach}",
                                 "reach.npz: trajectories of reach-v3"),
     "unknown backbone": ("rapl --data {good} --eval-data {eval} --backbone resnet", "unknown backbone 'resnet'"),
@@ -212,6 +212,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_malformed_input_is_refused_before_anything_is_written(case, files, tmp_path, refused):
     flags, message = CASES[case]
+    message = message.format(**files)
     command = flags.split()[0]
     argv = [word.format(**files) for word in flags.split()]
     if "--output" in argv:
