@@ -172,7 +172,8 @@ def check_pipeline(pipe, config: DenoiserConfig) -> None:
     name = type(pipe).__name__
     if config.video is not None and (name in VIDEO_PIPELINES) != config.video:
         raise ConfigError(f"--model {config.model}: {name} is "
-                          + ("a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`"
+                          + ("a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`, "
+                             "or from a reward with `mmalign diffusion grpo`"
                              if name in VIDEO_PIPELINES else
                              f"an image pipeline; video-dpo trains text-to-video pipelines "
                              f"({', '.join(VIDEO_PIPELINES)})"))

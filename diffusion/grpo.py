@@ -4,10 +4,11 @@ models (SD, SDXL), with the Flow-GRPO-Fast, MixGRPO (arXiv 2507.21802) and Dance
 
 Each sampler step is a Gaussian policy N(mean_theta(x_i, c), std_i^2) (`mmalign.diffusion.sde`): Flow-GRPO's SDE with
 the Euler ODE's marginals for flow models, DDIM with eta > 0 for diffusion models; which one follows from the model's
-scheduler, and everything below is the same for both. A text-to-video pipeline (Wan 2.1's WanPipeline; also
-UNet3D's) samples videos the same way: the policy is the step on the whole video latent [C, F', h, w] (Wan: F' = 1 +
-(F-1)/4 for F = `--num-frames` = 4k+1), on the flow sigmas Wan's UniPC sampler uses (`sde.policy_schedule`). The
-choices, where the papers and their code leave them open:
+scheduler, and everything below is the same for both. A text-to-video pipeline (Wan 2.1's WanPipeline, also UNet3D's)
+samples K videos per prompt the same way: the policy is the step on the whole video latent [C, F', h, w] (Wan: F' =
+1 + (F-1)/4 for F = `--num-frames` = 4k+1), on the flow sigmas and timesteps Wan's UniPC sampler uses
+(`sde.policy_schedule`), and the videos are decoded to frames for the reward. The choices, where the papers and their
+code leave them open:
 
 1. Rollout. The current policy samples K images per prompt (no gradients, `--sample-steps` steps, `--noise-level` eta:
    Flow-GRPO's 0.7 for flow models, DDPO's 1.0 for DDIM), keeping x_i, x_{i+1}, log pi_old(x_{i+1} | x_i) and the step
@@ -15,10 +16,9 @@ choices, where the papers and their code leave them open:
    group never spans processes and the advantages need no gathering; equal prompts drawn on two processes are two
    groups. `--shared-noise` starts a group from one initial noise (DanceGRPO).
 2. Reward and advantage. Reward: `evaluate.load_reward` of --reward, an image reward; a video's reward is the mean of
-   its frames' rewards (`evaluate.checked_rewards`), so every image reward, scorer and weighted spec scores videos.
-   A = (r - mean_K r) / (std_K r + 1e-6)
-   (`acflow.shape_rewards`) clipped to [-5, 5] (Flow-GRPO's adv_clip_max). No reward history per prompt (Flow-GRPO's
-   stat tracker keeps none across epochs either).
+   its frames' rewards (`evaluate.checked_rewards`), so every reward callable, scorer and spec scores videos.
+   A = (r - mean_K r) / (std_K r + 1e-6) (`acflow.shape_rewards`) clipped to [-5, 5] (Flow-GRPO's adv_clip_max). No
+   reward history per prompt (Flow-GRPO's stat tracker keeps none across epochs either).
 3. Loss per (sample, trained step): PPO's -min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(log pi_theta - log pi_old),
    eps = 1e-4 (both references), plus beta * KL(pi_theta || pi_ref) between the two Gaussians of the step, which share
    std: mean((mean_theta - mean_ref)^2) / (2 std^2), std^2 = std_t^2 (-dt) for the flow SDE. Flow-GRPO's code divides
@@ -93,8 +93,9 @@ class Config(DenoiserConfig):
     reward: str | RewardFn = option("mmalign.diffusion.world:reward", "reward callable as module:function, a reward-"
                                     "model folder (`mmalign reward train`), a reward spec of named scorers "
                                     "(pickscore:1.0,hpsv21=FILE:0.5), or from Python the callable itself; called as "
-                                    "reward(images, prompts) -> [N]; a video's reward is the mean of its frames'")
-    samples_per_prompt: int = option(4, "K images sampled per prompt (one group) in each rollout")
+                                    "reward(images, prompts) -> [N]; a video's reward is the mean of its frames' "
+                                    "rewards")
+    samples_per_prompt: int = option(4, "K images (videos) sampled per prompt (one group) in each rollout")
     num_frames: int | None = option(None, "text-to-video pipelines: frames of each sampled video (Wan: 4k+1, e.g. 81, "
                                           "33, 17; default: the pipeline's own, Wan's 81)")
     sample_steps: int = option(10, "sampler steps of the rollouts (and the grids)")

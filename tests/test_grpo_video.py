@@ -174,5 +174,7 @@ def test_flow_grpo_brightens_the_tiny_wans_videos_and_keeps_them_steady(tiny_fam
     (base_bright, base_change, _), (bright, change, finite) = (frame_statistics(load_pipeline(model))
                                                                for model in (cfg.model, cfg.output))
     gain = mean_ci(bright - base_bright)
+    print({"rollout_reward": [round(row["reward"], 4) for row in history], "gain": gain,
+           "frame_change": (base_change, change)})
     assert (bright > base_bright).all() and gain["ci_low"] > 0, gain
     assert finite and abs(change / base_change - 1) < 0.1, (base_change, change)
