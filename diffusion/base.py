@@ -14,7 +14,7 @@ options, the before/after grids). Its run:
                 evaluation=held_out_evaluation(parts, held_out))
 
 What a method needs of the model is stated on its Config class: `schedule` ("flow" or "diffusion" when it
-works with one kind only) and `video` (a text-to-video pipeline instead of an image one).
+works with one kind only) and `video` (a text-to-video pipeline instead of an image one; None: either).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class DenoiserConfig(TrainConfig):
     """The denoiser being fine-tuned and how (plus the training loop's settings)."""
 
     schedule: ClassVar[Literal["flow", "diffusion"] | None] = None  # the one kind of model a method trains, if any
-    video: ClassVar[bool] = False  # a text-to-video pipeline (frames) instead of an image one
+    video: ClassVar[bool | None] = False  # a text-to-video pipeline (frames) instead of an image one (None: either)
 
     model: str = option(None, "diffusers pipeline folder, hub id, or single-file checkpoint")
     lora_rank: int = option(8, "LoRA rank of the denoiser's attention projections")
@@ -170,9 +170,10 @@ def check_pipeline(pipe, config: DenoiserConfig) -> None:
                           "needs a DDPM-style diffusion pipeline; use `mmalign diffusion dpo` or `flow-dpo` for "
                           "flow-matching models")
     name = type(pipe).__name__
-    if (name in VIDEO_PIPELINES) != config.video:
+    if config.video is not None and (name in VIDEO_PIPELINES) != config.video:
         raise ConfigError(f"--model {config.model}: {name} is "
-                          + ("a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`"
+                          + ("a text-to-video pipeline; train it on video pairs with `mmalign diffusion video-dpo`, "
+                             "or from a reward with `mmalign diffusion grpo`"
                              if name in VIDEO_PIPELINES else
                              f"an image pipeline; video-dpo trains text-to-video pipelines "
                              f"({', '.join(VIDEO_PIPELINES)})"))

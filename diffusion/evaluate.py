@@ -70,12 +70,18 @@ def load_reward(spec: str, where: str = "--reward") -> RewardFn:
 
 def checked_rewards(reward_fn: RewardFn, images: torch.Tensor, prompts: list[str],
                     spec: str | RewardFn, where: str = "--reward") -> torch.Tensor:
-    """reward_fn(images, prompts) as float32 [N] on the images' device; anything but N finite numbers: ConfigError."""
+    """reward_fn(images, prompts) as float32 [N] on the images' device; anything but N finite numbers: ConfigError.
+    Videos [N,F,3,H,W] get the mean of their frames' rewards, r(video, y) = (1/F) sum_f r(frame_f, y), so every image
+    reward scores videos."""
+    if images.dim() == 5:
+        count, frames = images.shape[:2]
+        expanded = [prompt for prompt in prompts for _ in range(frames)]
+        return checked_rewards(reward_fn, images.flatten(0, 1), expanded, spec, where).view(count, frames).mean(1)
     rewards = reward_fn(images, prompts).float().to(images.device)
     if rewards.shape != (len(prompts),) or not torch.isfinite(rewards).all():
         raise ConfigError(f"{where} {spec} returned {tuple(rewards.shape)} values"
                           f"{'' if torch.isfinite(rewards).all() else ' with NaN or inf'}; expected {len(prompts)} "
-                          "finite numbers, one per image")
+                          "finite numbers, one per image (per frame of a video)")
     return rewards
 
 

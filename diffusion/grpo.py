@@ -1,19 +1,24 @@
 """Online RL of a generator from a reward with group-relative advantages and PPO's clipped ratio: Flow-GRPO (arXiv
-2505.05470) on flow models (SD3, SD3.5, FLUX.1) and DDPO (arXiv 2305.13301) on diffusion models (SD, SDXL), with the
-Flow-GRPO-Fast, MixGRPO (arXiv 2507.21802) and DanceGRPO options.
+2505.05470) on flow models (SD3, SD3.5, FLUX.1, and Wan 2.1 text-to-video) and DDPO (arXiv 2305.13301) on diffusion
+models (SD, SDXL), with the Flow-GRPO-Fast, MixGRPO (arXiv 2507.21802) and DanceGRPO options.
 
 Each sampler step is a Gaussian policy N(mean_theta(x_i, c), std_i^2) (`mmalign.diffusion.sde`): Flow-GRPO's SDE with
 the Euler ODE's marginals for flow models, DDIM with eta > 0 for diffusion models; which one follows from the model's
-scheduler, and everything below is the same for both. The choices, where the papers and their code leave them open:
+scheduler, and everything below is the same for both. A text-to-video pipeline (Wan 2.1's WanPipeline, also UNet3D's)
+samples K videos per prompt the same way: the policy is the step on the whole video latent [C, F', h, w] (Wan: F' =
+1 + (F-1)/4 for F = `--num-frames` = 4k+1), on the flow sigmas and timesteps Wan's UniPC sampler uses
+(`sde.policy_schedule`), and the videos are decoded to frames for the reward. The choices, where the papers and their
+code leave them open:
 
 1. Rollout. The current policy samples K images per prompt (no gradients, `--sample-steps` steps, `--noise-level` eta:
    Flow-GRPO's 0.7 for flow models, DDPO's 1.0 for DDIM), keeping x_i, x_{i+1}, log pi_old(x_{i+1} | x_i) and the step
    of every trained step. The K samples of a prompt are drawn on one process (its prompts are expanded there), so a
    group never spans processes and the advantages need no gathering; equal prompts drawn on two processes are two
    groups. `--shared-noise` starts a group from one initial noise (DanceGRPO).
-2. Reward and advantage. Reward: `evaluate.load_reward` of --reward; A = (r - mean_K r) / (std_K r + 1e-6)
-   (`acflow.shape_rewards`) clipped to [-5, 5] (Flow-GRPO's adv_clip_max). No reward history per prompt (Flow-GRPO's
-   stat tracker keeps none across epochs either).
+2. Reward and advantage. Reward: `evaluate.load_reward` of --reward, an image reward; a video's reward is the mean of
+   its frames' rewards (`evaluate.checked_rewards`), so every reward callable, scorer and spec scores videos.
+   A = (r - mean_K r) / (std_K r + 1e-6) (`acflow.shape_rewards`) clipped to [-5, 5] (Flow-GRPO's adv_clip_max). No
+   reward history per prompt (Flow-GRPO's stat tracker keeps none across epochs either).
 3. Loss per (sample, trained step): PPO's -min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(log pi_theta - log pi_old),
    eps = 1e-4 (both references), plus beta * KL(pi_theta || pi_ref) between the two Gaussians of the step, which share
    std: mean((mean_theta - mean_ref)^2) / (2 std^2), std^2 = std_t^2 (-dt) for the flow SDE. Flow-GRPO's code divides
@@ -48,7 +53,7 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from accelerate.utils import send_to_device
@@ -69,10 +74,11 @@ from .base import (
     save_result,
 )
 from .evaluate import RewardFn, checked_rewards
-from .latents import from_latents
-from .models import denoiser_of
-from .scoring import Condition, encode_prompts, is_flow, predict
+from .latents import from_latents, latent_shape
+from .models import VIDEO_PIPELINES, denoiser_of
+from .scoring import Condition, encode_prompts, is_flow, predict, sampler_default
 from .sde import Schedule, clipped_objective, gaussian_kl, gaussian_log_prob, policy_schedule
+from .video import check_video_shape
 
 FLOW_NOISE_LEVEL, DDIM_ETA = 0.7, 1.0  # Flow-GRPO's noise_level, DDPO's eta
 
@@ -81,11 +87,17 @@ FLOW_NOISE_LEVEL, DDIM_ETA = 0.7, 1.0  # Flow-GRPO's noise_level, DDPO's eta
 class Config(DenoiserConfig):
     """Flow-GRPO / DDPO settings (plus the denoiser's and the training loop's); batch_size: prompts per rollout."""
 
+    video: ClassVar[bool | None] = None  # image and text-to-video pipelines alike
+
     prompts: str = option(None, "text file of training prompts, one per line")
     reward: str | RewardFn = option("mmalign.diffusion.world:reward", "reward callable as module:function, a reward-"
-                                    "model folder (`mmalign reward train`), or from Python the callable itself; "
-                                    "called as reward(images, prompts) -> [N]")
-    samples_per_prompt: int = option(4, "K images sampled per prompt (one group) in each rollout")
+                                    "model folder (`mmalign reward train`), a reward spec of named scorers "
+                                    "(pickscore:1.0,hpsv21=FILE:0.5), or from Python the callable itself; called as "
+                                    "reward(images, prompts) -> [N]; a video's reward is the mean of its frames' "
+                                    "rewards")
+    samples_per_prompt: int = option(4, "K images (videos) sampled per prompt (one group) in each rollout")
+    num_frames: int | None = option(None, "text-to-video pipelines: frames of each sampled video (Wan: 4k+1, e.g. 81, "
+                                          "33, 17; default: the pipeline's own, Wan's 81)")
     sample_steps: int = option(10, "sampler steps of the rollouts (and the grids)")
     guidance_scale: float = option(4.5, "classifier-free guidance of the policy in rollout and training (1: none; "
                                         "see the module docstring)")
@@ -111,6 +123,7 @@ class Config(DenoiserConfig):
             ("samples-per-prompt", self.samples_per_prompt >= 2, "must be at least 2 (advantages compare a "
                                                                  "prompt's samples)"),
             ("sample-steps", self.sample_steps >= 1, "must be at least 1"),
+            ("num-frames", self.num_frames is None or self.num_frames >= 1, "must be at least 1"),
             ("noise-level", self.noise_level is None or self.noise_level > 0, "must be positive"),
             ("clip-range", self.clip_range > 0, "must be positive"),
             ("advantage-clip", self.advantage_clip > 0, "must be positive"),
@@ -129,6 +142,9 @@ class Config(DenoiserConfig):
                 value = getattr(self, flag.replace("-", "_"))
                 raise ConfigError(f"--{flag} {value}: {message}")
 
+    def sampling_kwargs(self) -> dict[str, Any]:
+        return {} if self.num_frames is None else {"num_frames": self.num_frames}
+
 
 class RolloutBuffer:
     """The parts of the last rollout not trained on yet, and the micro-steps trained so far: training state."""
@@ -142,6 +158,21 @@ class RolloutBuffer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.parts, self.micro_steps = state["parts"], state["micro_steps"]
+
+
+def video_frames(parts: Parts[Config]) -> int | None:
+    """Frames of each sampled video: --num-frames or the pipeline's default, checked against its VAE
+    (`video.check_video_shape`); None for an image pipeline, which refuses --num-frames."""
+    c, pipe = parts.config, parts.pipe
+    if type(pipe).__name__ not in VIDEO_PIPELINES:
+        if c.num_frames is not None:
+            raise ConfigError(f"--num-frames {c.num_frames}: --model {c.model} is an image pipeline "
+                              f"({type(pipe).__name__}); frames are for text-to-video ones "
+                              f"({', '.join(VIDEO_PIPELINES)})")
+        return None
+    frames = c.num_frames or sampler_default(pipe, "num_frames")
+    check_video_shape(pipe, frames, parts.resolution)
+    return frames
 
 
 def guidance_of(parts: Parts[Config]) -> float:
@@ -204,16 +235,15 @@ def trained_steps(stochastic: list[int], n: int, fraction: float, selection: str
 
 @torch.no_grad()
 def rollout(policy: nn.Module, prompts: list[str], generator: torch.Generator, parts: Parts[Config],
-            schedule: Schedule, reward_fn: RewardFn, window: int) -> list[dict[str, Any]]:
-    """K samples per prompt from the current policy, scored and given advantages, shuffled and split into
-    `updates_per_rollout` parts of {prompts, steps, latents, next_latents, log_probs, advantages, statistics}."""
+            schedule: Schedule, reward_fn: RewardFn, window: int, latent: tuple[int, ...]) -> list[dict[str, Any]]:
+    """K samples per prompt (of latent shape `latent`: [C,h,w], a video's [C,F',h,w]) from the current policy, scored
+    and given advantages, shuffled and split into `updates_per_rollout` parts of {prompts, steps, latents,
+    next_latents, log_probs, advantages, statistics}."""
     c, k, device = parts.config, parts.config.samples_per_prompt, generator.device
     expanded = [p for p in prompts for _ in range(k)]
     n, total, eta = len(expanded), len(schedule.timesteps), noise_level_of(parts)
     condition = encode(parts, expanded, device)
-    side = parts.resolution // parts.pipe.vae_scale_factor
-    shape = (len(prompts) if c.shared_noise else n, parts.pipe.vae.config.latent_channels, side, side)
-    x = torch.randn(shape, generator=generator, device=device)
+    x = torch.randn((len(prompts) if c.shared_noise else n, *latent), generator=generator, device=device)
     x = x.repeat_interleave(k, 0) if c.shared_noise else x
     stochastic = stochastic_steps(total, c.sde_window, window)
     trajectory, log_probs = [x], torch.zeros(n, total, device=device)
@@ -244,14 +274,15 @@ def rollout(policy: nn.Module, prompts: list[str], generator: torch.Generator, p
 
 
 def grpo_step(model: nn.Module, batch: dict[str, Any], generator: torch.Generator, *, parts: Parts[Config],
-              schedule: Schedule, reward_fn: RewardFn, buffer: RolloutBuffer) -> tuple[torch.Tensor, dict]:
+              schedule: Schedule, reward_fn: RewardFn, buffer: RolloutBuffer, latent: tuple[int, ...]
+              ) -> tuple[torch.Tensor, dict]:
     """One micro-step: a rollout when the buffer is empty, then PPO's clipped loss + beta KL on one part of it, averaged
     over its trained steps."""
     c, policy = parts.config, unwrap(model)
     if not buffer.parts:
         optimizer_step = buffer.micro_steps // c.gradient_accumulation_steps
         start = window_start(optimizer_step, len(schedule.timesteps), c.sde_window, c.window_every)
-        buffer.parts = rollout(policy, batch["prompt"], generator, parts, schedule, reward_fn, start)
+        buffer.parts = rollout(policy, batch["prompt"], generator, parts, schedule, reward_fn, start, latent)
     part = send_to_device(buffer.parts.pop(0), generator.device)
     buffer.micro_steps += 1
     condition = encode(parts, part["prompts"], generator.device)
@@ -286,13 +317,14 @@ def run(config: Config) -> list[dict[str, float]]:
     """`mmalign diffusion grpo`: Flow-GRPO (flow models) or DDPO (diffusion models) into config.output."""
     prompts, shown, trainer, reward_fn, held_out = online_setup(config, config.prompts, config.reward)
     pipe, parts = prepare(config, trainer)
-    schedule = policy_schedule(pipe, parts.noise_scheduler, config.sample_steps,
-                               parts.resolution // pipe.vae_scale_factor, trainer.device)
+    latent = latent_shape(pipe, parts.resolution, video_frames(parts))
+    schedule = policy_schedule(pipe, parts.noise_scheduler, config.sample_steps, latent[-1], trainer.device)
     buffer = RolloutBuffer()
     trainer.begin()  # everything is checked: the run folder is created here, before the first grid is written
     if trainer.resume_from is None:
         sample_grid(trainer, parts, shown, "samples_before.png")
-    step = functools.partial(grpo_step, parts=parts, schedule=schedule, reward_fn=reward_fn, buffer=buffer)
+    step = functools.partial(grpo_step, parts=parts, schedule=schedule, reward_fn=reward_fn, buffer=buffer,
+                             latent=latent)
     history = trainer.fit(denoiser_of(pipe), prompts, collate_prompts, step,
                           save_model=lambda model, output: save_result(parts, model, Path(output)),
                           stateful=(buffer,),

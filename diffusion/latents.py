@@ -45,10 +45,24 @@ def to_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator
 
 def from_latents(x0: torch.Tensor, vae) -> torch.Tensor:
     """Images [N,3,H,W] (videos [N,F,3,H,W]) in [0, 1] from training latents: decode(z) with z = x0 / scale + shift
-    (the inverse of `to_latents`)."""
+    (the inverse of `to_latents`; video latents [N,C,F,h,w] frame by frame through an image VAE)."""
+    if x0.dim() == 5 and not is_causal_video_vae(vae):
+        return from_latents(x0.transpose(1, 2).flatten(0, 1), vae).unflatten(0, (x0.shape[0], x0.shape[2]))
     scale, shift = latent_scale_shift(vae, x0)
     decoded = (vae.decode((x0 / scale + shift).to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
     return decoded.transpose(1, 2) if decoded.dim() == 5 else decoded
+
+
+def latent_shape(pipe, resolution: int, frames: int | None = None) -> tuple[int, ...]:
+    """One sample's training latent at `resolution` px: [C,h,w], or for a video of `frames` frames [C,F',h,w] (F' = F
+    through an image VAE, 1 + (F-1)/4 through Wan's causal one, as WanPipeline's `prepare_latents`)."""
+    config = pipe.vae.config
+    if is_causal_video_vae(pipe.vae):
+        assert frames is not None, "a causal video VAE encodes videos"
+        side = resolution // pipe.vae_scale_factor_spatial
+        return config.z_dim, (frames - 1) // pipe.vae_scale_factor_temporal + 1, side, side
+    side = resolution // pipe.vae_scale_factor
+    return (config.latent_channels, *(() if frames is None else (frames,)), side, side)
 
 
 def latent_scale_shift(vae, like: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:

@@ -69,7 +69,7 @@ def clipped_objective(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advant
 @dataclass(frozen=True)
 class FlowSchedule:
     """A flow sampler's steps: sigmas [T+1] (shifted as the pipeline shifts them, ending at 0) and the denoiser's
-    timesteps [T] = 1000 sigma."""
+    timesteps [T] = 1000 sigma (Wan's sampler rounds them down)."""
 
     sigmas: torch.Tensor
     timesteps: torch.Tensor
@@ -107,9 +107,17 @@ Schedule = FlowSchedule | DDIMSchedule
 def policy_schedule(pipe, scheduler, steps: int, latent_side: int, device: torch.device) -> Schedule:
     """The sampler's `steps` steps for the pipeline's model: for a flow `scheduler` (`base.training_scheduler`) its
     `set_timesteps(steps)`, or with dynamic shifting (FLUX) the pipelines' sigmas linspace(1, 1/T, T) shifted by
-    mu(image tokens); for a diffusion model DDIM's timesteps on the pipeline scheduler's betas."""
+    mu(image tokens); for a sampler on flow sigmas (Wan's UniPC) that sampler's own shifted sigmas and the integer
+    timesteps it gives the denoiser, with its first sigma 1 - 1e-6 (a guard for UniPC's log) put back to 1, where the
+    SDE's std_t takes sigma_max; for a diffusion model DDIM's timesteps on the pipeline scheduler's betas."""
     from .scoring import is_flow
 
+    if pipe.scheduler.config.get("prediction_type") == "flow_prediction":
+        sampler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        sampler.set_timesteps(steps)
+        sigmas = sampler.sigmas.float()
+        sigmas[0] = torch.where(sigmas[0] > 1 - 1e-5, 1.0, sigmas[0])
+        return FlowSchedule(sigmas.to(device), sampler.timesteps.float().to(device))
     if is_flow(scheduler):
         c = scheduler.config
         if c.get("use_dynamic_shifting"):

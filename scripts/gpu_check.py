@@ -14,8 +14,9 @@ Architectures (random weights, built in-process and saved, then loaded by each m
                 gradient checkpointing: Flow-DPO, AC-Flow
     flux-dev    FLUX.1-dev: 19 double + 38 single blocks of 24 heads x 128, guidance embedding, CLIP-L + T5-XXL,
                 1024 px, gradient checkpointing: Flow-DPO, AC-Flow
-    wan-1.3b    Wan 2.1 T2V-1.3B: 30 blocks of 12 heads x 128 (1.42B), the causal 3D VAE, UMT5-XXL, 81 frames at
-                480 x 480 px, gradient checkpointing: video DPO
+    wan-1.3b    Wan 2.1 T2V-1.3B: 30 blocks of 12 heads x 128 (1.42B), the causal 3D VAE, UMT5-XXL, 480 x 480 px,
+                gradient checkpointing: video DPO (81 frames), Flow-GRPO (33 frames, guidance 4.5, 10 steps, the
+                first half trained)
     llava-7b    LLaVA-1.5-7B: CLIP ViT-L/14-336 (576 image tokens) + Llama 7B, rank-8 LoRA: vision DPO
     qwen2.5-vl-7b  Qwen2.5-VL-7B: the 32-block window-attention ViT (14 px patches, 2x2 merge; images at 448 px, 256
                 tokens) + the 28-layer Qwen2.5 7B decoder with M-RoPE (8.29B), rank-8 LoRA: vision DPO
@@ -202,6 +203,7 @@ PIPELINES: dict[str, Callable[[], Any]] = {"sd15": sd15, "sd3-medium": sd3_mediu
 TINY_KINDS = {"sd15": "sd", "sd3-medium": "sd3", "sd35-medium": "sd35", "sd35-large": "sd35", "flux-dev": "flux",
               "wan-1.3b": "wan"}
 VIDEO_FRAMES = {False: 81, True: 5}  # frames per training video at real size (Wan 2.1's 81) and in the smoke run
+ROLLOUT_FRAMES = {False: 33, True: 5}  # frames per Flow-GRPO video: a rollout holds K of them per prompt
 
 
 def build_pipeline(arch: str, folder: Path, smoke: bool) -> Path:
@@ -322,9 +324,13 @@ def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> li
             checks.append(("Flow-GRPO", grpo, {**online, "updates_per_rollout": 1}))
         return checks
     if arch == "wan-1.3b":
+        size = dict(resolution=32 if smoke else 480, gradient_checkpointing=not smoke)
         return [("video DPO", video, dict(model=str(model), data=str(data / "videos" / "pairs.jsonl"),
-                                          batch_size=max(1, batch_size // 4), num_frames=VIDEO_FRAMES[smoke],
-                                          resolution=32 if smoke else 480, gradient_checkpointing=not smoke))]
+                                          batch_size=max(1, batch_size // 4), num_frames=VIDEO_FRAMES[smoke], **size)),
+                ("Flow-GRPO", grpo, dict(model=str(model), prompts=str(data / "prompts.txt"),
+                                         batch_size=max(1, batch_size // 4), samples_per_prompt=4,
+                                         num_frames=ROLLOUT_FRAMES[smoke], train_steps_fraction=0.5,
+                                         updates_per_rollout=1, **size))]
     return [("vision DPO", vision_dpo, dict(model=str(model), data=str(data / "rows.parquet"), batch_size=batch_size,
                                             learning_rate=1e-5, beta=0.1, gradient_checkpointing=not smoke))]
 

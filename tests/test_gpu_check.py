@@ -68,6 +68,7 @@ def test_smoke_run_times_every_method(tmp_path):
     assert [(r["arch"], r["method"]) for r in results] == [
         ("sd15", "Diffusion-DPO"), ("sd15", "InPO"), ("sd15", "SePPO"), ("sd35-medium", "Flow-DPO"),
         ("sd35-medium", "AC-Flow"), ("sd35-medium", "Flow-GRPO"), ("flux-dev", "Flow-DPO"), ("flux-dev", "AC-Flow"),
-        ("wan-1.3b", "video DPO"), ("llava-7b", "vision DPO"), ("qwen2.5-vl-7b", "vision DPO")]
+        ("wan-1.3b", "video DPO"), ("wan-1.3b", "Flow-GRPO"), ("llava-7b", "vision DPO"),
+        ("qwen2.5-vl-7b", "vision DPO")]
     assert all(r["s_per_step"] > 0 and r["items_per_s"] == r["batch_size"] / r["s_per_step"] for r in results)
     assert {r["device"] for r in results} == {"cpu"}
