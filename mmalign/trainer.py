@@ -511,26 +511,12 @@ class Trainer:
         """Write the training state to checkpoints/.tmp-<name>, then rename it to <name> (default checkpoint-N); prune
         checkpoint-N folders beyond keep_checkpoints."""
         acc = self.accelerator
-        root = self.config.output / "checkpoints"
-        final = root / (name or f"{CHECKPOINT_PREFIX}{step}")
-        tmp = root / f".tmp-{final.name}"
+        final = self.config.output / "checkpoints" / (name or f"{CHECKPOINT_PREFIX}{step}")
         acc.wait_for_everyone()
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self._write_state(tmp)
-            with open(tmp / TRAINER_STATE, "w") as f:
-                json.dump({"format": CHECKPOINT_FORMAT, "step": step, "seed": self.config.seed,
-                           "num_processes": acc.num_processes}, f)
-            follow_umask(tmp)
-            for file in tmp.iterdir():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in checkpoints(self.config.output)[:-self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            write_checkpoint(self.config.output, final.name, self._write_state,
+                             {"step": step, "seed": self.config.seed, "num_processes": acc.num_processes},
+                             self.config.keep_checkpoints)
         acc.wait_for_everyone()
         return final
 
@@ -573,6 +559,29 @@ class Trainer:
                                    f"has {self.accelerator.num_processes}; training continues, but not in the same "
                                    "data order")
         return int(state["step"])
+
+
+def write_checkpoint(output: Path, name: str, write_state: Callable[[Path], object], trainer_state: dict[str, Any],
+                     keep: int) -> Path:
+    """output/checkpoints/<name>, whole or not at all: `write_state(tmp)` and trainer_state.json go to .tmp-<name>,
+    are synced, then renamed; checkpoint-N folders beyond the last `keep` are removed."""
+    root = Path(output) / "checkpoints"
+    final, tmp = root / name, root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_state(tmp)
+    with open(tmp / TRAINER_STATE, "w") as f:
+        json.dump({"format": CHECKPOINT_FORMAT, **trainer_state}, f)
+    follow_umask(tmp)
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
