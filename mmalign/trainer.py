@@ -220,21 +220,9 @@ class Trainer:
                 "ACCELERATE_USE_CPU=1 (or pass --cpu) so the processes train together on the CPU")
 
     def _find_resume(self) -> Path | None:
-        config = self.config
-        existing = checkpoints(config.output)
-        if config.resume is None:
-            if existing:
-                raise RunFolderError(f"{config.output} already holds checkpoints ({existing[-1].name}); pass "
-                                     "--resume latest to continue that run, or choose another --output")
-            return None
-        if config.resume == "latest":
-            if not existing:
-                self.accelerator.print(f"no checkpoint under {config.output}/checkpoints; starting a new run")
-                return None
-            path = existing[-1]
-        else:
-            path = Path(config.resume)
-        read_trainer_state(path)
+        path = resume_checkpoint(self.config.output, self.config.resume)
+        if path is None and self.config.resume == "latest":
+            self.accelerator.print(f"no checkpoint under {self.config.output}/checkpoints; starting a new run")
         return path
 
     def _on_main(self, action: Callable[[], Any]) -> None:
@@ -559,6 +547,25 @@ class Trainer:
                                    f"has {self.accelerator.num_processes}; training continues, but not in the same "
                                    "data order")
         return int(state["step"])
+
+
+def resume_checkpoint(output: Path, resume: str | None) -> Path | None:
+    """The checkpoint --resume names: 'latest' is the newest under output/checkpoints (None when there is none), else
+    the folder given; RunFolderError when it is no complete checkpoint, or when a new run would join checkpoints."""
+    existing = checkpoints(output)
+    if resume is None:
+        if existing:
+            raise RunFolderError(f"{output} already holds checkpoints ({existing[-1].name}); pass --resume latest to "
+                                 "continue that run, or choose another --output")
+        return None
+    if resume == "latest":
+        if not existing:
+            return None
+        path = existing[-1]
+    else:
+        path = Path(resume)
+    read_trainer_state(path)
+    return path
 
 
 def write_checkpoint(output: Path, name: str, write_state: Callable[[Path], object], trainer_state: dict[str, Any],

@@ -19,8 +19,6 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit
 
-from mmalign.errors import ConfigError
-
 SELECTIONS = ("uniform", "disagreement", "entropy")
 
 
@@ -45,13 +43,4 @@ def entropy(probabilities: np.ndarray, num: int) -> np.ndarray:
     return np.argsort(p * np.log(p) + (1 - p) * np.log(1 - p), kind="stable")[:num]
 
 
-def select_queries(selection: str, probabilities: np.ndarray, num: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of the `num` candidate pairs to label by `selection` (one of SELECTIONS); probabilities [K, M]."""
-    if selection not in SELECTIONS:
-        raise ConfigError(f"unknown query selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
-    candidates = probabilities.shape[-1]
-    if not 0 < num <= candidates:
-        raise ValueError(f"cannot select {num} queries from {candidates} candidates")
-    if selection == "uniform":
-        return uniform(candidates, num, rng)
-    return disagreement(probabilities, num) if selection == "disagreement" else entropy(probabilities, num)
+RANKED = {"disagreement": disagreement, "entropy": entropy}  # the selections that rank by the reward ensemble
