@@ -280,11 +280,9 @@ def load_run(folder: Path, sac: SAC, config: Config) -> tuple[RewardModel | None
         raise RunFolderError(f"checkpoint {folder} cannot be resumed: {err}") from None
     assert isinstance(sac.replay_buffer, PreferenceReplayBuffer)
     sac.replay_buffer.load(folder / "replay.npz")
-    model = load_reward_model(folder) if (folder / "reward_model.json").is_file() else None
-    if model is not None:
-        model.to(sac.device)
     labels = folder / "labels.npz"
     labelled = load_labelled(labels, config.env, config.teacher) if labels.is_file() else None
+    model = load_reward_model(folder).to(sac.device) if labelled is not None and len(labelled.pairs) else None
     return model, labelled, progress
 
 
