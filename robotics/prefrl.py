@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -212,7 +213,7 @@ def ask_teacher(config: Config, buffer: PreferenceReplayBuffer, model: RewardMod
                          config.teacher)
     parts = [segments["observations"][asked], segments["actions"][asked], segments["true_rewards"][asked]]
     if labelled is None:
-        return Labelled(*parts, new)
+        return Labelled(parts[0], parts[1], parts[2], new)
     old = labelled.pairs
     return Labelled(np.concatenate([labelled.observations, parts[0]]), np.concatenate([labelled.actions, parts[1]]),
                     np.concatenate([labelled.rewards, parts[2]]),
@@ -253,7 +254,9 @@ def start_round(sac: SAC, seed: int, round_index: int) -> None:
 
 def save_run(folder: Path, sac: SAC, model: RewardModel | None, labelled: Labelled | None,
              progress: dict[str, Any]) -> None:
-    """SAC (state dicts and counters), the replay buffer, the reward model, the labels and the progress into `folder`."""
+    """SAC (state dicts and counters), the replay buffer, the reward model, the labels and the progress, into
+    `folder`."""
+    assert sac.log_ent_coef is not None  # SAC's entropy coefficient is learned here (ent_coef "auto")
     save_state({"parameters": sac.get_parameters(), "log_ent_coef": sac.log_ent_coef.detach(),
                 "num_timesteps": sac.num_timesteps, "n_updates": sac._n_updates, "episode_num": sac._episode_num},
                folder, "sac")
@@ -271,6 +274,7 @@ def load_run(folder: Path, sac: SAC, config: Config) -> tuple[RewardModel | None
     try:
         state = load_state(folder, "sac")
         sac.set_parameters(state["parameters"], exact_match=True, device=sac.device)
+        assert sac.log_ent_coef is not None  # ent_coef "auto", as make_sac builds it
         with torch.no_grad():
             sac.log_ent_coef.copy_(state["log_ent_coef"])
         sac.num_timesteps, sac._n_updates, sac._episode_num = (state["num_timesteps"], state["n_updates"],
@@ -348,7 +352,7 @@ def run(config: Config) -> dict[str, Any]:
                                       "labels": len(labelled.pairs) if labelled is not None else 0, **scores()})
             print(json.dumps(progress["curve"][-1]))
             write_checkpoint(config.output, f"checkpoint-{ends[k]}",
-                             lambda folder: save_run(folder, sac, model, labelled, progress),
+                             functools.partial(save_run, sac=sac, model=model, labelled=labelled, progress=progress),
                              {"step": ends[k], "seed": config.seed, "num_processes": 1}, config.keep_checkpoints)
             write_curve(config, progress["curve"])
             # the round's reward model is in the run's checkpoint now; its own checkpoint is not needed to resume

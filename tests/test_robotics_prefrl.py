@@ -1,4 +1,4 @@
-"""Preference RL (PEBBLE / B-Pref): query selection and relabelling by hand, exact resume, and learning on a tiny env."""
+"""Preference RL (PEBBLE / B-Pref): query selection and relabelling by hand, exact resume, learning on a tiny env."""
 
 import json
 import shutil
@@ -35,7 +35,7 @@ class Point(gym.Env):
 
 
 if POINT not in gym.registry:
-    gym.register(POINT, entry_point=Point)
+    gym.register(POINT, entry_point=lambda **_: Point())
 
 
 def test_query_selection_by_hand():
@@ -81,8 +81,8 @@ def test_relabel_gives_every_stored_step_the_reward_models_reward():
 
 
 def test_round_ends_fall_on_episode_ends():
-    config = Config(env=POINT, output="unused", max_episode_steps=25, segment_length=10, learning_starts=50, unsup_steps=25,
-                    feedback_every=100, steps=300)
+    config = Config(env=POINT, output="unused", max_episode_steps=25, segment_length=10, learning_starts=50,
+                    unsup_steps=25, feedback_every=100, steps=300)
     assert round_ends(config) == [75, 175, 275, 300]
     with pytest.raises(ValueError, match="multiple of max_episode_steps"):
         Config(env=POINT, output="unused", max_episode_steps=25, segment_length=10, feedback_every=110)
@@ -128,7 +128,8 @@ def test_prefrl_raises_the_true_return_over_the_initial_policy(tmp_path):
         config = Config(env=POINT, output=tmp_path / str(seed), seed=seed, max_episode_steps=25, steps=1000,
                         learning_starts=200, feedback_every=200, queries_per_round=10, total_queries=50,
                         segment_length=10, candidates=4, eval_episodes=10, sac_hidden=64, sac_batch_size=64,
-                        hidden=64, layers=2, max_steps=50, report_to="none", cpu=True)
+                        hidden=64, layers=2, max_steps=50, gamma=0.9, sac_learning_rate=1e-3, report_to="none",
+                        cpu=True)
         report = run(config)
         assert report["labels"] == report["queries"] == 50  # the oracle labels every query it is asked
         gains.append(report["true_return"] - report["before"]["true_return"])
