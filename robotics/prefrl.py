@@ -155,6 +155,10 @@ class Labelled:
     rewards: np.ndarray
     pairs: Pairs
 
+    def __post_init__(self) -> None:
+        self.observations, self.actions, self.rewards = (np.asarray(x, dtype=np.float32) for x in
+                                                         (self.observations, self.actions, self.rewards))
+
     def save(self, path: Path) -> None:
         """One .npz of the segments and the pairs' chosen, rejected and label columns."""
         write_npz(path, {"observations": self.observations, "actions": self.actions, "rewards": self.rewards,

@@ -21,16 +21,16 @@ POINT = "mmalign-test/Point-v0"
 class Point(gym.Env):
     """x' = clip(x + 0.25 a), reward -||x||: move to the origin of the plane from a random start."""
 
-    observation_space = gym.spaces.Box(-2.0, 2.0, (2,), dtype=np.float32)
+    observation_space = gym.spaces.Box(-2.0, 2.0, (2,), dtype=np.float64)  # as Meta-World's
     action_space = gym.spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
-        self.x = self.np_random.uniform(-1.0, 1.0, 2).astype(np.float32)
+        self.x = self.np_random.uniform(-1.0, 1.0, 2)
         return self.x.copy(), {}
 
     def step(self, action):
-        self.x = np.clip(self.x + 0.25 * np.asarray(action, dtype=np.float32), -2.0, 2.0)
+        self.x = np.clip(self.x + 0.25 * np.asarray(action, dtype=np.float64), -2.0, 2.0)
         return self.x.copy(), -float(np.linalg.norm(self.x)), False, False, {}
 
 
