@@ -48,6 +48,8 @@ COMMANDS = {
                        "PEARL: transfer preferences across tasks (GW), then RRL on the target"),
     "robotics rapl": ("mmalign.robotics.rapl", "RAPL: align a visual encoder on preference triplets; OT reward"),
     "robotics grape": ("mmalign.robotics.grape", "GRAPE: behaviour cloning, then ranked rollouts and TPO rounds"),
+    "robotics prefrl": ("mmalign.robotics.prefrl",
+                        "PEBBLE / B-Pref: SAC on a reward learned from a scripted teacher's queries"),
     "vision dpo": ("mmalign.vision.dpo", "DPO-family fine-tuning of a LLaVA-style model on TRL rows with images"),
     "vision eval": ("mmalign.vision.eval", "QA accuracy / hallucination rate of base vs aligned VLMs on a QA file"),
     "vision demo": ("mmalign.vision.demo", "BDHS pairs + mDPO on the embedded tiny LLaVA; prints held-out QA accuracy"),

@@ -25,6 +25,19 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     return path
 
 
+def write_npz(path: str | Path, arrays: dict[str, Any]) -> Path:
+    """numpy arrays as one .npz file, written atomically and synced to disk."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_atomically(path, write)
+
+
 def current_umask() -> int:
     """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)

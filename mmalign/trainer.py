@@ -222,21 +222,9 @@ class Trainer:
                 "ACCELERATE_USE_CPU=1 (or pass --cpu) so the processes train together on the CPU")
 
     def _find_resume(self) -> Path | None:
-        config = self.config
-        existing = checkpoints(config.output)
-        if config.resume is None:
-            if existing:
-                raise RunFolderError(f"{config.output} already holds checkpoints ({existing[-1].name}); pass "
-                                     "--resume latest to continue that run, or choose another --output")
-            return None
-        if config.resume == "latest":
-            if not existing:
-                self.accelerator.print(f"no checkpoint under {config.output}/checkpoints; starting a new run")
-                return None
-            path = existing[-1]
-        else:
-            path = Path(config.resume)
-        read_trainer_state(path)
+        path = resume_checkpoint(self.config.output, self.config.resume)
+        if path is None and self.config.resume == "latest":
+            self.accelerator.print(f"no checkpoint under {self.config.output}/checkpoints; starting a new run")
         return path
 
     def _on_main(self, action: Callable[[], Any]) -> None:
@@ -519,26 +507,12 @@ class Trainer:
         """Write the training state to checkpoints/.tmp-<name>, then rename it to <name> (default checkpoint-N); prune
         checkpoint-N folders beyond keep_checkpoints."""
         acc = self.accelerator
-        root = self.config.output / "checkpoints"
-        final = root / (name or f"{CHECKPOINT_PREFIX}{step}")
-        tmp = root / f".tmp-{final.name}"
+        final = self.config.output / "checkpoints" / (name or f"{CHECKPOINT_PREFIX}{step}")
         acc.wait_for_everyone()
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            self._write_state(tmp)
-            with open(tmp / TRAINER_STATE, "w") as f:
-                json.dump({"format": CHECKPOINT_FORMAT, "step": step, "seed": self.config.seed,
-                           "num_processes": acc.num_processes}, f)
-            follow_umask(tmp)
-            for file in tmp.iterdir():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in checkpoints(self.config.output)[:-self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            write_checkpoint(self.config.output, final.name, self._write_state,
+                             {"step": step, "seed": self.config.seed, "num_processes": acc.num_processes},
+                             self.config.keep_checkpoints)
         acc.wait_for_everyone()
         return final
 
@@ -581,6 +555,48 @@ class Trainer:
                                    f"has {self.accelerator.num_processes}; training continues, but not in the same "
                                    "data order")
         return int(state["step"])
+
+
+def resume_checkpoint(output: Path, resume: str | None) -> Path | None:
+    """The checkpoint --resume names: 'latest' is the newest under output/checkpoints (None when there is none), else
+    the folder given; RunFolderError when it is no complete checkpoint, or when a new run would join checkpoints."""
+    existing = checkpoints(output)
+    if resume is None:
+        if existing:
+            raise RunFolderError(f"{output} already holds checkpoints ({existing[-1].name}); pass --resume latest to "
+                                 "continue that run, or choose another --output")
+        return None
+    if resume == "latest":
+        if not existing:
+            return None
+        path = existing[-1]
+    else:
+        path = Path(resume)
+    read_trainer_state(path)
+    return path
+
+
+def write_checkpoint(output: Path, name: str, write_state: Callable[[Path], object], trainer_state: dict[str, Any],
+                     keep: int) -> Path:
+    """output/checkpoints/<name>, whole or not at all: `write_state(tmp)` and trainer_state.json go to .tmp-<name>,
+    are synced, then renamed; checkpoint-N folders beyond the last `keep` are removed."""
+    root = Path(output) / "checkpoints"
+    final, tmp = root / name, root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_state(tmp)
+    with open(tmp / TRAINER_STATE, "w") as f:
+        json.dump({"format": CHECKPOINT_FORMAT, **trainer_state}, f)
+    follow_umask(tmp)
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:

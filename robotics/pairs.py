@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -117,17 +117,29 @@ def label_pairs(segments: Trajectories, num_pairs: int, teacher: Teacher, seed: 
     b = (a + rng.integers(1, len(segments), size=num_pairs)) % len(segments)
     scale = float(segments.returns().mean())
     p_b = teacher.label(segments.rewards[a], segments.rewards[b], rng, scale=scale)
+    return labelled_pairs(segments.task, a, b, p_b, name)
+
+
+def labelled_pairs(task: str, a: np.ndarray, b: np.ndarray, p_b: np.ndarray, name: str = "") -> Pairs:
+    """Pairs from a teacher's P(b preferred) per pair of segment indices (a, b); skipped (NaN) pairs are left out."""
     keep = ~np.isnan(p_b)
     a, b, p_b = a[keep], b[keep], p_b[keep]
     b_wins = p_b >= 0.5
     chosen, rejected = np.where(b_wins, b, a), np.where(b_wins, a, b)
-    return Pairs(segments.task, chosen, rejected, np.maximum(p_b, 1 - p_b).astype(np.float32), name)
+    return Pairs(task, chosen, rejected, np.maximum(p_b, 1 - p_b).astype(np.float32), name)
+
+
+class SegmentArrays(Protocol):
+    """What a reward model learns from: observations [N, L, D] and actions [N, L, A] of N segments (Trajectories)."""
+
+    observations: np.ndarray
+    actions: np.ndarray
 
 
 class PairDataset(torch.utils.data.Dataset):
     """Item i: observations and actions of pair i's chosen (w) and rejected (l) segments, and its label."""
 
-    def __init__(self, segments: Trajectories, pairs: Pairs):
+    def __init__(self, segments: SegmentArrays, pairs: Pairs):
         self.obs = torch.from_numpy(segments.observations)
         self.act = torch.from_numpy(segments.actions)
         self.pairs = pairs

@@ -32,7 +32,7 @@ from mmalign.objectives import bradley_terry_loss
 from mmalign.plots import plot_metrics, plot_scatter
 from mmalign.trainer import TrainConfig, Trainer
 
-from .pairs import PairDataset, Pairs, label_pairs
+from .pairs import PairDataset, Pairs, SegmentArrays, label_pairs
 from .reward_models import RewardArch, RewardModel, pair_accuracy, spearman
 from .rrl import rrl_loss
 from .teachers import teacher
@@ -101,15 +101,17 @@ def reward_step(model: RewardModel, batch: dict[str, torch.Tensor], generator: t
     return losses.mean(), metrics
 
 
-def train_reward_model(config: RewardConfig, segments: Trajectories, pairs: Pairs,
-                       trainer: Trainer | None = None) -> tuple[RewardModel, list[dict[str, float]]]:
-    """Fit a reward model to `pairs` over `segments` with the shared trainer; saves it into config.output."""
+def train_reward_model(config: RewardConfig, segments: SegmentArrays, pairs: Pairs, trainer: Trainer | None = None,
+                       model: RewardModel | None = None) -> tuple[RewardModel, list[dict[str, float]]]:
+    """Fit a reward model to `pairs` over `segments` with the shared trainer (a new one, or `model` trained further,
+    its input standardisation kept); saves it into config.output."""
     trainer = trainer or Trainer(config)
     torch.manual_seed(config.seed)
-    arch = RewardArch(segments.observations.shape[-1], segments.actions.shape[-1], config.hidden, config.layers,
-                      config.members, config.gaussian)
-    model = RewardModel(arch)
-    model.normalize.fit(np.concatenate([segments.observations, segments.actions], axis=-1))
+    if model is None:
+        arch = RewardArch(segments.observations.shape[-1], segments.actions.shape[-1], config.hidden, config.layers,
+                          config.members, config.gaussian)
+        model = RewardModel(arch)
+        model.normalize.fit(np.concatenate([segments.observations, segments.actions], axis=-1))
     model.to(trainer.device)
     history = trainer.fit(model, PairDataset(segments, pairs), default_collate,
                           lambda m, b, g: reward_step(m, b, g, config), save_model=lambda m, out: m.save(out))

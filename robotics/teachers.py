@@ -68,7 +68,8 @@ class Teacher:
         flip = rng.random(len(labels)) < self.eps_mistake
         labels[flip] = 1 - labels[flip]
         labels[np.abs(sum_a - sum_b) < self.equal * scale] = 0.5
-        labels[np.maximum(sum_a, sum_b) < self.skip * scale] = np.nan
+        if self.skip:  # a skip threshold of 0 skips nothing, whatever the sign of the returns
+            labels[np.maximum(sum_a, sum_b) < self.skip * scale] = np.nan
         return labels
 
 

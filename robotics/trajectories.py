@@ -18,7 +18,6 @@ a temporary file next to the target and renames it, so an interrupted write leav
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import numpy as np
 from numpy.lib.npyio import NpzFile
 
 from mmalign.data import DataError
-from mmalign.files import write_atomically
+from mmalign.files import write_npz
 
 from .envs import ACTION_SIZE, OBSERVATION_SIZE, check_task
 
@@ -176,13 +175,7 @@ class Trajectories:
             arrays["frames"] = self.frames
         arrays.update({f"info.{k}": v for k, v in self.info.items()})
         arrays["meta"] = np.array(json.dumps({**self.meta, "task": self.task}))
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-
-        return write_atomically(path, write)
+        return write_npz(path, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> Trajectories:

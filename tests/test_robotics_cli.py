@@ -12,7 +12,7 @@ ASSETS = Path(__file__).parents[1] / "assets" / "robotics"
 
 
 def test_every_robotics_command_is_registered():
-    for name in ("collect", "label", "reward", "pearl", "rapl", "grape"):
+    for name in ("collect", "label", "reward", "pearl", "rapl", "grape", "prefrl"):
         assert COMMANDS[f"robotics {name}"][0] == f"mmalign.robotics.{name}"
 
 

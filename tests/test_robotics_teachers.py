@@ -70,3 +70,9 @@ def test_bad_inputs():
         teacher("oracle").label(np.array([[np.nan]]), np.array([[1.0]]), rng())
     with pytest.raises(ValueError, match=r"both be \[M, L\]"):
         teacher("oracle").label(np.zeros((2, 3)), np.zeros((2, 4)), rng())
+
+
+def test_a_teacher_without_a_skip_threshold_labels_negative_returns_too():
+    rng = np.random.default_rng(0)
+    labels = teacher("oracle").label(np.full((2, 3), -2.0), np.array([[-1.0] * 3, [-3.0] * 3]), rng)
+    assert labels.tolist() == [1.0, 0.0]  # no NaN: a skip threshold of 0 skips nothing, even below zero
