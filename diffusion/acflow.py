@@ -69,6 +69,9 @@ class Config(DenoiserConfig):
     """AC-Flow settings (plus the denoiser's and the training loop's); batch_size counts prompts per step."""
 
     schedule: ClassVar[Literal["flow", "diffusion"] | None] = "flow"
+    unsharded_because: ClassVar[str | None] = ("it trains the denoiser and its critic as one container whose parts the "
+                                               "step calls one by one, and FSDP gathers a module's weights only when "
+                                               "that module itself is called")
 
     prompts: str = option(None, "text file of training prompts, one per line")
     reward: str | RewardFn = option("mmalign.diffusion.world:reward", "reward callable as module:function, a reward-"

@@ -60,6 +60,8 @@ class DenoiserConfig(TrainConfig):
 
     schedule: ClassVar[Literal["flow", "diffusion"] | None] = None  # the one kind of model a method trains, if any
     video: ClassVar[bool | None] = False  # a text-to-video pipeline (frames) instead of an image one (None: either)
+    # why the step cannot run on a sharded model (every process must run every forward of it), if it cannot
+    unsharded_because: ClassVar[str | None] = None
 
     model: str = option(None, "diffusers pipeline folder, hub id, or single-file checkpoint")
     lora_rank: int = option(8, "LoRA rank of the denoiser's attention projections")
@@ -70,7 +72,8 @@ class DenoiserConfig(TrainConfig):
     resolution: int | None = option(None, "training resolution (default: the model's native size)")
     reference_in_training_dtype: bool = option(True, "--full: keep the frozen reference in the mixed-precision dtype")
     offload_reference: bool = option(False, "--full: keep the frozen reference on the CPU, streamed per forward")
-    channels_last: bool = option(True, "channels-last memory format for the UNet (faster convolutions)")
+    channels_last: bool = option(True, "channels-last memory format for the UNet (faster convolutions; not under FSDP, "
+                                       "which shards contiguous parameters only)")
     gradient_checkpointing: bool = option(False, "trade compute for memory in the denoiser")
     compile: bool = option(False, "torch.compile the policy denoiser in place (inductor): a slower start "
                                   "(minutes on a CPU), faster steps")
@@ -198,6 +201,9 @@ def prepare(config: ConfigT, trainer: Trainer, reference_factory: ReferenceFacto
     """Load and check the pipeline, freeze and cast its other parts, make its denoiser trainable (a LoRA, or every
     weight with --full) and build the reference: the adapter switched off (LoRA), a frozen copy (--full), or
     `reference_factory(denoiser, dtype)`."""
+    if trainer.sharding and config.unsharded_because:
+        raise ConfigError(f"this method cannot train under {trainer.sharding}: {config.unsharded_because}; launch it "
+                          "with DDP (mmalign/accelerate_configs/ddp.yaml)")
     pipe = load_pipeline(config.model)
     check_pipeline(pipe, config)
     pipe.set_progress_bar_config(disable=True)
@@ -208,7 +214,7 @@ def prepare(config: ConfigT, trainer: Trainer, reference_factory: ReferenceFacto
             place(part.requires_grad_(False), device, dtype)
     model = denoiser_of(pipe)
     place(model, device, torch.float32 if config.full else dtype)
-    if config.channels_last and type(model).__name__ == "UNet2DConditionModel":
+    if config.channels_last and type(model).__name__ == "UNet2DConditionModel" and trainer.sharding != "fsdp":
         model.to(memory_format=torch.channels_last)
     if config.xformers:
         enable_xformers(model)
@@ -218,10 +224,19 @@ def prepare(config: ConfigT, trainer: Trainer, reference_factory: ReferenceFacto
         add_lora(model, config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
     reference_dtype = dtype if config.reference_in_training_dtype else None
     reference: Reference
+    if trainer.sharding and reference_factory is not None:
+        raise ConfigError(f"this method's reference (SePPO's snapshots) loads whole copies of the trained weights, "
+                          f"which a sharded launch ({trainer.sharding}) spreads across the processes; launch it with "
+                          "DDP (mmalign/accelerate_configs/ddp.yaml)")
+    if trainer.sharding and config.offload_reference:
+        raise ConfigError(f"--offload-reference: under {trainer.sharding} the frozen reference is sharded across the "
+                          "processes like the policy instead; drop --offload-reference (or offload both with "
+                          "fsdp_offload_params: true in the accelerate config)")
     if reference_factory is not None:
         reference = reference_factory(model, reference_dtype)
     elif config.full:
-        reference = FrozenCopy(model, dtype=reference_dtype, offload=config.offload_reference, device=device)
+        reference = FrozenCopy(model, dtype=reference_dtype, offload=config.offload_reference, device=device,
+                               shard=trainer.shard_frozen)
     else:
         reference = AdapterDisabled()
     if config.gradient_checkpointing:
@@ -290,7 +305,7 @@ def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str, s
     """Fixed-seed samples of the current denoiser, `num_samples` per prompt (one row of frames per video), saved as
     config.output/name and shown in the run's tracker at `step` by the main process."""
     config = parts.config
-    if config.num_samples < 1 or not trainer.is_main:
+    if config.num_samples < 1 or not (trainer.is_main or trainer.model_sharded):  # sharded: every process samples
         return
     expanded = [p for p in prompts for _ in range(config.num_samples)]
     with trainer.accelerator.autocast():
@@ -300,6 +315,8 @@ def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str, s
     columns = config.num_samples
     if images.dim() == 5:  # videos [N,F,3,H,W]: one row of frames per video
         columns, images = images.shape[1], images.flatten(0, 1)
+    if not trainer.is_main:
+        return
     grid = image_grid(images, columns=columns, scale=max(1, 256 // images.shape[-1]))
     grid.save(config.output / name)
     trainer.log_image(Path(name).stem, grid, step)

@@ -46,6 +46,9 @@ class Config(dpo.Config):
     """InPO settings (plus Diffusion-DPO's and the training loop's); DDPM-style diffusion models only."""
 
     schedule: ClassVar[Literal["flow", "diffusion"] | None] = "diffusion"
+    unsharded_because: ClassVar[str | None] = ("each process inverts to its own timestep, so the processes run "
+                                               "different numbers of UNet forwards, and a sharded forward needs them "
+                                               "all")
 
     beta: float = option(2000.0, "KL strength in the -0.5*beta form (paper: 2000 for SD 1.5, 5000 for SDXL)")
     inversion_steps: int = option(10, "DDIM inversion grid size over the training timesteps")

@@ -5,7 +5,8 @@ Every kind is a `Reference`, used as `reference.scores(score_fn, policy, batch)`
 
     AdapterDisabled   the policy itself with its peft/diffusers LoRA adapter switched off (no second copy)
     FrozenCopy        a frozen deep copy taken before training, optionally cast to the training dtype and
-                      optionally kept on the CPU and streamed to the device (accelerate's cpu_offload)
+                      optionally kept on the CPU and streamed to the device (accelerate's cpu_offload), or
+                      sharded across processes like the policy (`Trainer.shard_frozen`, under FSDP)
     CachedScores      scores precomputed once per record (`CachedScores.build`), looked up by batch["index"]
     Snapshots         a frozen copy loaded with one of the policy's earlier states (SePPO); also `Stateful`
 """
@@ -86,10 +87,11 @@ class AdapterDisabled:
 
 
 class FrozenCopy:
-    """s_ref from a frozen deep copy of the policy, optionally cast to `dtype` and optionally CPU-offloaded."""
+    """s_ref from a frozen deep copy of the policy, optionally cast to `dtype`, CPU-offloaded, or passed through `shard`
+    (`Trainer.shard_frozen`: sharded like the policy under FSDP)."""
 
     def __init__(self, policy: nn.Module, dtype: torch.dtype | None = None, offload: bool = False,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, shard: Callable[[nn.Module], nn.Module] | None = None):
         policy = unwrap(policy)
         device = torch.device(device) if device is not None else next(policy.parameters()).device
         self.model = copy.deepcopy(policy).requires_grad_(False).eval()
@@ -102,6 +104,10 @@ class FrozenCopy:
             cpu_offload(self.model, execution_device=device)
         else:
             self.model.to(device)
+        if shard is not None:
+            if offload:
+                raise ValueError("a frozen copy is either offloaded to the CPU or sharded, not both")
+            self.model = shard(self.model)
 
     @torch.no_grad()
     def scores(self, score_fn: ScoreFn, policy: nn.Module, batch: Any) -> Any:

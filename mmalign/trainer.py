@@ -21,6 +21,12 @@ batches and draws as an uninterrupted one, and a checkpoint needs no RNG state. 
 A checkpoint holds only safetensors and JSON (`mmalign.state`): the trainable parameters, the optimizer,
 LR schedule and gradient-scaler states, and the methods' own training state. Nothing in it is unpickled,
 so resuming from a checkpoint someone shared cannot run code; other files in a checkpoint are never read.
+
+Launched with accelerate's FSDP2 plugin (`accelerate launch --config_file mmalign/accelerate_configs/fsdp.yaml`), the
+model is sharded by `accelerate.prepare` and the loop changes only where `mmalign.sharding` says: checkpoints and the
+final model are gathered whole onto the main process (the same files as unsharded), a frozen reference copy is sharded
+too (`shard_frozen`), and what runs the model outside the step (held-out evaluation, sample grids) runs on every
+process, for a sharded forward is a collective.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from mmalign import run_folder, trackers
+from mmalign import run_folder, sharding, trackers
 from mmalign.config import option, save_config, to_dict
 from mmalign.data import SKIP_LIMIT, Guarded, collate_guarded
 from mmalign.errors import (
@@ -204,7 +210,14 @@ class Trainer:
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=None if config.report_to == "none" else config.report_to, project_dir=str(config.output),
             cpu=config.cpu)
+        sharding.select_cpu_fsdp(self.accelerator)
         self._check_processes()
+        self.sharding = sharding.kind(self.accelerator)
+        if self.sharding and config.use_8bit_adam:
+            raise ConfigError("--use-8bit-adam: bitsandbytes' 8-bit AdamW does not take FSDP's sharded parameters; "
+                              "under FSDP the optimizer state is already split across the processes, so drop "
+                              "--use-8bit-adam (or launch with DDP, mmalign/accelerate_configs/ddp.yaml)")
+        self.model_sharded = False  # true once `fit` has sharded the model: its forward is then a collective
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[config.mixed_precision]
         self.is_main = self.accelerator.is_main_process
@@ -223,8 +236,16 @@ class Trainer:
 
     def _find_resume(self) -> Path | None:
         path = resume_checkpoint(self.config.output, self.config.resume)
-        if path is None and self.config.resume == "latest":
-            self.accelerator.print(f"no checkpoint under {self.config.output}/checkpoints; starting a new run")
+        if path is None:
+            if self.config.resume == "latest":
+                self.accelerator.print(f"no checkpoint under {self.config.output}/checkpoints; starting a new run")
+            return None
+        if (read_trainer_state(path).get("sharding") == "fsdp") != (self.sharding == "fsdp"):
+            written, launched = (("an FSDP", "without FSDP") if self.sharding != "fsdp" else
+                                 ("a non-FSDP", "with FSDP"))
+            raise RunFolderError(f"checkpoint {path} was written by {written} launch and this one runs {launched}: "
+                                 "FSDP keeps the optimizer state by parameter name, other launches by position; resume "
+                                 "it with a launch like the one that wrote it (the same accelerate --config_file)")
         return path
 
     def _on_main(self, action: Callable[[], Any]) -> None:
@@ -260,6 +281,11 @@ class Trainer:
         trackers.start(self.accelerator, c.report_to, {k: v for k, v in to_dict(c).items()
                                                        if isinstance(v, (int, float, str, bool))}, c.output, step)
 
+    def shard_frozen(self, module: nn.Module) -> nn.Module:
+        """A frozen module the step runs beside the policy (--full's reference copy), sharded like the policy under FSDP
+        (its forward then needs every process); unchanged without sharding."""
+        return sharding.shard_frozen(self.accelerator, module)
+
     def log_image(self, name: str, image: Image.Image, step: int) -> None:
         """Show `image` (a sample grid) in the run's tracker at optimizer step `step` (main process)."""
         if self.is_main:
@@ -286,14 +312,16 @@ class Trainer:
 
     def fit(self, model: ModelT, dataset: Any, collate: Callable, step_fn: StepFn[ModelT],
             save_model: Callable[[ModelT, Path], object] | None = None, stateful: tuple[Stateful, ...] = (),
-            finish: Callable[[], object] | None = None, evaluation: Evaluation | None = None
-            ) -> list[dict[str, float]]:
+            finish: Callable[[], object] | None = None, evaluation: Evaluation | None = None,
+            forward_methods: tuple[str, ...] = ()) -> list[dict[str, float]]:
         """Train `model`'s trainable parameters on `dataset` for max_steps optimizer steps; returns the logged metrics.
 
         `stateful` objects (with state_dict/load_state_dict, states of tensors, numbers and strings) are saved in
         every checkpoint and restored on resume. `finish()` runs after the model is saved, while the run folder
         is still held and the tracker open (the after-training grids). `evaluation` is scored every eval_every
-        steps, its best checkpoint kept, and may stop the run early (`mmalign.heldout`).
+        steps, its best checkpoint kept, and may stop the run early (`mmalign.heldout`). `forward_methods` are the
+        model's methods besides forward that the step calls (a VLM's get_image_features): under FSDP they gather the
+        parameters as forward does.
         """
         c, acc = self.config, self.accelerator
         if c.eval_every and evaluation is None:
@@ -309,7 +337,12 @@ class Trainer:
             raise ValueError("the model has no trainable parameters")
         optimizer = self._optimizer(params)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c.lr_scheduler, c.warmup_steps, c.max_steps))
+        twin = sharding.meta_twin(unwrap(model)) if self.sharding and self.is_main and save_model else None
+        sharding.declare_blocks(acc, model)
         model, optimizer = acc.prepare(model, optimizer)
+        self.model_sharded = self.sharding is not None
+        sharding.forward_methods(acc, model, forward_methods)
+        params = [p for p in model.parameters() if p.requires_grad]  # sharding replaces the parameters
         self._training = {"model": model, "optimizer": optimizer, "scheduler": schedule,
                           **{f"state_{i}": obj for i, obj in enumerate(stateful)}}
         held_out = HeldOut(evaluation, c.early_stop_patience) if evaluation is not None and c.eval_every else None
@@ -374,7 +407,8 @@ class Trainer:
                     logged["bad_rows"] = acc.reduce(torch.tensor(float(skipped), device=self.device), "sum").item()
                     skipped = 0
                 if grad_norm is not None:
-                    logged["grad_norm"] = float(grad_norm)
+                    logged["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                                else grad_norm)  # FSDP2: a replicated DTensor
                 sums = {}
                 if held_out is not None:
                     held_out.add_loss(logged["loss"])
@@ -393,9 +427,8 @@ class Trainer:
         acc.wait_for_everyone()
         if held_out is not None and self.is_main:
             self._plot_held_out()
-        if save_model is not None and self.is_main:
-            save_model(acc.unwrap_model(model), c.output)
-            follow_umask(c.output)
+        if save_model is not None:
+            self._save_model(model, twin, save_model)
         if finish is not None:
             finish()
         acc.wait_for_everyone()
@@ -408,14 +441,14 @@ class Trainer:
         metrics to `logged` as eval/*, keep a new best's checkpoint; whether to stop early (`mmalign.heldout`)."""
         acc, step, evaluation = self.accelerator, int(logged["step"]), held_out.evaluation
         metrics: dict[str, float] | None = None
-        if self.is_main:
+        if self.is_main or self.model_sharded:  # a sharded model's forward needs every process
             inner = acc.unwrap_model(model)
             inner.eval()
             with torch.no_grad(), acc.autocast():
                 metrics = {name: float(value) for name, value in evaluation.run(inner).items()}
             inner.train()
         if acc.num_processes > 1:
-            metrics = broadcast_object_list([metrics])[0]
+            metrics = broadcast_object_list([metrics if self.is_main else None])[0]
         assert metrics is not None
         if evaluation.key not in metrics:
             raise ValueError(f"the held-out evaluation returned {sorted(metrics)}, not its key {evaluation.key!r}")
@@ -509,22 +542,48 @@ class Trainer:
         acc = self.accelerator
         final = self.config.output / "checkpoints" / (name or f"{CHECKPOINT_PREFIX}{step}")
         acc.wait_for_everyone()
+        weights, states = self._gather_state()
         if self.is_main:
-            write_checkpoint(self.config.output, final.name, self._write_state,
-                             {"step": step, "seed": self.config.seed, "num_processes": acc.num_processes},
-                             self.config.keep_checkpoints)
+            write_checkpoint(self.config.output, final.name, lambda tmp: self._write_state(tmp, weights, states),
+                             {"step": step, "seed": self.config.seed, "num_processes": acc.num_processes,
+                              "sharding": self.sharding}, self.config.keep_checkpoints)
         acc.wait_for_everyone()
         return final
 
-    def _write_state(self, folder: Path) -> None:
-        """The trainable parameters, then every state of the run (optimizer, schedule, scaler, the method's own)."""
+    def _gather_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(trainable parameters, every other state of the run by name: optimizer, schedule, scaler, the method's own);
+        under FSDP the parameters and optimizer gathered whole onto the main process (every process calls this)."""
+        model = self._training["model"]
+        states = {name: obj.state_dict() for name, obj in self._stateful().items() if name != "optimizer"}
+        if self.sharding == "fsdp":
+            weights, states["optimizer"] = sharding.full_state(model, self._training["optimizer"])
+        else:
+            weights = {n: p.detach() for n, p in unwrap(model).named_parameters() if p.requires_grad}
+            states["optimizer"] = self._training["optimizer"].state_dict()
+        return weights, states
+
+    def _write_state(self, folder: Path, weights: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
+        """The trainable parameters, then every other state of the run, into `folder`."""
         from safetensors.torch import save_file
 
-        model = unwrap(self._training["model"])
-        save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad},
-                  str(folder / TRAINABLE_FILE))
-        for name, obj in self._stateful().items():
-            save_state(obj.state_dict(), folder, name)
+        save_file({n: p.contiguous().cpu() for n, p in weights.items()}, str(folder / TRAINABLE_FILE))
+        for name, state in states.items():
+            save_state(state, folder, name)
+
+    def _save_model(self, model: nn.Module, twin: nn.Module | None, save_model: Callable[[Any, Path], object]) -> None:
+        """The trained model through the method's `save_model` on the main process; a sharded one is gathered whole
+        first (every process takes part) and given unsharded, loaded into its `sharding.meta_twin`."""
+        acc = self.accelerator
+        if self.sharding:
+            state = sharding.full_weights(model)
+            if twin is not None:
+                twin.load_state_dict(state, assign=True)
+                model = twin
+        else:
+            model = acc.unwrap_model(model)
+        if self.is_main:
+            save_model(model, self.config.output)
+            follow_umask(self.config.output)
 
     def _stateful(self) -> dict[str, Any]:
         objects = {k: v for k, v in self._training.items() if k != "model"}
@@ -545,8 +604,13 @@ class Trainer:
                 missing, extra = sorted(trainable - set(weights))[:5], sorted(set(weights) - trainable)[:5]
                 raise RunFolderError(f"checkpoint {folder} does not match the model being trained (missing {missing}, "
                                      f"unexpected {extra}); was it made with other settings?")
-            model.load_state_dict(weights, strict=False)
-            for name, obj in self._stateful().items():
+            stateful = self._stateful()
+            if self.sharding == "fsdp":
+                sharding.load_full_state(self._training["model"], stateful.pop("optimizer"), weights,
+                                         load_state(folder, "optimizer"))
+            else:
+                model.load_state_dict(weights, strict=False)
+            for name, obj in stateful.items():
                 obj.load_state_dict(load_state(folder, name))
         except (StateFormatError, OSError) as err:
             raise RunFolderError(f"checkpoint {folder} cannot be resumed: {err}") from None

@@ -19,16 +19,32 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
-@pytest.fixture
-def cpu_launch():
-    """The `accelerate launch` command for two data-parallel CPU processes, on a port of its own (launch tests may
-    run side by side under pytest -n)."""
+def _free_port() -> str:
+    """A port of its own for one launch (launch tests may run side by side under pytest -n)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return str(probe.getsockname()[1])
+
+
+@pytest.fixture
+def cpu_launch():
+    """The `accelerate launch` command for two data-parallel CPU processes."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port)]
+            _free_port()]
+
+
+@pytest.fixture
+def config_launch():
+    """`config_launch(name)`: the `accelerate launch` command of the shipped config
+    mmalign/accelerate_configs/<name>.yaml for two processes (with ACCELERATE_USE_CPU=1 on a machine without GPUs)."""
+    from importlib.resources import files
+
+    def command(name):
+        config = files("mmalign") / "accelerate_configs" / f"{name}.yaml"
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+                "2", "--main_process_port", _free_port()]
+    return command
 
 
 def _snapshot(path):

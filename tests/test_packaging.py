@@ -48,6 +48,7 @@ def test_wheel_holds_modalities_under_mmalign_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mmalign/diffusion/dpo.py" in names and "mmalign/objectives.py" in names
     assert "mmalign/vision/builders/__init__.py" in names and "mmalign/robotics/__init__.py" in names
+    assert "mmalign/accelerate_configs/fsdp.yaml" in names  # the launch configs the README names
     assert not [n for n in names if n.split("/")[0] in MODALITIES]
 
 

@@ -86,8 +86,8 @@ def test_interrupted_checkpoint_write_leaves_last_one_loadable(tmp_path, monkeyp
     fit(tmp_path, max_steps=2, checkpoint_every=2)
     original = trainer_module.Trainer._write_state
 
-    def crash(self, folder):
-        original(self, folder)
+    def crash(self, folder, *state):
+        original(self, folder, *state)
         raise KeyboardInterrupt("killed while writing")
 
     monkeypatch.setattr(trainer_module.Trainer, "_write_state", crash)

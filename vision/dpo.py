@@ -288,6 +288,10 @@ def check_croppable(first: dict[str, Any], model: str) -> None:
 
 def prepare(config: Config, trainer: Trainer, processor):
     """(policy, parts): the model loaded and placed, its LoRA (or trainable full weights) and reference."""
+    if config.online_bdhs and trainer.sharding:
+        raise ConfigError(f"--online-bdhs under {trainer.sharding}: each process samples its own rejected answers, of "
+                          "its own lengths, while a sharded model needs every process in every forward; launch it "
+                          "with DDP (mmalign/accelerate_configs/ddp.yaml)")
     model = models.load_model(config.model, torch.float32 if config.full else trainer.weight_dtype)
     if config.online_bdhs and rope_index(model) is not None:
         raise ConfigError(f"--online-bdhs: {config.model} places tokens by multi-axis rotary positions (M-RoPE) "
@@ -352,7 +356,7 @@ def run(config: Config) -> list[dict[str, float]]:
     history = trainer.fit(model, pairs, collate, functools.partial(dpo_step, parts=parts),
                           save_model=lambda m, out: models.save(m, processor, Path(out)),
                           evaluation=held_out_accuracy(processor, held_out, config.batch_size, config.eval_template)
-                          if held_out is not None else None)
+                          if held_out is not None else None, forward_methods=("get_image_features",))
     if trainer.is_main:
         plot_metrics(history, ["loss", "dpo_loss", "visual_loss", "anchor_loss", "implicit_acc", "reward_margin", "lr"],
                      config.output / "curves.png", title="vision DPO")

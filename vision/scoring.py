@@ -34,7 +34,7 @@ def image_features(model, batch: dict[str, Any]) -> Features | None:
     if "images" not in batch:
         return None
     vlm: Any = unwrap(model)  # a transformers VLM (or peft's wrapper of one): its methods are not nn.Module's
-    takes = inspect.signature(vlm.get_image_features).parameters
+    takes = inspect.signature(inspect.unwrap(vlm.get_image_features)).parameters  # FSDP wraps it (`Trainer.fit`)
     out = vlm.get_image_features(**{name: x for name, x in batch["images"].items() if name in takes})
     return out.pooler_output if hasattr(out, "pooler_output") else out
 

@@ -1,0 +1,201 @@
+"""Sharded training (accelerate's FSDP2) on two CPU processes, launched with the shipped accelerate configs.
+
+The peer is DDP on the same two processes: each process trains on the same share of every global batch with the same
+noise and timesteps (`mmalign.trainer`), so only sharding differs. A one-process run of the same global batch draws
+other noise (the draws are seeded per process) and is no exact peer."""
+
+import json
+import os
+import shutil
+import subprocess
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+from torch import nn
+
+from mmalign.errors import ConfigError
+
+CPU = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+LOSS_RTOL = 1e-4  # reduce-scatter and all-reduce sum the gradients in other orders: float32 rounding, nothing more
+WEIGHT_ATOL = 1e-4  # 1/10 of one Adam step at lr 1e-3: Adam's m/sqrt(v) magnifies rounding where a gradient is ~0
+
+
+def launch(command, *args):
+    result = subprocess.run([*command, "-m", "mmalign", *map(str, args)], env=CPU, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_fsdp_full_diffusion_dpo(tiny_sd, pickapic, tmp_path, config_launch):
+    """Diffusion-DPO --full, policy and frozen reference both sharded: the losses equal DDP's, a checkpoint resumes to
+    the same weights bit for bit, and the UNet written at the end loads with from_pretrained."""
+    from diffusers import UNet2DConditionModel
+
+    common = ["diffusion", "dpo", "--model", tiny_sd, "--data", pickapic, "--full", "--max-steps", 2, "--batch-size", 2,
+              "--checkpoint-every", 1, "--learning-rate", 1e-3, "--cpu", "--num-samples", 0, "--report-to", "none",
+              "--no-channels-last"]  # FSDP shards contiguous parameters only: DDP on the same memory format
+    fsdp, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
+    launch(config_launch("fsdp"), *common, "--output", fsdp)
+    launch(config_launch("ddp"), *common, "--output", ddp)
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=LOSS_RTOL)
+    assert losses(fsdp)[1] != pytest.approx(losses(fsdp)[0], rel=1e-2)  # the policy moved away from the reference
+    last = fsdp / "checkpoints" / "checkpoint-2"
+    assert json.loads((last / "trainer_state.json").read_text())["sharding"] == "fsdp"
+
+    shutil.copytree(fsdp, resumed, ignore=shutil.ignore_patterns("checkpoint-2", "unet"))
+    launch(config_launch("fsdp"), *common, "--output", resumed, "--resume", "latest")
+    assert losses(resumed) == losses(fsdp)
+
+    unet = dict(UNet2DConditionModel.from_pretrained(fsdp / "unet").named_parameters())
+    again = dict(UNet2DConditionModel.from_pretrained(resumed / "unet").named_parameters())
+    peer = dict(UNet2DConditionModel.from_pretrained(ddp / "unet").named_parameters())
+    trainable = load_file(last / "trainable.safetensors")  # gathered whole: every parameter, unsharded
+    assert set(trainable) == set(unet)
+    for name, weight in unet.items():
+        assert torch.equal(weight, again[name]) and torch.equal(weight, trainable[name]), name
+        torch.testing.assert_close(weight, peer[name], rtol=0, atol=WEIGHT_ATOL)
+
+
+@pytest.mark.slow
+def test_fsdp_vision_dpo_full(tiny_dir, tmp_path, config_launch):
+    """Vision DPO --full on tiny LLaVA (decoder and vision layers as shard units, get_image_features gathering like
+    forward, the frozen copy sharded): the losses equal DDP's and the saved model loads with from_pretrained."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmalign.vision.data import write_rows
+    from mmalign.vision.world import preference_rows
+
+    rows = write_rows(preference_rows(8, seed=0), tmp_path / "rows.parquet")
+    common = ["vision", "dpo", "--model", tiny_dir, "--data", rows, "--full", "--max-steps", 2, "--batch-size", 2,
+              "--learning-rate", 1e-2, "--cpu", "--report-to", "none"]
+    fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
+    launch(config_launch("fsdp"), *common, "--output", fsdp)
+    launch(config_launch("ddp"), *common, "--output", ddp)
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=LOSS_RTOL)
+    assert losses(fsdp)[1] != pytest.approx(losses(fsdp)[0], rel=1e-3)
+    model = dict(AutoModelForImageTextToText.from_pretrained(fsdp).named_parameters())
+    peer = dict(AutoModelForImageTextToText.from_pretrained(ddp).named_parameters())
+    for name, weight in model.items():
+        torch.testing.assert_close(weight, peer[name], rtol=0, atol=WEIGHT_ATOL)
+
+
+def test_meta_twin_takes_the_gathered_weights():
+    """The unsharded copy costs no memory until the gathered state dict is loaded; then it computes as the model does,
+    its non-persistent buffers copied as they were."""
+    from mmalign.sharding import meta_twin
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.frozen = nn.Linear(3, 2), nn.Linear(2, 2).requires_grad_(False)
+            self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+        def forward(self, x):
+            return self.frozen(self.linear(x)) * self.scale
+
+    model = Net()
+    twin = meta_twin(model)
+    assert all(t.is_meta for t in twin.state_dict().values()) and twin.scale.item() == 2.0
+    assert [p.requires_grad for p in twin.parameters()] == [p.requires_grad for p in model.parameters()]
+    twin.load_state_dict(model.state_dict(), assign=True)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(twin(x), model(x))
+
+
+@pytest.mark.parametrize("launch, refused", [
+    ({"distributed_type": DistributedType.DEEPSPEED}, "DeepSpeed is not supported"),
+    ({"distributed_type": DistributedType.FSDP, "state": SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))},
+     "FSDP version 1 is not supported"),
+])
+def test_launches_that_cannot_resume_or_are_unsupported_are_refused(launch, refused):
+    from mmalign.sharding import kind
+
+    with pytest.raises(ConfigError, match=refused) as err:
+        kind(SimpleNamespace(**launch))
+    assert "fsdp.yaml" in str(err.value)  # what to use instead
+
+
+@pytest.mark.parametrize("method, flags, refused", [
+    ("seppo", {}, "launch it with DDP"),
+    ("inpo", {}, "inverts to its own timestep"),
+    ("acflow", {"prompts": "unread.txt"}, "critic as one container"),
+    ("dpo", {"full": True, "offload_reference": True}, "drop --offload-reference"),
+])
+def test_references_that_cannot_be_sharded_are_refused(tiny_sd, pickapic, tmp_path, method, flags, refused):
+    """Under FSDP, SePPO's snapshot reference (whole copies of the trained weights), InPO's per-process inversion (a
+    different number of forwards on each process), AC-Flow's actor-critic container and an offloaded frozen copy stop
+    before training, naming what to use instead."""
+    import importlib
+
+    from mmalign.diffusion.base import prepare
+    from mmalign.trainer import Trainer
+
+    module = importlib.import_module(f"mmalign.diffusion.{method}")
+    data = {} if method == "acflow" else {"data": str(pickapic)}  # an online method: prompts, no pairs
+    config = module.Config(model=str(tiny_sd), output=tmp_path / "run", report_to="none", **data, **flags)
+    trainer = Trainer(config)
+    trainer.sharding = "fsdp"  # what `mmalign.sharding.kind` reports for an FSDP launch
+    factory = module.snapshots(config) if method == "seppo" else None
+    with pytest.raises(ConfigError, match=refused):
+        prepare(config, trainer, factory)
+    assert not (tmp_path / "run").exists()
+
+
+def test_8bit_adam_and_online_bdhs_are_refused_under_fsdp(tiny_dir, tmp_path, monkeypatch):
+    """8-bit AdamW cannot step sharded parameters; online BDHS runs a different number of forwards on each process."""
+    from mmalign import sharding
+    from mmalign.trainer import TrainConfig, Trainer
+    from mmalign.vision import dpo
+
+    monkeypatch.setattr(sharding, "kind", lambda accelerator: "fsdp")  # what an FSDP launch reports
+    with pytest.raises(ConfigError, match="drop --use-8bit-adam"):
+        Trainer(TrainConfig(output=tmp_path / "run", use_8bit_adam=True, report_to="none"))
+    config = dpo.Config(model=str(tiny_dir), data="unread.parquet", output=tmp_path / "run", online_bdhs=True,
+                        report_to="none")
+    with pytest.raises(ConfigError, match="launch it with DDP"):
+        dpo.prepare(config, Trainer(config), processor=None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_shard_units_are_the_declared_blocks_the_model_has():
+    """LLaVA declares CLIPTextEmbeddings beside a vision-only CLIP: only the blocks present become units, and a class
+    list named in the launch config is left as it is."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from mmalign.sharding import declare_blocks
+
+    class Block(nn.Linear):
+        pass
+
+    model = nn.Sequential(Block(2, 2), nn.Linear(2, 2))
+    model._no_split_modules = ["Block", "CLIPTextEmbeddings"]
+    for named, expected in ((None, ["Block"]), (["Linear"], ["Linear"])):
+        plugin = SimpleNamespace(fsdp_version=2, auto_wrap_policy=transformer_auto_wrap_policy,
+                                 transformer_cls_names_to_wrap=named)
+        launch = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin))
+        declare_blocks(launch, model)
+        assert plugin.transformer_cls_names_to_wrap == expected
+
+
+def test_an_fsdp_checkpoint_is_refused_by_a_launch_without_fsdp(tmp_path):
+    """Its optimizer state is keyed by parameter name, not position: refused before the run folder is touched."""
+    from mmalign.errors import RunFolderError
+    from mmalign.trainer import TrainConfig, Trainer
+
+    folder = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"format": 2, "step": 1, "seed": 0, "num_processes": 2,
+                                                           "sharding": "fsdp"}))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(RunFolderError, match="written by an FSDP launch and this one runs without FSDP"):
+        Trainer(TrainConfig(output=tmp_path / "run", resume="latest", report_to="none"))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
