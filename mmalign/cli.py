@@ -93,7 +93,7 @@ def run_command(name: str, argv: list[str]) -> int:
                           description=(module.__doc__ or "").split("\n\n")[0])
     check_inputs(config)
     output = getattr(config, "output", None)
-    if output is None or getattr(config, "writes_file", False) or int(os.environ.get("RANK", "0")) != 0:
+    if output is None or getattr(config, "writes_file", False):
         module.run(config)
         return 0
     with run_folder.claim(output, resuming=getattr(config, "resume", None) is not None):

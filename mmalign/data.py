@@ -17,6 +17,7 @@ checks. The core kinds:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 
 from mmalign import __version__
 from mmalign.errors import BadRow, DataError
+from mmalign.files import write_atomically
 from mmalign.hub import is_repo_id, unreachable
 
 MAX_REPORTED = 50
@@ -405,16 +407,19 @@ def validate(records: datasets.Dataset, schema: Schema, source: str) -> None:
 
 def check_once(records: datasets.Dataset, key: list, check: Callable[[], None], source: str) -> None:
     """Run `check` (which raises on a problem) on the main process first; records that passed it under `key` are
-    marked (`checked_marker`), so that the other processes of a run, and later runs, do not run it again."""
-    from accelerate import PartialState
+    marked (`checked_marker`), so that the other processes of a run, and later runs, do not run it again. Before the
+    launch's processes have joined (no Trainer yet) every process checks for itself: joining here would fix the
+    launch's state without the run's --cpu."""
+    from accelerate.state import PartialState, is_initialized
 
     marker = checked_marker(records, key)
-    with PartialState().main_process_first():
+    with PartialState().main_process_first() if is_initialized() else contextlib.nullcontext():
         if marker is not None and marker.exists():
             return
         check()
         if marker is not None:
-            marker.write_text(json.dumps({"source": source, "records": len(records)}))
+            write_atomically(marker, lambda tmp: tmp.write_text(json.dumps({"source": source,
+                                                                            "records": len(records)})))
 
 def _problems(records: datasets.Dataset, schema: Schema) -> list[tuple[int, str, str]]:
     """(record, field, problem) of every bad record: the suspects' rows checked one by one, in record order."""

@@ -77,8 +77,10 @@ def acquire(folder: str | Path, resuming: bool) -> Lock:
     """Create the folder, take its lock and check it again under the lock (see `check`).
 
     Raises RunFolderError when the folder is not this run's to write (a lock file made by this call is removed
-    again) or another process holds the lock."""
+    again) or another process holds the lock. In a launch of several processes only the first (RANK 0) takes it."""
     folder = Path(folder)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return Lock(folder)
     if held(folder):
         folder.mkdir(parents=True, exist_ok=True)
         return Lock(folder)

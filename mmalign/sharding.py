@@ -7,7 +7,10 @@ the user's) selects the plugin, `Accelerator.prepare` shards. This module states
     select_cpu_fsdp accelerate routes FSDP to accelerator devices only; on the CPU (ACCELERATE_USE_CPU, gloo) it picks
                     the same FSDP2 path here, so tests and laptops run the code path of a GPU cluster
     meta_twin       an unsharded copy of a model without memory (meta tensors), taken before sharding: the gathered
-                    full weights are loaded into it on the main process and the method saves it as it saves any model
+                    full weights are loaded into it on the main process (`load_twin`) and the method saves it as it
+                    saves any model
+    lift_scalars    scalar parameters (CLIP's logit scale), which FSDP2 cannot shard, made 1-element vectors; the
+                    twin keeps their shape, so the model written at the end is the one the method loads
     full_state      the trainable weights and optimizer state gathered into one ordinary state (torch's
                     `get_state_dict`, full_state_dict on the CPU of the main process), and `load_full_state` the way
                     back (`set_state_dict`): checkpoints stay safetensors + JSON
@@ -76,6 +79,24 @@ def meta_twin(model: nn.Module) -> nn.Module:
         meta = torch.empty_like(tensor, device="meta")
         memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
+
+
+def lift_scalars(model: nn.Module) -> None:
+    """Replace every 0-dimensional parameter of `model` by a 1-element vector of the same value and requires_grad
+    (`fully_shard` refuses scalars); broadcasting keeps the forward's results unchanged."""
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() == 0:
+                setattr(module, name, nn.Parameter(param.detach().reshape(1), param.requires_grad))
+
+
+def load_twin(twin: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """`twin` (a `meta_twin`) holding the gathered `weights`, each reshaped to the twin's own shape (a lifted scalar
+    back to 0 dimensions)."""
+    shapes = twin.state_dict(keep_vars=True)
+    twin.load_state_dict({name: value.reshape(shapes[name].shape) if name in shapes else value
+                          for name, value in weights.items()}, assign=True)
+    return twin
 
 
 def _options(cpu_offload: bool = False, ignore_frozen_params: bool = False):

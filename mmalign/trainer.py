@@ -332,12 +332,14 @@ class Trainer:
             EpochBatchSampler(len(dataset), c.batch_size, acc.num_processes, acc.process_index, c.seed)
         self.begin()
         set_seed(c.seed)
+        twin = sharding.meta_twin(unwrap(model)) if self.sharding and self.is_main and save_model else None
+        if self.sharding:
+            sharding.lift_scalars(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
         optimizer = self._optimizer(params)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c.lr_scheduler, c.warmup_steps, c.max_steps))
-        twin = sharding.meta_twin(unwrap(model)) if self.sharding and self.is_main and save_model else None
         sharding.declare_blocks(acc, model)
         model, optimizer = acc.prepare(model, optimizer)
         self.model_sharded = self.sharding is not None
@@ -577,8 +579,7 @@ class Trainer:
         if self.sharding:
             state = sharding.full_weights(model)
             if twin is not None:
-                twin.load_state_dict(state, assign=True)
-                model = twin
+                model = sharding.load_twin(twin, state)
         else:
             model = acc.unwrap_model(model)
         if self.is_main:

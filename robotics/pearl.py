@@ -218,10 +218,10 @@ def load_target(config: Config, segment_length: int) -> Trajectories:
 def run(config: Config) -> dict[str, Any]:
     """Check every input, transfer labels to target segments, write them, train the reward on them, report."""
     with run_folder.claim(config.output, resuming=config.resume is not None):
+        trainer = Trainer(config)  # first: the launch's processes join before the data checks share their work
         source, source_pairs = load_labelled(config.source)
         target_trajs = load_target(config, source.horizon)
         held_out = load_held_out(config.eval_data, target_trajs.task, source.horizon)
-        trainer = Trainer(config)
         target = target_trajs.fragment(source.horizon, config.target_segments, seed=config.seed)
         _, z_target = align(source, source_pairs, target, config.features, config.entropic, config.epsilon,
                             config.restarts, config.seed)
@@ -239,6 +239,6 @@ def run(config: Config) -> dict[str, Any]:
                                       config.seed)}
         trainer.accelerator.print(json.dumps(transfer, indent=1))
         model, history = train_reward_model(config, target, pairs, trainer)
-        report = report_reward_model(config, model, held_out, target.horizon, history, transfer)
+        report = report_reward_model(config, trainer, model, held_out, target.horizon, history, transfer)
     trainer.accelerator.print(json.dumps(report, indent=1))
     return report

@@ -30,6 +30,7 @@ from mmalign.config import option
 from mmalign.errors import DataError
 from mmalign.objectives import bradley_terry_loss
 from mmalign.plots import plot_metrics, plot_scatter
+from mmalign.reference import unwrap
 from mmalign.trainer import TrainConfig, Trainer
 
 from .pairs import PairDataset, Pairs, SegmentArrays, label_pairs
@@ -85,8 +86,9 @@ def reward_step(model: RewardModel, batch: dict[str, torch.Tensor], generator: t
     """Bradley-Terry (or RRL) loss of a batch of pairs, averaged over pairs and ensemble members."""
     mean_w, log_std_w = model(batch["obs_w"], batch["act_w"])
     mean_l, log_std_l = model(batch["obs_l"], batch["act_l"])
-    label = batch["label"]
-    if model.arch.gaussian:
+    label, inner = batch["label"], unwrap(model)  # the model arrives wrapped for DDP
+    assert isinstance(inner, RewardModel)
+    if inner.arch.gaussian:
         noise_w = torch.randn(mean_w.shape, generator=generator, device=mean_w.device)
         noise_l = torch.randn(mean_l.shape, generator=generator, device=mean_l.device)
         losses = rrl_loss(mean_w, log_std_w, mean_l, log_std_l, noise_w, noise_l, label,
@@ -166,31 +168,36 @@ def check_batch(pairs: int, config: RewardConfig, trainer: Trainer, source: str)
                         f"{config.batch_size} on {trainer.accelerator.num_processes} process(es)); nothing was trained")
 
 
-def report_reward_model(config: RewardConfig, model: RewardModel, held_out: Trajectories | None, segment_length: int,
-                        history: list[dict[str, float]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate on the held-out trajectories (when given), write eval.json and the pictures; returns the report."""
+def report_reward_model(config: RewardConfig, trainer: Trainer, model: RewardModel, held_out: Trajectories | None,
+                        segment_length: int, history: list[dict[str, float]],
+                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate on the held-out trajectories (when given; every process when the model is sharded), write eval.json
+    and the pictures (main process); returns the report."""
     report: dict[str, Any] = dict(extra or {})
-    if held_out is not None:
-        scores, predicted, true = evaluate(model.cpu(), held_out, segment_length, config.eval_pairs,
-                                           seed=config.seed + 1)
+    if held_out is not None and (trainer.is_main or trainer.model_sharded):
+        scores, predicted, true = evaluate(model if trainer.model_sharded else model.cpu(), held_out, segment_length,
+                                           config.eval_pairs, seed=config.seed + 1)
         report.update(scores)
-        plot_scatter(true, predicted, config.output / "reward_vs_return.png", "true return", "predicted return",
-                     f"held-out segments, Spearman {scores['spearman_segments']:.2f}")
-    plot_metrics(history, ["loss", "pair_acc", "sigma"], config.output / "curves.png")
-    (config.output / "eval.json").write_text(json.dumps(report, indent=1))
+        if trainer.is_main:
+            plot_scatter(true, predicted, config.output / "reward_vs_return.png", "true return", "predicted return",
+                         f"held-out segments, Spearman {scores['spearman_segments']:.2f}")
+    if trainer.is_main:
+        plot_metrics(history, ["loss", "pair_acc", "sigma"], config.output / "curves.png")
+        (config.output / "eval.json").write_text(json.dumps(report, indent=1))
     return report
 
 
 def run(config: Config) -> dict[str, Any]:
     """Check every input, train on the labelled folder, evaluate on the held-out trajectories, write the run folder."""
     with run_folder.claim(config.output, resuming=config.resume is not None):
+        trainer = Trainer(config)  # first: the launch's processes join before the data checks share their work
         segments, pairs = load_labelled(config.data)
         held_out = load_held_out(config.eval_data, segments.task, segments.horizon)
-        trainer = Trainer(config)
         check_batch(len(pairs), config, trainer, str(Path(config.data) / "pairs.jsonl"))
         trainer.accelerator.print(f"{len(pairs)} pairs over {len(segments)} {segments.task} segments of "
                                   f"{segments.horizon} steps (teacher: {pairs.teacher or 'unknown'})")
         model, history = train_reward_model(config, segments, pairs, trainer)
-        report = report_reward_model(config, model, held_out, segments.horizon, history, {"train_pairs": len(pairs)})
+        report = report_reward_model(config, trainer, model, held_out, segments.horizon, history,
+                                     {"train_pairs": len(pairs)})
     trainer.accelerator.print(json.dumps(report, indent=1))
     return report

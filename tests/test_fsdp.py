@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from torch import nn
 
 from mmalign.errors import ConfigError
 
+TINY_CLIP = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
 CPU = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 LOSS_RTOL = 1e-4  # reduce-scatter and all-reduce sum the gradients in other orders: float32 rounding, nothing more
 WEIGHT_ATOL = 1e-4  # 1/10 of one Adam step at lr 1e-3
@@ -90,6 +92,38 @@ def test_fsdp_vision_dpo_full(tiny_dir, tmp_path, config_launch):
         torch.testing.assert_close(weight, peer[name], rtol=0, atol=WEIGHT_ATOL)
 
 
+@pytest.mark.slow
+def test_fsdp_reward_models(pickapic, button_press, tmp_path, config_launch):
+    """Reward-model training (an aesthetic head on open_clip) and a robotics reward ensemble under FSDP2: the losses
+    equal DDP's and the model written at the end is the one DDP writes."""
+    from mmalign.robotics import label
+    from mmalign.robotics.reward_models import load_reward_model
+    from mmalign.robotics.trajectories import Trajectories
+
+    labelled = tmp_path / "labels"
+    label.run(label.Config(data=str(button_press / "train.npz"), output=labelled, teacher="oracle", segment_length=20,
+                           segments=100, pairs=200))
+    commands = {
+        "reward": ["reward", "train", "--scorer", TINY_CLIP, "--kind", "aesthetic", "--tune", "head", "--data",
+                   pickapic, "--eval-fraction", 0.25, "--batch-size", 2],
+        "robotics": ["robotics", "reward", "--data", labelled, "--members", 2, "--hidden", 32, "--layers", 2,
+                     "--batch-size", 8, "--eval-data", button_press / "eval.npz", "--eval-pairs", 50]}
+    for name, command in commands.items():
+        runs = {launcher: tmp_path / f"{name}-{launcher}" for launcher in ("ddp", "fsdp")}
+        for launcher, run in runs.items():
+            launch(config_launch(launcher), *command, "--max-steps", 3, "--learning-rate", 1e-3, "--adam-epsilon",
+                   ADAM_EPSILON, "--cpu", "--report-to", "none", "--output", run)
+        assert losses(runs["fsdp"]) == pytest.approx(losses(runs["ddp"]), rel=LOSS_RTOL)
+        assert losses(runs["fsdp"])[-1] != pytest.approx(losses(runs["fsdp"])[0], rel=1e-3)
+    head = {launcher: load_file(tmp_path / f"reward-{launcher}" / "aesthetic_head.safetensors")
+            for launcher in ("ddp", "fsdp")}
+    for name, weight in head["fsdp"].items():
+        torch.testing.assert_close(weight, head["ddp"][name], rtol=0, atol=WEIGHT_ATOL)
+    segments = Trajectories.load(button_press / "eval.npz")
+    returns = [load_reward_model(tmp_path / f"robotics-{launcher}").returns(segments) for launcher in ("ddp", "fsdp")]
+    torch.testing.assert_close(torch.as_tensor(returns[1]), torch.as_tensor(returns[0]), rtol=1e-4, atol=1e-4)
+
+
 def test_meta_twin_takes_the_gathered_weights():
     """The unsharded copy costs no memory until the gathered state dict is loaded; then it computes as the model does,
     its non-persistent buffers copied as they were."""
@@ -111,6 +145,29 @@ def test_meta_twin_takes_the_gathered_weights():
     twin.load_state_dict(model.state_dict(), assign=True)
     x = torch.randn(4, 3)
     torch.testing.assert_close(twin(x), model(x))
+
+
+def test_lifted_scalars_compute_the_same_and_are_written_as_scalars():
+    """fully_shard refuses 0-dimensional parameters (CLIP's logit scale): lifted to 1-element vectors the model
+    computes what it did, and the twin that is written at the end gets them back as scalars."""
+    from mmalign.sharding import lift_scalars, load_twin, meta_twin
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.logit_scale = nn.Linear(3, 2), nn.Parameter(torch.tensor(2.5), requires_grad=False)
+
+        def forward(self, x):
+            return self.linear(x) * self.logit_scale.exp()
+
+    model, x = Net(), torch.randn(4, 3)
+    expected, twin = model(x), meta_twin(model)
+    lift_scalars(model)
+    assert model.logit_scale.shape == (1,) and not model.logit_scale.requires_grad
+    torch.testing.assert_close(model(x), expected)
+    load_twin(twin, model.state_dict())
+    assert twin.logit_scale.shape == () and twin.logit_scale.item() == 2.5
+    torch.testing.assert_close(twin(x), expected)
 
 
 @pytest.mark.parametrize("launch, refused", [

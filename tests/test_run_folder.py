@@ -105,3 +105,19 @@ def test_multi_gpu_launch_on_a_machine_without_gpus_is_refused(tmp_path, cpu_lau
     result = toy(tmp_path, tmp_path / "run", launcher=tuple(cpu_launch[1:]), env={"ACCELERATE_USE_CPU": None})
     assert result.returncode != 0 and "did not join one run" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_only_the_first_process_of_a_launch_claims_the_folder(tmp_path, monkeypatch):
+    """A command's own claim (robotics reward, pearl) is taken by RANK 0; the launch's other processes write into the
+    folder it holds, and creating nothing, leave nothing when it fails."""
+    run = tmp_path / "run"
+    with run_folder.claim(run, resuming=False):
+        monkeypatch.setenv("RANK", "1")
+        with monkeypatch.context() as other_process:
+            other_process.setattr(run_folder, "_held", {})  # holding nothing of its own, it would meet the lock
+            with run_folder.claim(run, resuming=False) as other:
+                assert other.handle is None
+    monkeypatch.setenv("RANK", "1")
+    with run_folder.claim(tmp_path / "absent", resuming=False):
+        pass
+    assert not (tmp_path / "absent").exists()
