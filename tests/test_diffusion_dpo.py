@@ -229,7 +229,12 @@ def test_the_latent_cache_stops_at_a_bad_pair_or_leaves_it_for_training_to_skip(
 
 
 @pytest.mark.slow
-def test_a_compiled_denoiser_gives_the_eager_run_and_saves_a_loadable_lora(tiny_sd, pickapic, tmp_path):
+def test_a_compiled_denoiser_gives_the_eager_run_and_saves_a_loadable_lora(tiny_sd, pickapic, tmp_path, monkeypatch):
+    """--compile traces the denoiser with TorchDynamo and AOTAutograd (forward and backward graphs, the LoRA layers
+    inside them); the graphs run eagerly here (backend aot_eager), for inductor's C++ build of a CPU kernel per graph
+    takes minutes on two cores and tests torch, not mmalign."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager", **kw))
     eager = config(tiny_sd, pickapic, tmp_path / "eager", max_steps=3, learning_rate=1e-2)
     compiled = config(tiny_sd, pickapic, tmp_path / "compiled", max_steps=3, learning_rate=1e-2, compile=True)
     dpo.run(eager)

@@ -20,7 +20,7 @@ from mmalign.stats import mean_ci
 PER_PROMPT, SEED, STEPS = 6, 2000, 10  # 72 samples of 10 Euler steps
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_flow_dpo_raises_the_held_out_reward_and_rlg_moves_it_with_the_weight(embedded, tmp_path):
     cfg = embedded.config(flow_dpo, tmp_path / "run", model=str(FLOW_TWIN), max_steps=60, batch_size=8)
     history = flow_dpo.run(cfg)

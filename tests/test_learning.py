@@ -14,7 +14,7 @@ from mmalign.diffusion.guidance import reinforcement_guidance
 from mmalign.diffusion.models import load_pipeline
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_diffusion_dpo_raises_implicit_accuracy_and_held_out_reward(aligned_tiny_sd, embedded):
     cfg, history = aligned_tiny_sd
     first, last = (sum(r["implicit_acc"] for r in rows) / len(rows) for rows in (history[:50], history[-50:]))
@@ -26,7 +26,7 @@ def test_diffusion_dpo_raises_implicit_accuracy_and_held_out_reward(aligned_tiny
     assert world.colour_match(images, captions).mean() > 0.9, "the aligned model still draws the asked colour"
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_rlg_reward_rises_monotonically_with_the_weight(aligned_tiny_sd):
     cfg, _ = aligned_tiny_sd
     tuned = load_pipeline(cfg.output)

@@ -58,6 +58,7 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(pip install [^\n]+)\n```", readme)
     assert len(commands) == 2 and "mmalign demo" in commands[0]
     assert commands[1] in ci.splitlines()
+    assert '-m "not long"' in commands[1] and any(line.endswith("-m long") for line in ci.splitlines())
 
 
 def test_console_script_and_module_entry_points():

@@ -79,7 +79,7 @@ def test_starts_at_ln2_and_resumes_exactly(tiny_family, pickapic, tmp_path, kind
     reloaded.load_lora_weights(tmp_path / "full")
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_winners_alone_raise_the_held_out_reward(embedded, tmp_path):
     """96 winners (the 8 best by placement of 32 own samples per caption), 600 steps of 8 with the flipper on, the
     snapshot's samples drawn in 4 sampler steps (the learning test's budget; BENCHMARKS.md has 10). Measured:
