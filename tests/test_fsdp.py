@@ -115,10 +115,11 @@ def test_fsdp_reward_models(pickapic, button_press, tmp_path, config_launch):
                    ADAM_EPSILON, "--cpu", "--report-to", "none", "--output", run)
         assert losses(runs["fsdp"]) == pytest.approx(losses(runs["ddp"]), rel=LOSS_RTOL)
         assert losses(runs["fsdp"])[-1] != pytest.approx(losses(runs["fsdp"])[0], rel=1e-3)
-    head = {launcher: load_file(tmp_path / f"reward-{launcher}" / "aesthetic_head.safetensors")
-            for launcher in ("ddp", "fsdp")}
-    for name, weight in head["fsdp"].items():
-        torch.testing.assert_close(weight, head["ddp"][name], rtol=0, atol=WEIGHT_ATOL)
+    for written in ("aesthetic_head.safetensors", "open_clip_model.safetensors"):  # the CLIP's logit scale a scalar
+        scorer = {launcher: load_file(tmp_path / f"reward-{launcher}" / written) for launcher in ("ddp", "fsdp")}
+        assert scorer["fsdp"].keys() == scorer["ddp"].keys()
+        for name, weight in scorer["fsdp"].items():
+            torch.testing.assert_close(weight, scorer["ddp"][name], rtol=0, atol=WEIGHT_ATOL)
     segments = Trajectories.load(button_press / "eval.npz")
     returns = [load_reward_model(tmp_path / f"robotics-{launcher}").returns(segments) for launcher in ("ddp", "fsdp")]
     torch.testing.assert_close(torch.as_tensor(returns[1]), torch.as_tensor(returns[0]), rtol=1e-4, atol=1e-4)
