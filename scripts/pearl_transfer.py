@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from mmalign.robotics import collect, pearl
-from mmalign.robotics.pairs import label_pairs
+from mmalign.robotics.pairs import Pairs, label_pairs
 from mmalign.robotics.teachers import teacher
 from mmalign.robotics.trajectories import Trajectories
 
@@ -43,6 +43,15 @@ def episodes(task: str, seed: int, out: Path, count: int) -> Trajectories:
     return Trajectories.load(path)
 
 
+def labelled_source_and_target(args: argparse.Namespace, source_task: str, target_task: str,
+                               seed: int) -> tuple[Trajectories, Trajectories, Pairs]:
+    """(source segments, target segments, oracle-labelled source pairs) of one seed."""
+    length, count = args.segment_length, args.segments
+    source = episodes(source_task, seed, args.out, args.episodes).fragment(length, count, seed=seed)
+    target = episodes(target_task, seed + 100, args.out, args.episodes).fragment(length, count, seed=seed + 100)
+    return source, target, label_pairs(source, args.source_pairs, teacher("oracle"), seed=seed)
+
+
 def cell(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
@@ -53,11 +62,7 @@ def baselines_table(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> N
     for source_task, target_task in pairs:
         scores: dict[str, list] = {"all": [], "window": [], "window_pairs": []}
         for seed in range(args.seeds):
-            source = episodes(source_task, seed, args.out, args.episodes).fragment(args.segment_length, args.segments,
-                                                                                    seed=seed)
-            target = episodes(target_task, seed + 100, args.out, args.episodes).fragment(
-                args.segment_length, args.segments, seed=seed + 100)
-            labelled = label_pairs(source, args.source_pairs, teacher("oracle"), seed=seed)
+            source, target, labelled = labelled_source_and_target(args, source_task, target_task, seed)
             _, z_target = pearl.align(source, labelled, target, restarts=args.restarts, seed=seed)
             report = pearl.baseline_report(source, labelled, target, z_target, window=args.same_window, seed=seed)
             scores["all"].append(report["baselines"])
@@ -97,11 +102,7 @@ def main() -> None:
     for source_task, target_task in task_pairs:
         scores: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
         for seed in range(args.seeds):
-            source = episodes(source_task, seed, args.out, args.episodes).fragment(args.segment_length, args.segments,
-                                                                                    seed=seed)
-            target = episodes(target_task, seed + 100, args.out, args.episodes).fragment(
-                args.segment_length, args.segments, seed=seed + 100)
-            pairs = label_pairs(source, args.source_pairs, teacher("oracle"), seed=seed)
+            source, target, pairs = labelled_source_and_target(args, source_task, target_task, seed)
             for features, entropic in variants:
                 start = time.perf_counter()
                 _, z_target = pearl.align(source, pairs, target, features, entropic, restarts=args.restarts, seed=seed)
