@@ -421,6 +421,7 @@ def check_once(records: datasets.Dataset, key: list, check: Callable[[], None], 
             write_atomically(marker, lambda tmp: tmp.write_text(json.dumps({"source": source,
                                                                             "records": len(records)})))
 
+
 def _problems(records: datasets.Dataset, schema: Schema) -> list[tuple[int, str, str]]:
     """(record, field, problem) of every bad record: the suspects' rows checked one by one, in record order."""
     table = records.with_format("arrow")[:]
