@@ -305,7 +305,7 @@ def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str, s
     """Fixed-seed samples of the current denoiser, `num_samples` per prompt (one row of frames per video), saved as
     config.output/name and shown in the run's tracker at `step` by the main process."""
     config = parts.config
-    if config.num_samples < 1 or not (trainer.is_main or trainer.model_sharded):  # sharded: every process samples
+    if config.num_samples < 1 or not trainer.runs_model:
         return
     expanded = [p for p in prompts for _ in range(config.num_samples)]
     with trainer.accelerator.autocast():

@@ -225,6 +225,12 @@ class Trainer:
         self._on_main(lambda: run_folder.check(config.output, resuming=config.resume is not None))
         self.resume_from = self._find_resume()
 
+    @property
+    def runs_model(self) -> bool:
+        """Whether this process runs the trained model's forward outside the step (evaluation, samples): the main
+        process, or every process once the model is sharded (its forward then needs them all)."""
+        return self.is_main or self.model_sharded
+
     def _check_processes(self) -> None:
         """Refuse a launch whose processes did not join one run (e.g. --multi_gpu on a machine without GPUs)."""
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -443,7 +449,7 @@ class Trainer:
         metrics to `logged` as eval/*, keep a new best's checkpoint; whether to stop early (`mmalign.heldout`)."""
         acc, step, evaluation = self.accelerator, int(logged["step"]), held_out.evaluation
         metrics: dict[str, float] | None = None
-        if self.is_main or self.model_sharded:  # a sharded model's forward needs every process
+        if self.runs_model:
             inner = acc.unwrap_model(model)
             inner.eval()
             with torch.no_grad(), acc.autocast():

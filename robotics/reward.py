@@ -174,7 +174,7 @@ def report_reward_model(config: RewardConfig, trainer: Trainer, model: RewardMod
     """Evaluate on the held-out trajectories (when given; every process when the model is sharded), write eval.json
     and the pictures (main process); returns the report."""
     report: dict[str, Any] = dict(extra or {})
-    if held_out is not None and (trainer.is_main or trainer.model_sharded):
+    if held_out is not None and trainer.runs_model:
         scores, predicted, true = evaluate(model if trainer.model_sharded else model.cpu(), held_out, segment_length,
                                            config.eval_pairs, seed=config.seed + 1)
         report.update(scores)

@@ -117,7 +117,7 @@ def run(config: Config) -> dict[str, Any]:
         result["before"] = evaluate(scorer)
         print_(f"held-out before: {describe(result['before'])}")
     history = trainer.fit(scorer, train_pairs, collate_pairs, bradley_terry_step, save_model=save_scorer)
-    if trainer.is_main or trainer.model_sharded:  # a sharded scorer's forward needs every process
+    if trainer.runs_model:
         result["after"] = evaluate(scorer)
     if trainer.is_main:
         print_(f"held-out after:  {describe(result['after'])}")
