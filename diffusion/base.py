@@ -30,6 +30,7 @@ from mmalign.config import option
 from mmalign.errors import ConfigError, DataError
 from mmalign.heldout import Evaluation
 from mmalign.reference import AdapterDisabled, FrozenCopy, Reference
+from mmalign.sharding import runs_collective
 from mmalign.stats import mean_ci
 from mmalign.trainer import TrainConfig, Trainer
 
@@ -72,8 +73,8 @@ class DenoiserConfig(TrainConfig):
     resolution: int | None = option(None, "training resolution (default: the model's native size)")
     reference_in_training_dtype: bool = option(True, "--full: keep the frozen reference in the mixed-precision dtype")
     offload_reference: bool = option(False, "--full: keep the frozen reference on the CPU, streamed per forward")
-    channels_last: bool = option(True, "channels-last memory format for the UNet (faster convolutions; not under FSDP, "
-                                       "which shards contiguous parameters only)")
+    channels_last: bool = option(True, "channels-last memory format for the UNet (faster convolutions; not under FSDP "
+                                       "or ZeRO, which shard contiguous parameters only)")
     gradient_checkpointing: bool = option(False, "trade compute for memory in the denoiser")
     compile: bool = option(False, "torch.compile the policy denoiser in place (inductor): a slower start "
                                   "(minutes on a CPU), faster steps")
@@ -214,7 +215,7 @@ def prepare(config: ConfigT, trainer: Trainer, reference_factory: ReferenceFacto
             place(part.requires_grad_(False), device, dtype)
     model = denoiser_of(pipe)
     place(model, device, torch.float32 if config.full else dtype)
-    if config.channels_last and type(model).__name__ == "UNet2DConditionModel" and trainer.sharding != "fsdp":
+    if config.channels_last and type(model).__name__ == "UNet2DConditionModel" and not trainer.sharding:
         model.to(memory_format=torch.channels_last)
     if config.xformers:
         enable_xformers(model)
@@ -228,10 +229,11 @@ def prepare(config: ConfigT, trainer: Trainer, reference_factory: ReferenceFacto
         raise ConfigError(f"this method's reference (SePPO's snapshots) loads whole copies of the trained weights, "
                           f"which a sharded launch ({trainer.sharding}) spreads across the processes; launch it with "
                           "DDP (mmalign/accelerate_configs/ddp.yaml)")
-    if trainer.sharding and config.offload_reference:
+    if runs_collective(trainer.sharding) and config.offload_reference:  # ZeRO-1/2 keep it whole, as DDP
         raise ConfigError(f"--offload-reference: under {trainer.sharding} the frozen reference is sharded across the "
                           "processes like the policy instead; drop --offload-reference (or offload both with "
-                          "fsdp_offload_params: true in the accelerate config)")
+                          "fsdp_offload_params: true, or ZeRO-3's offload_param_device: cpu, in the accelerate "
+                          "config)")
     if reference_factory is not None:
         reference = reference_factory(model, reference_dtype)
     elif config.full:

@@ -3,7 +3,8 @@
 Sharding itself is accelerate's: `accelerate launch --config_file` a file of `mmalign/accelerate_configs` (or any of
 the user's) selects the plugin, `Accelerator.prepare` shards. This module states what changes for the trainer:
 
-    kind            "fsdp" or None: whether the trained model's parameters are spread across processes
+    kind            "fsdp", "zero1", "zero2", "zero3" or None: how the trained model's state is spread across processes
+    options         the Accelerator's device options: DeepSpeed on a machine without GPUs runs on its CPU accelerator
     select_cpu_fsdp accelerate routes FSDP to accelerator devices only; on the CPU (ACCELERATE_USE_CPU, gloo) it picks
                     the same FSDP2 path here, so tests and laptops run the code path of a GPU cluster
     meta_twin       an unsharded copy of a model without memory (meta tensors), taken before sharding: the gathered
@@ -20,10 +21,10 @@ the user's) selects the plugin, `Accelerator.prepare` shards. This module states
     shard_frozen    a frozen module (the --full reference copy) sharded like the policy (accelerate's
                     `fsdp2_prepare_model`), so it costs 1/N of a model per process
 
-Checkpoints are not accelerate's `save_state` (torch.distributed.checkpoint), whose metadata file is a pickle that
-resuming would load: mmalign never unpickles a checkpoint (`mmalign.state`). DeepSpeed is refused for the same reason:
-ZeRO keeps each process's part of the optimizer state in objects of its own, saved only as pickles, so a run could not
-resume; FSDP2 shards what ZeRO-3 shards (parameters, gradients, optimizer state).
+DeepSpeed ZeRO (stages 1-3) goes through `mmalign.zero`, which gathers and restores the same states with DeepSpeed's
+per-parameter API. Checkpoints are neither accelerate's `save_state` (torch.distributed.checkpoint, whose metadata
+file is a pickle) nor DeepSpeed's (each process's partition pickled): mmalign never unpickles a checkpoint
+(`mmalign.state`), so every kind writes the whole state as safetensors + JSON, its optimizer state by parameter name.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 
 from mmalign.errors import ConfigError
 
-Kind = Literal["fsdp"] | None
+Kind = Literal["fsdp", "zero1", "zero2", "zero3"] | None
 
 
 def select_cpu_fsdp(accelerator: Accelerator) -> None:
@@ -54,20 +55,47 @@ def select_cpu_fsdp(accelerator: Accelerator) -> None:
     accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP  # as accelerate does
 
 
+def options(cpu: bool) -> dict[str, Any]:
+    """The Accelerator's device options for a launch: `cpu` as given, except under DeepSpeed on a machine without
+    GPUs, which accelerate would run as plain DDP when told `cpu`: there DeepSpeed runs on its CPU accelerator with the
+    gloo backend, as asked."""
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or torch.cuda.is_available():
+        return {"cpu": cpu}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+
+
 def kind(accelerator: Accelerator) -> Kind:
-    """"fsdp" (FSDP2) or None (DDP, one process); FSDP1 and DeepSpeed are refused, naming what to use instead."""
+    """"fsdp" (FSDP2), "zero1"/"zero2"/"zero3" (DeepSpeed) or None (DDP, one process); FSDP1, ZeRO stage 0, fp16
+    under ZeRO and a DeepSpeed launch that did not start are refused, naming what to use instead."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("DeepSpeed is not supported: ZeRO saves each process's part of the optimizer state only as "
-                          "pickles, which mmalign never loads, so the run could not resume from its checkpoints. "
-                          "Launch with FSDP (accelerate launch --config_file mmalign/accelerate_configs/fsdp.yaml), "
-                          "which shards parameters, gradients and optimizer state as ZeRO-3 does, or with DDP "
-                          "(ddp.yaml)")
+        from mmalign import zero
+
+        stage = zero.stage(accelerator)
+        if stage == 0:
+            raise ConfigError("DeepSpeed ZeRO stage 0 shards nothing; launch with DDP "
+                              "(mmalign/accelerate_configs/ddp.yaml) or set zero_stage: 2 (zero2.yaml)")
+        if accelerator.mixed_precision == "fp16":
+            raise ConfigError("--mixed-precision fp16 under DeepSpeed: its dynamic loss scale lives in DeepSpeed's "
+                              "pickled checkpoints only, so a resumed run would not continue it; use bf16")
+        return f"zero{stage}"  # type: ignore[return-value]
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError("the launch asked for DeepSpeed, but accelerate started without it because the CPU was "
+                          "asked for (ACCELERATE_USE_CPU=1 or use_cpu: true); drop that: on a machine without GPUs "
+                          "DeepSpeed runs on the CPU by itself")
     if accelerator.distributed_type == DistributedType.FSDP:
         if accelerator.state.fsdp_plugin.fsdp_version != 2:
             raise ConfigError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config "
                               "(mmalign/accelerate_configs/fsdp.yaml)")
         return "fsdp"
     return None
+
+
+def runs_collective(sharding: Kind) -> bool:
+    """Whether the trained model's forward needs every process: its parameters are gathered as it runs (FSDP, ZeRO-3)
+    rather than held whole by each process (DDP, ZeRO-1/2)."""
+    return sharding in ("fsdp", "zero3")
 
 
 def meta_twin(model: nn.Module) -> nn.Module:
@@ -107,28 +135,45 @@ def _options(cpu_offload: bool = False, ignore_frozen_params: bool = False):
                             strict=False)
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainable weights, optimizer state) of an FSDP2 model gathered whole onto the main process's CPU (empty on the
+def full_state(accelerator: Accelerator, model: nn.Module,
+               optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable weights, optimizer state) of a sharded model gathered whole onto the main process's CPU (empty on the
     others), parameters named as in the unsharded model; every process must call it."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if kind(accelerator) != "fsdp":
+        from mmalign import zero
+
+        return zero.full_state(model, optimizer)
 
     return get_state_dict(model, optimizer, options=_options(cpu_offload=True, ignore_frozen_params=True))
 
 
-def full_weights(model: nn.Module) -> dict[str, Any]:
+def full_weights(accelerator: Accelerator, model: nn.Module) -> dict[str, Any]:
     """Every weight of a sharded model, gathered whole onto the main process's CPU (empty on the others); every
     process must call it. (accelerate's `get_state_dict` asks torch to broadcast as well, which on the CPU hands back
     the shards.)"""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    if kind(accelerator) != "fsdp":
+        from mmalign import zero
+
+        return zero.full_weights(accelerator, model)
+
     return get_model_state_dict(model, options=_options(cpu_offload=True))
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Any],
-                    optimizer_state: dict[str, Any]) -> None:
+def load_full_state(accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    weights: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
     """Put a state `full_state` wrote back into the sharded model and optimizer (each process keeps its shard); every
     process must call it with the same state."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if kind(accelerator) != "fsdp":
+        from mmalign import zero
+
+        zero.load_full_state(accelerator, model, optimizer, weights, optimizer_state)
+        return
 
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
                    options=_options())
@@ -161,10 +206,15 @@ def forward_methods(accelerator: Accelerator, model: nn.Module, names: tuple[str
 
 
 def shard_frozen(accelerator: Accelerator, module: nn.Module) -> nn.Module:
-    """`module` sharded in place like the policy under FSDP2 (the launch's wrap policy and mixed precision); unchanged
-    otherwise. A frozen module is never given to the optimizer, so accelerate's `prepare` (which pairs one model with
-    its optimizer) does not take it."""
-    if kind(accelerator) != "fsdp":
+    """`module` sharded in place like the policy under FSDP2 (the launch's wrap policy and mixed precision) or ZeRO-3
+    (`zero.shard_frozen`); unchanged otherwise. A frozen module is never given to the optimizer, so accelerate's
+    `prepare` (which pairs one model with its optimizer) does not take it."""
+    launched = kind(accelerator)
+    if launched in ("zero1", "zero2", "zero3"):
+        from mmalign import zero
+
+        return zero.shard_frozen(accelerator, module)
+    if launched != "fsdp":
         return module
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 

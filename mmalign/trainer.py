@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from mmalign import run_folder, sharding, trackers
+from mmalign import run_folder, sharding, trackers, zero
 from mmalign.config import option, save_config, to_dict
 from mmalign.data import SKIP_LIMIT, Guarded, collate_guarded
 from mmalign.errors import (
@@ -209,14 +209,19 @@ class Trainer:
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=None if config.report_to == "none" else config.report_to, project_dir=str(config.output),
-            cpu=config.cpu)
+            **sharding.options(config.cpu))
         sharding.select_cpu_fsdp(self.accelerator)
         self._check_processes()
         self.sharding = sharding.kind(self.accelerator)
         if self.sharding and config.use_8bit_adam:
-            raise ConfigError("--use-8bit-adam: bitsandbytes' 8-bit AdamW does not take FSDP's sharded parameters; "
-                              "under FSDP the optimizer state is already split across the processes, so drop "
-                              "--use-8bit-adam (or launch with DDP, mmalign/accelerate_configs/ddp.yaml)")
+            raise ConfigError(f"--use-8bit-adam: bitsandbytes' 8-bit AdamW does not take {self.sharding}'s sharded "
+                              f"parameters; under {self.sharding} the optimizer state is already split across the "
+                              "processes, so drop --use-8bit-adam (or launch with DDP, "
+                              "mmalign/accelerate_configs/ddp.yaml)")
+        if self.sharding in ("zero1", "zero2", "zero3"):
+            zero.configure(self.accelerator, config.batch_size, config.gradient_accumulation_steps,
+                           config.max_grad_norm)
+            zero.load_whole()
         self.model_sharded = False  # true once `fit` has sharded the model: its forward is then a collective
         self.device = self.accelerator.device
         self.weight_dtype = DTYPES[config.mixed_precision]
@@ -228,7 +233,7 @@ class Trainer:
     @property
     def runs_model(self) -> bool:
         """Whether this process runs the trained model's forward outside the step (evaluation, samples): the main
-        process, or every process once the model is sharded (its forward then needs them all)."""
+        process, or every process once the model is sharded so that its forward needs them all (FSDP, ZeRO-3)."""
         return self.is_main or self.model_sharded
 
     def _check_processes(self) -> None:
@@ -246,12 +251,13 @@ class Trainer:
             if self.config.resume == "latest":
                 self.accelerator.print(f"no checkpoint under {self.config.output}/checkpoints; starting a new run")
             return None
-        if (read_trainer_state(path).get("sharding") == "fsdp") != (self.sharding == "fsdp"):
-            written, launched = (("an FSDP", "without FSDP") if self.sharding != "fsdp" else
-                                 ("a non-FSDP", "with FSDP"))
+        if bool(read_trainer_state(path).get("sharding")) != bool(self.sharding):
+            written, launched = (("a sharded (FSDP or ZeRO)", "without sharding") if not self.sharding else
+                                 ("an unsharded", f"with {self.sharding}"))
             raise RunFolderError(f"checkpoint {path} was written by {written} launch and this one runs {launched}: "
-                                 "FSDP keeps the optimizer state by parameter name, other launches by position; resume "
-                                 "it with a launch like the one that wrote it (the same accelerate --config_file)")
+                                 "sharded launches keep the optimizer state by parameter name, others by position; "
+                                 "resume it with a launch like the one that wrote it (the same accelerate "
+                                 "--config_file)")
         return path
 
     def _on_main(self, action: Callable[[], Any]) -> None:
@@ -339,7 +345,7 @@ class Trainer:
         self.begin()
         set_seed(c.seed)
         twin = sharding.meta_twin(unwrap(model)) if self.sharding and self.is_main and save_model else None
-        if self.sharding:
+        if self.sharding == "fsdp":
             sharding.lift_scalars(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -348,7 +354,7 @@ class Trainer:
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(c.lr_scheduler, c.warmup_steps, c.max_steps))
         sharding.declare_blocks(acc, model)
         model, optimizer = acc.prepare(model, optimizer)
-        self.model_sharded = self.sharding is not None
+        self.model_sharded = sharding.runs_collective(self.sharding)
         sharding.forward_methods(acc, model, forward_methods)
         params = [p for p in model.parameters() if p.requires_grad]  # sharding replaces the parameters
         self._training = {"model": model, "optimizer": optimizer, "scheduler": schedule,
@@ -563,8 +569,8 @@ class Trainer:
         under FSDP the parameters and optimizer gathered whole onto the main process (every process calls this)."""
         model = self._training["model"]
         states = {name: obj.state_dict() for name, obj in self._stateful().items() if name != "optimizer"}
-        if self.sharding == "fsdp":
-            weights, states["optimizer"] = sharding.full_state(model, self._training["optimizer"])
+        if self.sharding:
+            weights, states["optimizer"] = sharding.full_state(self.accelerator, model, self._training["optimizer"])
         else:
             weights = {n: p.detach() for n, p in unwrap(model).named_parameters() if p.requires_grad}
             states["optimizer"] = self._training["optimizer"].state_dict()
@@ -583,7 +589,7 @@ class Trainer:
         first (every process takes part) and given unsharded, loaded into its `sharding.meta_twin`."""
         acc = self.accelerator
         if self.sharding:
-            state = sharding.full_weights(model)
+            state = sharding.full_weights(acc, model)
             if twin is not None:
                 model = sharding.load_twin(twin, state)
         else:
@@ -612,9 +618,9 @@ class Trainer:
                 raise RunFolderError(f"checkpoint {folder} does not match the model being trained (missing {missing}, "
                                      f"unexpected {extra}); was it made with other settings?")
             stateful = self._stateful()
-            if self.sharding == "fsdp":
-                sharding.load_full_state(self._training["model"], stateful.pop("optimizer"), weights,
-                                         load_state(folder, "optimizer"))
+            if self.sharding:
+                sharding.load_full_state(self.accelerator, self._training["model"], stateful.pop("optimizer"),
+                                         weights, load_state(folder, "optimizer"))
             else:
                 model.load_state_dict(weights, strict=False)
             for name, obj in stateful.items():
