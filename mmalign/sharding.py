@@ -10,7 +10,8 @@ the user's) selects the plugin, `Accelerator.prepare` shards. This module states
     meta_twin       an unsharded copy of a model without memory (meta tensors), taken before sharding: the gathered
                     full weights are loaded into it on the main process (`load_twin`) and the method saves it as it
                     saves any model
-    lift_scalars    scalar parameters (CLIP's logit scale), which FSDP2 cannot shard, made 1-element vectors; the
+    lift_scalars    scalar parameters (CLIP's logit scale), which FSDP2 cannot shard nor DeepSpeed broadcast, made
+                    1-element vectors; the
                     twin keeps their shape, so the model written at the end is the one the method loads
     full_state      the trainable weights and optimizer state gathered into one ordinary state (torch's
                     `get_state_dict`, full_state_dict on the CPU of the main process), and `load_full_state` the way
@@ -111,7 +112,8 @@ def meta_twin(model: nn.Module) -> nn.Module:
 
 def lift_scalars(model: nn.Module) -> None:
     """Replace every 0-dimensional parameter of `model` by a 1-element vector of the same value and requires_grad
-    (`fully_shard` refuses scalars); broadcasting keeps the forward's results unchanged."""
+    (`fully_shard` refuses scalars, DeepSpeed's broadcast fails on them); broadcasting keeps the forward's results
+    unchanged."""
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
             if param.dim() == 0:

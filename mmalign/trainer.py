@@ -31,6 +31,7 @@ process, for a sharded forward is a collective.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
@@ -195,6 +196,13 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def _leave_processes() -> None:
+    """Destroy the default process group, at exit: a method may still run its sharded model after `fit` (a reward
+    model's held-out evaluation), which needs every process joined."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class Trainer:
     """The shared loop. Create it first (models are placed on `trainer.device` in `trainer.weight_dtype`), then `fit`.
 
@@ -210,6 +218,8 @@ class Trainer:
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=None if config.report_to == "none" else config.report_to, project_dir=str(config.output),
             **sharding.options(config.cpu))
+        atexit.unregister(_leave_processes)  # once per process, however many runs it trains
+        atexit.register(_leave_processes)
         sharding.select_cpu_fsdp(self.accelerator)
         self._check_processes()
         self.sharding = sharding.kind(self.accelerator)
@@ -345,7 +355,7 @@ class Trainer:
         self.begin()
         set_seed(c.seed)
         twin = sharding.meta_twin(unwrap(model)) if self.sharding and self.is_main and save_model else None
-        if self.sharding == "fsdp":
+        if self.sharding:
             sharding.lift_scalars(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -446,7 +456,8 @@ class Trainer:
         if finish is not None:
             finish()
         acc.wait_for_everyone()
-        acc.end_training()
+        for tracker in acc.trackers:  # accelerate's end_training, but the processes stay joined (`_leave_processes`)
+            tracker.finish()
         self.end()
         return history
 

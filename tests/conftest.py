@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random SD pipeline and Pick-a-Pic data from the synthetic world, saved once per session."""
 
+import json
 import os
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -34,7 +36,7 @@ def cpu_launch():
             _free_port()]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def config_launch():
     """`config_launch(name)`: the `accelerate launch` command of the shipped config
     mmalign/accelerate_configs/<name>.yaml for two processes (with ACCELERATE_USE_CPU=1 on a machine without GPUs)."""
@@ -45,6 +47,34 @@ def config_launch():
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
                 "2", "--main_process_port", _free_port()]
     return command
+
+
+class Launcher:
+    """Two-process runs of `mmalign` under a shipped accelerate config, on the CPU: FSDP and DDP with
+    ACCELERATE_USE_CPU=1, DeepSpeed without it (it finds no GPU and runs on the CPU itself, `sharding.options`)."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __call__(self, name, *args):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+        if name.startswith("zero"):
+            del env["ACCELERATE_USE_CPU"]
+        result = subprocess.run([*self.command(name), "-m", "mmalign", *map(str, args)], env=env, capture_output=True,
+                                text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    @staticmethod
+    def losses(run):
+        """The loss of every logged step of the run folder `run`."""
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def launch(config_launch):
+    """`launch(config, *mmalign_args)`: a two-process run (`Launcher`); `launch.losses(folder)` its losses."""
+    return Launcher(config_launch)
 
 
 def _snapshot(path):

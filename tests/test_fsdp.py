@@ -1,13 +1,12 @@
-"""Sharded training (accelerate's FSDP2) on two CPU processes, launched with the shipped accelerate configs.
+"""Sharded training (accelerate's FSDP2) on two CPU processes, launched with the shipped accelerate configs (conftest's
+`launch`).
 
 The peer is DDP on the same two processes: each process trains on the same share of every global batch with the same
 noise and timesteps (`mmalign.trainer`), so only sharding differs. A one-process run of the same global batch draws
 other noise (the draws are seeded per process) and is no exact peer."""
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,25 +19,13 @@ from torch import nn
 from mmalign.errors import ConfigError
 
 TINY_CLIP = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip.json"
-CPU = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 LOSS_RTOL = 1e-4  # reduce-scatter and all-reduce sum the gradients in other orders: float32 rounding, nothing more
 WEIGHT_ATOL = 1e-4  # 1/10 of one Adam step at lr 1e-3
 ADAM_EPSILON = 1e-4  # Adam's m/sqrt(v) turns rounding into a +-lr step where a gradient is ~0
 
 
-def launch(command, *args):
-    result = subprocess.run([*command, "-m", "mmalign", *map(str, args)], env=CPU, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def losses(run):
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.slow
-def test_fsdp_full_diffusion_dpo(tiny_sd, pickapic, tmp_path, config_launch):
+def test_fsdp_full_diffusion_dpo(tiny_sd, pickapic, tmp_path, launch):
     """Diffusion-DPO --full, policy and frozen reference both sharded: the losses equal DDP's, a checkpoint resumes to
     the same weights bit for bit, and the UNet written at the end loads with from_pretrained."""
     from diffusers import UNet2DConditionModel
@@ -48,16 +35,16 @@ def test_fsdp_full_diffusion_dpo(tiny_sd, pickapic, tmp_path, config_launch):
               "--num-samples", 0, "--report-to", "none",
               "--no-channels-last"]  # FSDP shards contiguous parameters only: DDP on the same memory format
     fsdp, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
-    launch(config_launch("fsdp"), *common, "--output", fsdp)
-    launch(config_launch("ddp"), *common, "--output", ddp)
-    assert losses(fsdp) == pytest.approx(losses(ddp), rel=LOSS_RTOL)
-    assert losses(fsdp)[1] != pytest.approx(losses(fsdp)[0], rel=1e-2)  # the policy moved away from the reference
+    launch("fsdp", *common, "--output", fsdp)
+    launch("ddp", *common, "--output", ddp)
+    assert launch.losses(fsdp) == pytest.approx(launch.losses(ddp), rel=LOSS_RTOL)
+    assert launch.losses(fsdp)[1] != pytest.approx(launch.losses(fsdp)[0], rel=1e-2)  # moved off the reference
     last = fsdp / "checkpoints" / "checkpoint-2"
     assert json.loads((last / "trainer_state.json").read_text())["sharding"] == "fsdp"
 
     shutil.copytree(fsdp, resumed, ignore=shutil.ignore_patterns("checkpoint-2", "unet"))
-    launch(config_launch("fsdp"), *common, "--output", resumed, "--resume", "latest")
-    assert losses(resumed) == losses(fsdp)
+    launch("fsdp", *common, "--output", resumed, "--resume", "latest")
+    assert launch.losses(resumed) == launch.losses(fsdp)
 
     unet = dict(UNet2DConditionModel.from_pretrained(fsdp / "unet").named_parameters())
     again = dict(UNet2DConditionModel.from_pretrained(resumed / "unet").named_parameters())
@@ -70,7 +57,7 @@ def test_fsdp_full_diffusion_dpo(tiny_sd, pickapic, tmp_path, config_launch):
 
 
 @pytest.mark.slow
-def test_fsdp_vision_dpo_full(tiny_dir, tmp_path, config_launch):
+def test_fsdp_vision_dpo_full(tiny_dir, tmp_path, launch):
     """Vision DPO --full on tiny LLaVA (decoder and vision layers as shard units, get_image_features gathering like
     forward, the frozen copy sharded): the losses equal DDP's and the saved model loads with from_pretrained."""
     from transformers import AutoModelForImageTextToText
@@ -82,10 +69,10 @@ def test_fsdp_vision_dpo_full(tiny_dir, tmp_path, config_launch):
     common = ["vision", "dpo", "--model", tiny_dir, "--data", rows, "--full", "--max-steps", 2, "--batch-size", 2,
               "--learning-rate", 1e-2, "--adam-epsilon", ADAM_EPSILON, "--cpu", "--report-to", "none"]
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    launch(config_launch("fsdp"), *common, "--output", fsdp)
-    launch(config_launch("ddp"), *common, "--output", ddp)
-    assert losses(fsdp) == pytest.approx(losses(ddp), rel=LOSS_RTOL)
-    assert losses(fsdp)[1] != pytest.approx(losses(fsdp)[0], rel=1e-3)
+    launch("fsdp", *common, "--output", fsdp)
+    launch("ddp", *common, "--output", ddp)
+    assert launch.losses(fsdp) == pytest.approx(launch.losses(ddp), rel=LOSS_RTOL)
+    assert launch.losses(fsdp)[1] != pytest.approx(launch.losses(fsdp)[0], rel=1e-3)
     model = dict(AutoModelForImageTextToText.from_pretrained(fsdp).named_parameters())
     peer = dict(AutoModelForImageTextToText.from_pretrained(ddp).named_parameters())
     for name, weight in model.items():
@@ -93,9 +80,11 @@ def test_fsdp_vision_dpo_full(tiny_dir, tmp_path, config_launch):
 
 
 @pytest.mark.slow
-def test_fsdp_reward_models(pickapic, button_press, tmp_path, config_launch):
-    """Reward-model training (an aesthetic head on open_clip) and a robotics reward ensemble under FSDP2: the losses
-    equal DDP's and the model written at the end is the one DDP writes."""
+@pytest.mark.parametrize("sharded", [pytest.param("fsdp", marks=pytest.mark.slow),
+                                     pytest.param("zero3", marks=pytest.mark.long)])
+def test_sharded_reward_models(pickapic, button_press, tmp_path, launch, sharded):
+    """Reward-model training (an aesthetic head on open_clip) and a robotics reward ensemble under FSDP2 and ZeRO-3: the
+    losses equal DDP's and the model written at the end is the one DDP writes."""
     from mmalign.robotics import label
     from mmalign.robotics.reward_models import load_reward_model
     from mmalign.robotics.trajectories import Trajectories
@@ -109,19 +98,19 @@ def test_fsdp_reward_models(pickapic, button_press, tmp_path, config_launch):
         "robotics": ["robotics", "reward", "--data", labelled, "--members", 2, "--hidden", 32, "--layers", 2,
                      "--batch-size", 8, "--eval-data", button_press / "eval.npz", "--eval-pairs", 50]}
     for name, command in commands.items():
-        runs = {launcher: tmp_path / f"{name}-{launcher}" for launcher in ("ddp", "fsdp")}
+        runs = {launcher: tmp_path / f"{name}-{launcher}" for launcher in ("ddp", sharded)}
         for launcher, run in runs.items():
-            launch(config_launch(launcher), *command, "--max-steps", 3, "--learning-rate", 1e-3, "--adam-epsilon",
+            launch(launcher, *command, "--max-steps", 3, "--learning-rate", 1e-3, "--adam-epsilon",
                    ADAM_EPSILON, "--cpu", "--report-to", "none", "--output", run)
-        assert losses(runs["fsdp"]) == pytest.approx(losses(runs["ddp"]), rel=LOSS_RTOL)
-        assert losses(runs["fsdp"])[-1] != pytest.approx(losses(runs["fsdp"])[0], rel=1e-3)
+        assert launch.losses(runs[sharded]) == pytest.approx(launch.losses(runs["ddp"]), rel=LOSS_RTOL)
+        assert launch.losses(runs[sharded])[-1] != pytest.approx(launch.losses(runs[sharded])[0], rel=1e-3)
     for written in ("aesthetic_head.safetensors", "open_clip_model.safetensors"):  # the CLIP's logit scale a scalar
-        scorer = {launcher: load_file(tmp_path / f"reward-{launcher}" / written) for launcher in ("ddp", "fsdp")}
-        assert scorer["fsdp"].keys() == scorer["ddp"].keys()
-        for name, weight in scorer["fsdp"].items():
+        scorer = {launcher: load_file(tmp_path / f"reward-{launcher}" / written) for launcher in ("ddp", sharded)}
+        assert scorer[sharded].keys() == scorer["ddp"].keys()
+        for name, weight in scorer[sharded].items():
             torch.testing.assert_close(weight, scorer["ddp"][name], rtol=0, atol=WEIGHT_ATOL)
     segments = Trajectories.load(button_press / "eval.npz")
-    returns = [load_reward_model(tmp_path / f"robotics-{launcher}").returns(segments) for launcher in ("ddp", "fsdp")]
+    returns = [load_reward_model(tmp_path / f"robotics-{launcher}").returns(segments) for launcher in ("ddp", sharded)]
     torch.testing.assert_close(torch.as_tensor(returns[1]), torch.as_tensor(returns[0]), rtol=1e-4, atol=1e-4)
 
 
@@ -171,16 +160,13 @@ def test_lifted_scalars_compute_the_same_and_are_written_as_scalars():
     torch.testing.assert_close(twin(x), expected)
 
 
-@pytest.mark.parametrize("launch, refused", [
-    ({"distributed_type": DistributedType.DEEPSPEED}, "DeepSpeed is not supported"),
-    ({"distributed_type": DistributedType.FSDP, "state": SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1))},
-     "FSDP version 1 is not supported"),
-])
-def test_launches_that_cannot_resume_or_are_unsupported_are_refused(launch, refused):
+def test_fsdp_version_1_is_refused():
     from mmalign.sharding import kind
 
-    with pytest.raises(ConfigError, match=refused) as err:
-        kind(SimpleNamespace(**launch))
+    launch = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                             state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ConfigError, match="FSDP version 1 is not supported") as err:
+        kind(launch)
     assert "fsdp.yaml" in str(err.value)  # what to use instead
 
 
@@ -246,7 +232,7 @@ def test_shard_units_are_the_declared_blocks_the_model_has():
         assert plugin.transformer_cls_names_to_wrap == expected
 
 
-def test_an_fsdp_checkpoint_is_refused_by_a_launch_without_fsdp(tmp_path):
+def test_a_sharded_checkpoint_is_refused_by_a_launch_without_sharding(tmp_path):
     """Its optimizer state is keyed by parameter name, not position: refused before the run folder is touched."""
     from mmalign.errors import RunFolderError
     from mmalign.trainer import TrainConfig, Trainer
@@ -256,6 +242,6 @@ def test_an_fsdp_checkpoint_is_refused_by_a_launch_without_fsdp(tmp_path):
     (folder / "trainer_state.json").write_text(json.dumps({"format": 2, "step": 1, "seed": 0, "num_processes": 2,
                                                            "sharding": "fsdp"}))
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
-    with pytest.raises(RunFolderError, match="written by an FSDP launch and this one runs without FSDP"):
+    with pytest.raises(RunFolderError, match=r"written by a sharded \(FSDP or ZeRO\) launch and this one runs without"):
         Trainer(TrainConfig(output=tmp_path / "run", resume="latest", report_to="none"))
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
