@@ -212,7 +212,8 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
         set_seed(config.seed)  # the model set-up that follows (e.g. a LoRA's random init) is part of the run
-        AcceleratorState._reset_state()  # a process may train several runs (Python API, tests) with other precisions
+        AcceleratorState._reset_state(reset_partial_state=True)  # a process may train several runs (Python API,
+        # tests, scripts/gpu_check.py) with other precisions; the processes stay joined (`_leave_processes`)
         trackers.check_installed(config.report_to)
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,

@@ -1,12 +1,17 @@
-"""Training steps of each method at real architecture sizes with random weights, in bf16 with a LoRA: seconds per
-step, pairs (or prompts) per second and peak GPU memory.
+"""Training steps of each method at real architecture sizes with random weights, in bf16 with a LoRA (or every weight
+with --full): seconds per step, pairs (or prompts) per second and peak GPU memory.
 
     python scripts/gpu_check.py                      # on one GPU: every architecture below
     python scripts/gpu_check.py --arch sd15 --steps 3 10
     python scripts/gpu_check.py --smoke              # the same harness on tiny models on the CPU (fp32)
+    # sharded full fine-tunes on N GPUs: the methods that train sharded, peak memory of every process
+    accelerate launch --config_file mmalign/accelerate_configs/fsdp.yaml --num_processes 8 scripts/gpu_check.py \
+        --full --arch sdxl llava-7b --workdir /shared/gpu-check     # or zero2.yaml / zero3.yaml
 
 Architectures (random weights, built in-process and saved, then loaded by each method's own `run`):
     sd15        SD 1.5: UNet 320/640/1280/1280, CLIP ViT-L/14 text encoder, 512 px: Diffusion-DPO, InPO, SePPO
+    sdxl        SDXL: UNet 320/640/1280 with 1/2/10 transformer layers (2.57B), CLIP-L + CLIP-G, 1024 px, gradient
+                checkpointing: Diffusion-DPO
     sd3-medium  SD3-medium: 24 joint blocks of 24 heads x 64, CLIP-L + CLIP-G (no T5), 1024 px: Flow-DPO, AC-Flow
     sd35-medium SD3.5-medium: 24 QK-normed joint blocks, a second self-attention in blocks 0-12, CLIP-L + CLIP-G +
                 T5-XXL, 1024 px, gradient checkpointing: Flow-DPO, AC-Flow, Flow-GRPO (guidance 4.5, 10 steps)
@@ -22,7 +27,9 @@ Architectures (random weights, built in-process and saved, then loaded by each m
                 tokens) + the 28-layer Qwen2.5 7B decoder with M-RoPE (8.29B), rank-8 LoRA: vision DPO
 Seconds per step is (t(last step) - t(first timed step)) / steps between per-step timestamps taken (after a
 CUDA synchronise) as each step starts, so loading, warm-up and saving cancel. Peak memory is
-torch.cuda.max_memory_allocated over the run.
+torch.cuda.max_memory_allocated over the run (the largest of the processes', each listed, when launched on several).
+On several processes the main one builds the models and data into --workdir (a folder every process sees) and only
+the methods that train sharded run (InPO, SePPO and AC-Flow train with DDP only).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -45,13 +53,17 @@ import torch
 from mmalign.trainer import Trainer
 
 STAMPS: list[float] = []
+SHARDING: list[str | None] = []
 
 
 def step_times_recorded() -> AbstractContextManager:
-    """While the context lasts, Trainer.fit records a timestamp as each micro-step starts (into STAMPS)."""
+    """While the context lasts, Trainer.fit records a timestamp as each micro-step starts (into STAMPS) and the launch's
+    sharding (into SHARDING)."""
     original = Trainer.fit
 
     def fit(self, model, dataset, collate, step_fn, *args, **kwargs):
+        SHARDING.append(self.sharding)
+
         def timed(*a, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -75,6 +87,26 @@ def sd15() -> Any:
     return diffusers.StableDiffusionPipeline(unet=unet, vae=vae(4, 512), text_encoder=clip(tokenizer, 768, 12, 12),
                                              tokenizer=tokenizer, scheduler=sd_scheduler(), safety_checker=None,
                                              feature_extractor=None, requires_safety_checker=False)
+
+
+def sdxl() -> Any:
+    """An SDXL-base-architecture StableDiffusionXLPipeline: UNet 320/640/1280 with 1/2/10 transformer layers per block
+    (2.57B) conditioned on pooled text and size ids, CLIP-L + CLIP-G (with projection), the VAE at 1024 px."""
+    import diffusers
+
+    from mmalign.diffusion.tiny import clip_tokenizer, sd_scheduler
+
+    tokenizer = clip_tokenizer(77)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    return diffusers.StableDiffusionXLPipeline(
+        unet=unet, vae=vae(4, 1024, scale=0.13025), text_encoder=clip(tokenizer, 768, 12, 12),
+        text_encoder_2=clip(tokenizer, 1280, 32, 20, projection=True), tokenizer=tokenizer, tokenizer_2=tokenizer,
+        scheduler=sd_scheduler())
 
 
 def sd3_medium() -> Any:
@@ -197,11 +229,11 @@ def sd3_pipeline(transformer, t5: bool) -> Any:
         text_encoder_3=t5_xxl() if t5 else None, tokenizer_3=t5_tokenizer(256) if t5 else None)
 
 
-PIPELINES: dict[str, Callable[[], Any]] = {"sd15": sd15, "sd3-medium": sd3_medium, "sd35-medium": sd35_medium,
-                                           "sd35-large": sd35_large,
+PIPELINES: dict[str, Callable[[], Any]] = {"sd15": sd15, "sdxl": sdxl, "sd3-medium": sd3_medium,
+                                           "sd35-medium": sd35_medium, "sd35-large": sd35_large,
                                            "flux-dev": flux_dev, "wan-1.3b": wan_1_3b}
-TINY_KINDS = {"sd15": "sd", "sd3-medium": "sd3", "sd35-medium": "sd35", "sd35-large": "sd35", "flux-dev": "flux",
-              "wan-1.3b": "wan"}
+TINY_KINDS = {"sd15": "sd", "sdxl": "sdxl", "sd3-medium": "sd3", "sd35-medium": "sd35", "sd35-large": "sd35",
+              "flux-dev": "flux", "wan-1.3b": "wan"}
 VIDEO_FRAMES = {False: 81, True: 5}  # frames per training video at real size (Wan 2.1's 81) and in the smoke run
 ROLLOUT_FRAMES = {False: 33, True: 5}  # frames per Flow-GRPO video: a rollout holds K of them per prompt
 
@@ -306,7 +338,7 @@ def qwen25_vl_7b(folder: Path, smoke: bool) -> Path:
 
 
 def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> list[tuple[str, ModuleType, dict]]:
-    """(name, method module, settings) of every method checked on `arch`."""
+    """(name, method module, settings) of every method checked on `arch` (with a LoRA)."""
     from mmalign.diffusion import acflow, dpo, flow_dpo, grpo, inpo, seppo, video
     from mmalign.vision import dpo as vision_dpo
 
@@ -314,6 +346,9 @@ def runs(arch: str, model: Path, data: Path, smoke: bool, batch_size: int) -> li
     if arch == "sd15":
         return [("Diffusion-DPO", dpo, pairs), ("InPO", inpo, pairs),
                 ("SePPO", seppo, {**pairs, "reference_steps": 20})]
+    if arch == "sdxl":
+        return [("Diffusion-DPO", dpo, {**pairs, "resolution": 32 if smoke else 1024,
+                                        "gradient_checkpointing": not smoke})]
     if arch in ("sd3-medium", "sd35-medium", "sd35-large", "flux-dev"):
         size = {"resolution": 32 if smoke else 1024}
         memory = {"gradient_checkpointing": not smoke} if arch != "sd3-medium" else {}
@@ -364,41 +399,90 @@ BUILDERS: dict[str, Callable[[Path, bool], Path]] = {
     "qwen2.5-vl-7b": qwen25_vl_7b}
 
 
+SHARDED = ("Diffusion-DPO", "Flow-DPO", "vision DPO")  # the methods of `runs` that train under FSDP and ZeRO
+
+
+def join_processes(workdir: Path | None, parser: argparse.ArgumentParser) -> int:
+    """The number of processes launched; on several, their process group joined (the trainers take it over) and
+    --workdir required."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if workdir is None:
+            parser.error("--workdir: on several processes the models and data are built once, into a folder every "
+                         "process sees")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.distributed.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+    return world
+
+
+def gathered(value: Any, world: int) -> list[Any]:
+    """`value` of every process (rank order)."""
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="*", choices=sorted(BUILDERS), default=list(BUILDERS))
     parser.add_argument("--steps", nargs=2, type=int, default=(3, 10), metavar=("WARMUP", "TOTAL"),
                         help="time from the start of step WARMUP to the start of step TOTAL")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (AC-Flow: a quarter as prompts)")
+    parser.add_argument("--full", action="store_true", help="train every weight of the denoiser or VLM, not a LoRA "
+                                                            "(the methods with --full)")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU in fp32 (checks the harness)")
+    parser.add_argument("--workdir", type=Path, help="where the models, data and runs go (default: a temporary "
+                                                     "folder); required on several processes")
     parser.add_argument("--output", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no GPU: pass --smoke to check the harness on the CPU with tiny models")
+    world = join_processes(args.workdir, parser)
+    main_process = int(os.environ.get("RANK", "0")) == 0
     warmup, total = args.steps
     results = []
-    with step_times_recorded(), tempfile.TemporaryDirectory() as folder:
-        data = write_data(Path(folder), args.smoke)
+    with step_times_recorded(), contextlib.ExitStack() as stack:
+        folder = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if main_process:
+            if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
+                parser.error(f"--workdir {args.workdir}: not empty; give a new folder")
+            data = write_data(Path(folder), args.smoke)
+            models = {arch: BUILDERS[arch](Path(folder) / arch, args.smoke) for arch in args.arch}
+        models, data = gathered((models, data) if main_process else None, world)[0]
         for arch in args.arch:
-            model = BUILDERS[arch](Path(folder) / arch, args.smoke)
-            for name, method, settings in runs(arch, model, data, args.smoke, args.batch_size):
+            for name, method, settings in runs(arch, models[arch], data, args.smoke, args.batch_size):
+                if world > 1 and name not in SHARDED:
+                    continue
                 STAMPS.clear()
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
                 config = method.Config(**settings, output=Path(folder) / "runs" / arch / name, max_steps=total + 1,
                                        report_to="none", checkpoint_every=0, cpu=args.smoke,
                                        mixed_precision="no" if args.smoke else "bf16",
+                                       **({"full": True} if args.full and hasattr(method.Config, "full") else {}),
                                        **({} if arch in VLMS else {"num_samples": 0}))
                 method.run(config)
                 seconds = (STAMPS[total] - STAMPS[warmup]) / (total - warmup)
-                peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-                results.append({"arch": arch, "method": name, "batch_size": config.batch_size, "s_per_step": seconds,
-                                "items_per_s": config.batch_size / seconds, "peak_gib": peak,
+                peaks = gathered(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+                                 world)
+                results.append({"arch": arch, "method": name, "full": config.full if hasattr(config, "full") else False,
+                                "processes": world, "sharding": SHARDING[-1], "batch_size": config.batch_size,
+                                "s_per_step": seconds, "items_per_s": config.batch_size * world / seconds,
+                                "peak_gib": None if peaks[0] is None else max(peaks), "peak_gib_per_process": peaks,
                                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
-                print(json.dumps(results[-1]), flush=True)
-    lines = ["| architecture | method | batch | s/step | pairs/s | peak GiB |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['arch']} | {r['method']} | {r['batch_size']} | {r['s_per_step']:.3f} | {r['items_per_s']:.1f} | "
-              f"{'-' if r['peak_gib'] is None else format(r['peak_gib'], '.1f')} |" for r in results]
+                if main_process:
+                    print(json.dumps(results[-1]), flush=True)
+    if not main_process:
+        return
+    lines = ["| architecture | method | weights | processes | batch/process | s/step | pairs/s | peak GiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['arch']} | {r['method']} | {'all' if r['full'] else 'LoRA'} | {r['processes']} "
+              f"{'' if r['sharding'] is None else r['sharding']} | {r['batch_size']} | {r['s_per_step']:.3f} | "
+              f"{r['items_per_s']:.1f} | {'-' if r['peak_gib'] is None else format(r['peak_gib'], '.1f')} |"
+              for r in results]
     print("\n".join(lines))
     if args.output:
         args.output.write_text(json.dumps(results, indent=1))

@@ -56,12 +56,17 @@ class Launcher:
     def __init__(self, command):
         self.command = command
 
-    def __call__(self, name, *args):
+    @staticmethod
+    def env(name):
+        """The environment of a launch of the config `name` on the CPU."""
         env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
         if name.startswith("zero"):
             del env["ACCELERATE_USE_CPU"]
-        result = subprocess.run([*self.command(name), "-m", "mmalign", *map(str, args)], env=env, capture_output=True,
-                                text=True, timeout=400)
+        return env
+
+    def __call__(self, name, *args):
+        result = subprocess.run([*self.command(name), "-m", "mmalign", *map(str, args)], env=self.env(name),
+                                capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 
