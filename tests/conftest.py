@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -69,6 +70,17 @@ class Launcher:
                                 capture_output=True, text=True, timeout=400)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
+
+    def resumed(self, name, run, *args):
+        """The run folder `run` copied without its checkpoint-2, its model and its later metrics, then resumed from
+        checkpoint-1 by a launch of `name` with `args`; returns the copy."""
+        again = run.parent / f"{run.name}-resumed-{name}"
+        later = {"checkpoint-2", "unet", "pytorch_lora_weights.safetensors"}
+        shutil.copytree(run, again, ignore=lambda folder, names: later & set(names)
+                        if folder in (str(run), str(run / "checkpoints")) else set())
+        (again / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        self(name, *args, "--output", again, "--resume", "latest")
+        return again
 
     @staticmethod
     def losses(run):
