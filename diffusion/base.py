@@ -310,7 +310,7 @@ def sample_grid(trainer: Trainer, parts: Parts, prompts: list[str], name: str, s
     if config.num_samples < 1 or not trainer.runs_model:
         return
     expanded = [p for p in prompts for _ in range(config.num_samples)]
-    with trainer.accelerator.autocast():
+    with trainer.autocast():
         images = generate(parts.pipe, expanded, seed=config.seed, steps=config.sample_steps,
                           guidance_scale=config.sampler_guidance(parts.pipe, config.guidance_scale),
                           height=parts.resolution, width=parts.resolution, **config.sampling_kwargs())

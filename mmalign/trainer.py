@@ -32,6 +32,7 @@ process, for a sharded forward is a collective.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import math
@@ -247,6 +248,14 @@ class Trainer:
         process, or every process once the model is sharded so that its forward needs them all (FSDP, ZeRO-3)."""
         return self.is_main or self.model_sharded
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forwards' mixed precision: accelerate's autocast, or under DeepSpeed (which casts only the model it
+        trains, once training starts, and leaves accelerate's autocast off) torch's in --mixed-precision's dtype, so
+        the frozen parts and the model before training compute together."""
+        if self.sharding in ("zero1", "zero2", "zero3") and self.weight_dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.weight_dtype)
+        return self.accelerator.autocast()
+
     def _check_processes(self) -> None:
         """Refuse a launch whose processes did not join one run (e.g. --multi_gpu on a machine without GPUs)."""
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -410,7 +419,7 @@ class Trainer:
                 generator_seed, global_seed = step_seeds(c.seed, micro_step, acc.process_index)
                 set_seed(global_seed)
                 generator = torch.Generator(device=self.device).manual_seed(generator_seed)
-                with acc.accumulate(model), acc.autocast():
+                with acc.accumulate(model), self.autocast():
                     loss, metrics = step_fn(model, batch, generator)
                     self._check_finite(loss, step)
                     acc.backward(loss)
@@ -470,7 +479,7 @@ class Trainer:
         if self.runs_model:
             inner = acc.unwrap_model(model)
             inner.eval()
-            with torch.no_grad(), acc.autocast():
+            with torch.no_grad(), self.autocast():
                 metrics = {name: float(value) for name, value in evaluation.run(inner).items()}
             inner.train()
         if acc.num_processes > 1:

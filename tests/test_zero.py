@@ -81,3 +81,19 @@ def test_a_deepspeed_launch_told_to_use_the_cpu_is_refused_not_run_as_ddp(monkey
         assert chosen["cpu"] is False and chosen["kwargs_handlers"][0].backend == "gloo"
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     assert options(cpu=True) == {"cpu": True}
+
+
+@pytest.mark.long
+def test_zero3_bf16_with_gradient_checkpointing_and_sample_grids(tiny_sd, pickapic, tmp_path, launch):
+    """bf16 under ZeRO-3 (DeepSpeed casts the UNet it trains; torch's autocast joins it to the bf16 text encoder and
+    VAE, and runs the grids before training): it trains, resumes exactly, draws both grids and writes fp32 weights."""
+    common = ["diffusion", "dpo", "--model", tiny_sd, "--data", pickapic, "--full", "--max-steps", 2, "--batch-size", 2,
+              "--checkpoint-every", 1, "--learning-rate", 1e-4, "--mixed-precision", "bf16",
+              "--gradient-checkpointing", "--num-samples", 2, "--cpu", "--report-to", "none"]
+    run = tmp_path / "zero3"
+    launch("zero3", *common, "--output", run)
+    assert launch.losses(run)[1] != pytest.approx(launch.losses(run)[0], rel=1e-2)
+    assert launch.losses(launch.resumed("zero3", run, *common)) == launch.losses(run)
+    assert (run / "samples_before.png").is_file() and (run / "samples_after.png").is_file()
+    assert {w.dtype for path in (run / "unet").glob("*.safetensors") for w in load_file(path).values()} == {
+        torch.float32}  # the master weights, not the bf16 copy the forward used

@@ -326,7 +326,7 @@ def cached_reference(parts: Parts, model, pairs: VisionPairs, collate, trainer: 
             if batch is not None:
                 yield with_visual_images(send_to_device(batch, trainer.device), None, config)
 
-    with trainer.accelerator.autocast():
+    with trainer.autocast():
         cache = CachedScores.build(parts.reference, sequence_scores, model, batches(), len(pairs), skipped)
     if skipped:
         trainer.accelerator.print(f"{config.data}: {len(skipped)} row(s) cannot be loaded; training skips them "
