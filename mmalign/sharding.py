@@ -11,8 +11,8 @@ the user's) selects the plugin, `Accelerator.prepare` shards. This module states
                     full weights are loaded into it on the main process (`load_twin`) and the method saves it as it
                     saves any model
     lift_scalars    scalar parameters (CLIP's logit scale), which FSDP2 cannot shard nor DeepSpeed broadcast, made
-                    1-element vectors; the
-                    twin keeps their shape, so the model written at the end is the one the method loads
+                    1-element vectors; the twin keeps their shape, so the model written at the end is the one the
+                    method loads
     full_state      the trainable weights and optimizer state gathered into one ordinary state (torch's
                     `get_state_dict`, full_state_dict on the CPU of the main process), and `load_full_state` the way
                     back (`set_state_dict`): checkpoints stay safetensors + JSON
@@ -41,6 +41,7 @@ from torch import nn
 from mmalign.errors import ConfigError
 
 Kind = Literal["fsdp", "zero1", "zero2", "zero3"] | None
+ZERO: tuple[Kind, ...] = ("zero1", "zero2", "zero3")  # the kinds `mmalign.zero` serves
 
 
 def select_cpu_fsdp(accelerator: Accelerator) -> None:
@@ -143,10 +144,10 @@ def full_state(accelerator: Accelerator, model: nn.Module,
     others), parameters named as in the unsharded model; every process must call it."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    if kind(accelerator) != "fsdp":
+    if kind(accelerator) in ZERO:
         from mmalign import zero
 
-        return zero.full_state(model, optimizer)
+        return zero.full_state(accelerator, model, optimizer)
 
     return get_state_dict(model, optimizer, options=_options(cpu_offload=True, ignore_frozen_params=True))
 
@@ -157,7 +158,7 @@ def full_weights(accelerator: Accelerator, model: nn.Module) -> dict[str, Any]:
     the shards.)"""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    if kind(accelerator) != "fsdp":
+    if kind(accelerator) in ZERO:
         from mmalign import zero
 
         return zero.full_weights(accelerator, model)
@@ -171,7 +172,7 @@ def load_full_state(accelerator: Accelerator, model: nn.Module, optimizer: torch
     process must call it with the same state."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    if kind(accelerator) != "fsdp":
+    if kind(accelerator) in ZERO:
         from mmalign import zero
 
         zero.load_full_state(accelerator, model, optimizer, weights, optimizer_state)
@@ -211,12 +212,11 @@ def shard_frozen(accelerator: Accelerator, module: nn.Module) -> nn.Module:
     """`module` sharded in place like the policy under FSDP2 (the launch's wrap policy and mixed precision) or ZeRO-3
     (`zero.shard_frozen`); unchanged otherwise. A frozen module is never given to the optimizer, so accelerate's
     `prepare` (which pairs one model with its optimizer) does not take it."""
-    launched = kind(accelerator)
-    if launched in ("zero1", "zero2", "zero3"):
+    if kind(accelerator) in ZERO:
         from mmalign import zero
 
         return zero.shard_frozen(accelerator, module)
-    if launched != "fsdp":
+    if kind(accelerator) != "fsdp":
         return module
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 

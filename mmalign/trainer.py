@@ -230,7 +230,7 @@ class Trainer:
                               f"parameters; under {self.sharding} the optimizer state is already split across the "
                               "processes, so drop --use-8bit-adam (or launch with DDP, "
                               "mmalign/accelerate_configs/ddp.yaml)")
-        if self.sharding in ("zero1", "zero2", "zero3"):
+        if self.sharding in sharding.ZERO:
             zero.configure(self.accelerator, config.batch_size, config.gradient_accumulation_steps,
                            config.max_grad_norm)
             zero.load_whole()
@@ -252,7 +252,7 @@ class Trainer:
         """The forwards' mixed precision: accelerate's autocast, or under DeepSpeed (which casts only the model it
         trains, once training starts, and leaves accelerate's autocast off) torch's in --mixed-precision's dtype, so
         the frozen parts and the model before training compute together."""
-        if self.sharding in ("zero1", "zero2", "zero3") and self.weight_dtype != torch.float32:
+        if self.sharding in sharding.ZERO and self.weight_dtype != torch.float32:
             return torch.autocast(self.device.type, dtype=self.weight_dtype)
         return self.accelerator.autocast()
 

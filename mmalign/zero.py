@@ -94,14 +94,15 @@ def _moments(optimizer: Any) -> tuple[torch.Tensor, list[str]]:
     return state["step"], sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
 
 
-def full_state(model: nn.Module, optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def full_state(accelerator: Accelerator, model: nn.Module,
+               optimizer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(trainable fp32 weights, optimizer state by parameter name) gathered whole onto the main process's CPU (empty on
     the others); every process must call it."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     base = _initialized(optimizer)
     step, keys = _moments(optimizer)
-    main = torch.distributed.get_rank() == 0
+    main = accelerator.is_main_process
     weights: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in _trained(model):

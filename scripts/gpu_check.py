@@ -468,7 +468,7 @@ def main() -> None:
                 seconds = (STAMPS[total] - STAMPS[warmup]) / (total - warmup)
                 peaks = gathered(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                                  world)
-                results.append({"arch": arch, "method": name, "full": config.full if hasattr(config, "full") else False,
+                results.append({"arch": arch, "method": name, "full": getattr(config, "full", False),
                                 "processes": world, "sharding": SHARDING[-1], "batch_size": config.batch_size,
                                 "s_per_step": seconds, "items_per_s": config.batch_size * world / seconds,
                                 "peak_gib": None if peaks[0] is None else max(peaks), "peak_gib_per_process": peaks,

@@ -58,15 +58,15 @@ def test_zero_stages_are_kinds_of_sharding(stage):
     assert runs_collective(kind(_deepspeed(stage))) == (stage == 3)  # ZeRO-1/2 hold the whole model on each process
 
 
-@pytest.mark.parametrize("launch, refused", [
+@pytest.mark.parametrize("launched, refused", [
     (_deepspeed(0), "stage 0 shards nothing"),
     (_deepspeed(2, "fp16"), "use bf16"),
 ])
-def test_zero_launches_that_cannot_resume_are_refused(launch, refused):
+def test_zero_launches_that_cannot_resume_are_refused(launched, refused):  # `launched`: not conftest's `launch`
     from mmalign.sharding import kind
 
     with pytest.raises(ConfigError, match=refused):
-        kind(launch)
+        kind(launched)
 
 
 def test_a_deepspeed_launch_told_to_use_the_cpu_is_refused_not_run_as_ddp(monkeypatch):
